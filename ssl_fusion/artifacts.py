@@ -1,0 +1,86 @@
+"""The hand-off contract between stages: how encoder and feature artifacts are named, keyed and read.
+
+Stages only meet here: pretraining publishes ``encoders/<pretext>-<key>``, caching reads it and
+publishes ``features/<pretext>-<key>``, fusion reads that. Each key hashes everything that
+determines the artifact (recipe, encoder, data content, seed, the stage's code version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+import numpy as np
+import torch
+
+from ssl_fusion.config import TrainOverrides, load_option
+from ssl_fusion.context import StageContext, as_plain
+from ssl_fusion.encoders import ENCODERS, Encoder, build_encoder
+from ssl_fusion.errors import UserError
+from ssl_fusion.pretexts import PRETEXTS, PretextConfig
+from ssl_fusion.store import ArtifactStore, content_key
+
+PRETRAIN_CODE_VERSION = 1
+CACHE_CODE_VERSION = 1
+ENCODERS_KIND = "encoders"
+FEATURES_KIND = "features"
+SPLITS = ("train", "test")
+
+
+def with_overrides(recipe: PretextConfig, overrides: TrainOverrides) -> PretextConfig:
+    """Apply the stage-wide ``train.*`` overrides to a pretext's own recipe."""
+    changes = {key: getattr(overrides, key) for key in ("epochs", "batch_size") if getattr(overrides, key) is not None}
+    return dataclasses.replace(recipe, **changes)
+
+
+def pretext_recipe(name: str, overrides: TrainOverrides) -> PretextConfig:
+    """A pretext's recipe as written in ``conf/pretext/<name>.yaml``, with the stage-wide overrides."""
+    return with_overrides(load_option(PRETEXTS, name), overrides)
+
+
+def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epoch: int | None) -> str:
+    key = content_key(
+        {
+            "stage": "pretrain",
+            "code": PRETRAIN_CODE_VERSION,
+            "pretext": as_plain(recipe),
+            "encoder": as_plain(ctx.encoder_cfg),
+            "train_data": ctx.fingerprints["train"],
+            "seed": ctx.seed,
+            "max_steps_per_epoch": max_steps_per_epoch,
+        }
+    )
+    return f"{recipe.name}-{key}"
+
+
+def features_artifact(ctx: StageContext, encoder_name: str) -> str:
+    key = content_key({"stage": "cache", "code": CACHE_CODE_VERSION, "encoder": encoder_name, "data": ctx.fingerprints})
+    return f"{encoder_name.split('-')[0]}-{key}"
+
+
+def load_encoder(store: ArtifactStore, name: str) -> Encoder:
+    manifest = store.manifest(ENCODERS_KIND, name)
+    if manifest is None:
+        raise UserError(f"encoder artifact '{name}' is not in the store '{store.root}'")
+    encoder_cfg = ENCODERS.typed_config(manifest["config"]["encoder"], key="encoder")
+    encoder = build_encoder(encoder_cfg, manifest["data"]["channels"])
+    state = torch.load(store.folder(ENCODERS_KIND, name) / "encoder.pt", weights_only=True, map_location="cpu")
+    encoder.load_state_dict(state)
+    return encoder
+
+
+@dataclass
+class FeatureSet:
+    """One pretext's cached features (float32 in memory) and the labels of both splits."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_features(store: ArtifactStore, name: str) -> FeatureSet:
+    if store.manifest(FEATURES_KIND, name) is None:
+        raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
+    folder = store.folder(FEATURES_KIND, name)
+    arrays = {stem: torch.from_numpy(np.load(folder / f"{stem}.npy")) for stem in ("train", "test", "train_labels", "test_labels")}
+    return FeatureSet(arrays["train"].float(), arrays["test"].float(), arrays["train_labels"].long(), arrays["test_labels"].long())

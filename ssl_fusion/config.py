@@ -1,0 +1,130 @@
+"""Typed schemas of the stage configs, registered in Hydra's ConfigStore.
+
+The option groups (``dataset``, ``encoder``, ``pretext``, ``fusion``) are typed ``Any`` here because
+each option has a dataclass of its own; the stages check them with ``Registry.typed_config``
+before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from ssl_fusion.errors import UserError
+from ssl_fusion.registry import Registry
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
+
+
+@dataclass
+class TrainOverrides:
+    """Stage-wide overrides of every pretext's own recipe (``null`` keeps the recipe)."""
+
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    max_steps_per_epoch: Optional[int] = None
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class ProbeConfig:
+    """kNN probe run on every encoder that pretraining stores (written to its manifest)."""
+
+    k: int = 20
+    max_train: int = 10000
+    max_test: int = 2000
+
+
+@dataclass
+class CacheConfig:
+    batch_size: int = 1024
+
+
+@dataclass
+class LabelsConfig:
+    """Which labeled training samples the fusion head sees: ``per_class`` wins when set."""
+
+    fraction: Optional[float] = 0.01
+    per_class: Optional[int] = None
+
+
+@dataclass
+class CommonConfig:
+    dataset: Any = MISSING
+    encoder: Any = MISSING
+    artifacts_dir: str = "outputs/artifacts"
+    data_dir: Optional[str] = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    train: TrainOverrides = field(default_factory=TrainOverrides)
+
+
+@dataclass
+class PretrainStage(CommonConfig):
+    pretext: Any = MISSING
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class CacheStage(CommonConfig):
+    pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class FuseStage(CommonConfig):
+    pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    fusion: Any = MISSING
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+
+
+@dataclass
+class RunStage(CommonConfig):
+    """pretrain what is missing -> cache what is missing -> fuse each method and seed -> table."""
+
+    pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "single"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    for name, node in [
+        ("pretrain_schema", PretrainStage),
+        ("cache_schema", CacheStage),
+        ("fuse_schema", FuseStage),
+        ("run_schema", RunStage),
+    ]:
+        store.store(name=name, node=node)
+
+
+def load_option(registry: Registry, name: str) -> Any:
+    """An option of a group as written in ``conf/<group>/<name>.yaml`` (typed), outside Hydra's composition.
+
+    Stages that take a list of names (``pretexts=[a,b]``, ``fusions=[...]``) use each one's YAML as is.
+    """
+    registry.get(name)
+    path = CONF_DIR / registry.kind / f"{name}.yaml"
+    node = OmegaConf.load(path) if path.is_file() else {"name": name}
+    return registry.typed_config(node, key=f"{registry.kind} {name}")
+
+
+def check_names(key: str, names: list[str], registry: Registry) -> list[str]:
+    """A non-empty list of distinct, known option names."""
+    if not names:
+        raise UserError(f"{key} is empty; give at least one of: {', '.join(registry.names())}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"{key} lists {', '.join(repeated)} more than once")
+    for name in names:
+        registry.get(name)
+    return list(names)

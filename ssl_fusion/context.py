@@ -1,0 +1,70 @@
+"""What every stage starts from: the checked config pieces, the dataset, the device and the store."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_fusion.config import TrainOverrides
+from ssl_fusion.datasets import DatasetConfig, ImageData, load_dataset
+from ssl_fusion.device import resolve_device, resolve_precision
+from ssl_fusion.encoders import ENCODERS, EncoderConfig
+from ssl_fusion.errors import UserError
+from ssl_fusion.store import ArtifactStore
+
+log = logging.getLogger("sslfuse")
+
+
+@dataclass
+class StageContext:
+    dataset_cfg: DatasetConfig
+    data: ImageData
+    encoder_cfg: EncoderConfig
+    device: torch.device
+    dtype: torch.dtype
+    store: ArtifactStore
+    overrides: TrainOverrides
+    seed: int
+
+    @functools.cached_property
+    def fingerprints(self) -> dict[str, str]:
+        return {split: self.data.fingerprint(split) for split in ("train", "test")}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_dataset_cached(dataset_yaml: str, data_dir: str | None) -> tuple[DatasetConfig, ImageData]:
+    """Jobs of one multirun share the process: decode each dataset once."""
+    return load_dataset(OmegaConf.create(dataset_yaml), data_dir)
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def open_context(cfg: DictConfig) -> StageContext:
+    overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
+    for key in ("epochs", "batch_size", "max_steps_per_epoch", "num_threads"):
+        check_positive(f"train.{key}", getattr(overrides, key))
+    if overrides.num_threads:
+        torch.set_num_threads(overrides.num_threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")
+    dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir)
+    log.info(
+        "dataset %s: %d train / %d test images, %d classes, %dx%d px, %d channel(s); device %s, precision %s",
+        dataset_cfg.name, len(data.train_labels), len(data.test_labels), data.num_classes, *data.image_size, data.channels,
+        device, str(dtype).removeprefix("torch."),
+    )
+    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, cfg.seed)
+
+
+def as_plain(config: Any) -> dict[str, Any]:
+    """A typed config (dataclass instance) as a plain dict, for keys and manifests."""
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,108 @@
+"""Datasets as in-memory uint8 tensors (N, C, H, W) with int64 labels, loaded by name."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import MISSING
+
+from ssl_fusion.errors import UserError
+from ssl_fusion.registry import Registry, import_submodules
+
+DEFAULT_DATA_ROOT = Path("outputs/data")
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every dataset accepts; datasets with more options subclass it."""
+
+    name: str = MISSING
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            return self.train_images, self.train_labels
+        if name == "test":
+            return self.test_images, self.test_labels
+        raise ValueError(f"unknown split {name!r}")
+
+    def fingerprint(self, split: str) -> str:
+        """Content hash of a split (images and labels): what artifact keys depend on."""
+        images, labels = self.split(split)
+        digest = hashlib.sha256()
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+Loader = Callable[[DatasetConfig, Path], ImageData]
+DATASETS: Registry[Loader] = Registry("dataset")
+
+
+def data_root(data_dir: Optional[str]) -> Path:
+    if data_dir is None:
+        return DEFAULT_DATA_ROOT
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data_dir: '{data_dir}' does not exist or is not a folder")
+    return root
+
+
+def to_nchw_uint8(images) -> torch.Tensor:
+    """Accept torchvision's layouts (N,H,W) / (N,H,W,C) numpy or tensors and return (N,C,H,W) uint8."""
+    tensor = torch.as_tensor(images)
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(1)
+    elif tensor.shape[-1] in (1, 3) and tensor.shape[1] not in (1, 3):
+        tensor = tensor.permute(0, 3, 1, 2)
+    return tensor.to(torch.uint8).contiguous()
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset (seed 0) so ``max_train`` keeps the class balance of the split."""
+    if limit is None or limit >= len(labels):
+        return images, labels
+    if limit <= 0:
+        raise UserError(f"dataset.max_train/max_test must be > 0, got {limit}")
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return images[keep], labels[keep]
+
+
+def load_dataset(node, data_dir: Optional[str]) -> tuple[DatasetConfig, ImageData]:
+    cfg = DATASETS.typed_config(node, key="dataset")
+    loader = DATASETS.get(cfg.name).impl
+    data = loader(cfg, data_root(data_dir))
+    train_images, train_labels = _subset(data.train_images, data.train_labels, cfg.max_train)
+    test_images, test_labels = _subset(data.test_images, data.test_labels, cfg.max_test)
+    return cfg, ImageData(train_images, train_labels.long(), test_images, test_labels.long(), data.classes)
+
+
+import_submodules(sys.modules[__name__])

@@ -1,0 +1,54 @@
+"""The torchvision datasets: read from ``data_dir`` (default ``outputs/data``), downloaded when allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.datasets as tvd
+
+from ssl_fusion.datasets import DATASETS, DatasetConfig, ImageData, to_nchw_uint8
+from ssl_fusion.errors import UserError
+
+
+@dataclass
+class TorchvisionConfig(DatasetConfig):
+    download: bool = True
+
+
+def _labels(dataset) -> torch.Tensor:
+    """torchvision names them ``targets`` in most datasets and ``labels`` in SVHN and STL-10."""
+    targets = getattr(dataset, "targets", None)
+    return torch.as_tensor(dataset.labels if targets is None else targets)
+
+
+def _open(name: str, factory, root: Path, train: bool, download: bool):
+    try:
+        return factory(root, train, download)
+    except RuntimeError as err:
+        hint = "set dataset.download=true" if not download else "check the network or the folder"
+        raise UserError(f"dataset {name}: cannot read it under '{root}' ({err}); pass data_dir=<folder> or {hint}") from None
+    except OSError as err:
+        raise UserError(f"dataset {name}: download to '{root}' failed ({err}); pass data_dir=<folder holding it>") from None
+
+
+def load_torchvision(name: str, factory, cfg: TorchvisionConfig, root: Path) -> ImageData:
+    train = _open(name, factory, root, True, cfg.download)
+    test = _open(name, factory, root, False, cfg.download)
+    classes = list(getattr(train, "classes", [])) or [str(c) for c in sorted(set(_labels(train).tolist()))]
+    return ImageData(to_nchw_uint8(train.data), _labels(train), to_nchw_uint8(test.data), _labels(test), classes)
+
+
+FACTORIES = {
+    "mnist": lambda root, train, dl: tvd.MNIST(root, train=train, download=dl),
+    "cifar10": lambda root, train, dl: tvd.CIFAR10(root, train=train, download=dl),
+    "cifar100": lambda root, train, dl: tvd.CIFAR100(root, train=train, download=dl),
+    "svhn": lambda root, train, dl: tvd.SVHN(root, split="train" if train else "test", download=dl),
+    "stl10": lambda root, train, dl: tvd.STL10(root, split="train" if train else "test", download=dl),
+}
+
+for _name, _factory in FACTORIES.items():
+    DATASETS.register(_name, TorchvisionConfig)(
+        lambda cfg, root, _name=_name, _factory=_factory: load_torchvision(_name, _factory, cfg, root)
+    )

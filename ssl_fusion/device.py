@@ -1,0 +1,54 @@
+"""Device and precision choice: CUDA when present, else CPU with channels_last + bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from ssl_fusion.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise UserError(f"device: '{name}' is not one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available here; use device=auto or device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype; ``auto`` is bf16 where the hardware supports it, fp16 on older GPUs."""
+    if name not in PRECISIONS:
+        raise UserError(f"precision: '{name}' is not one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return torch.float32
+    if name == "fp16":
+        if device.type != "cuda":
+            raise UserError("precision=fp16 needs device=cuda; use bf16 or fp32 on the CPU")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16 if name == "auto" else _refuse_bf16()
+    return torch.bfloat16
+
+
+def _refuse_bf16() -> torch.dtype:
+    raise UserError("precision=bf16 is not supported by this GPU; use precision=fp16 or fp32")
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to the device in channels_last layout (faster convolutions on CPU and GPU)."""
+    return model.to(device=device, memory_format=torch.channels_last)

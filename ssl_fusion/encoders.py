@@ -1,0 +1,80 @@
+"""Encoders: image (float in [0, 1]) -> feature vector. Each normalises its input with stored statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+import torchvision
+from omegaconf import MISSING
+from torch import nn
+
+from ssl_fusion.registry import Registry
+
+
+@dataclass
+class EncoderConfig:
+    name: str = MISSING
+
+
+@dataclass
+class SmallCNNConfig(EncoderConfig):
+    widths: List[int] = field(default_factory=lambda: [32, 64, 128, 256])
+
+
+class Encoder(nn.Module):
+    """A backbone with the per-channel mean/std of its pretraining data kept as buffers.
+
+    Keeping the statistics in the state dict means every later stage feeds the encoder exactly
+    as pretraining did, without reading the pretraining config.
+    """
+
+    def __init__(self, backbone: nn.Module, out_dim: int, channels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.out_dim = out_dim
+        self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
+        self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
+
+    def set_statistics(self, images_uint8: torch.Tensor) -> None:
+        sample = images_uint8[:10000].float() / 255.0
+        self.mean.copy_(sample.mean(dim=(0, 2, 3), keepdim=True))
+        self.std.copy_(sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+
+Builder = Callable[[EncoderConfig, int], Encoder]
+ENCODERS: Registry[Builder] = Registry("encoder")
+
+
+def conv_block(in_ch: int, out_ch: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+    return nn.Sequential(*layers)
+
+
+@ENCODERS.register("small_cnn", SmallCNNConfig)
+def small_cnn(cfg: SmallCNNConfig, channels: int) -> Encoder:
+    """Conv blocks with 2x pooling after all but the last, then global average pooling (works from 8 px up)."""
+    widths = list(cfg.widths)
+    blocks = [conv_block(c_in, c_out, pool=i < len(widths) - 1) for i, (c_in, c_out) in enumerate(zip([channels, *widths], widths))]
+    backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Encoder(backbone, widths[-1], channels)
+
+
+@ENCODERS.register("resnet18", EncoderConfig)
+def resnet18_cifar(cfg: EncoderConfig, channels: int) -> Encoder:
+    """torchvision's ResNet-18 with the CIFAR stem (3x3 conv, no max-pool): 512-d, meant for GPUs."""
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return Encoder(net, 512, channels)
+
+
+def build_encoder(cfg: EncoderConfig, channels: int) -> Encoder:
+    return ENCODERS.get(cfg.name).impl(cfg, channels)

@@ -1,0 +1,70 @@
+"""Per-sample attention over pretexts (the method of Yao et al., arXiv 2204.05248).
+
+Each pretext's feature is projected to a common width and normalised; a scorer gives one score per
+pretext per sample; a softmax over pretexts weights the projected features; a linear classifier
+reads their weighted sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssl_fusion.errors import UserError
+from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+
+
+@dataclass
+class AttentionConfig(FusionConfig):
+    width: int = 256
+    scorer_hidden: int = 64
+    query: str = "sample"
+    temperature: float = 1.0
+    entropy_weight: float = 0.0
+    pretext_dropout: float = 0.0
+
+
+QUERIES = ("sample", "task")
+
+
+@FUSIONS.register("attention", AttentionConfig)
+class AttentionFusion(FusionHead):
+    def __init__(self, cfg: AttentionConfig, feature_dims: list[int], num_classes: int) -> None:
+        super().__init__(cfg, feature_dims, num_classes)
+        if cfg.query not in QUERIES:
+            raise UserError(f"fusion.query: '{cfg.query}' is not one of {', '.join(QUERIES)}")
+        self.projections = nn.ModuleList(nn.Sequential(nn.Linear(dim, cfg.width), nn.LayerNorm(cfg.width)) for dim in feature_dims)
+        self.scorer = nn.Sequential(nn.Linear(cfg.width, cfg.scorer_hidden), nn.Tanh(), nn.Linear(cfg.scorer_hidden, 1))
+        self.task_query = nn.Parameter(torch.zeros(cfg.width))
+        self.classifier = nn.Linear(cfg.width, num_classes)
+        self._entropy = torch.zeros(())
+
+    def project(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([proj(self.feature_dropout(f)) for proj, f in zip(self.projections, features)], dim=1)
+
+    def scores(self, projected: torch.Tensor) -> torch.Tensor:
+        if self.cfg.query == "task":
+            return projected @ self.task_query / projected.shape[-1] ** 0.5
+        return self.scorer(projected).squeeze(-1)
+
+    def weights_of(self, projected: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(projected) / self.cfg.temperature
+        if self.training and self.cfg.pretext_dropout > 0:
+            dropped = torch.rand_like(scores) < self.cfg.pretext_dropout
+            dropped &= ~dropped.all(dim=1, keepdim=True)
+            scores = scores.masked_fill(dropped, float("-inf"))
+        return scores.softmax(dim=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        projected = self.project(features)
+        weights = self.weights_of(projected)
+        self._entropy = -(weights.clamp_min(1e-8).log() * weights).sum(1).mean()
+        return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
+
+    def pretext_weights(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.weights_of(self.project(features))
+
+    def regularization(self) -> torch.Tensor:
+        return self.cfg.entropy_weight * self._entropy

@@ -1,0 +1,54 @@
+"""Pretext tasks: each module holds one pretext's pseudo-label transform, head and loss."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from ssl_fusion.datasets import ImageData
+from ssl_fusion.encoders import Encoder
+from ssl_fusion.registry import Registry, import_submodules
+
+
+@dataclass
+class PretextConfig:
+    """The training recipe every pretext has; pretexts add their own fields in a subclass."""
+
+    name: str = MISSING
+    epochs: int = 5
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+
+
+class Pretext(nn.Module):
+    """An encoder plus the head and loss of one pretext task.
+
+    ``loss`` receives a batch of images as floats in [0, 1] (and the labels, which only a
+    supervised reference may use) and returns the scalar loss to minimise.
+    """
+
+    trains: ClassVar[bool] = True
+
+    def __init__(self, cfg: PretextConfig, encoder: Encoder) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+
+    @classmethod
+    def check(cls, cfg: PretextConfig, data: ImageData) -> None:
+        """Refuse, with a UserError, a dataset this pretext cannot run on. Default: any."""
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+PRETEXTS: Registry[type[Pretext]] = Registry("pretext")
+
+import_submodules(sys.modules[__name__])

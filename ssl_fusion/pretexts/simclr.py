@@ -1,0 +1,57 @@
+"""SimCLR (Chen et al. 2020): two augmented views of an image attract, all other images repel (NT-Xent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_fusion.augment import color_jitter, random_resized_crop
+from ssl_fusion.encoders import Encoder
+from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+
+
+@dataclass
+class SimCLRConfig(PretextConfig):
+    temperature: float = 0.2
+    projection_dim: int = 128
+    projection_hidden: int = 256
+    crop_scale_min: float = 0.3
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    grayscale_p: float = 0.2
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Normalised-temperature cross entropy: each view must pick its partner among the 2N-1 others."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = z1.shape[0]
+    similarity = z @ z.t() / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(similarity, partner)
+
+
+@PRETEXTS.register("simclr", SimCLRConfig)
+class SimCLR(Pretext):
+    def __init__(self, cfg: SimCLRConfig, encoder: Encoder) -> None:
+        super().__init__(cfg, encoder)
+        self.projector = nn.Sequential(
+            nn.Linear(encoder.out_dim, cfg.projection_hidden),
+            nn.BatchNorm1d(cfg.projection_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(cfg.projection_hidden, cfg.projection_dim),
+        )
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        cropped = random_resized_crop(images, scale=(cfg.crop_scale_min, 1.0))
+        return color_jitter(cropped, cfg.brightness, cfg.contrast, cfg.saturation, cfg.grayscale_p)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([self.view(images), self.view(images)]).contiguous(memory_format=torch.channels_last)
+        z1, z2 = self.projector(self.encoder(views)).chunk(2)
+        return nt_xent(z1, z2, self.cfg.temperature)

@@ -1,0 +1,66 @@
+"""Feature extraction with a frozen encoder, and the kNN probe (weighted cosine vote) on features."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ssl_fusion.device import autocast
+from ssl_fusion.encoders import Encoder
+
+
+@torch.inference_mode()
+def encode_batches(
+    encoder: Encoder,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_batch: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result."""
+    encoder.eval()
+    pin = device.type == "cuda"
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if pin:
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            features = encoder(batch)
+        on_batch(start, features.float().cpu())
+
+
+def extract_features(encoder: Encoder, images: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(len(images), encoder.out_dim)
+
+    def keep(start: int, features: torch.Tensor) -> None:
+        out[start : start + len(features)] = features
+
+    encode_batches(encoder, images, batch_size, device, dtype, keep)
+    return out
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: Optional[int] = None,
+) -> float:
+    """Top-1 accuracy of a k-nearest-neighbour vote on cosine similarity, weighted by exp(sim / T)."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, len(bank))
+    correct = 0
+    for start in range(0, len(test_features), 1024):
+        queries = F.normalize(test_features[start : start + 1024].float(), dim=1)
+        similarity, neighbours = (queries @ bank.t()).topk(k, dim=1)
+        votes = torch.zeros(len(queries), num_classes)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        correct += int((votes.argmax(1) == test_labels[start : start + 1024]).sum())
+    return correct / len(test_features)

@@ -1,0 +1,81 @@
+"""Name -> (config dataclass, implementation) registries for datasets, encoders, pretexts and fusions.
+
+Each option is one module that registers itself with a decorator; the packages import all their
+modules, so adding an option means adding its module and its YAML in ``conf/<group>/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, Generic, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ssl_fusion.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    config_cls: type
+    impl: T
+
+
+class Registry(Generic[T]):
+    """A named set of options of one kind (e.g. ``pretext``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, config_cls: type) -> Callable[[T], T]:
+        def add(impl: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = Entry(name, config_cls, impl)
+            return impl
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry[T]:
+        if name not in self._entries:
+            raise UserError(
+                f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def typed_config(self, node: DictConfig | dict, key: str | None = None) -> Any:
+        """Check ``node`` against its option's dataclass and return an instance of it.
+
+        A misspelled key or a value of the wrong type becomes a one-line UserError naming the key.
+        """
+        key = key or self.kind
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        if "name" not in plain:
+            raise UserError(f"{key}: no 'name' given; valid {self.kind}s: {', '.join(self.names())}")
+        entry = self.get(plain["name"])
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(entry.config_cls), plain)
+            return OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            bad_key = getattr(err, "full_key", None) or getattr(err, "key", "?")
+            allowed = ", ".join(f.name for f in entry.config_cls.__dataclass_fields__.values())
+            reason = str(err).splitlines()[0]
+            raise UserError(
+                f"{key}.{bad_key}: {reason} ({self.kind} '{entry.name}' accepts: {allowed})"
+            ) from None
+
+
+def import_submodules(package: ModuleType) -> None:
+    """Import every module of ``package`` so that their ``register`` decorators run."""
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")

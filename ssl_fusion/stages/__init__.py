@@ -1,0 +1,52 @@
+"""The sslfuse stages, each a Hydra app over the configs in ``conf/``."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ssl_fusion.config import CONF_DIR, register_schemas
+from ssl_fusion.errors import UserError
+
+register_schemas()
+
+
+def report_user_error(stage: str, err: UserError) -> None:
+    """One line on stderr, exit code 2: the way every stage answers a mistake the user can fix."""
+    print(f"sslfuse {stage}: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def stage_app(config_name: str) -> Callable[[Callable[[DictConfig], None]], Callable[[], None]]:
+    """``hydra.main`` over ``conf/<config_name>.yaml`` that turns a UserError into one line on stderr."""
+
+    def decorate(task: Callable[[DictConfig], None]) -> Callable[[], None]:
+        @functools.wraps(task)
+        def guarded(cfg: DictConfig) -> None:
+            try:
+                task(cfg)
+            except UserError as err:
+                report_user_error(config_name, err)
+
+        return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(guarded)
+
+    return decorate
+
+
+def run_dir() -> str:
+    return HydraConfig.get().runtime.output_dir
+
+
+def user_overrides(drop: tuple[str, ...]) -> list[str]:
+    """The command-line overrides of this run minus the keys in ``drop``: to suggest a related command."""
+    kept = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not key.startswith(drop):
+            kept.append(override)
+    return kept

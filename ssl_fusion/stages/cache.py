@@ -1,0 +1,93 @@
+"""``sslfuse cache``: frozen features of each stored encoder for the train and test splits, written once."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ssl_fusion.artifacts import ENCODERS_KIND, FEATURES_KIND, SPLITS, encoder_artifact, features_artifact, load_encoder, pretext_recipe
+from ssl_fusion.config import check_names
+from ssl_fusion.context import StageContext, check_positive, open_context
+from ssl_fusion.device import prepare_model
+from ssl_fusion.errors import UserError
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.probe import encode_batches
+from ssl_fusion.progress import image_progress
+from ssl_fusion.stages import stage_app, user_overrides
+
+log = logging.getLogger("sslfuse")
+
+
+def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> str:
+    """The artifact name of the stored encoder for ``pretext``; a UserError naming the command if absent."""
+    name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
+    if ctx.store.manifest(ENCODERS_KIND, name) is None:
+        raise UserError(f"no stored encoder for pretext '{pretext}' in '{ctx.store.root}'; make it with: {pretrain_command}")
+    return name
+
+
+def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch, progress) -> None:
+    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch."""
+    images, labels = ctx.data.split(split)
+    out = np.lib.format.open_memmap(scratch / f"{split}.npy", mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
+    task = progress.add_task(f"cache {split}", total=len(images), status="")
+
+    def store_batch(start: int, features: torch.Tensor) -> None:
+        out[start : start + len(features)] = features.numpy().astype(np.float16)
+        progress.advance(task, len(features))
+
+    encode_batches(encoder, images, batch_size, ctx.device, ctx.dtype, store_batch)
+    out.flush()
+    del out
+    np.save(scratch / f"{split}_labels.npy", labels.numpy())
+
+
+def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tuple[str, dict, bool]:
+    """Cached features of a stored encoder: reused when present, else computed and published."""
+    name = features_artifact(ctx, encoder_name)
+    with ctx.store.lock(FEATURES_KIND, name):
+        manifest = ctx.store.manifest(FEATURES_KIND, name)
+        if manifest is not None:
+            log.info("reused cached features %s (no encoder run)", name)
+            return name, manifest, True
+        encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
+        started = time.perf_counter()
+        with ctx.store.staging(FEATURES_KIND, name) as scratch, image_progress() as progress:
+            for split in SPLITS:
+                write_split(ctx, encoder, split, batch_size, scratch, progress)
+            seconds = time.perf_counter() - started
+            n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
+            manifest = ctx.store.publish(
+                FEATURES_KIND,
+                name,
+                scratch,
+                {
+                    "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16"},
+                    "data": ctx.fingerprints,
+                    "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
+                    "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
+                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
+                },
+            )
+        log.info("cached features %s: %d images at %.0f img/s", name, n_images, n_images / seconds)
+    return name, manifest, False
+
+
+def pretrain_command(pretext: str) -> str:
+    extra = user_overrides(("pretexts", "cache", "pretext"))
+    return " ".join(["sslfuse pretrain", f"pretext={pretext}", *extra])
+
+
+@stage_app("cache")
+def main(cfg: DictConfig) -> None:
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
+    check_positive("cache.batch_size", cfg.cache.batch_size)
+    ctx = open_context(cfg)
+    encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
+    for encoder_name in encoders:
+        name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
+        print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")

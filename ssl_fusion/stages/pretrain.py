@@ -1,0 +1,98 @@
+"""``sslfuse pretrain``: train one encoder on a pretext task and store it with a kNN probe in its manifest."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from ssl_fusion.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
+from ssl_fusion.config import ProbeConfig
+from ssl_fusion.context import StageContext, as_plain, open_context
+from ssl_fusion.device import prepare_model
+from ssl_fusion.encoders import Encoder, build_encoder
+from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.probe import extract_features, knn_accuracy
+from ssl_fusion.stages import stage_app
+from ssl_fusion.trainer import TrainResult, train_pretext
+
+log = logging.getLogger("sslfuse")
+
+
+def knn_probe(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> float:
+    """kNN accuracy with (a subset of) the labeled training set as the memory bank."""
+    data = ctx.data
+    train_images, train_labels = data.train_images[: probe.max_train], data.train_labels[: probe.max_train]
+    test_images, test_labels = data.test_images[: probe.max_test], data.test_labels[: probe.max_test]
+    bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype)
+    queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype)
+    return knn_accuracy(bank, train_labels, queries, test_labels, k=probe.k, num_classes=data.num_classes)
+
+
+def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[Encoder, TrainResult]:
+    pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
+    pretext_cls.check(recipe, ctx.data)
+    torch.manual_seed(ctx.seed)
+    encoder = build_encoder(ctx.encoder_cfg, ctx.data.channels)
+    encoder.set_statistics(ctx.data.train_images)
+    model = prepare_model(pretext_cls(recipe, encoder), ctx.device)
+    if not pretext_cls.trains:
+        return encoder, TrainResult()
+    checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
+    result = train_pretext(
+        model, ctx.data.train_images, ctx.data.train_labels, recipe, ctx.device, ctx.dtype, ctx.seed, checkpoint,
+        ctx.overrides.max_steps_per_epoch,
+    )
+    return encoder, result
+
+
+def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig) -> tuple[str, dict, bool]:
+    """The stored encoder for this recipe: reused when present, else trained, probed and published.
+
+    Returns its artifact name, its manifest and whether it was reused.
+    """
+    name = encoder_artifact(ctx, recipe, ctx.overrides.max_steps_per_epoch)
+    with ctx.store.lock(ENCODERS_KIND, name):
+        manifest = ctx.store.manifest(ENCODERS_KIND, name)
+        if manifest is not None:
+            log.info("reused encoder %s (no pretraining)", name)
+            return name, manifest, True
+        log.info("pretraining encoder %s", name)
+        started = time.perf_counter()
+        encoder, result = train_encoder(ctx, recipe, name)
+        accuracy = knn_probe(ctx, encoder, probe)
+        log.info("encoder %s: kNN probe accuracy %.4f", name, accuracy)
+        with ctx.store.staging(ENCODERS_KIND, name) as scratch:
+            torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
+            manifest = ctx.store.publish(
+                ENCODERS_KIND,
+                name,
+                scratch,
+                {
+                    "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
+                               "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch},
+                    "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
+                             "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
+                    "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
+                                "knn_accuracy": accuracy, "knn_k": probe.k},
+                    "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
+                                "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
+                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
+                                "torch": torch.__version__},
+                },
+            )
+        shutil.rmtree(ctx.store.root / "checkpoints" / name, ignore_errors=True)
+    return name, manifest, False
+
+
+@stage_app("pretrain")
+def main(cfg: DictConfig) -> None:
+    ctx = open_context(cfg)
+    recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
+    name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
+    metrics = manifest["metrics"]
+    print(f"encoder {name} ({'reused' if reused else 'trained'}): kNN accuracy {metrics['knn_accuracy']:.4f}, "
+          f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}")

@@ -1,0 +1,129 @@
+"""The pretraining loop: in-memory uint8 batches, autocast, AdamW with warmup + cosine, resumable.
+
+A checkpoint (model, optimizer, scheduler, RNG state, epoch, losses) is written atomically after
+every epoch; a restarted run with the same checkpoint path continues from the last complete epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ssl_fusion.device import autocast
+from ssl_fusion.errors import UserError
+from ssl_fusion.pretexts import Pretext, PretextConfig
+from ssl_fusion.progress import image_progress
+
+log = logging.getLogger("sslfuse")
+
+
+@dataclass
+class TrainResult:
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    images_seen: int = 0
+    resumed_at_epoch: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_seen / self.seconds if self.seconds else 0.0
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Temporary file, fsync, rename: a kill at any moment leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def train_pretext(
+    model: Pretext,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: PretextConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    checkpoint: Path,
+    max_steps_per_epoch: Optional[int] = None,
+) -> TrainResult:
+    batch_size = min(recipe.batch_size, len(images))
+    steps_per_epoch = len(images) // batch_size
+    if max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    total_steps = recipe.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = warmup_cosine(total_steps, max(1, int(recipe.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    result = TrainResult()
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        result.epoch_losses = list(state["epoch_losses"])
+        result.resumed_at_epoch = len(result.epoch_losses)
+        log.info("resuming %s from checkpoint %s after epoch %d", recipe.name, checkpoint, result.resumed_at_epoch)
+    model.train()
+    with image_progress() as progress:
+        for epoch in range(result.resumed_at_epoch, recipe.epochs):
+            task = progress.add_task(f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", total=steps_per_epoch * batch_size, status="")
+            started = time.perf_counter()
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            loss_sum = torch.zeros((), device=device)
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                batch = images[index].to(device, non_blocking=True).float().div_(255)
+                with autocast(device, dtype):
+                    loss = model.loss(batch, labels[index].to(device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach()
+                if step % 20 == 19 or step == steps_per_epoch - 1:
+                    running = float(loss_sum) / (step + 1)
+                    if not math.isfinite(running):
+                        raise UserError(
+                            f"pretraining {recipe.name} diverged: loss is {running} at epoch {epoch + 1} step {step + 1}; "
+                            f"the last good checkpoint is kept at '{checkpoint}'; lower pretext.lr"
+                        )
+                    progress.update(task, status=f"loss {running:.4f}")
+                progress.advance(task, batch_size)
+            result.epoch_losses.append(float(loss_sum) / steps_per_epoch)
+            result.seconds += time.perf_counter() - started
+            result.images_seen += steps_per_epoch * batch_size
+            save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch_losses": result.epoch_losses,
+                },
+            )
+            log.info("%s epoch %d/%d: loss %.4f", recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1])
+    return result
