@@ -33,9 +33,10 @@ class TrainOverrides:
 
 @dataclass
 class ProbeConfig:
-    """kNN probe run on every encoder that pretraining stores (written to its manifest)."""
+    """kNN and linear probes run on every encoder that pretraining stores (written to its manifest)."""
 
     k: int = 20
+    linear_l2: float = 1e-3
     max_train: int = 10000
     max_test: int = 2000
 
@@ -61,7 +62,7 @@ class CommonConfig:
     data_dir: Optional[str] = None
     device: str = "auto"
     precision: str = "auto"
-    seed: int = 0
+    seed: int = 0  # pretrain: the pretraining seed; fuse: the label-subset and head seed
     train: TrainOverrides = field(default_factory=TrainOverrides)
 
 
@@ -72,20 +73,27 @@ class PretrainStage(CommonConfig):
 
 
 @dataclass
-class CacheStage(CommonConfig):
+class UsesEncoders(CommonConfig):
+    """Stages that read stored encoders: ``encoder_seed`` says which pretraining seed made them."""
+
+    encoder_seed: int = 0
+
+
+@dataclass
+class CacheStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass
-class FuseStage(CommonConfig):
+class FuseStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
 
 
 @dataclass
-class RunStage(CommonConfig):
+class RunStage(UsesEncoders):
     """pretrain what is missing -> cache what is missing -> fuse each method and seed -> table."""
 
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))

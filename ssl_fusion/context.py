@@ -29,7 +29,7 @@ class StageContext:
     dtype: torch.dtype
     store: ArtifactStore
     overrides: TrainOverrides
-    seed: int
+    seed: int  # the pretraining seed of the encoders this stage makes or reads
 
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
@@ -47,7 +47,8 @@ def check_positive(name: str, value: int | None) -> None:
         raise UserError(f"{name} must be > 0, got {value}")
 
 
-def open_context(cfg: DictConfig) -> StageContext:
+def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
+    """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders."""
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     for key in ("epochs", "batch_size", "max_steps_per_epoch", "num_threads"):
         check_positive(f"train.{key}", getattr(overrides, key))
@@ -62,7 +63,7 @@ def open_context(cfg: DictConfig) -> StageContext:
         dataset_cfg.name, len(data.train_labels), len(data.test_labels), data.num_classes, *data.image_size, data.channels,
         device, str(dtype).removeprefix("torch."),
     )
-    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, cfg.seed)
+    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed)
 
 
 def as_plain(config: Any) -> dict[str, Any]:

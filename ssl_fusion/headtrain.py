@@ -29,7 +29,7 @@ def fit_head(head: FusionHead, features: list[torch.Tensor], labels: torch.Tenso
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     head.eval()
     return losses
 

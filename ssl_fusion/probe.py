@@ -64,3 +64,30 @@ def knn_accuracy(
         votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
         correct += int((votes.argmax(1) == test_labels[start : start + 1024]).sum())
     return correct / len(test_features)
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    l2: float = 1e-3,
+    steps: int = 100,
+) -> float:
+    """Top-1 accuracy of an L2-regularised multinomial logistic regression on standardised features (L-BFGS)."""
+    mean, std = train_features.mean(0, keepdim=True), train_features.std(0, keepdim=True).clamp_min(1e-6)
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        return float(((test_x @ weight + bias).argmax(1) == test_labels).float().mean())

@@ -25,7 +25,7 @@ class ImagesPerSecond(ProgressColumn):
 
 
 def image_progress() -> Progress:
-    """A progress display whose tasks count images."""
+    """A progress display whose tasks count images; off when stderr is not a terminal (logs say it all)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,4 +36,5 @@ def image_progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        disable=not console.is_terminal,
     )

@@ -113,7 +113,8 @@ def train_pretext(
                     progress.update(task, status=f"loss {running:.4f}")
                 progress.advance(task, batch_size)
             result.epoch_losses.append(float(loss_sum) / steps_per_epoch)
-            result.seconds += time.perf_counter() - started
+            epoch_seconds = time.perf_counter() - started
+            result.seconds += epoch_seconds
             result.images_seen += steps_per_epoch * batch_size
             save_checkpoint(
                 checkpoint,
@@ -125,5 +126,8 @@ def train_pretext(
                     "epoch_losses": result.epoch_losses,
                 },
             )
-            log.info("%s epoch %d/%d: loss %.4f", recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1])
+            log.info(
+                "%s epoch %d/%d: loss %.4f, %.0f img/s, %.0f s",
+                recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1], steps_per_epoch * batch_size / epoch_seconds, epoch_seconds,
+            )
     return result

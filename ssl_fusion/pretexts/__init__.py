@@ -35,6 +35,7 @@ class Pretext(nn.Module):
     """
 
     trains: ClassVar[bool] = True
+    uses_labels: ClassVar[bool] = False  # True only for reference points such as ``supervised``
 
     def __init__(self, cfg: PretextConfig, encoder: Encoder) -> None:
         super().__init__()

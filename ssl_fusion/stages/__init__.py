@@ -42,11 +42,14 @@ def run_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
-def user_overrides(drop: tuple[str, ...]) -> list[str]:
-    """The command-line overrides of this run minus the keys in ``drop``: to suggest a related command."""
+def user_overrides(drop: tuple[str, ...], rename: dict[str, str] | None = None) -> list[str]:
+    """This run's command-line overrides without the keys in ``drop`` and with keys renamed as in
+    ``rename``: the arguments for a suggested command of another stage."""
     kept = []
     for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if not key.startswith(drop):
-            kept.append(override)
+        key, _, value = override.partition("=")
+        bare = key.lstrip("+~")
+        if bare.startswith(("hydra.", *drop)):
+            continue
+        kept.append(f"{(rename or {}).get(bare, bare)}={value}")
     return kept

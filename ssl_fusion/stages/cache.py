@@ -78,7 +78,7 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
 
 
 def pretrain_command(pretext: str) -> str:
-    extra = user_overrides(("pretexts", "cache", "pretext"))
+    extra = user_overrides(("pretexts", "cache", "pretext", "seed"), rename={"encoder_seed": "seed"})
     return " ".join(["sslfuse pretrain", f"pretext={pretext}", *extra])
 
 
@@ -86,7 +86,7 @@ def pretrain_command(pretext: str) -> str:
 def main(cfg: DictConfig) -> None:
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
     check_positive("cache.batch_size", cfg.cache.batch_size)
-    ctx = open_context(cfg)
+    ctx = open_context(cfg, cfg.encoder_seed)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
     for encoder_name in encoders:
         name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)

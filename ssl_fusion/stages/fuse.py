@@ -96,7 +96,7 @@ def run_context(ctx: StageContext) -> dict[str, Any]:
 
 
 def cache_command(pretexts: list[str]) -> str:
-    extra = user_overrides(("pretexts", "fusion", "labels", "pretext"))
+    extra = user_overrides(("pretexts", "fusion", "labels", "pretext", "seed"))
     return " ".join(["sslfuse cache", f"pretexts=[{','.join(pretexts)}]", *extra])
 
 
@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> None:
     fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     used = fused_pretexts(fusion, pretexts)
-    ctx = open_context(cfg)
+    ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
     result = fuse_once(cached_features(ctx, used, cache_command(used)), fusion, labels_cfg, cfg.seed)
     write_result(Path(run_dir()), result, run_context(ctx))

@@ -15,21 +15,29 @@ from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.device import prepare_model
 from ssl_fusion.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.probe import extract_features, knn_accuracy
+from ssl_fusion.probe import extract_features, knn_accuracy, linear_probe_accuracy
 from ssl_fusion.stages import stage_app
 from ssl_fusion.trainer import TrainResult, train_pretext
 
 log = logging.getLogger("sslfuse")
 
 
-def knn_probe(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> float:
-    """kNN accuracy with (a subset of) the labeled training set as the memory bank."""
+def probe_encoder(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> dict[str, float]:
+    """The standard frozen-feature protocols on (subsets of) the labeled training and test sets:
+    kNN (weighted cosine vote) and a linear probe (L2 logistic regression)."""
     data = ctx.data
     train_images, train_labels = data.train_images[: probe.max_train], data.train_labels[: probe.max_train]
     test_images, test_labels = data.test_images[: probe.max_test], data.test_labels[: probe.max_test]
     bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype)
     queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype)
-    return knn_accuracy(bank, train_labels, queries, test_labels, k=probe.k, num_classes=data.num_classes)
+    return {
+        "knn_accuracy": knn_accuracy(bank, train_labels, queries, test_labels, k=probe.k, num_classes=data.num_classes),
+        "linear_accuracy": linear_probe_accuracy(bank, train_labels, queries, test_labels, l2=probe.linear_l2),
+    }
+
+
+def pretext_cls_uses_labels(recipe: PretextConfig) -> bool:
+    return PRETEXTS.get(recipe.name).impl.uses_labels
 
 
 def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[Encoder, TrainResult]:
@@ -63,8 +71,8 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
         log.info("pretraining encoder %s", name)
         started = time.perf_counter()
         encoder, result = train_encoder(ctx, recipe, name)
-        accuracy = knn_probe(ctx, encoder, probe)
-        log.info("encoder %s: kNN probe accuracy %.4f", name, accuracy)
+        probes = probe_encoder(ctx, encoder, probe)
+        log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
         with ctx.store.staging(ENCODERS_KIND, name) as scratch:
             torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
             manifest = ctx.store.publish(
@@ -77,7 +85,7 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
                     "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
                              "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
                     "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
-                                "knn_accuracy": accuracy, "knn_k": probe.k},
+                                **probes, "probe": as_plain(probe), "uses_labels": pretext_cls_uses_labels(recipe)},
                     "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
                                 "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
                     "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
@@ -90,9 +98,10 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
 
 @stage_app("pretrain")
 def main(cfg: DictConfig) -> None:
-    ctx = open_context(cfg)
+    ctx = open_context(cfg, cfg.seed)
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
     name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
     metrics = manifest["metrics"]
-    print(f"encoder {name} ({'reused' if reused else 'trained'}): kNN accuracy {metrics['knn_accuracy']:.4f}, "
-          f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}")
+    print(f"encoder {name} ({'reused' if reused else 'trained'}): kNN probe {metrics['knn_accuracy']:.4f}, "
+          f"linear probe {metrics['linear_accuracy']:.4f}, final loss {metrics['final_loss']}; "
+          f"stored in {ctx.store.folder(ENCODERS_KIND, name)}")

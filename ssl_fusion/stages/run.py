@@ -43,8 +43,9 @@ def prepare_features(ctx: StageContext, cfg: DictConfig, pretexts: list[str]) ->
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
         names[pretext] = features_name
-        print(f"{pretext:>12}: encoder {'reused' if reused else 'trained'} (kNN {manifest['metrics']['knn_accuracy']:.4f}), "
-              f"features {'reused' if cached else 'cached'}")
+        metrics = manifest["metrics"]
+        print(f"{pretext:>12}: encoder {'reused' if reused else 'trained'} (kNN probe {metrics['knn_accuracy']:.4f}, "
+              f"linear probe {metrics['linear_accuracy']:.4f}), features {'reused' if cached else 'cached'}")
     return names
 
 
@@ -57,7 +58,7 @@ def main(cfg: DictConfig) -> None:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
     check_positive("cache.batch_size", cfg.cache.batch_size)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    ctx = open_context(cfg)
+    ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, 0)
     feature_names = prepare_features(ctx, cfg, pretexts)
     features = {p: load_features(ctx.store, name) for p, name in feature_names.items()}

@@ -1,0 +1,69 @@
+"""Every config in conf/ composes, and every option's YAML matches its typed schema."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ssl_fusion.config import CONF_DIR, load_option
+from ssl_fusion.datasets import DATASETS
+from ssl_fusion.encoders import ENCODERS
+from ssl_fusion.errors import UserError
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.stages import register_schemas  # noqa: F401  (registers the stage schemas)
+
+REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": FUSIONS}
+STAGES = ["pretrain", "cache", "fuse", "run"]
+
+
+def compose_stage(stage: str, overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose(config_name=stage, overrides=overrides)
+
+
+@pytest.mark.parametrize("group", sorted(REGISTRIES))
+def test_each_option_has_a_yaml_and_each_yaml_an_option(group):
+    yamls = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    assert yamls == REGISTRIES[group].names()
+    for name in yamls:
+        typed = REGISTRIES[group].typed_config(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
+        assert typed.name == name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("preset", [None, "smoke"])
+def test_stage_configs_compose(stage, preset):
+    cfg = compose_stage(stage, [f"preset={preset}"] if preset else [])
+    assert cfg.dataset.name == ("synthetic" if preset else "fashion_mnist")
+    assert cfg.artifacts_dir == "outputs/artifacts"
+
+
+@pytest.mark.parametrize("group", ["dataset", "encoder"])
+def test_every_dataset_and_encoder_composes_in_run(group):
+    for name in REGISTRIES[group].names():
+        cfg = compose_stage("run", [f"{group}={name}"])
+        assert REGISTRIES[group].typed_config(cfg[group]).name == name
+
+
+def test_every_pretext_and_fusion_composes_in_its_stage():
+    for name in PRETEXTS.names():
+        assert compose_stage("pretrain", [f"pretext={name}"]).pretext.name == name
+    for name in FUSIONS.names():
+        assert compose_stage("fuse", [f"fusion={name}"]).fusion.name == name
+
+
+def test_typo_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose_stage("fuse", ["labels.fractoin=0.1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_stage("fuse", ["seed=abc"])
+
+
+def test_option_schema_rejects_wrong_type_with_the_key():
+    with pytest.raises(UserError, match=r"pretext.temperature"):
+        PRETEXTS.typed_config({"name": "simclr", "temperature": "warm"})
+    with pytest.raises(UserError, match="unknown fusion 'attn'.*attention"):
+        load_option(FUSIONS, "attn")

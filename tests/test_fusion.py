@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import torch
+
+from ssl_fusion.artifacts import FeatureSet
+from ssl_fusion.config import LabelsConfig
+from ssl_fusion.fusion.attention import AttentionConfig, AttentionFusion
+from ssl_fusion.fusion.concat import ConcatConfig
+from ssl_fusion.stages.fuse import fuse_once
+
+
+def informative_and_noise(n_train: int = 600, n_test: int = 400) -> dict[str, FeatureSet]:
+    """One pretext whose features carry the class, one whose features are pure noise."""
+    generator = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(5, 32, generator=generator)
+    train_labels, test_labels = torch.arange(n_train) % 5, torch.arange(n_test) % 5
+
+    def informative(labels):
+        return centers[labels] + torch.randn(len(labels), 32, generator=generator)
+
+    def noise(labels):
+        return torch.randn(len(labels), 48, generator=generator)
+
+    return {
+        "good": FeatureSet(informative(train_labels), informative(test_labels), train_labels, test_labels),
+        "noise": FeatureSet(noise(train_labels), noise(test_labels), train_labels, test_labels),
+    }
+
+
+def test_attention_weights_are_a_distribution_per_sample():
+    head = AttentionFusion(AttentionConfig(name="attention"), [32, 48, 16], num_classes=5)
+    features = [torch.randn(10, 32), torch.randn(10, 48), torch.randn(10, 16)]
+    weights = head.pretext_weights(features)
+    assert weights.shape == (10, 3)
+    assert (weights >= 0).all() and torch.allclose(weights.sum(1), torch.ones(10))
+    assert head(features).shape == (10, 5)
+
+
+def test_attention_learns_and_shifts_weight_to_the_informative_pretext():
+    features = informative_and_noise()
+    result = fuse_once(features, AttentionConfig(name="attention"), LabelsConfig(fraction=0.2), seed=0)
+    assert result["final_loss"] < result["first_loss"]
+    assert result["test_accuracy"] > 0.9
+    assert result["mean_pretext_weights"]["good"] > 0.6
+
+
+def test_fusion_is_deterministic_for_a_seed():
+    features = informative_and_noise()
+    cfg = ConcatConfig(name="concat")
+    first = fuse_once(features, cfg, LabelsConfig(fraction=0.05), seed=3)
+    again = fuse_once(features, cfg, LabelsConfig(fraction=0.05), seed=3)
+    assert first["test_accuracy"] == again["test_accuracy"] and first["final_loss"] == again["final_loss"]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import torch
+
+from ssl_fusion.augment import color_jitter, random_resized_crop
+from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.rotation import RotationConfig, rotation_pseudo_labels
+from ssl_fusion.pretexts.simclr import SimCLRConfig, nt_xent
+
+
+def test_rotating_back_by_the_label_restores_the_image():
+    images = torch.rand(5, 1, 12, 12)
+    for all_rotations in (True, False):
+        rotated, turns = rotation_pseudo_labels(images, all_rotations)
+        originals = images.repeat(4, 1, 1, 1) if all_rotations else images
+        assert rotated.shape == originals.shape
+        for image, turn, original in zip(rotated, turns, originals):
+            assert torch.equal(torch.rot90(image, -int(turn), dims=(1, 2)), original)
+            if turn != 0:
+                assert not torch.equal(image, original)
+
+
+def test_all_rotations_gives_each_label_once_per_image():
+    _, turns = rotation_pseudo_labels(torch.rand(6, 1, 8, 8), all_rotations=True)
+    assert torch.bincount(turns).tolist() == [6, 6, 6, 6]
+
+
+def test_nt_xent_matches_its_definition_on_orthogonal_views():
+    # Two images, views equal and orthogonal: each view's partner has similarity 1/T, the other two 0.
+    z = torch.eye(2, 4)
+    expected = -torch.log(torch.exp(torch.tensor(5.0)) / (torch.exp(torch.tensor(5.0)) + 2))
+    assert torch.allclose(nt_xent(z, z.clone(), temperature=0.2), expected)
+
+
+def test_nt_xent_is_low_for_matching_views_and_high_for_random_ones():
+    z = torch.randn(32, 16)
+    matched = nt_xent(z, z + 0.01 * torch.randn_like(z), temperature=0.1)
+    unmatched = nt_xent(z, torch.randn(32, 16), temperature=0.1)
+    assert matched < 0.1 and unmatched > 3.0
+
+
+def test_augmentations_keep_shape_and_range_and_vary_per_sample():
+    images = torch.rand(8, 3, 16, 16)
+    cropped = random_resized_crop(images, scale=(0.3, 1.0))
+    jittered = color_jitter(images, 0.4, 0.4, 0.4, 0.2)
+    for out in (cropped, jittered):
+        assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    same = images[:1].expand(8, -1, -1, -1)
+    views = random_resized_crop(same, scale=(0.3, 1.0))
+    assert (views - views[:1]).abs().flatten(1).amax(1)[1:].min() > 0
+
+
+def test_a_few_steps_lower_each_pretext_loss():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(4, 1, 16, 16, generator=generator)
+    images = (prototypes[torch.arange(64) % 4] + 0.1 * torch.rand(64, 1, 16, 16, generator=generator)).clamp(0, 1)
+    for name, cfg in [("rotation", RotationConfig(name="rotation")), ("simclr", SimCLRConfig(name="simclr"))]:
+        encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=1)
+        model = PRETEXTS.get(name).impl(cfg, encoder)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(40):
+            loss = model.loss(images, torch.zeros(64, dtype=torch.long))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, (name, losses)
