@@ -29,6 +29,8 @@ SPLITS = ("train", "test")
 def with_overrides(recipe: PretextConfig, overrides: TrainOverrides) -> PretextConfig:
     """Apply the stage-wide ``train.*`` overrides to a pretext's own recipe."""
     changes = {key: getattr(overrides, key) for key in ("epochs", "batch_size") if getattr(overrides, key) is not None}
+    if overrides.epochs_scale is not None and "epochs" not in changes:
+        changes["epochs"] = round(recipe.epochs * overrides.epochs_scale)
     return dataclasses.replace(recipe, **changes)
 
 
@@ -76,11 +78,16 @@ class FeatureSet:
     test: torch.Tensor
     train_labels: torch.Tensor
     test_labels: torch.Tensor
+    uses_labels: bool = False  # made by an encoder trained with all training labels (a reference, not SSL)
 
 
 def load_features(store: ArtifactStore, name: str) -> FeatureSet:
-    if store.manifest(FEATURES_KIND, name) is None:
+    manifest = store.manifest(FEATURES_KIND, name)
+    if manifest is None:
         raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
     folder = store.folder(FEATURES_KIND, name)
     arrays = {stem: torch.from_numpy(np.load(folder / f"{stem}.npy")) for stem in ("train", "test", "train_labels", "test_labels")}
-    return FeatureSet(arrays["train"].float(), arrays["test"].float(), arrays["train_labels"].long(), arrays["test_labels"].long())
+    return FeatureSet(
+        arrays["train"].float(), arrays["test"].float(), arrays["train_labels"].long(), arrays["test_labels"].long(),
+        uses_labels=bool(manifest["config"].get("uses_labels", False)),
+    )

@@ -20,6 +20,56 @@ USAGE = "usage: sslfuse <stage> [key=value ...] [--cfg job] [-m]\n\nstages:\n" +
 ) + "\n\n`sslfuse <stage> --help` shows a stage's config and options; `-m` runs a Hydra multirun sweep."
 
 
+def one_line(text: str) -> str:
+    """Hydra's multi-line messages folded into one line (option lists joined by commas)."""
+    text = text.split("Config search path")[0]
+    head, _, options = text.partition("Available options in")
+    folded = " ".join(line.strip() for line in head.splitlines() if line.strip())
+    if options:
+        group, _, names = options.partition(":")
+        folded += f"; valid options for{group}: " + ", ".join(names.split())
+    return folded
+
+
+def allowed_keys(stage: str, full_key: str) -> str:
+    """'; allowed keys under X: ...' for an unknown key, from the stage's config without overrides."""
+    from hydra import compose
+    from omegaconf import DictConfig, OmegaConf
+
+    parent = full_key.rpartition(".")[0]
+    node = compose(config_name=stage)
+    node = OmegaConf.select(node, parent) if parent else node
+    if not isinstance(node, DictConfig):
+        return ""
+    return f"; allowed keys under {parent or 'the top level'}: {', '.join(str(k) for k in node.keys())}"
+
+
+def composition_problem(stage: str, args: list[str]) -> str | None:
+    """Compose the stage's config with the user's overrides the way Hydra will, and describe a failure in
+    one line (a misspelled key, a wrong type, an unknown option). Sweeps and flags are left to Hydra."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from ssl_fusion.config import CONF_DIR
+
+    overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra.")]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=stage):
+        try:
+            compose(config_name=stage, overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            cause = err.__cause__
+            if cause is None:
+                return one_line(str(err))
+            message = one_line(str(err).split("To append to your config")[0]) + f" ({one_line(str(cause).split('full_key')[0])})"
+            if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+                message += allowed_keys(stage, cause.full_key)
+            return message
+    return None
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
@@ -39,6 +89,10 @@ def main() -> None:
             sys.exit(2)
         return
     module = importlib.import_module(f"ssl_fusion.stages.{stage}")
+    problem = composition_problem(stage, rest)
+    if problem:
+        print(f"sslfuse {stage}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [f"sslfuse-{stage}", *rest]
     module.main()
 

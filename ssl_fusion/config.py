@@ -26,6 +26,7 @@ class TrainOverrides:
     """Stage-wide overrides of every pretext's own recipe (``null`` keeps the recipe)."""
 
     epochs: Optional[int] = None
+    epochs_scale: Optional[float] = None  # multiplies each recipe's epochs (preset=full uses it)
     batch_size: Optional[int] = None
     max_steps_per_epoch: Optional[int] = None
     num_threads: Optional[int] = None
@@ -37,8 +38,8 @@ class ProbeConfig:
 
     k: int = 20
     linear_l2: float = 1e-3
-    max_train: int = 10000
-    max_test: int = 2000
+    max_train: Optional[int] = 10000  # null: the whole split
+    max_test: Optional[int] = 2000
 
 
 @dataclass
@@ -64,12 +65,12 @@ class CommonConfig:
     precision: str = "auto"
     seed: int = 0  # pretrain: the pretraining seed; fuse: the label-subset and head seed
     train: TrainOverrides = field(default_factory=TrainOverrides)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
 class PretrainStage(CommonConfig):
     pretext: Any = MISSING
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -100,7 +101,6 @@ class RunStage(UsesEncoders):
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     labels: LabelsConfig = field(default_factory=LabelsConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 

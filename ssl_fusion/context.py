@@ -42,7 +42,7 @@ def _load_dataset_cached(dataset_yaml: str, data_dir: str | None) -> tuple[Datas
     return load_dataset(OmegaConf.create(dataset_yaml), data_dir)
 
 
-def check_positive(name: str, value: int | None) -> None:
+def check_positive(name: str, value: float | None) -> None:
     if value is not None and value <= 0:
         raise UserError(f"{name} must be > 0, got {value}")
 
@@ -50,7 +50,7 @@ def check_positive(name: str, value: int | None) -> None:
 def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders."""
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
-    for key in ("epochs", "batch_size", "max_steps_per_epoch", "num_threads"):
+    for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads"):
         check_positive(f"train.{key}", getattr(overrides, key))
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)

@@ -1,4 +1,12 @@
-"""Aggregate every ``results.json`` under a folder into mean ± std tables (Markdown and CSV)."""
+"""Aggregate every ``results.json`` under a folder into tables (Markdown, CSV) and plots (PNG).
+
+- the main table: one row per method, one column per label regime, ``mean ± std (n)`` of test
+  accuracy over seeds, the best mean of each column in bold;
+- a negative-transfer table: each method with and without an added control pretext
+  (``random``, ``noise``) and the difference;
+- ``accuracy_vs_labels.png`` and, where attention-like heads ran, ``pretext_weights.png``
+  (mean weight per class and pretext).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ from rich.table import Table
 from ssl_fusion.errors import UserError
 from ssl_fusion.store import atomic_write_text
 
+CONTROLS = ("random", "noise")
+
 
 def collect_results(folder: Path) -> pd.DataFrame:
     if not folder.is_dir():
@@ -19,13 +29,16 @@ def collect_results(folder: Path) -> pd.DataFrame:
     records = [json.loads(path.read_text()) for path in sorted(folder.rglob("results.json"))]
     if not records:
         raise UserError(f"report: no results.json under '{folder}'")
-    return pd.DataFrame(records)
+    results = pd.DataFrame(records)
+    results["pretext_set"] = results["pretexts"].map(lambda names: "+".join(sorted(names)))
+    return results
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Long table: one row per (method, regime) with mean, std and count of test accuracy in percent."""
     results = results.assign(accuracy=results["test_accuracy"] * 100)
-    stats = results.groupby(["method", "regime"], sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
+    keys = ["method", "regime", "fusion", "pretext_set"]
+    stats = results.groupby(keys, sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
     return stats.rename(columns={"count": "seeds"})
 
 
@@ -36,23 +49,105 @@ def regime_order(regime: str) -> tuple[int, float]:
     return 1, float(regime.rstrip("%"))
 
 
+def cell(mean: float, std: float, seeds: int, best: bool) -> str:
+    text = f"{mean:.2f} ± {0.0 if pd.isna(std) else std:.2f} (n={seeds})"
+    return f"**{text}**" if best else text
+
+
 def pivot(stats: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: one row per method, one column per label regime, cells 'mean ± std (n)'."""
-    cells = stats.assign(
-        cell=[f"{m:.2f} ± {0.0 if pd.isna(s) else s:.2f} (n={n})" for m, s, n in zip(stats["mean"], stats["std"], stats["seeds"])]
-    )
+    """Wide table: methods × regimes, best mean per regime in bold, rows by accuracy in the first regime."""
+    best = stats.groupby("regime")["mean"].transform("max")
+    cells = stats.assign(cell=[cell(m, s, n, b) for m, s, n, b in zip(stats["mean"], stats["std"], stats["seeds"], stats["mean"] == best)])
     table = cells.pivot(index="method", columns="regime", values="cell")
     regimes = sorted(table.columns, key=regime_order)
-    best_first = stats[stats["regime"] == regimes[0]].sort_values("mean", ascending=False)["method"]
-    order = list(best_first) + [m for m in table.index if m not in set(best_first)]
+    first = stats[stats["regime"] == regimes[0]].sort_values("mean", ascending=False)["method"].tolist()
+    order = first + sorted(set(table.index) - set(first))
     return table.loc[order, regimes].fillna("–")
+
+
+def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
+    """Each result whose pretexts include a control, next to the same method and regime without it."""
+    indexed = stats.set_index(["fusion", "pretext_set", "regime"])
+    rows = []
+    for (fusion, pretext_set, regime), row in indexed.iterrows():
+        names = pretext_set.split("+")
+        for control in CONTROLS:
+            base_set = "+".join(n for n in names if n != control)
+            if control in names and base_set and (fusion, base_set, regime) in indexed.index:
+                base = indexed.loc[(fusion, base_set, regime)]
+                rows.append({
+                    "fusion": fusion, "pretexts": base_set, "added": control, "regime": regime,
+                    "without": round(float(base["mean"]), 2), "with": round(float(row["mean"]), 2),
+                    "difference": round(float(row["mean"] - base["mean"]), 2),
+                })
+    return pd.DataFrame(rows)
+
+
+def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = sorted(stats["regime"].unique(), key=regime_order)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for method, group in stats.groupby("method"):
+        group = group.set_index("regime").reindex(regimes)
+        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), marker="o", capsize=3, label=method)
+    axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("accuracy vs. labels (mean ± std over seeds)")
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
+    """Heatmap of mean pretext weight per class for the first weighted method (smallest regime). False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "pretext_weights_per_class" not in results:
+        return False
+    weighted = results[results["pretext_weights_per_class"].notna()]
+    if weighted.empty:
+        return False
+    regime = sorted(weighted["regime"].unique(), key=regime_order)[0]
+    chosen = weighted[weighted["regime"] == regime]
+    method = sorted(chosen["method"].unique())[0]
+    per_class = [pd.DataFrame(r).T for r in chosen[chosen["method"] == method]["pretext_weights_per_class"]]
+    mean = sum(per_class) / len(per_class)
+    figure, axes = plt.subplots(figsize=(1.2 * mean.shape[1] + 3, 0.4 * mean.shape[0] + 2))
+    image = axes.imshow(mean.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    axes.set_xticks(range(mean.shape[1]), mean.columns)
+    axes.set_yticks(range(mean.shape[0]), [f"class {c}" for c in mean.index])
+    axes.set_title(f"{method}, {regime} labels: mean weight per class", fontsize=9)
+    figure.colorbar(image)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame, Path, Path]:
     out_dir = out_dir or folder
-    stats = summarize(collect_results(folder))
+    results = collect_results(folder)
+    stats = summarize(results)
     table = pivot(stats)
-    markdown = "Test accuracy (%), mean ± std over seeds\n\n" + table.reset_index().to_markdown(index=False) + "\n"
+    markdown = "Test accuracy (%), mean ± std over seeds (n); best per column in bold.\n\n"
+    markdown += table.reset_index().to_markdown(index=False) + "\n"
+    transfer = negative_transfer(stats)
+    if not transfer.empty:
+        markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
+        markdown += transfer.to_markdown(index=False) + "\n"
+        atomic_write_text(out_dir / "negative_transfer.csv", transfer.to_csv(index=False))
+    plot_accuracy_vs_labels(stats, out_dir / "accuracy_vs_labels.png")
+    if plot_pretext_weights(results, out_dir / "pretext_weights.png"):
+        markdown += "\n![pretext weights](pretext_weights.png)\n"
+    markdown += "\n![accuracy vs labels](accuracy_vs_labels.png)\n"
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, stats.to_csv(index=False))
@@ -65,7 +160,7 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     for column in table.columns:
         view.add_column(f"{column} labels", justify="right")
     for method, row in table.iterrows():
-        view.add_row(method, *row.tolist())
+        view.add_row(method, *[str(v).replace("**", "") for v in row.tolist()])
     Console().print(view)
 
 
@@ -75,4 +170,4 @@ def main(argv: list[str]) -> None:
     folder = Path(argv[0])
     table, md_path, csv_path = write_report(folder)
     print_table(table, f"test accuracy (%) under {folder}")
-    print(f"wrote {md_path} and {csv_path}")
+    print(f"wrote {md_path}, {csv_path} and the plots beside them")

@@ -34,10 +34,10 @@ def test_each_option_has_a_yaml_and_each_yaml_an_option(group):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("preset", [None, "smoke"])
+@pytest.mark.parametrize("preset", [None, "smoke", "full"])
 def test_stage_configs_compose(stage, preset):
     cfg = compose_stage(stage, [f"preset={preset}"] if preset else [])
-    assert cfg.dataset.name == ("synthetic" if preset else "fashion_mnist")
+    assert cfg.dataset.name == ("synthetic" if preset == "smoke" else "fashion_mnist")
     assert cfg.artifacts_dir == "outputs/artifacts"
 
 
@@ -67,3 +67,13 @@ def test_option_schema_rejects_wrong_type_with_the_key():
         PRETEXTS.typed_config({"name": "simclr", "temperature": "warm"})
     with pytest.raises(UserError, match="unknown fusion 'attn'.*attention"):
         load_option(FUSIONS, "attn")
+
+
+def test_train_overrides_change_the_recipe():
+    from ssl_fusion.artifacts import pretext_recipe
+    from ssl_fusion.config import TrainOverrides
+
+    base = pretext_recipe("simclr", TrainOverrides())
+    assert pretext_recipe("simclr", TrainOverrides(epochs_scale=4.0)).epochs == 4 * base.epochs
+    assert pretext_recipe("simclr", TrainOverrides(epochs=1, epochs_scale=4.0)).epochs == 1
+    assert pretext_recipe("simclr", TrainOverrides(batch_size=32)).batch_size == 32

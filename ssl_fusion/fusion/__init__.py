@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 from omegaconf import MISSING
@@ -18,10 +18,13 @@ class FusionConfig:
     """How every head is trained (see ``ssl_fusion.headtrain``); heads add their own fields."""
 
     name: str = MISSING
-    steps: int = 400
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
+    steps: int = 200  # the most steps; the best length is chosen on validation
+    eval_every: int = 20
+    batch_size: int = 512
+    lr: float = 3e-3
+    l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    val_fraction: float = 0.2
+    restarts: int = 2
     feature_dropout: float = 0.2
 
 

@@ -36,6 +36,7 @@ class Pretext(nn.Module):
 
     trains: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False  # True only for reference points such as ``supervised``
+    ignores_images: ClassVar[bool] = False  # True for ``noise``: its cached features are random vectors
 
     def __init__(self, cfg: PretextConfig, encoder: Encoder) -> None:
         super().__init__()

@@ -30,8 +30,11 @@ def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> st
     return name
 
 
-def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch, progress) -> None:
-    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch."""
+def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch, progress, image_free: bool) -> None:
+    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch.
+
+    With ``image_free`` (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
+    """
     images, labels = ctx.data.split(split)
     out = np.lib.format.open_memmap(scratch / f"{split}.npy", mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
     task = progress.add_task(f"cache {split}", total=len(images), status="")
@@ -40,7 +43,11 @@ def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch
         out[start : start + len(features)] = features.numpy().astype(np.float16)
         progress.advance(task, len(features))
 
-    encode_batches(encoder, images, batch_size, ctx.device, ctx.dtype, store_batch)
+    if image_free:
+        generator = torch.Generator().manual_seed(ctx.seed * 2 + (split == "test"))
+        store_batch(0, torch.randn(len(images), encoder.out_dim, generator=generator))
+    else:
+        encode_batches(encoder, images, batch_size, ctx.device, ctx.dtype, store_batch)
     out.flush()
     del out
     np.save(scratch / f"{split}_labels.npy", labels.numpy())
@@ -55,10 +62,12 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
             log.info("reused cached features %s (no encoder run)", name)
             return name, manifest, True
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
+        encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
+        image_free = PRETEXTS.get(encoder_config["pretext"]["name"]).impl.ignores_images
         started = time.perf_counter()
         with ctx.store.staging(FEATURES_KIND, name) as scratch, image_progress() as progress:
             for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress)
+                write_split(ctx, encoder, split, batch_size, scratch, progress, image_free)
             seconds = time.perf_counter() - started
             n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
             manifest = ctx.store.publish(
@@ -66,7 +75,8 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
                 name,
                 scratch,
                 {
-                    "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16"},
+                    "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16",
+                               "uses_labels": encoder_config["uses_labels"]},
                     "data": ctx.fingerprints,
                     "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
                     "timings": {"seconds": seconds, "images_per_second": n_images / seconds},

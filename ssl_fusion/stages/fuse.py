@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from ssl_fusion.config import LabelsConfig, check_names
 from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
-from ssl_fusion.headtrain import fit_head, predict, standardize
+from ssl_fusion.fusion.select import SelectConfig, criterion_scores
+from ssl_fusion.headtrain import Selection, predict_proba, score, select_hyperparameters, standardize, train_selected
 from ssl_fusion.labels import regime_name, stratified_subset
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
@@ -34,8 +36,14 @@ def fused_pretexts(fusion: FusionConfig, pretexts: list[str]) -> list[str]:
     return check_names("fusion.pretext", [fusion.pretext], PRETEXTS)
 
 
-def method_label(fusion: FusionConfig, pretexts: list[str]) -> str:
-    return f"{fusion.name}({'+'.join(pretexts)})"
+def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
+    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``; a pretext trained with all labels is
+    marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
+    names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
+    method = fusion.name
+    if fusion.name == "select":
+        method += "[oracle: uses test]" if fusion.by == "oracle" else f"[by={fusion.by}]"
+    return f"{method}({'+'.join(names)})"
 
 
 def cached_features(ctx: StageContext, pretexts: list[str], cache_command: str) -> dict[str, FeatureSet]:
@@ -50,35 +58,98 @@ def cached_features(ctx: StageContext, pretexts: list[str], cache_command: str) 
     return features
 
 
+def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean over classes of F1 (a class absent from both predictions and labels counts as 1)."""
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+    true_positive = confusion.diag().float()
+    denominator = confusion.sum(0).float() + confusion.sum(1).float()
+    f1 = torch.where(denominator > 0, 2 * true_positive / denominator.clamp_min(1), torch.ones(num_classes))
+    return float(f1.mean())
+
+
+def weights_by_class(weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int) -> dict[str, dict[str, float]]:
+    """Mean pretext weight over the test samples of each true class."""
+    return {
+        str(c): dict(zip(pretexts, weights[labels == c].mean(0).tolist())) for c in range(num_classes) if (labels == c).any()
+    }
+
+
+def fit_and_predict(
+    fusion: FusionConfig, train: list[torch.Tensor], labels: torch.Tensor, test: list[torch.Tensor], num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None, Selection, list[float]]:
+    """Select and refit ``fusion``'s head on the labeled features; test-set probabilities and weights."""
+    head_cls = FUSIONS.get(fusion.name).impl
+    dims = [f.shape[1] for f in train]
+    heads, selection, losses = train_selected(lambda: head_cls(fusion, dims, num_classes), train, labels, fusion, seed)
+    probs, weights = predict_proba(heads, test)
+    return probs, weights, selection, losses
+
+
+def choose_pretext(
+    fusion: SelectConfig, names: list[str], train: list[torch.Tensor], labels: torch.Tensor,
+    test: list[torch.Tensor], test_labels: torch.Tensor, num_classes: int, seed: int,
+) -> tuple[int, dict[str, float]]:
+    """Pretext matching: the position of the pretext that ``fusion.by`` prefers, and every pretext's score."""
+    position = {name: i for i, name in enumerate(names)}
+
+    def val_accuracy(name: str) -> float:
+        head_cls = FUSIONS.get(fusion.name).impl
+        feats = [train[position[name]]]
+        return select_hyperparameters(lambda: head_cls(fusion, [feats[0].shape[1]], num_classes), feats, labels, fusion, seed).val_accuracy
+
+    def test_accuracy(name: str) -> float:
+        i = position[name]
+        probs, _, _, _ = fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed)
+        return score(probs, test_labels)[0]
+
+    scores = criterion_scores(fusion, dict(zip(names, train)), labels, seed, val_accuracy, test_accuracy)
+    return position[max(scores, key=scores.get)], scores
+
+
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
-    """One fusion experiment: pick the labeled subset, fit the head, score it on the whole test split."""
+    """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split."""
     sets = list(features.values())
+    pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
     labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
     train, test = standardize([s.train for s in sets], [s.test for s in sets])
-    torch.manual_seed(seed)
+    train = [f[labeled] for f in train]
     num_classes = int(train_labels.max()) + 1
-    head = FUSIONS.get(fusion.name).impl(fusion, [s.train.shape[1] for s in sets], num_classes)
     started = time.perf_counter()
-    losses = fit_head(head, [f[labeled] for f in train], train_labels[labeled], fusion, seed)
-    predictions, weights = predict(head, test)
+    extra: dict[str, Any] = {}
+    if fusion.name == "select":
+        chosen, scores = choose_pretext(fusion, pretexts, train, train_labels[labeled], test, test_labels, num_classes, seed)
+        extra = {"chosen_pretext": pretexts[chosen], "selection_scores": scores}
+        train, test = [train[chosen]], [test[chosen]]
+    probs, weights, selection, losses = fit_and_predict(fusion, train, train_labels[labeled], test, num_classes, seed)
+    accuracy, nll = score(probs, test_labels)
     result = {
-        "method": method_label(fusion, list(features)),
+        "method": method_label(fusion, features),
+        "uses_all_labels": any(s.uses_labels for s in sets),
+        "peeks_at_test": fusion.name == "select" and fusion.by == "oracle",
         "fusion": fusion.name,
-        "pretexts": list(features),
+        "pretexts": pretexts,
         "regime": regime_name(labels_cfg.fraction, labels_cfg.per_class),
         "labels_fraction": labels_cfg.fraction if labels_cfg.per_class is None else None,
         "labels_per_class": labels_cfg.per_class,
         "n_labeled": len(labeled),
+        "labeled_indices_sha256": hashlib.sha256(labeled.numpy().tobytes()).hexdigest()[:16],
         "seed": seed,
-        "test_accuracy": float((predictions == test_labels).float().mean()),
+        "test_accuracy": accuracy,
+        "test_macro_f1": macro_f1(probs.argmax(1), test_labels, num_classes),
+        "test_nll": nll,
+        "selected_l2": selection.l2,
+        "selected_steps": selection.steps,
+        "val_accuracy": selection.val_accuracy,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "fit_seconds": time.perf_counter() - started,
         "fusion_config": as_plain(fusion),
+        **extra,
     }
     if weights is not None:
-        result["mean_pretext_weights"] = dict(zip(features, weights.mean(0).tolist()))
+        result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
+        result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
     return result
 
 

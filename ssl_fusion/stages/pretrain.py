@@ -36,10 +36,6 @@ def probe_encoder(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> di
     }
 
 
-def pretext_cls_uses_labels(recipe: PretextConfig) -> bool:
-    return PRETEXTS.get(recipe.name).impl.uses_labels
-
-
 def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[Encoder, TrainResult]:
     pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
     pretext_cls.check(recipe, ctx.data)
@@ -71,8 +67,11 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
         log.info("pretraining encoder %s", name)
         started = time.perf_counter()
         encoder, result = train_encoder(ctx, recipe, name)
-        probes = probe_encoder(ctx, encoder, probe)
-        log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
+        if PRETEXTS.get(recipe.name).impl.ignores_images:
+            probes = {"knn_accuracy": None, "linear_accuracy": None}
+        else:
+            probes = probe_encoder(ctx, encoder, probe)
+            log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
         with ctx.store.staging(ENCODERS_KIND, name) as scratch:
             torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
             manifest = ctx.store.publish(
@@ -81,11 +80,12 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
                 scratch,
                 {
                     "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
-                               "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch},
+                               "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
+                               "uses_labels": PRETEXTS.get(recipe.name).impl.uses_labels},
                     "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
                              "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
                     "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
-                                **probes, "probe": as_plain(probe), "uses_labels": pretext_cls_uses_labels(recipe)},
+                                **probes, "probe": as_plain(probe)},
                     "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
                                 "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
                     "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
@@ -96,12 +96,17 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
     return name, manifest, False
 
 
+def probe_summary(metrics: dict) -> str:
+    if metrics["knn_accuracy"] is None:
+        return "no probe (image-free control)"
+    return f"kNN probe {metrics['knn_accuracy']:.4f}, linear probe {metrics['linear_accuracy']:.4f}"
+
+
 @stage_app("pretrain")
 def main(cfg: DictConfig) -> None:
     ctx = open_context(cfg, cfg.seed)
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
     name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
     metrics = manifest["metrics"]
-    print(f"encoder {name} ({'reused' if reused else 'trained'}): kNN probe {metrics['knn_accuracy']:.4f}, "
-          f"linear probe {metrics['linear_accuracy']:.4f}, final loss {metrics['final_loss']}; "
-          f"stored in {ctx.store.folder(ENCODERS_KIND, name)}")
+    print(f"encoder {name} ({'reused' if reused else 'trained'}): {probe_summary(metrics)}, "
+          f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}")

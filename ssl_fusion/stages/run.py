@@ -19,7 +19,7 @@ from ssl_fusion.report import print_table, write_report
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.cache import ensure_features
 from ssl_fusion.stages.fuse import fuse_once, run_context, write_result
-from ssl_fusion.stages.pretrain import ensure_encoder
+from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 
 log = logging.getLogger("sslfuse")
 
@@ -43,9 +43,8 @@ def prepare_features(ctx: StageContext, cfg: DictConfig, pretexts: list[str]) ->
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
         names[pretext] = features_name
-        metrics = manifest["metrics"]
-        print(f"{pretext:>12}: encoder {'reused' if reused else 'trained'} (kNN probe {metrics['knn_accuracy']:.4f}, "
-              f"linear probe {metrics['linear_accuracy']:.4f}), features {'reused' if cached else 'cached'}")
+        print(f"{pretext:>17}: encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
+              f"features {'reused' if cached else 'cached'}")
     return names
 
 
@@ -60,6 +59,8 @@ def main(cfg: DictConfig) -> None:
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, 0)
+    for pretext in pretexts:
+        PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
     feature_names = prepare_features(ctx, cfg, pretexts)
     features = {p: load_features(ctx.store, name) for p, name in feature_names.items()}
     out = Path(run_dir())

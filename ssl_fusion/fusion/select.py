@@ -1,0 +1,79 @@
+"""Pretext matching: choose ONE pretext for the task, then train a linear head on it alone.
+
+``by`` is the criterion: ``val`` (validation accuracy of its head, on the labeled set),
+``logme`` (LogME evidence of its features on the labeled set, You et al. 2021), ``knn``
+(k-fold cross-validated kNN accuracy on the labeled set) or ``oracle`` (best test accuracy:
+a reference that peeks at the test set, marked as such in every table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ssl_fusion.errors import UserError
+from ssl_fusion.fusion import FUSIONS, FusionHead
+from ssl_fusion.fusion.concat import ConcatConfig, classifier
+from ssl_fusion.logme import logme_evidence
+from ssl_fusion.probe import knn_accuracy
+
+CRITERIA = ("val", "logme", "knn", "oracle")
+
+
+@dataclass
+class SelectConfig(ConcatConfig):
+    by: str = "val"
+    knn_k: int = 10
+    knn_folds: int = 5
+
+
+def check_criterion(cfg: SelectConfig) -> None:
+    if cfg.by not in CRITERIA:
+        raise UserError(f"fusion.by: '{cfg.by}' is not one of {', '.join(CRITERIA)}")
+
+
+@FUSIONS.register("select", SelectConfig)
+class SelectFusion(FusionHead):
+    """The head trained on the chosen pretext (the fuse stage hands it only that pretext's features)."""
+
+    def __init__(self, cfg: SelectConfig, feature_dims: list[int], num_classes: int) -> None:
+        super().__init__(cfg, feature_dims, num_classes)
+        check_criterion(cfg)
+        (dim,) = feature_dims
+        self.classifier = classifier(dim, cfg.hidden, num_classes)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        (only,) = features
+        return self.classifier(self.feature_dropout(only))
+
+
+def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, k: int, folds: int, seed: int) -> float:
+    """Mean accuracy of a kNN vote over ``folds`` folds of the labeled set."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    accuracies = []
+    for fold in order.chunk(folds):
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[fold] = False
+        accuracies.append(knn_accuracy(features[keep], labels[keep], features[fold], labels[fold], k=k))
+    return sum(accuracies) / len(accuracies)
+
+
+def criterion_scores(
+    cfg: SelectConfig,
+    labeled: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    seed: int,
+    val_accuracy: Callable[[str], float],
+    test_accuracy: Callable[[str], float],
+) -> dict[str, float]:
+    """Each pretext's score under ``cfg.by`` (higher is better) from its labeled features."""
+    check_criterion(cfg)
+    if cfg.by == "logme":
+        return {name: logme_evidence(f, labels) for name, f in labeled.items()}
+    if cfg.by == "knn":
+        return {name: cross_validated_knn(f, labels, cfg.knn_k, cfg.knn_folds, seed) for name, f in labeled.items()}
+    if cfg.by == "val":
+        return {name: val_accuracy(name) for name in labeled}
+    return {name: test_accuracy(name) for name in labeled}

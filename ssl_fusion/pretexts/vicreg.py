@@ -1,0 +1,88 @@
+"""VICReg (Bardes, Ponce, LeCun 2022): two views agree while each embedding dimension keeps variance and stays decorrelated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_fusion.augment import color_jitter, random_resized_crop
+from ssl_fusion.encoders import Encoder
+from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+
+
+@dataclass
+class VICRegConfig(PretextConfig):
+    sim_coeff: float = 25.0
+    std_coeff: float = 25.0
+    cov_coeff: float = 1.0
+    expander_dim: int = 1024
+    crop_scale_min: float = 0.3
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    grayscale_p: float = 0.2
+
+
+class VICRegLoss(NamedTuple):
+    total: torch.Tensor
+    invariance: torch.Tensor
+    variance: torch.Tensor
+    covariance: torch.Tensor
+
+
+def variance_term(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean hinge on each dimension's standard deviation at 1: 1 - sqrt(eps) for a collapsed batch, 0 once std >= 1."""
+    return F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
+
+
+def covariance_term(z: torch.Tensor) -> torch.Tensor:
+    """Sum of the squared off-diagonal covariances, divided by the dimension."""
+    cov = torch.cov(z.t())
+    return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float = 1e-4) -> VICRegLoss:
+    """The weighted total and the unweighted invariance, variance and covariance terms (float32).
+
+    As in the authors' code, the variance term is averaged over the two branches and the
+    covariance term summed over them; the default coefficients 25/25/1 assume that scaling.
+    Autocast is off here: under bf16 autocast ``torch.cov`` would round the covariances to bf16.
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()
+        invariance = F.mse_loss(z1, z2)
+        variance = (variance_term(z1, eps) + variance_term(z2, eps)) / 2
+        covariance = covariance_term(z1) + covariance_term(z2)
+        total = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return VICRegLoss(total, invariance, variance, covariance)
+
+
+@PRETEXTS.register("vicreg", VICRegConfig)
+class VICReg(Pretext):
+    def __init__(self, cfg: VICRegConfig, encoder: Encoder) -> None:
+        super().__init__(cfg, encoder)
+        width = cfg.expander_dim
+        self.expander = nn.Sequential(
+            nn.Linear(encoder.out_dim, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+        )
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        cropped = random_resized_crop(images, scale=(cfg.crop_scale_min, 1.0))
+        return color_jitter(cropped, cfg.brightness, cfg.contrast, cfg.saturation, cfg.grayscale_p)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([self.view(images), self.view(images)]).contiguous(memory_format=torch.channels_last)
+        z1, z2 = self.expander(self.encoder(views)).chunk(2)
+        cfg = self.cfg
+        return vicreg_loss(z1, z2, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff).total

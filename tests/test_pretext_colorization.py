@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ssl_fusion.datasets import ImageData, load_dataset
+from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.errors import UserError
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.colorization import AB_SCALE, ColorizationConfig, colorization_pairs, lab_to_rgb, rgb_to_lab
+
+from pretext_check import short_pretraining_knn
+
+
+def colour(*rgb: float) -> torch.Tensor:
+    return torch.tensor(rgb).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "rgb, lab",
+    [
+        ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+        ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
+        ((0.0, 1.0, 0.0), (87.73, -86.18, 83.18)),
+        ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
+        ((0.5, 0.5, 0.5), (53.39, 0.0, 0.0)),
+    ],
+)
+def test_rgb_to_lab_matches_reference_values(rgb, lab):
+    assert torch.allclose(rgb_to_lab(colour(*rgb)).flatten(), torch.tensor(lab), atol=0.01)
+
+
+def test_lab_to_rgb_inverts_rgb_to_lab_even_under_bf16_autocast():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16)
+    images[0] = 0.0  # the linear segments near black
+    images[1] = 1.0
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(images)), images, atol=1e-3)
+    with torch.autocast("cpu", torch.bfloat16):
+        lab = rgb_to_lab(images)
+    assert lab.dtype == torch.float32 and torch.allclose(lab, rgb_to_lab(images))
+
+
+def test_the_encoder_sees_no_colour_and_the_target_is_the_true_ab():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 12, 12)
+    lightness, ab = colorization_pairs(images)
+    assert lightness.shape == images.shape and ab.shape == (6, 2, 12, 12)
+    assert torch.equal(lightness[:, 0], lightness[:, 1]) and torch.equal(lightness[:, 0], lightness[:, 2])
+    assert torch.allclose(lightness[:, 0] * 100, rgb_to_lab(images)[:, 0])
+    assert ab.abs().max() <= 1
+    # L from the input and the target's a, b give back the original colours.
+    restored = lab_to_rgb(torch.cat([lightness[:, :1] * 100, ab * AB_SCALE], dim=1))
+    assert torch.allclose(restored, images, atol=1e-3)
+    # Gray images have no colour to predict.
+    _, gray_ab = colorization_pairs(images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1))
+    assert gray_ab.abs().max() < 1e-3
+
+
+def test_a_few_steps_lower_the_loss_under_bf16_channels_last():
+    torch.manual_seed(0)
+    _, data = load_dataset({"name": "synthetic", "channels": 3, "n_train": 64, "n_test": 8, "image_size": 16}, None)
+    images = data.train_images.float() / 255
+    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=3)
+    model = PRETEXTS.get("colorization").impl(ColorizationConfig(name="colorization"), encoder)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model.loss(images, data.train_labels)
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_check_refuses_a_grayscale_dataset():
+    check = PRETEXTS.get("colorization").impl.check
+    _, rgb = load_dataset({"name": "synthetic", "channels": 3, "n_train": 8, "n_test": 8}, None)
+    check(ColorizationConfig(name="colorization"), rgb)
+    _, gray = load_dataset({"name": "synthetic", "channels": 1, "n_train": 8, "n_test": 8}, None)
+    with pytest.raises(UserError, match=r"^pretext colorization needs RGB images \(3 channels\), but the dataset has 1 channel") as err:
+        check(ColorizationConfig(name="colorization"), gray)
+    assert "\n" not in str(err.value)
+
+
+def coloured_classes(n_train: int, n_test: int) -> ImageData:
+    """Synthetic RGB images whose class prototypes differ in colour as well as in lightness pattern."""
+    _, data = load_dataset(
+        {"name": "synthetic", "channels": 3, "num_classes": 10, "n_train": n_train, "n_test": n_test, "image_size": 16, "noise": 0.3},
+        None,
+    )
+    return data
+
+
+def test_short_pretraining_on_coloured_synthetic_data_keeps_knn(tmp_path):
+    # No RGB dataset is available offline, so this only guards against colorization destroying the features.
+    started = time.perf_counter()
+    recipe = ColorizationConfig(name="colorization", epochs=2, batch_size=64, lr=0.005)
+    trained, untrained, losses = short_pretraining_knn(recipe, coloured_classes(2000, 500), tmp_path)
+    # Measured: MEASURED
+    assert losses[-1] < losses[0]
+    assert trained >= untrained - 0.02, (trained, untrained)
+    assert time.perf_counter() - started < 60
