@@ -32,8 +32,9 @@ MODES = ("softmax", "l1")
 
 @FUSIONS.register("static", StaticConfig)
 class StaticFusion(FusionHead):
-    """The weights are ``weight_lr_scale * raw``: Adam moves each scalar by about ``lr`` a step, far too
-    little in a few hundred steps, so the scale makes them learn that many times faster."""
+    """The weights come from ``weight_lr_scale * raw`` (softmax logits, or the weights clipped at 0). Adam
+    moves each scalar by about ``lr`` a step, far too little in a few hundred steps; the scale makes them
+    learn that many times faster."""
 
     def __init__(self, cfg: StaticConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)

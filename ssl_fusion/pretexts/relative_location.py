@@ -3,11 +3,18 @@
 Each image is cut into a 3x3 grid of cells with one patch per cell, kept ``gap`` to ``gap + 2 * jitter``
 pixels apart from its neighbours by a fixed gap and a random per-patch jitter, so that the task cannot be
 solved by continuing lines across a patch border.
+
+The encoder is trained on patches but later encodes whole images; BatchNorm statistics of patches do not
+fit whole images (on Fashion-MNIST, kNN accuracy falls below the untrained encoder's with them, and rises
+above it when they are re-estimated on whole images). So with ``whole_image_statistics`` the patch
+forward leaves the running statistics alone, and a gradient-free forward of the whole images updates them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +36,7 @@ class RelativeLocationConfig(PretextConfig):
     jitter: int = 1
     all_neighbours: bool = True
     flip: bool = True
+    whole_image_statistics: bool = True
     head_hidden: int = 256
 
 
@@ -75,6 +83,20 @@ def relative_location_pseudo_labels(
     return patches[:, CENTRE], neighbours, labels
 
 
+@contextlib.contextmanager
+def frozen_running_statistics(module: nn.Module) -> Iterator[None]:
+    """Batch statistics still normalise in training mode, but the running ones are not updated (momentum 0)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
 @PRETEXTS.register("relative_location", RelativeLocationConfig)
 class RelativeLocation(Pretext):
     def __init__(self, cfg: RelativeLocationConfig, encoder: Encoder) -> None:
@@ -103,7 +125,13 @@ class RelativeLocation(Pretext):
         centres, neighbours, positions = relative_location_pseudo_labels(images, self.cfg.gap, self.cfg.jitter, self.cfg.all_neighbours)
         batch, count = positions.shape
         patches = torch.cat([centres, neighbours.flatten(0, 1)]).contiguous(memory_format=torch.channels_last)
-        features = self.encoder(patches)
+        if self.cfg.whole_image_statistics:
+            with torch.no_grad():
+                self.encoder(images.contiguous(memory_format=torch.channels_last))
+            with frozen_running_statistics(self.encoder):
+                features = self.encoder(patches)
+        else:
+            features = self.encoder(patches)
         centre_features = features[:batch].unsqueeze(1).expand(-1, count, -1)
         pairs = torch.cat([centre_features, features[batch:].view(batch, count, -1)], dim=2).flatten(0, 1)
         return F.cross_entropy(self.head(pairs).float(), positions.flatten())

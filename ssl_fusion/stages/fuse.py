@@ -36,6 +36,11 @@ def fused_pretexts(fusion: FusionConfig, pretexts: list[str]) -> list[str]:
     return check_names("fusion.pretext", [fusion.pretext], PRETEXTS)
 
 
+def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
+    """Build the head once on dummy sizes so a bad head option is refused before any work."""
+    FUSIONS.get(fusion.name).impl(fusion, [8] * (1 if fusion.name in ("single", "select") else n_pretexts), 2)
+
+
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
     """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``; a pretext trained with all labels is
     marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
@@ -177,6 +182,7 @@ def main(cfg: DictConfig) -> None:
     fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     used = fused_pretexts(fusion, pretexts)
+    check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
     result = fuse_once(cached_features(ctx, used, cache_command(used)), fusion, labels_cfg, cfg.seed)

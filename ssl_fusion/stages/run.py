@@ -18,7 +18,7 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report import print_table, write_report
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.cache import ensure_features
-from ssl_fusion.stages.fuse import fuse_once, run_context, write_result
+from ssl_fusion.stages.fuse import check_head, fuse_once, run_context, write_result
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 
 log = logging.getLogger("sslfuse")
@@ -53,6 +53,8 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
     heads = planned_heads(check_names("fusions", list(cfg.fusions), FUSIONS), pretexts)
+    for fusion, used in heads:
+        check_head(fusion, len(used))
     if not cfg.seeds:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
     check_positive("cache.batch_size", cfg.cache.batch_size)

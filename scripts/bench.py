@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Benchmark each stage against a bare PyTorch reference measured in the same run on the same model,
+batch and precision. Prints one table and writes it as JSON (rows: stage, ours, reference, ratio,
+target, meets).
+
+    .venv/bin/python scripts/bench.py                  # Fashion-MNIST, the default recipes
+    .venv/bin/python scripts/bench.py --preset smoke   # seconds: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ssl_fusion.artifacts import ENCODERS_KIND, load_features, pretext_recipe
+from ssl_fusion.config import LabelsConfig, ProbeConfig, TrainOverrides, load_option
+from ssl_fusion.context import StageContext
+from ssl_fusion.datasets import load_dataset
+from ssl_fusion.device import autocast, prepare_model, resolve_device, resolve_precision
+from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.stages.cache import ensure_features
+from ssl_fusion.stages.fuse import fuse_once
+from ssl_fusion.stages.pretrain import ensure_encoder
+from ssl_fusion.store import ArtifactStore
+from ssl_fusion.trainer import train_pretext
+
+PRESETS = {
+    "default": {"dataset": {"name": "fashion_mnist"}, "pretrain_steps": 60, "fuse_reference_steps": 20, "sweep_seeds": "0,1,2"},
+    "smoke": {"dataset": {"name": "synthetic", "n_train": 1024, "n_test": 512}, "pretrain_steps": 4, "fuse_reference_steps": 2, "sweep_seeds": "0"},
+}
+
+
+def row(stage: str, ours: float, reference: float, unit: str, target: float, higher_is_better: bool = True) -> dict:
+    ratio = ours / reference if higher_is_better else reference / ours
+    return {"stage": stage, "ours": round(ours, 2), "reference": round(reference, 2), "unit": unit,
+            "ratio": round(ratio, 3), "target": target, "meets": bool(ratio >= target)}
+
+
+def bare_inference(encoder, images: torch.Tensor, batch_size: int, device, dtype) -> float:
+    """images/s of model(x) over float tensors already in memory (the cache stage's ceiling)."""
+    batches = [(images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
+               for i in range(0, len(images), batch_size)]
+    encoder.eval()
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast(device, dtype):
+        for batch in batches:
+            encoder(batch)
+    return len(images) / (time.perf_counter() - started)
+
+
+def bench_cache(ctx: StageContext, encoder_name: str, batch_size: int, workdir: Path) -> dict:
+    """The cache stage computing features afresh (in a scratch store) vs. model(x) over tensors in memory."""
+    scratch = ArtifactStore(workdir / "store")
+    shutil.copytree(ctx.store.folder(ENCODERS_KIND, encoder_name), scratch.folder(ENCODERS_KIND, encoder_name))
+    encoder = prepare_model(build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels), ctx.device)
+    images = torch.cat([ctx.data.train_images, ctx.data.test_images])
+    reference = bare_inference(encoder, images, batch_size, ctx.device, ctx.dtype)
+    _, manifest, _ = ensure_features(dataclasses.replace(ctx, store=scratch), encoder_name, batch_size)
+    return row("cache", manifest["timings"]["images_per_second"], reference, "img/s", 0.9)
+
+
+def bare_training(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, lr: float, device, dtype) -> float:
+    """images/s of forward + backward + step over the pretext's loss on tensors in memory."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        index = slice(step * batch_size, (step + 1) * batch_size)
+        with autocast(device, dtype):
+            loss = model.loss(images[index].to(device).float().div_(255), labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def bench_pretrain(ctx: StageContext, pretext: str, steps: int, workdir: Path) -> dict:
+    recipe = pretext_recipe(pretext, TrainOverrides(epochs=1))
+    pretext_cls = PRETEXTS.get(pretext).impl
+    images, labels = ctx.data.train_images, ctx.data.train_labels
+    batch = min(recipe.batch_size, len(images))
+    steps = min(steps, len(images) // batch)
+    torch.manual_seed(0)
+    reference_model = prepare_model(pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device)
+    bare_training(reference_model, images, labels, batch, 2, recipe.lr, ctx.device, ctx.dtype)  # warm-up
+    reference = bare_training(reference_model, images, labels, batch, steps, recipe.lr, ctx.device, ctx.dtype)
+    torch.manual_seed(0)
+    model = prepare_model(pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device)
+    result = train_pretext(model, images, labels, recipe, ctx.device, ctx.dtype, 0, workdir / f"{pretext}.pt", max_steps_per_epoch=steps)
+    return row(f"pretrain {pretext}", result.images_per_second, reference, "img/s", 0.9)
+
+
+def bench_fuse(ctx: StageContext, feature_names: dict[str, str], reference_steps: int) -> dict:
+    """Seconds of one attention fuse on cached features vs. the same training with features recomputed
+    by the frozen encoders at every step (timed for ``reference_steps`` steps, scaled to the same count)."""
+    features = {p: load_features(ctx.store, n) for p, n in feature_names.items()}
+    fusion = load_option(FUSIONS, "attention")
+    started = time.perf_counter()
+    result = fuse_once(features, fusion, LabelsConfig(fraction=0.01), seed=0)
+    ours = time.perf_counter() - started
+    n_steps = fusion.steps * len(fusion.l2_grid) + result["selected_steps"] * fusion.restarts
+    encoders = [prepare_model(build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels), ctx.device) for _ in feature_names]
+    batch = ctx.data.train_images[: min(result["n_labeled"], fusion.batch_size)]
+    started = time.perf_counter()
+    for _ in range(reference_steps):
+        x = (batch.float() / 255).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(ctx.device, ctx.dtype):
+            [encoder(x) for encoder in encoders]
+    per_step = (time.perf_counter() - started) / reference_steps
+    test_pass = len(ctx.data.test_images) * len(encoders) / 8000  # one test-set encoding at about 8k img/s
+    reference = per_step * n_steps + test_pass
+    return row("fuse attention", ours, reference, "s", 50.0, higher_is_better=False)
+
+
+def bench_sweep(workdir: Path, artifacts: Path, dataset_overrides: list[str], seeds: str) -> dict:
+    """Wall time of a 48-run fuse multirun (4 methods × 2 regimes × 3 seeds × 2 pretext sets) on cached features."""
+    command = [sys.executable, "-m", "ssl_fusion.cli", "fuse", "-m", f"artifacts_dir={artifacts}", *dataset_overrides,
+               "fusion=attention,concat,mean,select", "labels.fraction=0.01,0.1", f"seed={seeds}",
+               "pretexts=[rotation,simclr],[rotation,simclr,random]", f"hydra.sweep.dir={workdir / 'sweep'}"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0 or "pretraining encoder" in proc.stdout + proc.stderr:
+        raise SystemExit(f"sweep failed or ran an encoder:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    runs = len(list((workdir / "sweep").rglob("results.json")))
+    return {"stage": f"sweep ({runs} runs)", "ours": round(seconds, 1), "reference": 180.0, "unit": "s (limit)",
+            "ratio": round(180.0 / seconds, 3), "target": 1.0, "meets": bool(seconds <= 180.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--artifacts-dir", default="outputs/artifacts", help="the store holding (or receiving) the encoders and caches")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    device = resolve_device("auto")
+    dtype = resolve_precision("auto", device)
+    dataset_cfg, data = load_dataset(preset["dataset"], None)
+    store = ArtifactStore(args.artifacts_dir)
+    ctx = StageContext(dataset_cfg, data, SmallCNNConfig(name="small_cnn"), device, dtype, store, TrainOverrides(), 0)
+    workdir = Path(tempfile.mkdtemp(prefix="sslfuse-bench-"))
+    rows = [bench_pretrain(ctx, p, preset["pretrain_steps"], workdir) for p in ("rotation", "simclr")]
+    feature_names = {}
+    for pretext in ("rotation", "simclr", "random"):
+        encoder_name, _, _ = ensure_encoder(ctx, pretext_recipe(pretext, TrainOverrides(epochs=1)), ProbeConfig(max_train=2000, max_test=500))
+        if pretext == "random":
+            rows.insert(0, bench_cache(ctx, encoder_name, 1024, workdir))
+        feature_names[pretext] = ensure_features(ctx, encoder_name, 1024)[0]
+    rows.append(bench_fuse(ctx, feature_names, preset["fuse_reference_steps"]))
+    dataset_overrides = [f"dataset={dataset_cfg.name}", "train.epochs=1"] + (["dataset.n_train=1024", "dataset.n_test=512"] if args.preset == "smoke" else [])
+    rows.append(bench_sweep(workdir, store.root.resolve(), dataset_overrides, preset["sweep_seeds"]))
+    table = Table(title=f"sslfuse benchmark ({args.preset}; device {device}, precision {str(dtype).removeprefix('torch.')})")
+    for column in ("stage", "ours", "reference", "unit", "ratio", "target", "meets"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("stage", "ours", "reference", "unit", "ratio", "target", "meets")))
+    Console().print(table)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_fusion.datasets import ImageData
+from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.errors import UserError
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.jigsaw import JigsawConfig, jigsaw_pseudo_labels, maximin_permutations, shuffle_tiles
+
+from conftest import needs_fashion_mnist
+from pretext_check import fashion_mnist_subset, short_pretraining_knn
+
+
+def image_data(channels: int, height: int, width: int) -> ImageData:
+    images = torch.zeros(4, channels, height, width, dtype=torch.uint8)
+    labels = torch.zeros(4, dtype=torch.long)
+    return ImageData(images, labels, images, labels, ["a"])
+
+
+def min_hamming(permutations: torch.Tensor) -> int:
+    distances = (permutations.unsqueeze(0) != permutations.unsqueeze(1)).sum(dim=2)
+    return int(distances.masked_fill(torch.eye(len(permutations), dtype=torch.bool), permutations.shape[1]).min())
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_inverse_of_the_labeled_permutation_restores_the_image(shape):
+    torch.manual_seed(0)
+    grid = 4
+    images = torch.rand(8, *shape)
+    permutations = maximin_permutations(grid**2, 64, seed=0)
+    shuffled, labels = jigsaw_pseudo_labels(images, permutations, grid)
+    assert shuffled.shape == images.shape and labels.min() >= 0 and labels.max() < 64
+    inverse = permutations[labels].argsort(dim=1)
+    assert torch.equal(shuffle_tiles(shuffled, inverse, grid), images)
+    # Tile by tile, without shuffle_tiles: position i of the shuffled image holds tile permutation[i] of the original.
+    tile = shape[1] // grid
+    for image, label, original in zip(shuffled, labels, images):
+        for position, source in enumerate(permutations[label].tolist()):
+            (row, col), (src_row, src_col) = divmod(position, grid), divmod(source, grid)
+            got = image[:, row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+            assert torch.equal(got, original[:, src_row * tile : (src_row + 1) * tile, src_col * tile : (src_col + 1) * tile])
+        assert torch.equal(image, original) == (label == 0)
+
+
+def test_permutation_set_is_distinct_deterministic_and_far_apart():
+    chosen = maximin_permutations(16, 64, seed=0)
+    assert chosen.shape == (64, 16)
+    assert torch.equal(chosen.sort(dim=1).values, torch.arange(16).expand(64, -1))
+    assert len(chosen.unique(dim=0)) == 64
+    assert torch.equal(chosen[0], torch.arange(16))  # label 0 is the unshuffled image
+    assert torch.equal(chosen, maximin_permutations(16, 64, seed=0))
+    assert not torch.equal(chosen, maximin_permutations(16, 64, seed=1))
+    # Measured: the selected set's minimum Hamming distance is 13 of 16, random sets of 64 reach 9-10.
+    random_sets = [torch.rand(64, 16, generator=torch.Generator().manual_seed(s)).argsort(dim=1) for s in range(5)]
+    assert min_hamming(chosen) > max(min_hamming(r) for r in random_sets)
+    # With few tiles every permutation is a candidate, so asking for all of them gets all of them.
+    assert len(maximin_permutations(4, 24, seed=0).unique(dim=0)) == 24
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_loss_runs_on_28_and_32_px_images_under_bf16_and_channels_last(shape):
+    torch.manual_seed(0)
+    cfg = JigsawConfig(name="jigsaw")
+    PRETEXTS.get("jigsaw").impl.check(cfg, image_data(*shape))
+    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=shape[0])
+    model = PRETEXTS.get("jigsaw").impl(cfg, encoder).to(memory_format=torch.channels_last)
+    images = torch.rand(6, *shape).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(images, torch.zeros(6, dtype=torch.long))
+    assert loss.dtype == torch.float32 and loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert encoder.backbone[0][0].weight.grad.abs().sum() > 0
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(4, 1, 16, 16, generator=generator)
+    images = (prototypes[torch.arange(64) % 4] + 0.1 * torch.rand(64, 1, 16, 16, generator=generator)).clamp(0, 1)
+    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=1)
+    model = PRETEXTS.get("jigsaw").impl(JigsawConfig(name="jigsaw", num_permutations=16), encoder)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model.loss(images, torch.zeros(64, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+
+
+def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation_counts():
+    check = PRETEXTS.get("jigsaw").impl.check
+    with pytest.raises(UserError, match=r"pretext\.grid=4 must divide the image size 30x30; allowed: 2, 3, 5, 6, 10, 15, 30"):
+        check(JigsawConfig(name="jigsaw", grid=4), image_data(1, 30, 30))
+    with pytest.raises(UserError, match=r"pretext\.grid=1 must divide"):
+        check(JigsawConfig(name="jigsaw", grid=1), image_data(1, 28, 28))
+    with pytest.raises(UserError, match=r"pretext\.num_permutations=1 must be between 2 and 24 .*pretext\.grid=2"):
+        check(JigsawConfig(name="jigsaw", grid=2, num_permutations=1), image_data(1, 28, 28))
+    with pytest.raises(UserError, match=r"pretext\.num_permutations=25 must be between 2 and 24"):
+        check(JigsawConfig(name="jigsaw", grid=2, num_permutations=25), image_data(1, 28, 28))
+    check(JigsawConfig(name="jigsaw", grid=2, num_permutations=24), image_data(1, 28, 28))
+    check(JigsawConfig(name="jigsaw"), image_data(3, 32, 32))
+
+
+@needs_fashion_mnist
+def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
+    # Measured: 0.754 vs 0.744 untrained with this recipe.
+    recipe = JigsawConfig(name="jigsaw", epochs=6, batch_size=64, lr=0.005)
+    trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
+    assert losses[-1] < losses[0]
+    assert trained > untrained + 0.005, (trained, untrained)
