@@ -98,7 +98,7 @@ class RunStage(UsesEncoders):
     """pretrain what is missing -> cache what is missing -> fuse each method and seed -> table."""
 
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
-    fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "single"])
+    fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

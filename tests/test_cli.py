@@ -29,11 +29,14 @@ def test_smoke_run_writes_results_and_table(smoke_workspace):
     assert methods == {
         "attention(rotation+simclr+random)",
         "concat(rotation+simclr+random)",
+        "select[by=val](rotation+simclr+random)",
         "single(rotation)",
         "single(simclr)",
         "single(random)",
     }
-    assert len(results) == 5 * 3  # three seeds each
+    assert len(results) == 6 * 3  # three seeds each
+    (chosen,) = {r["chosen_pretext"] for r in results if r["fusion"] == "select" and r["seed"] == 0}
+    assert chosen in {"rotation", "simclr", "random"}
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in results)
     attention = [r for r in results if r["fusion"] == "attention"]
     assert all(abs(sum(r["mean_pretext_weights"].values()) - 1) < 1e-5 for r in attention)

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -101,10 +99,8 @@ def coloured_classes(n_train: int, n_test: int) -> ImageData:
 
 def test_short_pretraining_on_coloured_synthetic_data_keeps_knn(tmp_path):
     # No RGB dataset is available offline, so this only guards against colorization destroying the features.
-    started = time.perf_counter()
     recipe = ColorizationConfig(name="colorization", epochs=2, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, coloured_classes(2000, 500), tmp_path)
     # Measured: MEASURED
     assert losses[-1] < losses[0]
     assert trained >= untrained - 0.02, (trained, untrained)
-    assert time.perf_counter() - started < 60

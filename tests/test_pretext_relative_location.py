@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -102,6 +104,23 @@ def test_a_few_steps_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+
+
+def test_batchnorm_running_statistics_are_those_of_whole_images():
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 28, 28)
+    for whole_image_statistics in (True, False):
+        encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=1)
+        reference = copy.deepcopy(encoder)
+        cfg = RelativeLocationConfig(name="relative_location", flip=False, whole_image_statistics=whole_image_statistics)
+        PRETEXTS.get("relative_location").impl(cfg, encoder).loss(images, torch.zeros(16, dtype=torch.long))
+        with torch.no_grad():
+            reference(images)
+        norms = [(m, r) for m, r in zip(encoder.modules(), reference.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(norms) == 4
+        same = all(torch.allclose(m.running_mean, r.running_mean) and torch.allclose(m.running_var, r.running_var) for m, r in norms)
+        assert same == whole_image_statistics
+        assert all(m.momentum == 0.1 for m, _ in norms)
 
 
 def test_check_refuses_images_too_small_for_a_3x3_grid_of_7px_patches():

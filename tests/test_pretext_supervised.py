@@ -74,7 +74,8 @@ def test_a_few_steps_lower_the_loss_on_the_given_labels_only():
 
 @needs_fashion_mnist
 def test_short_training_beats_the_untrained_encoder_on_knn_by_a_wide_margin(tmp_path):
+    # Measured: 0.806 vs 0.744 untrained (rotation's short run gains 0.029).
     recipe = SupervisedConfig(name="supervised", epochs=2, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
     assert losses[-1] < losses[0]
-    assert trained > untrained + 0.04, (trained, untrained)
+    assert trained > untrained + 0.03, (trained, untrained)

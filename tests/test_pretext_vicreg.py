@@ -44,7 +44,7 @@ def test_decorrelated_unit_variance_embeddings_have_no_variance_or_covariance_co
     gaussian = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
     correlated = torch.cat([gaussian[:, :4], gaussian[:, :4]], dim=1)
     assert vicreg_loss(gaussian, gaussian, 25.0, 25.0, 1.0).covariance < 0.01
-    # Each of the 4 duplicated pairs has covariance ~1, twice in the matrix, in both branches: ~ 2 * 8 / 8.
+    # Per branch, 8 off-diagonal covariances of ~1 (4 duplicated pairs, both triangles) over 8 dims; two branches: ~2.
     assert vicreg_loss(correlated, correlated, 25.0, 25.0, 1.0).covariance > 1.5
 
 
@@ -94,7 +94,8 @@ def test_a_few_steps_lower_the_loss():
 
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    recipe = VICRegConfig(name="vicreg", epochs=2, batch_size=128, lr=0.002)
+    # Measured: 0.766 vs 0.744 untrained. Higher learning rates (or a 2048-wide expander) lower kNN in runs this short.
+    recipe = VICRegConfig(name="vicreg", epochs=2, batch_size=64, lr=0.001)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
     assert losses[-1] < losses[0]
     assert trained > untrained + 0.01, (trained, untrained)

@@ -44,6 +44,11 @@ class Pretext(nn.Module):
         self.encoder = encoder
 
     @classmethod
+    def adapt(cls, cfg: PretextConfig, data: ImageData) -> PretextConfig:
+        """Fill config values that come from the dataset (e.g. the number of classes). Default: none."""
+        return cfg
+
+    @classmethod
     def check(cls, cfg: PretextConfig, data: ImageData) -> None:
         """Refuse, with a UserError, a dataset this pretext cannot run on. Default: any."""
 

@@ -17,8 +17,8 @@ from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 
 @dataclass
 class DenoisingConfig(PretextConfig):
-    noise: str = "masking"
-    level: float = 0.5
+    noise: str = "gaussian"
+    level: float = 0.2
     decoder_widths: List[int] = field(default_factory=lambda: [128, 64, 32, 16])
 
 

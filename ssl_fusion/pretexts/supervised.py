@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 
 @dataclass
 class SupervisedConfig(PretextConfig):
-    num_classes: int = 10
+    num_classes: Optional[int] = None  # null: the dataset's number of classes
     max_shift: float = 0.1
 
 
@@ -30,8 +33,12 @@ class Supervised(Pretext):
         self.head = nn.Linear(encoder.out_dim, cfg.num_classes)
 
     @classmethod
+    def adapt(cls, cfg: SupervisedConfig, data: ImageData) -> SupervisedConfig:
+        return cfg if cfg.num_classes is not None else dataclasses.replace(cfg, num_classes=data.num_classes)
+
+    @classmethod
     def check(cls, cfg: SupervisedConfig, data: ImageData) -> None:
-        if cfg.num_classes != data.num_classes:
+        if cfg.num_classes is not None and cfg.num_classes != data.num_classes:
             raise UserError(
                 f"pretext.num_classes is {cfg.num_classes} but the dataset has {data.num_classes} classes; "
                 f"set pretext.num_classes={data.num_classes}"

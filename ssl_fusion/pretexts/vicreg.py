@@ -45,7 +45,9 @@ def covariance_term(z: torch.Tensor) -> torch.Tensor:
     return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float = 1e-4) -> VICRegLoss:
+def vicreg_loss(
+    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float, eps: float = 1e-4
+) -> VICRegLoss:
     """The weighted total and the unweighted invariance, variance and covariance terms (float32).
 
     As in the authors' code, the variance term is averaged over the two branches and the

@@ -38,6 +38,7 @@ def probe_encoder(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> di
 
 def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[Encoder, TrainResult]:
     pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
+    recipe = pretext_cls.adapt(recipe, ctx.data)
     pretext_cls.check(recipe, ctx.data)
     torch.manual_seed(ctx.seed)
     encoder = build_encoder(ctx.encoder_cfg, ctx.data.channels)
