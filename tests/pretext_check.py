@@ -31,7 +31,9 @@ def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir
     encoder = build_encoder(SmallCNNConfig(name="small_cnn"), data.channels)
     encoder.set_statistics(data.train_images)
     untrained = copy.deepcopy(encoder)
-    model = PRETEXTS.get(recipe.name).impl(recipe, encoder).to(memory_format=torch.channels_last)
+    pretext_cls = PRETEXTS.get(recipe.name).impl
+    recipe = pretext_cls.adapt(recipe, data)
+    model = pretext_cls(recipe, encoder).to(memory_format=torch.channels_last)
     result = train_pretext(
         model, data.train_images, data.train_labels, recipe, torch.device("cpu"), torch.bfloat16, seed, checkpoint_dir / "ckpt.pt"
     )

@@ -101,8 +101,8 @@ def test_check_refuses_an_unknown_noise_and_a_level_out_of_range():
 
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    recipe = DenoisingConfig(name="denoising", epochs=2, batch_size=64, lr=0.005)
+    recipe = DenoisingConfig(name="denoising", epochs=6, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
-    # Measured: MEASURED
+    print(trained, untrained, losses)
     assert losses[-1] < losses[0]
-    assert trained > untrained + MARGIN, (trained, untrained)
+    assert trained > untrained + 0.025, (trained, untrained)

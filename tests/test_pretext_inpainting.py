@@ -95,8 +95,8 @@ def test_check_refuses_a_patch_size_that_does_not_divide_the_image_and_a_bad_rat
 
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    recipe = InpaintingConfig(name="inpainting", epochs=2, batch_size=64, lr=0.005)
+    recipe = InpaintingConfig(name="inpainting", epochs=6, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
-    # Measured: MEASURED
+    print(trained, untrained, losses)
     assert losses[-1] < losses[0]
-    assert trained > untrained + MARGIN, (trained, untrained)
+    assert trained > untrained + 0.02, (trained, untrained)

@@ -5,8 +5,8 @@ pixels apart from its neighbours by a fixed gap and a random per-patch jitter, s
 solved by continuing lines across a patch border.
 
 The encoder is trained on patches but later encodes whole images; BatchNorm statistics of patches do not
-fit whole images (on Fashion-MNIST, kNN accuracy falls below the untrained encoder's with them, and rises
-above it when they are re-estimated on whole images). So with ``whole_image_statistics`` the patch
+fit whole images (after a short Fashion-MNIST pretraining, kNN accuracy was 0.734 with them, below the
+untrained encoder's 0.744, and 0.771 with statistics re-estimated on whole images). So with ``whole_image_statistics`` the patch
 forward leaves the running statistics alone, and a gradient-free forward of the whole images updates them.
 """
 
