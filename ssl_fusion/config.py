@@ -64,6 +64,7 @@ class CommonConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # pretrain: the pretraining seed; fuse: the label-subset and head seed
+    deterministic: bool = False  # torch.use_deterministic_algorithms: the same encoder for the same seed
     train: TrainOverrides = field(default_factory=TrainOverrides)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 

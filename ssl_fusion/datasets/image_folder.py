@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from torchvision.datasets import ImageFolder
 from ssl_fusion.datasets import DATASETS, DEFAULT_DATA_ROOT, DatasetConfig, ImageData
 from ssl_fusion.errors import UserError
 
+log = logging.getLogger("sslfuse")
+
 
 @dataclass
 class ImageFolderConfig(DatasetConfig):
@@ -20,6 +23,7 @@ class ImageFolderConfig(DatasetConfig):
     channels: int = 3
     test_fraction: float = 0.2
     split_seed: int = 0
+    on_unreadable: str = "refuse"  # refuse: stop naming the file; skip: leave it out and report how many
 
 
 def read_folder(folder: Path, cfg: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -33,13 +37,20 @@ def read_folder(folder: Path, cfg: ImageFolderConfig) -> tuple[torch.Tensor, tor
         raise UserError(f"dataset image_folder: '{folder}' holds no class folders with images ({err})") from None
     if len(dataset.classes) < 2:
         raise UserError(f"dataset image_folder: '{folder}' has {len(dataset.classes)} class folder(s); at least 2 are needed")
-    images = []
-    for path, _ in dataset.samples:
+    if cfg.on_unreadable not in ("refuse", "skip"):
+        raise UserError(f"dataset.on_unreadable must be refuse or skip, got '{cfg.on_unreadable}'")
+    images, targets, skipped = [], [], []
+    for path, target in dataset.samples:
         try:
             images.append(transform(dataset.loader(path)))
+            targets.append(target)
         except OSError as err:
-            raise UserError(f"dataset image_folder: cannot read image '{path}' ({err})") from None
-    return torch.stack(images), torch.tensor(dataset.targets), list(dataset.classes)
+            if cfg.on_unreadable == "refuse":
+                raise UserError(f"dataset image_folder: cannot read image '{path}' ({err}); set dataset.on_unreadable=skip to leave such files out") from None
+            skipped.append(path)
+    if skipped:
+        log.warning("dataset image_folder: skipped %d unreadable image(s) under '%s', e.g. '%s'", len(skipped), folder, skipped[0])
+    return torch.stack(images), torch.tensor(targets), list(dataset.classes)
 
 
 @DATASETS.register("image_folder", ImageFolderConfig)
