@@ -27,7 +27,7 @@ class JigsawConfig(PretextConfig):
     grid: int = 4
     num_permutations: int = 64
     permutation_seed: int = 0
-    max_shift: float = 0.2
+    max_shift: float = 0.15
     head_hidden: int = 256
 
 
