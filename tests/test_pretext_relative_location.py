@@ -138,8 +138,9 @@ def test_check_refuses_images_too_small_for_a_3x3_grid_of_7px_patches():
 
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    # Measured: 0.772 vs 0.744 untrained with this recipe (0.734 without whole_image_statistics; 0.760 after 4 epochs).
+    # Measured with this recipe: 0.764 vs 0.744 untrained (2 threads; 0.771 with 1 thread); over seeds 0-3 the gain
+    # ranged 0.020-0.030, mean 0.024. Without whole_image_statistics (and with a mirror augmentation since dropped): 0.734.
     recipe = RelativeLocationConfig(name="relative_location", epochs=2, batch_size=64, lr=0.005)
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
     assert losses[-1] < losses[0]
-    assert trained > untrained + 0.014, (trained, untrained)
+    assert trained > untrained + 0.012, (trained, untrained)

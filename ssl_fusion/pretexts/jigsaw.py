@@ -27,7 +27,7 @@ class JigsawConfig(PretextConfig):
     grid: int = 4
     num_permutations: int = 64
     permutation_seed: int = 0
-    max_shift: float = 0.15
+    max_shift: float = 0.2
     head_hidden: int = 256
 
 
@@ -75,7 +75,8 @@ class Jigsaw(Pretext):
     def __init__(self, cfg: JigsawConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         # Derived from the config, so kept out of the state dict.
-        self.register_buffer("permutations", maximin_permutations(cfg.grid**2, cfg.num_permutations, cfg.permutation_seed), persistent=False)
+        permutations = maximin_permutations(cfg.grid**2, cfg.num_permutations, cfg.permutation_seed)
+        self.register_buffer("permutations", permutations, persistent=False)
         self.head = nn.Sequential(
             nn.Linear(encoder.out_dim, cfg.head_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.head_hidden, cfg.num_permutations)
         )
