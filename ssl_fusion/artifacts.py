@@ -8,7 +8,10 @@ determines the artifact (recipe, encoder, data content, seed, the stage's code v
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -17,7 +20,7 @@ from ssl_fusion.context import StageContext, as_plain
 from ssl_fusion.encoders import ENCODERS, Encoder, build_encoder
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
-from ssl_fusion.store import ArtifactStore, content_key
+from ssl_fusion.store import MANIFEST, ArtifactStore, content_key
 
 PRETRAIN_CODE_VERSION = 1
 CACHE_CODE_VERSION = 1
@@ -70,7 +73,7 @@ def load_encoder(store: ArtifactStore, name: str) -> Encoder:
     return encoder
 
 
-@dataclass
+@dataclass(eq=False)
 class FeatureSet:
     """One pretext's cached features (float32 in memory) and the labels of both splits."""
 
@@ -80,8 +83,39 @@ class FeatureSet:
     test_labels: torch.Tensor
     uses_labels: bool = False  # made by an encoder trained with all training labels (a reference, not SSL)
 
+    @functools.cached_property
+    def scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of each feature over the whole train split (labeled or not), computed once."""
+        std, mean = torch.std_mean(self.train, dim=0, keepdim=True)
+        return mean, std.clamp_min(1e-6)
+
+    def standardized(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` (rows of either split) scaled to zero mean, unit variance by the train split's statistics."""
+        mean, std = self.scale
+        return (features - mean) / std
+
+
+def features_exist(store: ArtifactStore, name: str) -> bool:
+    return (store.folder(FEATURES_KIND, name) / MANIFEST).is_file()
+
 
 def load_features(store: ArtifactStore, name: str) -> FeatureSet:
+    """A stored feature artifact, its files checked against their hashes. Jobs of one multirun share the
+    process: an artifact is read (and its statistics computed) once, again only if a file of it changes."""
+    folder = store.folder(FEATURES_KIND, name)
+    if not features_exist(store, name):
+        raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
+    return _load_features(store.root.resolve(), name, _files_state(folder))
+
+
+def _files_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every file: what invalidates a loaded artifact."""
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_features(root: Path, name: str, files_state: tuple[tuple[str, int, int], ...]) -> FeatureSet:
+    store = ArtifactStore(root)
     manifest = store.manifest(FEATURES_KIND, name)
     if manifest is None:
         raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")

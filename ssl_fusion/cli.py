@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from ssl_fusion.errors import UserError
@@ -44,10 +45,26 @@ def allowed_keys(stage: str, full_key: str) -> str:
     return f"; allowed keys under {parent or 'the top level'}: {', '.join(str(k) for k in node.keys())}"
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """For a sweep (``key=a,b``), override lists that between them use every swept value once (the other
+    sweeps at their first value): enough to check that every job's config composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
+    base = [o.input_line if v[0] is None else f"{o.get_key_element()}={v[0]}" for o, v in zip(parsed, values)]
+    jobs = [base]
+    for i, (override, options) in enumerate(zip(parsed, values)):
+        jobs += [[*base[:i], f"{override.get_key_element()}={value}", *base[i + 1 :]] for value in options[1:]]
+    return jobs
+
+
 def composition_problem(stage: str, args: list[str]) -> str | None:
     """Compose the stage's config with the user's overrides the way Hydra will, and describe a failure in
-    one line (a misspelled key, a wrong type, an unknown option). Sweeps and flags are left to Hydra."""
-    if any(arg.startswith("-") for arg in args):
+    one line (a misspelled key, a wrong type, an unknown option); with ``-m``, every swept value is checked.
+    Other flags are left to Hydra."""
+    multirun = {"-m", "--multirun"}
+    if any(arg.startswith("-") and arg not in multirun for arg in args):
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -55,10 +72,11 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
 
     from ssl_fusion.config import CONF_DIR
 
-    overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra.")]
+    overrides = [arg for arg in args if arg not in multirun and not arg.lstrip("+~").startswith("hydra.")]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=stage):
         try:
-            compose(config_name=stage, overrides=overrides)
+            for job in sweep_jobs(overrides) if multirun & set(args) else [overrides]:
+                compose(config_name=stage, overrides=job)
         except (HydraException, OmegaConfBaseException) as err:
             cause = err.__cause__
             if cause is None:
@@ -67,6 +85,31 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
             if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
                 message += allowed_keys(stage, cause.full_key)
             return message
+    return None
+
+
+JOBLIB, SUBMITIT = "hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher"
+# hydra/launcher options (conf/hydra/launcher/ and the plugins' own) and the plugin each needs
+LAUNCHER_PLUGINS = {"local": JOBLIB, "joblib": JOBLIB, "slurm": SUBMITIT, "submitit_slurm": SUBMITIT, "submitit_local": SUBMITIT}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def launch_problem(stage: str, args: list[str]) -> str | None:
+    """A stage torchrun cannot split, or a Hydra launcher whose plugin is not installed, in one line."""
+    from ssl_fusion import distributed
+
+    if distributed.launched() and stage not in distributed.STAGES:
+        return f"only {' and '.join(distributed.STAGES)} run under torchrun; start {stage} as one process"
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra/launcher" and value in LAUNCHER_PLUGINS and not installed(LAUNCHER_PLUGINS[value]):
+            return f"hydra/launcher={value} needs its Hydra plugin: pip install 'sslfuse[launchers]'"
     return None
 
 
@@ -89,11 +132,13 @@ def main() -> None:
             sys.exit(2)
         return
     module = importlib.import_module(f"ssl_fusion.stages.{stage}")
-    problem = composition_problem(stage, rest)
+    problem = launch_problem(stage, rest) or composition_problem(stage, rest)
     if problem:
         print(f"sslfuse {stage}: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [f"sslfuse-{stage}", *rest]
+    from ssl_fusion.distributed import hydra_overrides
+
+    sys.argv = [f"sslfuse-{stage}", *rest, *hydra_overrides()]
     module.main()
 
 

@@ -1,4 +1,6 @@
-"""Device and precision choice: CUDA when present, else CPU with channels_last + bf16 autocast."""
+"""Device and precision choice: CUDA when present, else the CPU; channels_last everywhere and bf16
+autocast where the hardware computes in bf16 (on a CPU without native bf16, autocast emulates it and
+runs several times slower than fp32)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU instructions that make bf16 convolutions faster than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype; ``auto`` is bf16 where the hardware supports it, fp16 on older GPUs."""
+    """The autocast dtype; ``auto`` is bf16 where the hardware computes in it natively (recent GPUs,
+    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on other CPUs."""
     if name not in PRECISIONS:
         raise UserError(f"precision: '{name}' is not one of {', '.join(PRECISIONS)}")
     if name == "fp32":
@@ -36,6 +44,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16 if name == "auto" else _refuse_bf16()
+    if device.type == "cpu" and name == "auto" and not cpu_has_native_bf16():
+        return torch.float32
     return torch.bfloat16
 
 

@@ -34,6 +34,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.out_dim = out_dim
+        self.channels = channels  # of the input images
         self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
         self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
 
@@ -59,7 +60,8 @@ def conv_block(in_ch: int, out_ch: int, pool: bool) -> nn.Sequential:
 
 @ENCODERS.register("small_cnn", SmallCNNConfig)
 def small_cnn(cfg: SmallCNNConfig, channels: int) -> Encoder:
-    """Conv blocks with 2x pooling after all but the last, then global average pooling (works from 8 px up)."""
+    """Conv blocks with 2x ceil-mode pooling after all but the last, then global average pooling: runs on any image
+    size (a map that reaches 1x1 stays 1x1)."""
     widths = list(cfg.widths)
     blocks = [conv_block(c_in, c_out, pool=i < len(widths) - 1) for i, (c_in, c_out) in enumerate(zip([channels, *widths], widths))]
     backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())

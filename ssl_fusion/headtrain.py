@@ -4,15 +4,25 @@ Protocol: carve a stratified validation part out of the labeled set; for every L
 grid, train a head and score it on validation every ``eval_every`` steps; pick the (L2, steps) pair
 with the best validation accuracy (ties: lower NLL); then refit ``restarts`` heads with it on *all*
 labeled samples and average their predicted probabilities.
+
+The heads of each phase train together as one model (``HeadStack``): their parameters are stacked
+on a leading member dimension and the head runs under ``torch.vmap``. Members share no parameter,
+so the summed loss gives each member exactly its own gradient, and Adam, being elementwise, updates
+each as if it were trained alone. The grid's members start from one initialisation and see the same
+batches and dropout masks, differing only in L2 (as heads trained one by one from the same seed
+would); each refit has its own seed for initialisation and batch order.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
 
 from ssl_fusion.fusion import FusionConfig, FusionHead
 from ssl_fusion.labels import stratified_subset
@@ -28,50 +38,96 @@ class Selection:
     val_nll: float
 
 
-def standardize(train: list[torch.Tensor], *others: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Scale each pretext's features to zero mean, unit variance using statistics of ``train``."""
-    stats = [(f.mean(0, keepdim=True), f.std(0, keepdim=True).clamp_min(1e-6)) for f in train]
-    return [[(f - m) / s for f, (m, s) in zip(group, stats)] for group in (train, *others)]
+class _Objective(nn.Module):
+    """A head's logits and training regulariser from one call, so that ``functional_call`` substitutes the
+    stacked parameters for both (heads compute their regulariser from state their forward leaves)."""
+
+    def __init__(self, head: FusionHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(features), self.head.regularization()
 
 
-def l2_penalty(head: FusionHead) -> torch.Tensor:
-    """Sum of squared weight matrices (biases and normalisation gains are not penalised)."""
-    return sum((p.pow(2).sum() for p in head.parameters() if p.dim() >= 2), torch.zeros(()))
+class HeadStack:
+    """Heads of one architecture trained as one model: parameters stacked on a leading member dimension."""
+
+    def __init__(self, heads: list[FusionHead]) -> None:
+        self.heads = heads
+        self.template = _Objective(copy.deepcopy(heads[0]))
+        self.params, self.buffers = stack_module_state([_Objective(head) for head in heads])
+        # Weight matrices are penalised; biases, normalisation gains and per-pretext scalars are not.
+        self.penalised = [name for name, p in self.template.named_parameters() if p.dim() >= 2]
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def _member(self, params: dict, buffers: dict, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return functional_call(self.template, (params, buffers), (features,))
+
+    def __call__(self, features: list[torch.Tensor], shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (members, batch, classes) and regularisers (members,). ``shared``: every member reads the same
+        unbatched ``features`` and the same random draws (dropout); otherwise each reads its own slice."""
+        run = torch.vmap(self._member, in_dims=(0, 0, None if shared else 0), randomness="same" if shared else "different")
+        return run(self.params, self.buffers, features)
+
+    def penalty(self) -> torch.Tensor:
+        """Each member's sum of squared weight matrices (members,)."""
+        return sum((self.params[name].pow(2).flatten(1).sum(1) for name in self.penalised), torch.zeros(len(self)))
+
+    @torch.no_grad()
+    def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Every member's logits (members, samples, classes) in eval mode."""
+        self.template.eval()
+        logits, _ = self(features, shared=True)
+        self.template.train()
+        return logits
+
+    def unstack(self) -> list[FusionHead]:
+        """The heads with their trained parameters, in eval mode."""
+        state = {**self.params, **self.buffers}
+        for member, head in enumerate(self.heads):
+            head.load_state_dict({name.removeprefix("head."): tensor[member] for name, tensor in state.items()})
+            head.eval()
+        return self.heads
 
 
-def fit_head(
-    head: FusionHead,
+def fit_stack(
+    stack: HeadStack,
     features: list[torch.Tensor],
     labels: torch.Tensor,
     cfg: FusionConfig,
-    l2: float,
+    l2: torch.Tensor,
     steps: int,
-    seed: int,
-    on_eval: Optional[Callable[[int, FusionHead], None]] = None,
-) -> list[float]:
-    """Minimise cross entropy + ``l2`` * L2 + the head's regulariser for ``steps`` steps; returns the loss curve.
-
-    ``on_eval(step, head)`` is called every ``cfg.eval_every`` steps (head in eval mode meanwhile).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)  # constant rate: a refit for N steps retraces selection
+    seeds: list[int],
+    on_eval: Optional[Callable[[int, HeadStack], None]] = None,
+) -> torch.Tensor:
+    """Minimise each member's cross entropy + ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam
+    steps; returns the loss curves (members, steps). Member m draws its batches from ``seeds[m]``; when all
+    seeds are equal the members share batches and dropout masks. ``on_eval(step, stack)`` runs every
+    ``cfg.eval_every`` steps."""
+    shared = len(set(seeds)) == 1
+    generators = [torch.Generator().manual_seed(seed) for seed in (seeds[:1] if shared else seeds)]
+    # Constant rate: a refit for N steps retraces selection.
+    optimizer = torch.optim.Adam(stack.params.values(), lr=cfg.lr)
     batch_size = min(cfg.batch_size, len(labels))
-    losses = []
-    head.train()
+    losses = torch.empty(steps, len(stack))
+    stack.template.train()
     for step in range(1, steps + 1):
-        index = torch.randperm(len(labels), generator=generator)[:batch_size]
-        loss = F.cross_entropy(head([f[index] for f in features]), labels[index])
-        total = loss + l2 * l2_penalty(head) + head.regularization()
+        index = torch.stack([torch.randperm(len(labels), generator=g)[:batch_size] for g in generators])
+        index = index[0] if shared else index
+        logits, regularization = stack([f[index] for f in features], shared)
+        targets = labels[index].expand(len(stack), batch_size)
+        loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+        total = (loss + l2 * stack.penalty() + regularization).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses[step - 1] = loss.detach()
         if on_eval is not None and step % cfg.eval_every == 0:
-            head.eval()
-            on_eval(step, head)
-            head.train()
-    head.eval()
-    return losses
+            on_eval(step, stack)
+    return losses.T
 
 
 @torch.no_grad()
@@ -100,32 +156,36 @@ def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 def select_hyperparameters(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> Selection:
     """Grid over L2 strengths × training length, scored on a validation part of the labeled set."""
     fit_part, val_part = split_validation(labels, cfg.val_fraction, seed)
-    fit_features = [f[fit_part] for f in features]
-    val_features = [f[val_part] for f in features]
+    val_features, val_labels = [f[val_part] for f in features], labels[val_part]
+    scores: dict[int, list[tuple[float, float]]] = {}
+
+    def record(step: int, stack: HeadStack) -> None:
+        scores[step] = [score(logits.softmax(1), val_labels) for logits in stack.logits(val_features)]
+
+    torch.manual_seed(seed)
+    head = make_head()
+    stack = HeadStack([head] + [copy.deepcopy(head) for _ in cfg.l2_grid[1:]])
+    l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32)
+    fit_stack(stack, [f[fit_part] for f in features], labels[fit_part], cfg, l2, cfg.steps, [seed] * len(stack), record)
     best: Optional[Selection] = None
-    for l2 in cfg.l2_grid:
-        scores: dict[int, tuple[float, float]] = {}
-
-        def record(step: int, trained: FusionHead) -> None:
-            with torch.no_grad():
-                scores[step] = score(trained(val_features).softmax(1), labels[val_part])
-
-        torch.manual_seed(seed)
-        fit_head(make_head(), fit_features, labels[fit_part], cfg, l2, cfg.steps, seed, record)
-        for step, (accuracy, nll) in scores.items():
+    for member, strength in enumerate(cfg.l2_grid):
+        for step, member_scores in scores.items():
+            accuracy, nll = member_scores[member]
             if best is None or (accuracy, -nll) > (best.val_accuracy, -best.val_nll):
-                best = Selection(l2, step, accuracy, nll)
+                best = Selection(strength, step, accuracy, nll)
     assert best is not None
     return best
 
 
 def train_selected(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> tuple[list[FusionHead], Selection, list[float]]:
-    """Select hyper-parameters on validation, then refit ``restarts`` heads on all labeled samples."""
+    """Select hyper-parameters on validation, then refit ``restarts`` heads on all labeled samples.
+    Returns the heads, the selection and the loss curve of the last refit."""
     selection = select_hyperparameters(make_head, features, labels, cfg, seed)
-    heads, losses = [], []
-    for restart in range(cfg.restarts):
-        torch.manual_seed(seed * 1000 + 500 + restart)
-        head = make_head()
-        losses = fit_head(head, features, labels, cfg, selection.l2, selection.steps, seed * 1000 + 500 + restart)
-        heads.append(head)
-    return heads, selection, losses
+    seeds = [seed * 1000 + 500 + restart for restart in range(cfg.restarts)]
+    heads = []
+    for restart_seed in seeds:
+        torch.manual_seed(restart_seed)
+        heads.append(make_head())
+    stack = HeadStack(heads)
+    losses = fit_stack(stack, features, labels, cfg, torch.full((len(seeds),), selection.l2), selection.steps, seeds)
+    return stack.unstack(), selection, losses[-1].tolist()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+from typing import Any, Optional
 
 import torch
 
@@ -14,6 +15,18 @@ def regime_name(fraction: Optional[float], per_class: Optional[int]) -> str:
     if per_class is not None:
         return f"{per_class}/class"
     return f"{fraction * 100:g}%"
+
+
+def subset_fields(fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int) -> dict[str, Any]:
+    """The fields of a result that name its labeled subset; equal ``labeled_indices_sha256``: the same images."""
+    return {
+        "regime": regime_name(fraction, per_class),
+        "labels_fraction": fraction if per_class is None else None,
+        "labels_per_class": per_class,
+        "n_labeled": len(labeled),
+        "labeled_indices_sha256": hashlib.sha256(labeled.numpy().tobytes()).hexdigest()[:16],
+        "seed": seed,
+    }
 
 
 def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int], seed: int) -> torch.Tensor:

@@ -24,8 +24,9 @@ class ImagesPerSecond(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.0f} img/s", style="cyan")
 
 
-def image_progress() -> Progress:
-    """A progress display whose tasks count images; off when stderr is not a terminal (logs say it all)."""
+def image_progress(enabled: bool = True) -> Progress:
+    """A progress display whose tasks count images; off when stderr is not a terminal (logs say it all)
+    or when not ``enabled`` (ranks other than 0 under torchrun)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,5 +37,5 @@ def image_progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
-        disable=not console.is_terminal,
+        disable=not (enabled and console.is_terminal),
     )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_fusion.errors import UserError
-from ssl_fusion.store import atomic_write_text
+from ssl_fusion.store import atomic_write_bytes, atomic_write_text
 
 CONTROLS = ("random", "noise")
 
@@ -83,6 +84,17 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def save_figure(figure, path: Path) -> None:
+    """Render the PNG in memory and write it atomically: a reader never sees half a plot."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -98,9 +110,7 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
@@ -126,9 +136,7 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     axes.set_yticks(range(mean.shape[0]), [f"class {c}" for c in mean.index])
     axes.set_title(f"{method}, {regime} labels: mean weight per class", fontsize=9)
     figure.colorbar(image)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 

@@ -2,6 +2,10 @@
 
 A checkpoint (model, optimizer, scheduler, RNG state, epoch, losses) is written atomically after
 every epoch; a restarted run with the same checkpoint path continues from the last complete epoch.
+
+Under torchrun (see ``ssl_fusion.distributed``) the recipe's batch size is the global batch: every
+rank draws the same seeded epoch order, takes every world_size-th sample of it and trains through
+DistributedDataParallel; only rank 0 writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ssl_fusion import distributed
 from ssl_fusion.device import autocast
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import Pretext, PretextConfig
@@ -57,6 +62,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded sample order of one epoch; the same on every rank."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def train_pretext(
     model: Pretext,
     images: torch.Tensor,
@@ -69,6 +79,7 @@ def train_pretext(
     max_steps_per_epoch: Optional[int] = None,
 ) -> TrainResult:
     batch_size = min(recipe.batch_size, len(images))
+    local_batch = distributed.local_batch_size(batch_size)
     steps_per_epoch = len(images) // batch_size
     if max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
@@ -78,7 +89,7 @@ def train_pretext(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     result = TrainResult()
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -86,25 +97,27 @@ def train_pretext(
         result.epoch_losses = list(state["epoch_losses"])
         result.resumed_at_epoch = len(result.epoch_losses)
         log.info("resuming %s from checkpoint %s after epoch %d", recipe.name, checkpoint, result.resumed_at_epoch)
+    compute_loss = distributed.training_loss(model, device, type(model).sync_batchnorm)
     model.train()
-    with image_progress() as progress:
+    with image_progress(enabled=distributed.is_main()) as progress:
         for epoch in range(result.resumed_at_epoch, recipe.epochs):
             task = progress.add_task(f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", total=steps_per_epoch * batch_size, status="")
             started = time.perf_counter()
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            distributed.reseed_augmentations(seed, epoch)
+            order = distributed.local_order(epoch_order(len(images), seed, epoch))
             loss_sum = torch.zeros((), device=device)
             for step in range(steps_per_epoch):
-                index = order[step * batch_size : (step + 1) * batch_size]
+                index = order[step * local_batch : (step + 1) * local_batch]
                 batch = images[index].to(device, non_blocking=True).float().div_(255)
                 with autocast(device, dtype):
-                    loss = model.loss(batch, labels[index].to(device, non_blocking=True))
+                    loss = compute_loss(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_sum += loss.detach()
                 if step % 20 == 19 or step == steps_per_epoch - 1:
-                    running = float(loss_sum) / (step + 1)
+                    running = float(distributed.average(loss_sum)) / (step + 1)
                     if not math.isfinite(running):
                         raise UserError(
                             f"pretraining {recipe.name} diverged: loss is {running} at epoch {epoch + 1} step {step + 1}; "
@@ -112,20 +125,21 @@ def train_pretext(
                         )
                     progress.update(task, status=f"loss {running:.4f}")
                 progress.advance(task, batch_size)
-            result.epoch_losses.append(float(loss_sum) / steps_per_epoch)
+            result.epoch_losses.append(float(distributed.average(loss_sum)) / steps_per_epoch)
             epoch_seconds = time.perf_counter() - started
             result.seconds += epoch_seconds
             result.images_seen += steps_per_epoch * batch_size
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "epoch_losses": result.epoch_losses,
-                },
-            )
+            if distributed.is_main():
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "epoch_losses": result.epoch_losses,
+                    },
+                )
             log.info(
                 "%s epoch %d/%d: loss %.4f, %.0f img/s, %.0f s",
                 recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1], steps_per_epoch * batch_size / epoch_seconds, epoch_seconds,

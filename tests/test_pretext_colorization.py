@@ -12,7 +12,7 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.colorization import AB_SCALE, ColorizationConfig, colorization_pairs, lab_to_rgb, rgb_to_lab
 from ssl_fusion.trainer import train_pretext
 
-from pretext_check import knn_of
+from pretext_check import assert_loss_falls, knn_of, tiny_encoder
 
 
 def colour(*rgb: float) -> torch.Tensor:
@@ -65,20 +65,10 @@ def test_a_few_steps_lower_the_loss_under_bf16_channels_last():
     torch.manual_seed(0)
     _, data = load_dataset({"name": "synthetic", "channels": 3, "n_train": 64, "n_test": 8, "image_size": 16}, None)
     images = data.train_images.float() / 255
-    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=3)
+    encoder = tiny_encoder(3)
     model = PRETEXTS.get("colorization").impl(ColorizationConfig(name="colorization"), encoder)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = model.loss(images, data.train_labels)
-        assert loss.dtype == torch.float32 and loss.dim() == 0
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert_loss_falls(model, images, data.train_labels, 0.5, bf16=True)
 
 
 def test_check_refuses_a_grayscale_dataset():

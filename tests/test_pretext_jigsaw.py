@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from ssl_fusion.datasets import ImageData
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.jigsaw import JigsawConfig, jigsaw_pseudo_labels, maximin_permutations, shuffle_tiles
 
 from conftest import needs_fashion_mnist
-from pretext_check import fashion_mnist_subset, short_pretraining_knn
+from pretext_check import assert_beats_untrained, assert_bf16_loss_backpropagates, assert_loss_falls, prototype_images, tiny_encoder
 
 
 def image_data(channels: int, height: int, width: int) -> ImageData:
@@ -64,32 +63,15 @@ def test_loss_runs_on_28_and_32_px_images_under_bf16_and_channels_last(shape):
     torch.manual_seed(0)
     cfg = JigsawConfig(name="jigsaw")
     PRETEXTS.get("jigsaw").impl.check(cfg, image_data(*shape))
-    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=shape[0])
-    model = PRETEXTS.get("jigsaw").impl(cfg, encoder).to(memory_format=torch.channels_last)
-    images = torch.rand(6, *shape).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model.loss(images, torch.zeros(6, dtype=torch.long))
-    assert loss.dtype == torch.float32 and loss.shape == () and torch.isfinite(loss)
-    loss.backward()
-    assert encoder.backbone[0][0].weight.grad.abs().sum() > 0
+    assert_bf16_loss_backpropagates(PRETEXTS.get("jigsaw").impl(cfg, tiny_encoder(shape[0])), shape)
 
 
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(4, 1, 16, 16, generator=generator)
-    images = (prototypes[torch.arange(64) % 4] + 0.1 * torch.rand(64, 1, 16, 16, generator=generator)).clamp(0, 1)
-    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16, 16, 32]), channels=1)
+    images, labels = prototype_images()
+    encoder = tiny_encoder()
     model = PRETEXTS.get("jigsaw").impl(JigsawConfig(name="jigsaw", num_permutations=16), encoder)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = model.loss(images, torch.zeros(64, dtype=torch.long))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    assert_loss_falls(model, images, labels, 0.85)
 
 
 def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation_counts():
@@ -112,6 +94,4 @@ def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
     # Measured with this recipe: 0.766 vs 0.744 untrained (2 threads; 0.759 with 1 thread). The gain is small and
     # noisy: over seeds 0-3 and 1 or 2 threads it ranged 0.004-0.027, mean 0.014 (max_shift 0.15: 0.001-0.025).
     recipe = JigsawConfig(name="jigsaw", epochs=6, batch_size=64, lr=0.005)
-    trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), tmp_path)
-    assert losses[-1] < losses[0]
-    assert trained > untrained + 0.007, (trained, untrained)
+    assert_beats_untrained(recipe, tmp_path, margin=0.007)

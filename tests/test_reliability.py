@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.figure
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from conftest import sslfuse
 from ssl_fusion.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import Pretext, PretextConfig
+from ssl_fusion.report import write_report
 from ssl_fusion.trainer import train_pretext
 
 SLOW_SMOKE = [
@@ -100,3 +103,44 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     with pytest.raises(UserError, match=r"loss is nan at epoch 2 step 2.*last good checkpoint"):
         train_pretext(model, images, labels, model.cfg, torch.device("cpu"), torch.float32, 0, checkpoint)
     assert len(torch.load(checkpoint, weights_only=True)["epoch_losses"]) == 1
+
+
+def test_a_crash_while_plotting_leaves_the_previous_plot_whole(tmp_path, monkeypatch):
+    for seed in (0, 1):
+        record = {"method": "concat(a+b)", "fusion": "concat", "pretexts": ["a", "b"], "regime": "1%", "test_accuracy": 0.8 + seed / 100}
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(record))
+    write_report(tmp_path)
+    plot = tmp_path / "accuracy_vs_labels.png"
+    before = plot.read_bytes()
+
+    def write_half_then_fail(figure, target, **kwargs):
+        if hasattr(target, "write"):
+            target.write(before[: len(before) // 2])
+        else:
+            Path(target).write_bytes(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path)
+    assert plot.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_user_error_in_a_later_multirun_job_is_one_line_and_keeps_earlier_results(tmp_path):
+    proc = sslfuse(
+        "fuse", "-m", "preset=smoke", "fusion=supervised_scratch", "fusion.steps=4", "fusion.eval_every=2", "encoder.widths=[4,8]",
+        "dataset.image_size=8", "labels.per_class=10,1000", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "labels.per_class must be in [1, 128]" in proc.stderr
+    assert [p.parent.name for p in (tmp_path / "sweep").rglob("results.json")] == ["0"]
+
+
+def test_a_bad_value_in_a_sweep_is_refused_in_one_line_before_any_job(tmp_path):
+    proc = sslfuse("fuse", "-m", "preset=smoke", "fusion=attention,atention", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "Could not find 'fusion/atention'" in proc.stderr and "supervised_scratch" in proc.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -37,6 +37,7 @@ class Pretext(nn.Module):
     trains: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False  # True only for reference points such as ``supervised``
     ignores_images: ClassVar[bool] = False  # True for ``noise``: its cached features are random vectors
+    sync_batchnorm: ClassVar[bool] = False  # under torchrun, BatchNorm statistics over the global batch
 
     def __init__(self, cfg: PretextConfig, encoder: Encoder) -> None:
         super().__init__()

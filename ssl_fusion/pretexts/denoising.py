@@ -60,7 +60,7 @@ def corrupt(images: torch.Tensor, noise: str, level: float) -> torch.Tensor:
 class Denoising(Pretext):
     def __init__(self, cfg: DenoisingConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
-        self.decoder = VectorDecoder(encoder.out_dim, encoder.mean.shape[1], cfg.decoder_widths)  # as many channels as the input
+        self.decoder = VectorDecoder(encoder.out_dim, encoder.channels, cfg.decoder_widths)
 
     @classmethod
     def check(cls, cfg: DenoisingConfig, data: ImageData) -> None:

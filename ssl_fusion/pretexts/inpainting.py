@@ -65,7 +65,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, mask
 class Inpainting(Pretext):
     def __init__(self, cfg: InpaintingConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
-        self.decoder = VectorDecoder(encoder.out_dim, encoder.mean.shape[1], cfg.decoder_widths)  # as many channels as the input
+        self.decoder = VectorDecoder(encoder.out_dim, encoder.channels, cfg.decoder_widths)
 
     @classmethod
     def check(cls, cfg: InpaintingConfig, data: ImageData) -> None:

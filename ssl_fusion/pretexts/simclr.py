@@ -9,20 +9,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_fusion.augment import color_jitter, random_resized_crop
+from ssl_fusion.distributed import gather
 from ssl_fusion.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 
 
 @dataclass
-class SimCLRConfig(PretextConfig):
-    temperature: float = 0.2
-    projection_dim: int = 128
-    projection_hidden: int = 256
+class TwoViewConfig(PretextConfig):
+    """The augmentation of the two-view methods (SimCLR, VICReg): random resized crop, colour jitter."""
+
     crop_scale_min: float = 0.3
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
     grayscale_p: float = 0.2
+
+
+@dataclass
+class SimCLRConfig(TwoViewConfig):
+    temperature: float = 0.2
+    projection_dim: int = 128
+    projection_hidden: int = 256
+
+
+def two_views(images: torch.Tensor, cfg: TwoViewConfig) -> torch.Tensor:
+    """Two independently augmented views of a batch, stacked (first views, then second), channels_last."""
+
+    def view() -> torch.Tensor:
+        cropped = random_resized_crop(images, scale=(cfg.crop_scale_min, 1.0))
+        return color_jitter(cropped, cfg.brightness, cfg.contrast, cfg.saturation, cfg.grayscale_p)
+
+    return torch.cat([view(), view()]).contiguous(memory_format=torch.channels_last)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,6 +54,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 @PRETEXTS.register("simclr", SimCLRConfig)
 class SimCLR(Pretext):
+    """Under torchrun the loss contrasts the global batch (embeddings gathered from every rank)."""
+
+    sync_batchnorm = True
+
     def __init__(self, cfg: SimCLRConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         self.projector = nn.Sequential(
@@ -46,12 +67,6 @@ class SimCLR(Pretext):
             nn.Linear(cfg.projection_hidden, cfg.projection_dim),
         )
 
-    def view(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        cropped = random_resized_crop(images, scale=(cfg.crop_scale_min, 1.0))
-        return color_jitter(cropped, cfg.brightness, cfg.contrast, cfg.saturation, cfg.grayscale_p)
-
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        views = torch.cat([self.view(images), self.view(images)]).contiguous(memory_format=torch.channels_last)
-        z1, z2 = self.projector(self.encoder(views)).chunk(2)
-        return nt_xent(z1, z2, self.cfg.temperature)
+        z1, z2 = self.projector(self.encoder(two_views(images, self.cfg))).chunk(2)
+        return nt_xent(gather(z1), gather(z2), self.cfg.temperature)

@@ -9,22 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.augment import color_jitter, random_resized_crop
+from ssl_fusion.distributed import gather
 from ssl_fusion.encoders import Encoder
-from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.pretexts import PRETEXTS, Pretext
+from ssl_fusion.pretexts.simclr import TwoViewConfig, two_views
 
 
 @dataclass
-class VICRegConfig(PretextConfig):
+class VICRegConfig(TwoViewConfig):
     sim_coeff: float = 25.0
     std_coeff: float = 25.0
     cov_coeff: float = 1.0
     expander_dim: int = 1024
-    crop_scale_min: float = 0.3
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    grayscale_p: float = 0.2
 
 
 class VICRegLoss(NamedTuple):
@@ -65,6 +61,11 @@ def vicreg_loss(
 
 @PRETEXTS.register("vicreg", VICRegConfig)
 class VICReg(Pretext):
+    """Under torchrun every term is computed on the global batch (embeddings gathered from every rank),
+    so the variance and covariance see all samples."""
+
+    sync_batchnorm = True
+
     def __init__(self, cfg: VICRegConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         width = cfg.expander_dim
@@ -78,13 +79,7 @@ class VICReg(Pretext):
             nn.Linear(width, width),
         )
 
-    def view(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        cropped = random_resized_crop(images, scale=(cfg.crop_scale_min, 1.0))
-        return color_jitter(cropped, cfg.brightness, cfg.contrast, cfg.saturation, cfg.grayscale_p)
-
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        views = torch.cat([self.view(images), self.view(images)]).contiguous(memory_format=torch.channels_last)
-        z1, z2 = self.expander(self.encoder(views)).chunk(2)
+        z1, z2 = self.expander(self.encoder(two_views(images, self.cfg))).chunk(2)
         cfg = self.cfg
-        return vicreg_loss(z1, z2, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff).total
+        return vicreg_loss(gather(z1), gather(z2), cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff).total

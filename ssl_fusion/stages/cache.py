@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ssl_fusion import distributed
 from ssl_fusion.artifacts import ENCODERS_KIND, FEATURES_KIND, SPLITS, encoder_artifact, features_artifact, load_encoder, pretext_recipe
 from ssl_fusion.config import check_names
 from ssl_fusion.context import StageContext, check_positive, open_context
@@ -30,34 +34,68 @@ def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> st
     return name
 
 
-def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch, progress, image_free: bool) -> None:
+def shard_path(scratch: Path, split: str, part: int) -> Path:
+    return scratch / f"{split}.rank{part}.npy"
+
+
+def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, image_free: bool) -> None:
     """Stream features of one split into a float16 .npy (memory-mapped), batch by batch.
 
-    With ``image_free`` (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
+    Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
+    to merge. With ``image_free`` (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
     """
     images, labels = ctx.data.split(split)
-    out = np.lib.format.open_memmap(scratch / f"{split}.npy", mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
-    task = progress.add_task(f"cache {split}", total=len(images), status="")
+    start, stop = distributed.shard_bounds(len(images))
+    target = scratch / f"{split}.npy" if distributed.world_size() == 1 else shard_path(scratch, split, distributed.rank())
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=(stop - start, encoder.out_dim))
+    task = progress.add_task(f"cache {split}", total=stop - start, status="")
 
-    def store_batch(start: int, features: torch.Tensor) -> None:
-        out[start : start + len(features)] = features.numpy().astype(np.float16)
+    def store_batch(offset: int, features: torch.Tensor) -> None:
+        out[offset : offset + len(features)] = features.numpy().astype(np.float16)
         progress.advance(task, len(features))
 
     if image_free:
         generator = torch.Generator().manual_seed(ctx.seed * 2 + (split == "test"))
-        store_batch(0, torch.randn(len(images), encoder.out_dim, generator=generator))
+        store_batch(0, torch.randn(len(images), encoder.out_dim, generator=generator)[start:stop])
     else:
-        encode_batches(encoder, images, batch_size, ctx.device, ctx.dtype, store_batch)
+        encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch)
     out.flush()
     del out
-    np.save(scratch / f"{split}_labels.npy", labels.numpy())
+    if distributed.is_main():
+        np.save(scratch / f"{split}_labels.npy", labels.numpy())
+
+
+def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 1 << 16) -> None:
+    """Concatenate the ranks' shard files of a split into ``<split>.npy`` in rank order, chunk by chunk."""
+    out = np.lib.format.open_memmap(scratch / f"{split}.npy", mode="w+", dtype=np.float16, shape=(length, dim))
+    for part in range(distributed.world_size()):
+        start, _ = distributed.shard_bounds(length, part)
+        path = shard_path(scratch, split, part)
+        shard = np.load(path, mmap_mode="r")
+        for offset in range(0, len(shard), chunk):
+            out[start + offset : start + offset + chunk] = shard[offset : offset + chunk]
+        del shard
+        path.unlink()
+    out.flush()
+    del out
+
+
+@contextlib.contextmanager
+def shared_staging(ctx: StageContext, name: str) -> Iterator[Path]:
+    """The store's staging folder for ``name``, made by rank 0; every rank gets its path."""
+    with distributed.main_only(ctx.store.staging(FEATURES_KIND, name)) as scratch:
+        yield Path(distributed.broadcast(str(scratch) if distributed.is_main() else None))
 
 
 def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tuple[str, dict, bool]:
-    """Cached features of a stored encoder: reused when present, else computed and published."""
+    """Cached features of a stored encoder: reused when present, else computed and published.
+
+    Under torchrun every rank encodes its shard of each split; rank 0 alone holds the store lock,
+    merges the shards and publishes one artifact, laid out as a single process writes it.
+    """
     name = features_artifact(ctx, encoder_name)
-    with ctx.store.lock(FEATURES_KIND, name):
-        manifest = ctx.store.manifest(FEATURES_KIND, name)
+    with distributed.main_only(ctx.store.lock(FEATURES_KIND, name)):
+        manifest = distributed.on_main(lambda: ctx.store.manifest(FEATURES_KIND, name))
         if manifest is not None:
             log.info("reused cached features %s (no encoder run)", name)
             return name, manifest, True
@@ -65,26 +103,40 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
         image_free = PRETEXTS.get(encoder_config["pretext"]["name"]).impl.ignores_images
         started = time.perf_counter()
-        with ctx.store.staging(FEATURES_KIND, name) as scratch, image_progress() as progress:
+        with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
                 write_split(ctx, encoder, split, batch_size, scratch, progress, image_free)
-            seconds = time.perf_counter() - started
-            n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
-            manifest = ctx.store.publish(
-                FEATURES_KIND,
-                name,
-                scratch,
-                {
-                    "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16",
-                               "uses_labels": encoder_config["uses_labels"]},
-                    "data": ctx.fingerprints,
-                    "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
-                    "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
-                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
-                },
-            )
-        log.info("cached features %s: %d images at %.0f img/s", name, n_images, n_images / seconds)
-    return name, manifest, False
+            distributed.barrier()
+            if distributed.is_main():
+                manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started)
+    return name, distributed.broadcast(manifest), False
+
+
+def publish_features(
+    ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float
+) -> dict:
+    """Merge the ranks' shards (if any), publish the features artifact and return its manifest."""
+    if distributed.world_size() > 1:
+        for split in SPLITS:
+            merge_shards(scratch, split, len(ctx.data.split(split)[1]), dim)
+    seconds = time.perf_counter() - started
+    n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
+    manifest = ctx.store.publish(
+        FEATURES_KIND,
+        name,
+        scratch,
+        {
+            "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16",
+                       "uses_labels": encoder_config["uses_labels"]},
+            "data": ctx.fingerprints,
+            "metrics": {"dim": dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
+            "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
+            "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
+                        "processes": distributed.world_size()},
+        },
+    )
+    log.info("cached features %s: %d images at %.0f img/s", name, n_images, n_images / seconds)
+    return manifest
 
 
 def pretrain_command(pretext: str) -> str:
@@ -98,6 +150,9 @@ def main(cfg: DictConfig) -> None:
     check_positive("cache.batch_size", cfg.cache.batch_size)
     ctx = open_context(cfg, cfg.encoder_seed)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
-    for encoder_name in encoders:
-        name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
-        print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
+    with distributed.process_group(ctx.device) as device:
+        ctx.device = device
+        for encoder_name in encoders:
+            name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
+            if distributed.is_main():
+                print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")

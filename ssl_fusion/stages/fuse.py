@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -12,14 +11,14 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.artifacts import FEATURES_KIND, FeatureSet, encoder_artifact, features_artifact, load_features, pretext_recipe
+from ssl_fusion.artifacts import FeatureSet, encoder_artifact, features_artifact, features_exist, load_features, pretext_recipe
 from ssl_fusion.config import LabelsConfig, check_names
 from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
-from ssl_fusion.headtrain import Selection, predict_proba, score, select_hyperparameters, standardize, train_selected
-from ssl_fusion.labels import regime_name, stratified_subset
+from ssl_fusion.headtrain import Selection, predict_proba, score, select_hyperparameters, train_selected
+from ssl_fusion.labels import stratified_subset, subset_fields
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.store import atomic_write_json, atomic_write_text
@@ -57,7 +56,7 @@ def cached_features(ctx: StageContext, pretexts: list[str], cache_command: str) 
     for pretext in pretexts:
         encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
         name = features_artifact(ctx, encoder_name)
-        if ctx.store.manifest(FEATURES_KIND, name) is None:
+        if not features_exist(ctx.store, name):
             raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
         features[pretext] = load_features(ctx.store, name)
     return features
@@ -117,8 +116,8 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
     labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
-    train, test = standardize([s.train for s in sets], [s.test for s in sets])
-    train = [f[labeled] for f in train]
+    train = [s.standardized(s.train[labeled]) for s in sets]
+    test = [s.standardized(s.test) for s in sets]
     num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -134,12 +133,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "peeks_at_test": fusion.name == "select" and fusion.by == "oracle",
         "fusion": fusion.name,
         "pretexts": pretexts,
-        "regime": regime_name(labels_cfg.fraction, labels_cfg.per_class),
-        "labels_fraction": labels_cfg.fraction if labels_cfg.per_class is None else None,
-        "labels_per_class": labels_cfg.per_class,
-        "n_labeled": len(labeled),
-        "labeled_indices_sha256": hashlib.sha256(labeled.numpy().tobytes()).hexdigest()[:16],
-        "seed": seed,
+        **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
         "test_accuracy": accuracy,
         "test_macro_f1": macro_f1(probs.argmax(1), test_labels, num_classes),
         "test_nll": nll,
@@ -156,6 +150,13 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
         result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
     return result
+
+
+def train_on_images(ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any] | None:
+    """The result of a method that trains on the labeled images rather than cached features
+    (``needs_images``, e.g. ``supervised_scratch``); None for a head."""
+    method = FUSIONS.get(fusion.name).impl
+    return method(fusion).evaluate(ctx, labels_cfg, seed) if getattr(method, "needs_images", False) else None
 
 
 def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
@@ -185,7 +186,9 @@ def main(cfg: DictConfig) -> None:
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
-    result = fuse_once(cached_features(ctx, used, cache_command(used)), fusion, labels_cfg, cfg.seed)
+    result = train_on_images(ctx, fusion, labels_cfg, cfg.seed) or fuse_once(
+        cached_features(ctx, used, cache_command(used)), fusion, labels_cfg, cfg.seed
+    )
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
           f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")

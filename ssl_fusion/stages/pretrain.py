@@ -9,6 +9,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from ssl_fusion import distributed
 from ssl_fusion.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
 from ssl_fusion.config import ProbeConfig
 from ssl_fusion.context import StageContext, as_plain, open_context
@@ -57,44 +58,54 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
 def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig) -> tuple[str, dict, bool]:
     """The stored encoder for this recipe: reused when present, else trained, probed and published.
 
-    Returns its artifact name, its manifest and whether it was reused.
+    Returns its artifact name, its manifest and whether it was reused. Under torchrun every rank
+    trains; rank 0 alone holds the store lock, decides, probes and publishes.
     """
     name = encoder_artifact(ctx, recipe, ctx.overrides.max_steps_per_epoch)
-    with ctx.store.lock(ENCODERS_KIND, name):
-        manifest = ctx.store.manifest(ENCODERS_KIND, name)
+    with distributed.main_only(ctx.store.lock(ENCODERS_KIND, name)):
+        manifest = distributed.on_main(lambda: ctx.store.manifest(ENCODERS_KIND, name))
         if manifest is not None:
             log.info("reused encoder %s (no pretraining)", name)
             return name, manifest, True
         log.info("pretraining encoder %s", name)
         started = time.perf_counter()
         encoder, result = train_encoder(ctx, recipe, name)
-        if PRETEXTS.get(recipe.name).impl.ignores_images:
-            probes = {"knn_accuracy": None, "linear_accuracy": None}
-        else:
-            probes = probe_encoder(ctx, encoder, probe)
-            log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
-        with ctx.store.staging(ENCODERS_KIND, name) as scratch:
-            torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
-            manifest = ctx.store.publish(
-                ENCODERS_KIND,
-                name,
-                scratch,
-                {
-                    "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
-                               "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
-                               "uses_labels": PRETEXTS.get(recipe.name).impl.uses_labels},
-                    "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
-                             "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
-                    "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
-                                **probes, "probe": as_plain(probe)},
-                    "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-                                "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
-                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
-                                "torch": torch.__version__},
-                },
-            )
-        shutil.rmtree(ctx.store.root / "checkpoints" / name, ignore_errors=True)
-    return name, manifest, False
+        if distributed.is_main():
+            manifest = publish_encoder(ctx, recipe, probe, name, encoder, result, started)
+    return name, distributed.broadcast(manifest), False
+
+
+def publish_encoder(
+    ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig, name: str, encoder: Encoder, result: TrainResult, started: float
+) -> dict:
+    """Probe the trained encoder, store it with its manifest and drop its checkpoint; returns the manifest."""
+    if PRETEXTS.get(recipe.name).impl.ignores_images:
+        probes = {"knn_accuracy": None, "linear_accuracy": None}
+    else:
+        probes = probe_encoder(ctx, encoder, probe)
+        log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
+    with ctx.store.staging(ENCODERS_KIND, name) as scratch:
+        torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
+        manifest = ctx.store.publish(
+            ENCODERS_KIND,
+            name,
+            scratch,
+            {
+                "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
+                           "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
+                           "uses_labels": PRETEXTS.get(recipe.name).impl.uses_labels},
+                "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
+                         "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
+                "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
+                            **probes, "probe": as_plain(probe)},
+                "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
+                            "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
+                "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
+                            "torch": torch.__version__, "processes": distributed.world_size()},
+            },
+        )
+    shutil.rmtree(ctx.store.root / "checkpoints" / name, ignore_errors=True)
+    return manifest
 
 
 def probe_summary(metrics: dict) -> str:
@@ -107,7 +118,11 @@ def probe_summary(metrics: dict) -> str:
 def main(cfg: DictConfig) -> None:
     ctx = open_context(cfg, cfg.seed)
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
-    name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
+    with distributed.process_group(ctx.device) as device:
+        ctx.device = device
+        name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
+        if not distributed.is_main():
+            return
     metrics = manifest["metrics"]
     print(f"encoder {name} ({'reused' if reused else 'trained'}): {probe_summary(metrics)}, "
           f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}")

@@ -1,0 +1,183 @@
+"""``supervised_scratch``: the encoder trained from scratch, with augmentation, on the labeled images only.
+
+The reference a fusion of frozen pretext features has to beat: the same labeled subset, the same
+test split and the same encoder architecture, but no pretext and no unlabeled image. It trains on
+images, not on cached features, so the fuse stage hands it the stage context (``needs_images``).
+Protocol as for the heads: the number of steps is chosen on the same stratified validation part
+of the labeled set, then the network is retrained on all labeled images for that many steps
+(``refit: false`` keeps the best validation checkpoint instead: early stopping, half the time).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING
+from torch import nn
+
+import ssl_fusion.headtrain as headtrain
+from ssl_fusion.augment import random_shift_flip
+from ssl_fusion.config import LabelsConfig
+from ssl_fusion.context import StageContext, as_plain
+from ssl_fusion.device import autocast, prepare_model
+from ssl_fusion.encoders import EncoderConfig, build_encoder
+from ssl_fusion.errors import UserError
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.labels import stratified_subset, subset_fields
+from ssl_fusion.probe import extract_features
+
+log = logging.getLogger("sslfuse")
+
+
+@dataclass
+class SupervisedScratchConfig:
+    name: str = MISSING
+    steps: int = 1500  # optimizer steps of the selection run; the best count on validation is refit
+    eval_every: int = 100
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05  # AdamW (decoupled)
+    max_shift: float = 0.1  # random shift by up to this fraction of the image size; half of each batch mirrored
+    val_fraction: float = 0.2
+    refit: bool = True  # false: keep the best validation checkpoint (trained on the fit part only)
+
+
+def check_config(cfg: SupervisedScratchConfig) -> None:
+    """A one-line UserError naming the first option out of range."""
+    rules = [
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("eval_every", 1 <= cfg.eval_every <= cfg.steps, f"in [1, fusion.steps] = [1, {cfg.steps}]"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("max_shift", 0 <= cfg.max_shift < 0.5, "in [0, 0.5)"),
+        ("val_fraction", 0 < cfg.val_fraction < 1, "in (0, 1)"),
+    ]
+    for key, valid, allowed in rules:
+        if not valid:
+            raise UserError(f"fusion.{key} must be {allowed}, got {getattr(cfg, key)}")
+
+
+EvalHook = Callable[[int, nn.Sequential], None]
+
+
+def train_network(
+    cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    steps: int, device: torch.device, dtype: torch.dtype, seed: int, on_eval: Optional[EvalHook] = None,
+) -> tuple[nn.Sequential, list[float]]:
+    """Encoder + linear classifier trained on augmented uint8 ``images`` for ``steps`` AdamW steps with a cosine
+    schedule; ``on_eval(step, network)`` every ``cfg.eval_every`` steps. Returns the network and the loss curve."""
+    torch.manual_seed(seed)
+    encoder = build_encoder(encoder_cfg, images.shape[1])
+    encoder.set_statistics(images)
+    network = prepare_model(nn.Sequential(encoder, nn.Linear(encoder.out_dim, num_classes)), device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(cfg.batch_size, len(labels))
+    losses = []
+    network.train()
+    for step in range(1, steps + 1):
+        index = torch.randperm(len(labels), generator=generator)[:batch_size]
+        batch = random_shift_flip(images[index].to(device).float().div_(255), cfg.max_shift)
+        with autocast(device, dtype):
+            logits = network(batch.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits.float(), labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if on_eval is not None and step % cfg.eval_every == 0:
+            on_eval(step, network)
+            network.train()
+    network.eval()
+    return network, losses
+
+
+def predict_proba(network: nn.Sequential, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    encoder, classifier = network
+    features = extract_features(encoder, images, 1024, device, dtype)
+    with torch.no_grad():
+        return classifier(features.to(device)).float().softmax(1).cpu()
+
+
+def fit_selected(
+    cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    device: torch.device, dtype: torch.dtype, seed: int,
+) -> tuple[nn.Sequential, headtrain.Selection, list[float]]:
+    """Choose the step count on the heads' validation split of the labeled set, then refit on all of it
+    (or keep the best validation checkpoint). Returns the network, the selection and the final loss curve."""
+    fit, val = headtrain.split_validation(labels, cfg.val_fraction, seed)
+    if len(fit) == 0:
+        raise UserError(
+            f"fusion=supervised_scratch: all {len(labels)} labeled images go to validation (fusion.val_fraction="
+            f"{cfg.val_fraction}, at least one per class), none is left to train on; give more labels (labels.per_class >= 2)"
+        )
+    best: Optional[headtrain.Selection] = None
+    best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def record(step: int, network: nn.Sequential) -> None:
+        nonlocal best, best_state
+        accuracy, nll = headtrain.score(predict_proba(network, images[val], device, dtype), labels[val])
+        log.info("supervised_scratch step %d/%d: validation accuracy %.4f", step, cfg.steps, accuracy)
+        if best is None or (accuracy, -nll) > (best.val_accuracy, -best.val_nll):
+            best = headtrain.Selection(cfg.weight_decay, step, accuracy, nll)
+            best_state = None if cfg.refit else copy.deepcopy(network.state_dict())
+
+    network, losses = train_network(cfg, encoder_cfg, images[fit], labels[fit], num_classes, cfg.steps, device, dtype, seed, record)
+    assert best is not None
+    if not cfg.refit:
+        network.load_state_dict(best_state)
+        return network, best, losses[: best.steps]
+    network, losses = train_network(cfg, encoder_cfg, images, labels, num_classes, best.steps, device, dtype, seed)
+    return network, best, losses
+
+
+@FUSIONS.register("supervised_scratch", SupervisedScratchConfig)
+class SupervisedScratch:
+    """Not a head over features: ``evaluate`` trains on the stage's images and returns a fuse result record."""
+
+    needs_images: ClassVar[bool] = True
+
+    def __init__(self, cfg: SupervisedScratchConfig, feature_dims: Optional[list[int]] = None, num_classes: int = 0) -> None:
+        """Same signature as a head's, so the stages refuse a bad option before any work (dims are unused)."""
+        check_config(cfg)
+        self.cfg = cfg
+
+    def evaluate(self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
+        """Train on the protocol's labeled subset for ``seed``, score on the test split: the same record as a head's."""
+        from ssl_fusion.stages.fuse import macro_f1  # the fuse stage imports this package: a top-level import is circular
+
+        data = ctx.data
+        labeled = stratified_subset(data.train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+        started = time.perf_counter()
+        network, selection, losses = fit_selected(
+            self.cfg, ctx.encoder_cfg, data.train_images[labeled], data.train_labels[labeled], data.num_classes, ctx.device, ctx.dtype, seed
+        )
+        probs = predict_proba(network, data.test_images, ctx.device, ctx.dtype)
+        accuracy, nll = headtrain.score(probs, data.test_labels)
+        return {
+            "method": f"{self.cfg.name}({ctx.encoder_cfg.name})",
+            "uses_all_labels": False,
+            "peeks_at_test": False,
+            "fusion": self.cfg.name,
+            "pretexts": [],
+            **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
+            "test_accuracy": accuracy,
+            "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels, data.num_classes),
+            "test_nll": nll,
+            "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
+            "selected_steps": selection.steps,
+            "val_accuracy": selection.val_accuracy,
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+            "fit_seconds": time.perf_counter() - started,
+            "fusion_config": as_plain(self.cfg),
+        }

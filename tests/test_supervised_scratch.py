@@ -1,0 +1,106 @@
+"""The ``supervised_scratch`` reference: it learns, it sees exactly the protocol's labeled images, it refuses bad options."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ssl_fusion.artifacts import FeatureSet
+from ssl_fusion.config import CONF_DIR, LabelsConfig, TrainOverrides, load_option
+from ssl_fusion.context import StageContext
+from ssl_fusion.datasets import ImageData
+from ssl_fusion.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.encoders import SmallCNNConfig
+from ssl_fusion.errors import UserError
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.fusion.supervised_scratch import SupervisedScratch, SupervisedScratchConfig
+from ssl_fusion.labels import stratified_subset
+from ssl_fusion.stages.fuse import fuse_once
+from ssl_fusion.store import ArtifactStore
+
+from conftest import sslfuse
+
+SHORT = SupervisedScratchConfig(name="supervised_scratch", steps=60, eval_every=20, batch_size=64)
+TINY_RUN = ["preset=smoke", "labels.per_class=10", "encoder.widths=[4,8]", "dataset.image_size=8"]
+
+
+def synthetic_context(data: ImageData, tmp_path) -> StageContext:
+    encoder_cfg = SmallCNNConfig(name="small_cnn", widths=[8, 16, 32])
+    return StageContext(SyntheticConfig(name="synthetic"), data, encoder_cfg, torch.device("cpu"), torch.float32,
+                        ArtifactStore(tmp_path), TrainOverrides(), 0)
+
+
+def synthetic_data() -> ImageData:
+    return make_synthetic(SyntheticConfig(name="synthetic"), root=None)
+
+
+def test_it_learns_from_few_labeled_images(tmp_path):
+    ctx = synthetic_context(synthetic_data(), tmp_path)
+    result = SupervisedScratch(SHORT).evaluate(ctx, LabelsConfig(per_class=25), seed=0)
+    assert result["method"] == "supervised_scratch(small_cnn)" and result["pretexts"] == []
+    assert result["n_labeled"] == 100 and result["regime"] == "25/class"
+    assert result["final_loss"] < result["first_loss"]
+    assert result["test_accuracy"] > 0.6, result["test_accuracy"]  # 4 classes: chance is 0.25
+    assert result["selected_steps"] in (20, 40, 60)
+
+
+def test_it_uses_exactly_the_labeled_images_of_the_protocol(tmp_path):
+    data = synthetic_data()
+    labels_cfg = LabelsConfig(fraction=0.2)
+    result = SupervisedScratch(SHORT).evaluate(synthetic_context(data, tmp_path), labels_cfg, seed=1)
+
+    features = FeatureSet(torch.randn(len(data.train_labels), 8), torch.randn(len(data.test_labels), 8), data.train_labels, data.test_labels)
+    head = fuse_once({"any": features}, load_option(FUSIONS, "concat"), labels_cfg, seed=1)
+    assert result["labeled_indices_sha256"] == head["labeled_indices_sha256"] and result["n_labeled"] == head["n_labeled"]
+
+    labeled = torch.zeros(len(data.train_labels), dtype=torch.bool)
+    labeled[stratified_subset(data.train_labels, labels_cfg.fraction, None, seed=1)] = True
+    inverted_unlabeled = torch.where(labeled[:, None, None, None], data.train_images, 255 - data.train_images)
+    again = SupervisedScratch(SHORT).evaluate(synthetic_context(dataclasses.replace(data, train_images=inverted_unlabeled), tmp_path), labels_cfg, seed=1)
+    for key in ("test_accuracy", "first_loss", "final_loss", "selected_steps", "val_accuracy"):
+        assert again[key] == result[key], key
+
+
+def test_yaml_lists_every_field_with_its_default():
+    defaults = OmegaConf.to_container(OmegaConf.structured(SupervisedScratchConfig(name="supervised_scratch")))
+    assert OmegaConf.to_container(OmegaConf.load(CONF_DIR / "fusion" / "supervised_scratch.yaml")) == defaults
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("steps", 0), ("eval_every", 0), ("eval_every", 61), ("batch_size", 0), ("lr", 0.0), ("weight_decay", -1.0),
+     ("max_shift", 0.5), ("val_fraction", 1.0)],
+)
+def test_out_of_range_options_are_refused_by_key(key, value):
+    with pytest.raises(UserError, match=rf"^fusion\.{key} must be "):
+        SupervisedScratch(dataclasses.replace(SHORT, **{key: value}))
+
+
+def test_one_labeled_image_per_class_leaves_nothing_to_train_on(tmp_path):
+    with pytest.raises(UserError, match="none is left to train on"):
+        SupervisedScratch(SHORT).evaluate(synthetic_context(synthetic_data(), tmp_path), LabelsConfig(per_class=1), seed=0)
+
+
+def test_bad_option_on_the_command_line_is_one_line(tmp_path):
+    proc = sslfuse("fuse", "preset=smoke", "fusion=supervised_scratch", "fusion.max_shift=0.7", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "fusion.max_shift must be in [0, 0.5)" in proc.stderr
+    assert not (tmp_path / "outputs" / "artifacts").exists()
+
+
+def test_fuse_puts_it_in_the_report_beside_the_heads(tmp_path):
+    sslfuse("run", *TINY_RUN, "pretexts=[random]", "fusions=[concat]", "seeds=[0]", "hydra.run.dir=run", cwd=tmp_path)
+    # no cached features needed: an empty artifact store is enough
+    sslfuse("fuse", *TINY_RUN, "fusion=supervised_scratch", "fusion.steps=40", "fusion.eval_every=20", "artifacts_dir=empty",
+            "hydra.run.dir=run/fuse/scratch", cwd=tmp_path)
+    records = {r["fusion"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "run").rglob("results.json"))}
+    assert records["supervised_scratch"]["labeled_indices_sha256"] == records["concat"]["labeled_indices_sha256"]
+    assert records["supervised_scratch"]["selected_steps"] in (20, 40) and records["supervised_scratch"]["dataset"] == "synthetic"
+    sslfuse("report", "run", cwd=tmp_path)
+    report = pd.read_csv(tmp_path / "run" / "report.csv")
+    assert sorted(report["method"]) == ["concat(random)", "supervised_scratch(small_cnn)"]
