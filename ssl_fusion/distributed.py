@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ssl_fusion.errors import UserError
 
@@ -205,24 +204,29 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-class _LossModule(nn.Module):
-    """DDP synchronises the gradients of what its ``forward`` computes: here, the pretext's loss."""
+def average_gradients(model: nn.Module) -> None:
+    """Replace every parameter's gradient by its mean over ranks, in one flat all-reduce.
 
-    def __init__(self, pretext: nn.Module) -> None:
-        super().__init__()
-        self.pretext = pretext
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.pretext.loss(images, labels)
-
-
-def training_loss(model: nn.Module, device: torch.device, sync_bn: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The function a training step calls for the loss: ``model.loss`` itself in one process; under
-    torchrun the loss through DistributedDataParallel (gradients averaged over ranks), with
-    BatchNorm synced over the global batch when ``sync_bn`` (converted in place, so ``model``'s
-    state dict keeps its keys)."""
+    This is the data-parallel step (what DistributedDataParallel's hooks do). It runs after the
+    backward pass rather than inside it: with the loss's own cross-rank collectives (the gathered
+    embeddings, the synced BatchNorm on gloo), DDP's in-backward reduction did not reproduce the
+    single-process gradients in tests/test_distributed.py, while this does."""
     if not is_distributed():
-        return model.loss
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
+
+
+def prepare_training(model: nn.Module, device: torch.device, sync_bn: bool) -> None:
+    """Under torchrun: BatchNorm synced over the global batch when ``sync_bn`` (converted in place, so
+    the state dict keeps its keys) and every rank starting from rank 0's parameters and buffers."""
+    if not is_distributed():
+        return
     if sync_bn:
         sync_batchnorm(model, device)
-    return DistributedDataParallel(_LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)

@@ -97,7 +97,7 @@ def train_pretext(
         result.epoch_losses = list(state["epoch_losses"])
         result.resumed_at_epoch = len(result.epoch_losses)
         log.info("resuming %s from checkpoint %s after epoch %d", recipe.name, checkpoint, result.resumed_at_epoch)
-    compute_loss = distributed.training_loss(model, device, type(model).sync_batchnorm)
+    distributed.prepare_training(model, device, type(model).sync_batchnorm)
     model.train()
     with image_progress(enabled=distributed.is_main()) as progress:
         for epoch in range(result.resumed_at_epoch, recipe.epochs):
@@ -110,9 +110,10 @@ def train_pretext(
                 index = order[step * local_batch : (step + 1) * local_batch]
                 batch = images[index].to(device, non_blocking=True).float().div_(255)
                 with autocast(device, dtype):
-                    loss = compute_loss(batch, labels[index].to(device, non_blocking=True))
+                    loss = model.loss(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(model)
                 optimizer.step()
                 scheduler.step()
                 loss_sum += loss.detach()

@@ -73,7 +73,8 @@ def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 
         path = shard_path(scratch, split, part)
         shard = np.load(path, mmap_mode="r")
         for offset in range(0, len(shard), chunk):
-            out[start + offset : start + offset + chunk] = shard[offset : offset + chunk]
+            piece = shard[offset : offset + chunk]
+            out[start + offset : start + offset + len(piece)] = piece
         del shard
         path.unlink()
     out.flush()
