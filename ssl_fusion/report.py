@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ssl_fusion.errors import UserError
@@ -68,7 +69,9 @@ def pivot(stats: pd.DataFrame) -> pd.DataFrame:
 
 def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
     """Each result whose pretexts include a control, next to the same method and regime without it."""
-    indexed = stats.set_index(["fusion", "pretext_set", "regime"])
+    # the method without its pretext list, e.g. select[by=knn]: variants of one head stay apart
+    family = stats["method"].str.split("(", n=1).str[0].rename("family")
+    indexed = stats.set_index([family, "pretext_set", "regime"])
     rows = []
     for (fusion, pretext_set, regime), row in indexed.iterrows():
         names = pretext_set.split("+")
@@ -163,12 +166,13 @@ def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFram
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
+    """The table on the terminal; method names are escaped, since rich reads ``[by=val]`` as markup."""
     view = Table(title=title)
     view.add_column("method")
     for column in table.columns:
         view.add_column(f"{column} labels", justify="right")
     for method, row in table.iterrows():
-        view.add_row(method, *[str(v).replace("**", "") for v in row.tolist()])
+        view.add_row(escape(method), *[str(v).replace("**", "") for v in row.tolist()])
     Console().print(view)
 
 
