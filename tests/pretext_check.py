@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from ssl_fusion.datasets import ImageData, load_dataset
+from ssl_fusion.device import resolve_precision
 from ssl_fusion.encoders import Encoder, SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 from ssl_fusion.probe import extract_features, knn_accuracy
 from ssl_fusion.trainer import train_pretext
+
+CPU = torch.device("cpu")  # the short real-data pretrainings run in the precision `auto` picks here
 
 
 def tiny_encoder(channels: int = 1) -> Encoder:
@@ -72,7 +75,7 @@ def fashion_mnist_subset(n_train: int = 4000, n_test: int = 1000) -> ImageData:
 
 
 def knn_of(encoder, data: ImageData) -> float:
-    device, dtype = torch.device("cpu"), torch.bfloat16
+    device, dtype = CPU, resolve_precision("auto", CPU)
     bank = extract_features(encoder, data.train_images, 1024, device, dtype)
     queries = extract_features(encoder, data.test_images, 1024, device, dtype)
     return knn_accuracy(bank, data.train_labels, queries, data.test_labels, k=20, num_classes=data.num_classes)
@@ -88,7 +91,7 @@ def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir
     recipe = pretext_cls.adapt(recipe, data)
     model = pretext_cls(recipe, encoder).to(memory_format=torch.channels_last)
     result = train_pretext(
-        model, data.train_images, data.train_labels, recipe, torch.device("cpu"), torch.bfloat16, seed, checkpoint_dir / "ckpt.pt"
+        model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), seed, checkpoint_dir / "ckpt.pt"
     )
     return knn_of(encoder, data), knn_of(untrained, data), result.epoch_losses
 

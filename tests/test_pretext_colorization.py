@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from ssl_fusion.datasets import ImageData, load_dataset
+from ssl_fusion.device import resolve_precision
 from ssl_fusion.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.colorization import AB_SCALE, ColorizationConfig, colorization_pairs, lab_to_rgb, rgb_to_lab
 from ssl_fusion.trainer import train_pretext
 
-from pretext_check import assert_loss_falls, knn_of, tiny_encoder
+from pretext_check import CPU, assert_loss_falls, knn_of, tiny_encoder
 
 
 def colour(*rgb: float) -> torch.Tensor:
@@ -110,7 +111,7 @@ def coloured_knn(tmp_path_factory) -> dict:
     recipe = ColorizationConfig(name="colorization", epochs=6, batch_size=64, lr=0.005)
     model = PRETEXTS.get("colorization").impl(recipe, encoder).to(memory_format=torch.channels_last)
     checkpoint = tmp_path_factory.mktemp("colorization") / "ckpt.pt"
-    result = train_pretext(model, data.train_images, data.train_labels, recipe, torch.device("cpu"), torch.bfloat16, 0, checkpoint)
+    result = train_pretext(model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), 0, checkpoint)
     lightness = as_lightness(data)
     return {
         "losses": result.epoch_losses,
