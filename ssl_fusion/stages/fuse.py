@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pandas as pd
 import torch
@@ -166,11 +166,16 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     return result
 
 
-def train_on_images(ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any] | None:
-    """The result of a method that trains on the labeled images rather than cached features
-    (``needs_images``, e.g. ``supervised_scratch``); None for a head."""
+def evaluate_method(
+    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int, features: Callable[[], dict[str, FeatureSet]]
+) -> dict[str, Any]:
+    """One result of ``fusion``: a method that trains on the labeled images (``needs_images``, e.g.
+    ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
     method = FUSIONS.get(fusion.name).impl
-    return method(fusion).evaluate(ctx, labels_cfg, seed) if getattr(method, "needs_images", False) else None
+    if getattr(method, "needs_images", False):
+        return method(fusion).evaluate(ctx, labels_cfg, seed)
+    with head_threads(ctx.overrides.num_threads):
+        return fuse_once(features(), fusion, labels_cfg, seed)
 
 
 def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
@@ -200,10 +205,7 @@ def main(cfg: DictConfig) -> None:
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
-    result = train_on_images(ctx, fusion, labels_cfg, cfg.seed)
-    if result is None:
-        with head_threads(ctx.overrides.num_threads):
-            result = fuse_once(cached_features(ctx, used, cache_command(used)), fusion, labels_cfg, cfg.seed)
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache_command(used)))
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
           f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")

@@ -18,7 +18,7 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report import print_table, write_report
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.cache import ensure_features
-from ssl_fusion.stages.fuse import check_head, fuse_once, head_threads, run_context, train_on_images, write_result
+from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, write_result
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 
 log = logging.getLogger("sslfuse")
@@ -68,10 +68,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(run_dir())
     for fusion, used in heads:
         for seed in cfg.seeds:
-            result = train_on_images(ctx, fusion, labels_cfg, seed)
-            if result is None:
-                with head_threads(ctx.overrides.num_threads):
-                    result = fuse_once({p: features[p] for p in used}, fusion, labels_cfg, seed)
+            result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
             write_result(out / "fuse" / result["method"] / f"seed{seed}", result, run_context(ctx))
             log.info("%s seed %d: test accuracy %.4f", result["method"], seed, result["test_accuracy"])
     table, md_path, _ = write_report(out)
