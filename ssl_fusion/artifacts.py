@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ PRETRAIN_CODE_VERSION = 1
 CACHE_CODE_VERSION = 1
 ENCODERS_KIND = "encoders"
 FEATURES_KIND = "features"
+VIEWS_KIND = "views"
 SPLITS = ("train", "test")
 
 
@@ -62,6 +64,12 @@ def features_artifact(ctx: StageContext, encoder_name: str) -> str:
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
+def views_artifact(encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str]) -> str:
+    key = content_key({"stage": "cache views", "code": CACHE_CODE_VERSION, "encoder": encoder_name, "views": views,
+                       "max_shift": max_shift, "train_data": data_fingerprints["train"]})
+    return f"{encoder_name.split('-')[0]}-{key}"
+
+
 def load_encoder(store: ArtifactStore, name: str) -> Encoder:
     manifest = store.manifest(ENCODERS_KIND, name)
     if manifest is None:
@@ -82,6 +90,15 @@ class FeatureSet:
     train_labels: torch.Tensor
     test_labels: torch.Tensor
     uses_labels: bool = False  # made by an encoder trained with all training labels (a reference, not SSL)
+    train_views: Optional[torch.Tensor] = None  # (views, train samples, dim): features of augmented train images
+
+    def labeled_rows(self, labeled: torch.Tensor) -> torch.Tensor:
+        """Standardized features of the ``labeled`` train rows, (1 + views, rows, dim): the plain images first, then
+        each cached augmented view of them."""
+        plain = self.train[labeled][None]
+        if self.train_views is None:
+            return self.standardized(plain)
+        return self.standardized(torch.cat([plain, self.train_views[:, labeled].float()]))
 
     @functools.cached_property
     def scale(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +114,25 @@ class FeatureSet:
 
 def features_exist(store: ArtifactStore, name: str) -> bool:
     return (store.folder(FEATURES_KIND, name) / MANIFEST).is_file()
+
+
+def views_exist(store: ArtifactStore, name: str) -> bool:
+    return (store.folder(VIEWS_KIND, name) / MANIFEST).is_file()
+
+
+def load_views(store: ArtifactStore, name: str) -> torch.Tensor:
+    """A stored views artifact: float16 features (views, train samples, dim), memory-mapped; read (and its hash
+    checked) once per process unless a file of it changes."""
+    if not views_exist(store, name):
+        raise UserError(f"views artifact '{name}' is not in the store '{store.root}'")
+    return _load_views(store.root.resolve(), name, _files_state(store.folder(VIEWS_KIND, name)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_views(root: Path, name: str, files_state: tuple[tuple[str, int, int], ...]) -> torch.Tensor:
+    store = ArtifactStore(root)
+    store.manifest(VIEWS_KIND, name)
+    return torch.from_numpy(np.load(store.folder(VIEWS_KIND, name) / "train_views.npy", mmap_mode="c"))
 
 
 def load_features(store: ArtifactStore, name: str) -> FeatureSet:

@@ -34,16 +34,27 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], flip: 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def random_shift_flip(images: torch.Tensor, max_shift: float) -> torch.Tensor:
-    """Shift by up to ``max_shift`` of the size (zero fill) and mirror half of the batch."""
-    batch = images.shape[0]
-    device = images.device
-    theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
+def shift_flip_params(batch: int, max_shift: float, device: torch.device | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per sample: mirror sign (half of them -1) and x, y shift in [-max_shift, max_shift] of the size; (batch, 3)."""
+    mirror = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(batch, 2, device=device, generator=generator) * 2 - 1) * max_shift
+    return torch.cat([mirror[:, None], shift], dim=1)
+
+
+def shift_flip(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Mirror and shift each image by its row of ``shift_flip_params`` (zero fill)."""
+    theta = torch.zeros(images.shape[0], 2, 3, device=images.device)
+    theta[:, 0, 0] = params[:, 0]
     theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = (torch.rand(batch, 2, device=device) * 2 - 1) * 2 * max_shift
+    theta[:, :, 2] = params[:, 1:] * 2  # affine_grid's coordinates span [-1, 1]: a shift of s of the size is 2s
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_shift_flip(images: torch.Tensor, max_shift: float) -> torch.Tensor:
+    """Shift by up to ``max_shift`` of the size (zero fill) and mirror half of the batch."""
+    return shift_flip(images, shift_flip_params(images.shape[0], max_shift, images.device))
 
 
 def color_jitter(images: torch.Tensor, brightness: float, contrast: float, saturation: float, grayscale_p: float) -> torch.Tensor:

@@ -45,6 +45,15 @@ class ProbeConfig:
 @dataclass
 class CacheConfig:
     batch_size: int = 1024
+    views: int = 0  # > 0: also cache features of this many augmented copies of every train image (heads train on them)
+    views_max_shift: float = 0.1  # each view: a random shift by up to this fraction of the size; half of them mirrored
+
+
+def check_views(cache: CacheConfig) -> None:
+    if cache.views < 0:
+        raise UserError(f"cache.views must be >= 0 (0: no augmented views), got {cache.views}")
+    if not 0 <= cache.views_max_shift < 0.5:
+        raise UserError(f"cache.views_max_shift must be in [0, 0.5), got {cache.views_max_shift}")
 
 
 @dataclass
@@ -92,6 +101,7 @@ class FuseStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # cache.views: train on that many cached views
 
 
 @dataclass

@@ -103,10 +103,12 @@ def fit_stack(
     seeds: list[int],
     on_eval: Optional[Callable[[int, HeadStack], None]] = None,
 ) -> torch.Tensor:
-    """Minimise each member's cross entropy + ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam
+    """``features``: per pretext, (views, samples, dim), the plain features first (see ``FeatureSet.labeled_rows``).
+    Minimise each member's cross entropy + ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam
     steps; returns the loss curves (members, steps). Member m draws its batches from ``seeds[m]``; when all
     seeds are equal the members share batches and dropout masks. ``on_eval(step, stack)`` runs every
-    ``cfg.eval_every`` steps."""
+    ``cfg.eval_every`` steps. Each sample of a batch is read from one of its views, drawn at random, the same
+    view for every pretext (all pretexts saw the same augmented image)."""
     shared = len(set(seeds)) == 1
     generators = [torch.Generator().manual_seed(seed) for seed in (seeds[:1] if shared else seeds)]
     # Constant rate: a refit for N steps retraces selection.
@@ -115,9 +117,9 @@ def fit_stack(
     losses = torch.empty(steps, len(stack))
     stack.template.train()
     for step in range(1, steps + 1):
-        index = torch.stack([torch.randperm(len(labels), generator=g)[:batch_size] for g in generators])
-        index = index[0] if shared else index
-        logits, regularization = stack([f[index] for f in features], shared)
+        view, index = draw_batch(generators, len(labels), batch_size, len(features[0]))
+        view, index = (view[0], index[0]) if shared else (view, index)
+        logits, regularization = stack([f[view, index] for f in features], shared)
         targets = labels[index].expand(len(stack), batch_size)
         loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
         total = (loss + l2 * stack.penalty() + regularization).sum()
@@ -128,6 +130,15 @@ def fit_stack(
         if on_eval is not None and step % cfg.eval_every == 0:
             on_eval(step, stack)
     return losses.T
+
+
+def draw_batch(generators: list[torch.Generator], samples: int, batch_size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per generator, ``batch_size`` distinct sample positions and the view each is read from (members, batch).
+    With one view no view is drawn, so the batches are the ones plain features always gave."""
+    index = torch.stack([torch.randperm(samples, generator=g)[:batch_size] for g in generators])
+    if views == 1:
+        return torch.zeros_like(index), index
+    return torch.stack([torch.randint(views, (batch_size,), generator=g) for g in generators]), index
 
 
 @torch.no_grad()
@@ -154,9 +165,10 @@ def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 
 def select_hyperparameters(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> Selection:
-    """Grid over L2 strengths × training length, scored on a validation part of the labeled set."""
+    """Grid over L2 strengths × training length, scored on a validation part of the labeled set (plain features;
+    ``features`` as for ``fit_stack``)."""
     fit_part, val_part = split_validation(labels, cfg.val_fraction, seed)
-    val_features, val_labels = [f[val_part] for f in features], labels[val_part]
+    val_features, val_labels = [f[0, val_part] for f in features], labels[val_part]
     scores: dict[int, list[tuple[float, float]]] = {}
 
     def record(step: int, stack: HeadStack) -> None:
@@ -166,7 +178,7 @@ def select_hyperparameters(make_head: HeadFactory, features: list[torch.Tensor],
     head = make_head()
     stack = HeadStack([head] + [copy.deepcopy(head) for _ in cfg.l2_grid[1:]])
     l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32)
-    fit_stack(stack, [f[fit_part] for f in features], labels[fit_part], cfg, l2, cfg.steps, [seed] * len(stack), record)
+    fit_stack(stack, [f[:, fit_part] for f in features], labels[fit_part], cfg, l2, cfg.steps, [seed] * len(stack), record)
     best: Optional[Selection] = None
     for member, strength in enumerate(cfg.l2_grid):
         for step, member_scores in scores.items():

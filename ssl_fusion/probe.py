@@ -19,15 +19,20 @@ def encode_batches(
     device: torch.device,
     dtype: torch.dtype,
     on_batch: Callable[[int, torch.Tensor], None],
+    transform: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ) -> None:
-    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result."""
+    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result.
+    ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding."""
     encoder.eval()
     pin = device.type == "cuda"
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         if pin:
             batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+        batch = batch.to(device, non_blocking=True).float().div_(255)
+        if transform is not None:
+            batch = transform(start, batch)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             features = encoder(batch)
         on_batch(start, features.float().cpu())

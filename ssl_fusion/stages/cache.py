@@ -10,11 +10,14 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion import distributed
-from ssl_fusion.artifacts import ENCODERS_KIND, FEATURES_KIND, SPLITS, encoder_artifact, features_artifact, load_encoder, pretext_recipe
-from ssl_fusion.config import check_names
+from ssl_fusion.artifacts import (
+    ENCODERS_KIND, FEATURES_KIND, SPLITS, VIEWS_KIND, encoder_artifact, features_artifact, load_encoder, pretext_recipe, views_artifact,
+)
+from ssl_fusion.augment import shift_flip, shift_flip_params
+from ssl_fusion.config import CacheConfig, check_names, check_views
 from ssl_fusion.context import StageContext, check_positive, open_context
 from ssl_fusion.device import prepare_model
 from ssl_fusion.errors import UserError
@@ -55,14 +58,19 @@ def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch
         progress.advance(task, len(features))
 
     if image_free:
-        generator = torch.Generator().manual_seed(ctx.seed * 2 + (split == "test"))
-        store_batch(0, torch.randn(len(images), encoder.out_dim, generator=generator)[start:stop])
+        store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
     else:
         encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch)
     out.flush()
     del out
     if distributed.is_main():
         np.save(scratch / f"{split}_labels.npy", labels.numpy())
+
+
+def noise_features(ctx: StageContext, split: str, dim: int) -> torch.Tensor:
+    """The ``noise`` control's features of a split: one seeded Gaussian vector per sample, whatever the image."""
+    generator = torch.Generator().manual_seed(ctx.seed * 2 + (split == "test"))
+    return torch.randn(len(ctx.data.split(split)[1]), dim, generator=generator)
 
 
 def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 1 << 16) -> None:
@@ -113,6 +121,54 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
     return name, distributed.broadcast(manifest), False
 
 
+def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tuple[str, bool]:
+    """Features of ``cache.views`` randomly shifted and mirrored copies of every train image, stored once as
+    (views, samples, dim) float16. The draws come from a CPU generator seeded by the view, so every encoder (and
+    any batch size or device) sees the same augmented images. Returns the artifact name and whether it was reused."""
+    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
+    if distributed.world_size() > 1:
+        raise UserError("cache.views is cached by one process; run it without torchrun")
+    with ctx.store.lock(VIEWS_KIND, name):
+        if ctx.store.manifest(VIEWS_KIND, name) is not None:
+            log.info("reused cached views %s (no encoder run)", name)
+            return name, True
+        encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
+        image_free = PRETEXTS.get(ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]["pretext"]["name"]).impl.ignores_images
+        images = ctx.data.train_images
+        started = time.perf_counter()
+        with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
+            out = np.lib.format.open_memmap(scratch / "train_views.npy", mode="w+", dtype=np.float16,
+                                            shape=(cache.views, len(images), encoder.out_dim))
+            task = progress.add_task("cache views", total=cache.views * len(images), status="")
+            for view in range(cache.views):
+                params = shift_flip_params(len(images), cache.views_max_shift, generator=torch.Generator().manual_seed(view))
+
+                def store_batch(offset: int, features: torch.Tensor, view: int = view) -> None:
+                    out[view, offset : offset + len(features)] = features.numpy().astype(np.float16)
+                    progress.advance(task, len(features))
+
+                def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
+                    return shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
+
+                if image_free:
+                    store_batch(0, noise_features(ctx, "train", encoder.out_dim))
+                else:
+                    encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment)
+            out.flush()
+            del out
+            seconds = time.perf_counter() - started
+            ctx.store.publish(VIEWS_KIND, name, scratch, {
+                "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,
+                           "dtype": "float16"},
+                "data": {"train": ctx.fingerprints["train"]},
+                "metrics": {"dim": encoder.out_dim, "n_train": len(images)},
+                "timings": {"seconds": seconds, "images_per_second": cache.views * len(images) / seconds},
+                "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
+            })
+    log.info("cached %d views of %d train images for %s in %.0f s", cache.views, len(images), name, seconds)
+    return name, False
+
+
 def publish_features(
     ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float
 ) -> dict:
@@ -149,6 +205,8 @@ def pretrain_command(pretext: str) -> str:
 def main(cfg: DictConfig) -> None:
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
     check_positive("cache.batch_size", cfg.cache.batch_size)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
+    check_views(cache)
     ctx = open_context(cfg, cfg.encoder_seed)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
     with distributed.process_group(ctx.device) as device:
@@ -157,3 +215,6 @@ def main(cfg: DictConfig) -> None:
             name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
             if distributed.is_main():
                 print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
+            if cache.views:
+                name, reused = ensure_views(ctx, encoder_name, cache)
+                print(f"{cache.views} views {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(VIEWS_KIND, name)}")

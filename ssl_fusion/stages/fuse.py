@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.artifacts import FeatureSet, encoder_artifact, features_artifact, features_exist, load_features, pretext_recipe
-from ssl_fusion.config import LabelsConfig, check_names
+from ssl_fusion.artifacts import (
+    FeatureSet, encoder_artifact, features_artifact, features_exist, load_features, load_views, pretext_recipe, views_artifact, views_exist,
+)
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views
 from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -42,25 +45,39 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
 
 
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
-    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``; a pretext trained with all labels is
+    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``, ``concat[4 views](...)``; a pretext trained with all labels is
     marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
     names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
     method = fusion.name
     if fusion.name == "select":
         method += "[oracle: uses test]" if fusion.by == "oracle" else f"[by={fusion.by}]"
+    views = next(iter(features.values())).train_views
+    if views is not None:
+        method += f"[{len(views)} views]"
     return f"{method}({'+'.join(names)})"
 
 
-def cached_features(ctx: StageContext, pretexts: list[str], cache_command: str) -> dict[str, FeatureSet]:
-    """Each pretext's cached features; a UserError naming the command that makes a missing one."""
+def cached_features(ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str) -> dict[str, FeatureSet]:
+    """Each pretext's cached features, with its ``cache.views`` augmented views when asked for; a UserError naming
+    the command that makes a missing one."""
     features = {}
     for pretext in pretexts:
         encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
         name = features_artifact(ctx, encoder_name)
         if not features_exist(ctx.store, name):
             raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
-        features[pretext] = load_features(ctx.store, name)
+        features[pretext] = with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
     return features
+
+
+def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache: CacheConfig, cache_command: str) -> FeatureSet:
+    """``features`` with the encoder's ``cache.views`` stored augmented views attached (unchanged when 0)."""
+    if not cache.views:
+        return features
+    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
+    if not views_exist(ctx.store, name):
+        raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; make them with: {cache_command}")
+    return dataclasses.replace(features, train_views=load_views(ctx.store, name))
 
 
 def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -84,7 +101,7 @@ def fit_and_predict(
 ) -> tuple[torch.Tensor, torch.Tensor | None, Selection, list[float]]:
     """Select and refit ``fusion``'s head on the labeled features; test-set probabilities and weights."""
     head_cls = FUSIONS.get(fusion.name).impl
-    dims = [f.shape[1] for f in train]
+    dims = [f.shape[-1] for f in train]
     heads, selection, losses = train_selected(lambda: head_cls(fusion, dims, num_classes), train, labels, fusion, seed)
     probs, weights = predict_proba(heads, test)
     return probs, weights, selection, losses
@@ -100,14 +117,15 @@ def choose_pretext(
     def val_accuracy(name: str) -> float:
         head_cls = FUSIONS.get(fusion.name).impl
         feats = [train[position[name]]]
-        return select_hyperparameters(lambda: head_cls(fusion, [feats[0].shape[1]], num_classes), feats, labels, fusion, seed).val_accuracy
+        return select_hyperparameters(lambda: head_cls(fusion, [feats[0].shape[-1]], num_classes), feats, labels, fusion, seed).val_accuracy
 
     def test_accuracy(name: str) -> float:
         i = position[name]
         probs, _, _, _ = fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed)
         return score(probs, test_labels)[0]
 
-    scores = criterion_scores(fusion, dict(zip(names, train)), labels, seed, val_accuracy, test_accuracy)
+    plain = {name: views[0] for name, views in zip(names, train)}
+    scores = criterion_scores(fusion, plain, labels, seed, val_accuracy, test_accuracy)
     return position[max(scores, key=scores.get)], scores
 
 
@@ -125,12 +143,13 @@ def head_threads(num_threads: Optional[int]) -> Iterator[None]:
 
 
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
-    """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split."""
+    """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
+    Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
     labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
-    train = [s.standardized(s.train[labeled]) for s in sets]
+    train = [s.labeled_rows(labeled) for s in sets]
     test = [s.standardized(s.test) for s in sets]
     num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
@@ -154,6 +173,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "selected_l2": selection.l2,
         "selected_steps": selection.steps,
         "val_accuracy": selection.val_accuracy,
+        "cached_views": len(train[0]) - 1,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "fit_seconds": time.perf_counter() - started,
@@ -205,7 +225,9 @@ def main(cfg: DictConfig) -> None:
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
-    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache_command(used)))
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
+    check_views(cache)
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, cache_command(used)))
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
           f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.artifacts import load_features, pretext_recipe
-from ssl_fusion.config import LabelsConfig, check_names, load_option
+from ssl_fusion.artifacts import FeatureSet, load_features, pretext_recipe
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views, load_option
 from ssl_fusion.context import StageContext, check_positive, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -17,8 +17,8 @@ from ssl_fusion.labels import stratified_subset
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report import print_table, write_report
 from ssl_fusion.stages import run_dir, stage_app
-from ssl_fusion.stages.cache import ensure_features
-from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, write_result
+from ssl_fusion.stages.cache import ensure_features, ensure_views
+from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, with_views, write_result
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 
 log = logging.getLogger("sslfuse")
@@ -36,16 +36,20 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
     return heads
 
 
-def prepare_features(ctx: StageContext, cfg: DictConfig, pretexts: list[str]) -> dict[str, str]:
-    """Pretrain and cache whatever the store lacks; returns each pretext's feature artifact name."""
-    names = {}
+def prepare_features(ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pretexts: list[str]) -> dict[str, FeatureSet]:
+    """Pretrain and cache whatever the store lacks (features, and ``cache.views`` views); each pretext's features."""
+    features = {}
     for pretext in pretexts:
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
-        features_name, _, cached = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
-        names[pretext] = features_name
+        features_name, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
+        views = ""
+        if cache.views:
+            _, views_reused = ensure_views(ctx, encoder_name, cache)
+            views = f", {cache.views} views {'reused' if views_reused else 'cached'}"
+        features[pretext] = with_views(ctx, load_features(ctx.store, features_name), encoder_name, cache, "sslfuse cache")
         print(f"{pretext:>17}: encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
-              f"features {'reused' if cached else 'cached'}")
-    return names
+              f"features {'reused' if cached else 'cached'}{views}")
+    return features
 
 
 @stage_app("run")
@@ -58,13 +62,14 @@ def main(cfg: DictConfig) -> None:
     if not cfg.seeds:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
     check_positive("cache.batch_size", cfg.cache.batch_size)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
+    check_views(cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, 0)
     for pretext in pretexts:
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
-    feature_names = prepare_features(ctx, cfg, pretexts)
-    features = {p: load_features(ctx.store, name) for p, name in feature_names.items()}
+    features = prepare_features(ctx, cfg, cache, pretexts)
     out = Path(run_dir())
     for fusion, used in heads:
         for seed in cfg.seeds:
