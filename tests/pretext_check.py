@@ -81,8 +81,9 @@ def knn_of(encoder, data: ImageData) -> float:
     return knn_accuracy(bank, data.train_labels, queries, data.test_labels, k=20, num_classes=data.num_classes)
 
 
-def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0) -> tuple[float, float, list[float]]:
-    """kNN accuracy after pretraining with ``recipe`` on ``data``, of the same encoder before it, and the epoch losses."""
+def short_pretraining(recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0) -> tuple[Pretext, Encoder, list[float]]:
+    """The pretext model after pretraining with ``recipe`` on ``data``, a copy of its encoder from before, and the
+    epoch losses."""
     torch.manual_seed(seed)
     encoder = build_encoder(SmallCNNConfig(name="small_cnn"), data.channels)
     encoder.set_statistics(data.train_images)
@@ -93,7 +94,13 @@ def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir
     result = train_pretext(
         model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), seed, checkpoint_dir / "ckpt.pt"
     )
-    return knn_of(encoder, data), knn_of(untrained, data), result.epoch_losses
+    return model, untrained, result.epoch_losses
+
+
+def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0) -> tuple[float, float, list[float]]:
+    """kNN accuracy after pretraining with ``recipe`` on ``data``, of the same encoder before it, and the epoch losses."""
+    model, untrained, losses = short_pretraining(recipe, data, checkpoint_dir, seed)
+    return knn_of(model.encoder, data), knn_of(untrained, data), losses
 
 
 def assert_beats_untrained(recipe: PretextConfig, checkpoint_dir: Path, margin: float) -> None:

@@ -5,7 +5,7 @@ import torch
 from ssl_fusion.artifacts import FeatureSet
 from ssl_fusion.config import LabelsConfig
 from ssl_fusion.fusion.attention import AttentionConfig, AttentionFusion
-from ssl_fusion.fusion.concat import ConcatConfig
+from ssl_fusion.fusion.concat import ConcatConfig, ConcatFusion
 from ssl_fusion.stages.fuse import fuse_once
 
 
@@ -34,6 +34,19 @@ def test_attention_weights_are_a_distribution_per_sample():
     assert weights.shape == (10, 3)
     assert (weights >= 0).all() and torch.allclose(weights.sum(1), torch.ones(10))
     assert head(features).shape == (10, 5)
+
+
+def test_attention_combining_by_concat_with_equal_weights_is_the_concat_head():
+    cfg = AttentionConfig(name="attention", combine="concat")
+    head = AttentionFusion(cfg, [32, 48], num_classes=5).eval()
+    torch.nn.init.zeros_(head.scorer[-1].weight)  # equal scores: equal weights
+    concat = ConcatFusion(ConcatConfig(name="concat"), [32, 48], num_classes=5).eval()
+    with torch.no_grad():
+        concat.classifier.weight.copy_(torch.cat([c.weight for c in head.classifiers], dim=1))
+        concat.classifier.bias.copy_(sum(c.bias for c in head.classifiers))
+    features = [torch.randn(10, 32), torch.randn(10, 48)]
+    assert torch.allclose(head.pretext_weights(features), torch.full((10, 2), 0.5))
+    assert torch.allclose(head(features), concat(features), atol=1e-5)
 
 
 def test_attention_learns_and_shifts_weight_to_the_informative_pretext():

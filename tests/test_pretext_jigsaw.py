@@ -9,7 +9,9 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.jigsaw import JigsawConfig, jigsaw_pseudo_labels, maximin_permutations, shuffle_tiles
 
 from conftest import needs_fashion_mnist
-from pretext_check import assert_beats_untrained, assert_bf16_loss_backpropagates, assert_loss_falls, prototype_images, tiny_encoder
+from pretext_check import (
+    assert_bf16_loss_backpropagates, assert_loss_falls, fashion_mnist_subset, prototype_images, short_pretraining, tiny_encoder,
+)
 
 
 def image_data(channels: int, height: int, width: int) -> ImageData:
@@ -89,9 +91,18 @@ def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation
 
 
 @needs_fashion_mnist
-@pytest.mark.xfail(reason="jigsaw's short-pretraining kNN gain fell below the asserted margin in a full-suite run; recipe not tuned yet", strict=False)
-def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    # Measured with this recipe: 0.766 vs 0.744 untrained (2 threads; 0.759 with 1 thread). The gain is small and
-    # noisy: over seeds 0-3 and 1 or 2 threads it ranged 0.004-0.027, mean 0.014 (max_shift 0.15: 0.001-0.025).
-    recipe = JigsawConfig(name="jigsaw", epochs=6, batch_size=64, lr=0.005)
-    assert_beats_untrained(recipe, tmp_path, margin=0.007)
+def test_short_pretraining_solves_held_out_puzzles(tmp_path):
+    """Three epochs on 4,000 Fashion-MNIST images: the puzzles of 1,000 unseen test images are solved far above
+    chance (1/64). Whether that already buys better features is not asserted: the kNN gain over the untrained
+    encoder of 6-epoch runs ranged 0.002-0.027 over seeds (fp32), too noisy for a test."""
+    data = fashion_mnist_subset(4000, 1000)
+    recipe = JigsawConfig(name="jigsaw", epochs=3, batch_size=64, lr=0.005)
+    model, _, losses = short_pretraining(recipe, data, tmp_path)
+    assert losses[-1] < 0.7 * losses[0], losses
+    torch.manual_seed(1)
+    images = data.test_images.float().div(255)
+    shuffled, order = jigsaw_pseudo_labels(images, model.permutations, recipe.grid)
+    model.eval()
+    with torch.no_grad():
+        solved = (model.head(model.encoder(shuffled.contiguous(memory_format=torch.channels_last))).argmax(1) == order).float().mean()
+    assert solved > 0.3, float(solved)

@@ -2,7 +2,10 @@
 
 Each pretext's feature is projected to a common width and normalised; a scorer gives one score per
 pretext per sample; a softmax over pretexts weights the projected features; a linear classifier
-reads their weighted sum.
+reads their weighted sum (``combine: sum``). With ``combine: concat`` the weights scale each
+pretext's own (unprojected) features instead, times the number of pretexts, and a linear classifier
+reads their concatenation: equal weights give exactly the ``concat`` head, so the attention only has
+to learn where to depart from it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+from ssl_fusion.fusion.mean import project, projections
 
 
 @dataclass
@@ -24,9 +28,11 @@ class AttentionConfig(FusionConfig):
     temperature: float = 1.0
     entropy_weight: float = 0.0
     pretext_dropout: float = 0.0
+    combine: str = "sum"
 
 
 QUERIES = ("sample", "task")
+COMBINES = ("sum", "concat")
 
 
 @FUSIONS.register("attention", AttentionConfig)
@@ -35,14 +41,19 @@ class AttentionFusion(FusionHead):
         super().__init__(cfg, feature_dims, num_classes)
         if cfg.query not in QUERIES:
             raise UserError(f"fusion.query: '{cfg.query}' is not one of {', '.join(QUERIES)}")
-        self.projections = nn.ModuleList(nn.Sequential(nn.Linear(dim, cfg.width), nn.LayerNorm(cfg.width)) for dim in feature_dims)
+        if cfg.combine not in COMBINES:
+            raise UserError(f"fusion.combine: '{cfg.combine}' is not one of {', '.join(COMBINES)}")
+        self.projections = projections(feature_dims, cfg.width)
         self.scorer = nn.Sequential(nn.Linear(cfg.width, cfg.scorer_hidden), nn.Tanh(), nn.Linear(cfg.scorer_hidden, 1))
         self.task_query = nn.Parameter(torch.zeros(cfg.width))
-        self.classifier = nn.Linear(cfg.width, num_classes)
+        if cfg.combine == "sum":
+            self.classifier = nn.Linear(cfg.width, num_classes)
+        else:  # one block of the concatenation's classifier per pretext
+            self.classifiers = nn.ModuleList(nn.Linear(dim, num_classes) for dim in feature_dims)
         self._entropy = torch.zeros(())
 
     def project(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([proj(self.feature_dropout(f)) for proj, f in zip(self.projections, features)], dim=1)
+        return project(self.projections, features)
 
     def scores(self, projected: torch.Tensor) -> torch.Tensor:
         if self.cfg.query == "task":
@@ -58,10 +69,14 @@ class AttentionFusion(FusionHead):
         return scores.softmax(dim=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        features = [self.feature_dropout(f) for f in features]
         projected = self.project(features)
         weights = self.weights_of(projected)
         self._entropy = -(weights.clamp_min(1e-8).log() * weights).sum(1).mean()
-        return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
+        if self.cfg.combine == "sum":
+            return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
+        per_pretext = torch.stack([classify(f) for classify, f in zip(self.classifiers, features)], dim=1)
+        return len(features) * (weights.unsqueeze(-1) * per_pretext).sum(dim=1)
 
     def pretext_weights(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.weights_of(self.project(features))
