@@ -6,7 +6,7 @@ from ssl_fusion.artifacts import FeatureSet
 from ssl_fusion.config import LabelsConfig
 from ssl_fusion.fusion.attention import AttentionConfig, AttentionFusion
 from ssl_fusion.fusion.concat import ConcatConfig, ConcatFusion
-from ssl_fusion.stages.fuse import fuse_once
+from ssl_fusion.stages.fuse import fuse_once, method_label
 
 
 def informative_and_noise(n_train: int = 600, n_test: int = 400) -> dict[str, FeatureSet]:
@@ -55,6 +55,14 @@ def test_attention_learns_and_shifts_weight_to_the_informative_pretext():
     assert result["final_loss"] < result["first_loss"]
     assert result["test_accuracy"] > 0.9
     assert result["mean_pretext_weights"]["good"] > 0.6
+
+
+def test_method_names_show_the_options_changed_from_the_yaml():
+    features = informative_and_noise()
+    assert method_label(AttentionConfig(name="attention"), features) == "attention(good+noise)"
+    assert method_label(AttentionConfig(name="attention", combine="concat", temperature=0.5), features) == (
+        "attention[temperature=0.5,combine=concat](good+noise)"
+    )
 
 
 def test_fusion_is_deterministic_for_a_seed():

@@ -75,7 +75,7 @@ def test_heads_learn_from_cached_views():
     plain = fuse_once({"p": noisy_copies(0)}, cfg, labels, seed=0)
     viewed = fuse_once({"p": noisy_copies(16)}, cfg, labels, seed=0)
     assert plain["cached_views"] == 0 and viewed["cached_views"] == 16
-    assert viewed["method"] == "concat[16 views](p)" and plain["method"] == "concat(p)"
+    assert viewed["method"] == "concat[restarts=1][16 views](p)" and plain["method"] == "concat[restarts=1](p)"
     assert viewed["labeled_indices_sha256"] == plain["labeled_indices_sha256"]
     assert viewed["test_accuracy"] > plain["test_accuracy"] + 0.03, (viewed["test_accuracy"], plain["test_accuracy"])
 

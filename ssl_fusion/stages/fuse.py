@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_fusion.artifacts import (
     FeatureSet, encoder_artifact, features_artifact, features_exist, load_features, load_views, pretext_recipe, views_artifact, views_exist,
 )
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views, load_option
 from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -44,13 +44,24 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
     FUSIONS.get(fusion.name).impl(fusion, [8] * (1 if fusion.name in ("single", "select") else n_pretexts), 2)
 
 
+def changed_options(fusion: FusionConfig) -> dict[str, Any]:
+    """The options of ``fusion`` that differ from its ``conf/fusion/<name>.yaml``, so that a sweep over an option
+    gives each value its own row (``single``'s pretext and ``select``'s criterion are shown elsewhere)."""
+    default, current = as_plain(load_option(FUSIONS, fusion.name)), as_plain(fusion)
+    return {key: value for key, value in current.items() if key not in ("pretext", "by") and value != default.get(key)}
+
+
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
-    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``, ``concat[4 views](...)``; a pretext trained with all labels is
+    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``, ``attention[combine=concat](...)`` (options
+    changed from the YAML), ``concat[4 views](...)``; a pretext trained with all labels is
     marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
     names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
     method = fusion.name
     if fusion.name == "select":
         method += "[oracle: uses test]" if fusion.by == "oracle" else f"[by={fusion.by}]"
+    changed = changed_options(fusion)
+    if changed:
+        method += f"[{','.join(f'{key}={value}' for key, value in changed.items())}]"
     views = next(iter(features.values())).train_views
     if views is not None:
         method += f"[{len(views)} views]"
