@@ -3,7 +3,7 @@
 # attention combining by concatenation, over rotation + SimCLR + inpainting on Fashion-MNIST: 1% labels,
 # three seeds, plus the noise control. Caches whatever the store lacks first (the encoders must be stored:
 # scripts/fusion_table.sh makes them); extra key=value arguments go to every command.
-# Usage: scripts/views_table.sh [key=value ...]
+# Usage: scripts/views_table.sh [key=value ...]   (README: train.epochs=1, as for scripts/fusion_table.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sweep=outputs/multirun/views_table
