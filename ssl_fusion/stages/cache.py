@@ -121,51 +121,56 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
     return name, distributed.broadcast(manifest), False
 
 
+def write_views(ctx: StageContext, encoder, image_free: bool, cache: CacheConfig, path: Path, progress) -> None:
+    """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
+    (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
+    whole split at once: the same augmented images for every encoder, batch size and device. The ``noise``
+    control's features ignore the image, so each of its views repeats its plain train features."""
+    images = ctx.data.train_images
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(cache.views, len(images), encoder.out_dim))
+    task = progress.add_task("cache views", total=cache.views * len(images), status="")
+    for view in range(cache.views):
+        params = shift_flip_params(len(images), cache.views_max_shift, generator=torch.Generator().manual_seed(view))
+
+        def store_batch(offset: int, features: torch.Tensor, view: int = view) -> None:
+            out[view, offset : offset + len(features)] = features.numpy().astype(np.float16)
+            progress.advance(task, len(features))
+
+        def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
+            return shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
+
+        if image_free:
+            store_batch(0, noise_features(ctx, "train", encoder.out_dim))
+        else:
+            encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment)
+    out.flush()
+    del out
+
+
 def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tuple[str, bool]:
-    """Features of ``cache.views`` randomly shifted and mirrored copies of every train image, stored once as
-    (views, samples, dim) float16. The draws come from a CPU generator seeded by the view, so every encoder (and
-    any batch size or device) sees the same augmented images. Returns the artifact name and whether it was reused."""
+    """The encoder's cached features of ``cache.views`` augmented copies of every train image (``write_views``):
+    reused when stored, else computed and published. Returns the artifact name and whether it was reused."""
     name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
-    if distributed.world_size() > 1:
-        raise UserError("cache.views is cached by one process; run it without torchrun")
     with ctx.store.lock(VIEWS_KIND, name):
         if ctx.store.manifest(VIEWS_KIND, name) is not None:
             log.info("reused cached views %s (no encoder run)", name)
             return name, True
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
-        image_free = PRETEXTS.get(ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]["pretext"]["name"]).impl.ignores_images
-        images = ctx.data.train_images
+        pretext = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]["pretext"]["name"]
+        n_images = cache.views * len(ctx.data.train_labels)
         started = time.perf_counter()
         with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
-            out = np.lib.format.open_memmap(scratch / "train_views.npy", mode="w+", dtype=np.float16,
-                                            shape=(cache.views, len(images), encoder.out_dim))
-            task = progress.add_task("cache views", total=cache.views * len(images), status="")
-            for view in range(cache.views):
-                params = shift_flip_params(len(images), cache.views_max_shift, generator=torch.Generator().manual_seed(view))
-
-                def store_batch(offset: int, features: torch.Tensor, view: int = view) -> None:
-                    out[view, offset : offset + len(features)] = features.numpy().astype(np.float16)
-                    progress.advance(task, len(features))
-
-                def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
-                    return shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
-
-                if image_free:
-                    store_batch(0, noise_features(ctx, "train", encoder.out_dim))
-                else:
-                    encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment)
-            out.flush()
-            del out
+            write_views(ctx, encoder, PRETEXTS.get(pretext).impl.ignores_images, cache, scratch / "train_views.npy", progress)
             seconds = time.perf_counter() - started
             ctx.store.publish(VIEWS_KIND, name, scratch, {
                 "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,
                            "dtype": "float16"},
                 "data": {"train": ctx.fingerprints["train"]},
-                "metrics": {"dim": encoder.out_dim, "n_train": len(images)},
-                "timings": {"seconds": seconds, "images_per_second": cache.views * len(images) / seconds},
+                "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels)},
+                "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
                 "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
             })
-    log.info("cached %d views of %d train images for %s in %.0f s", cache.views, len(images), name, seconds)
+    log.info("cached %d augmented images for %s in %.0f s (%.0f img/s)", n_images, name, seconds, n_images / seconds)
     return name, False
 
 
@@ -207,6 +212,8 @@ def main(cfg: DictConfig) -> None:
     check_positive("cache.batch_size", cfg.cache.batch_size)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     check_views(cache)
+    if cache.views and distributed.launched():
+        raise UserError("cache.views is cached by one process; run it without torchrun")
     ctx = open_context(cfg, cfg.encoder_seed)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
     with distributed.process_group(ctx.device) as device:
