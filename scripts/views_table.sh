@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Heads trained on cached augmented views (cache.views=4) against the same heads on plain features, and
-# attention combining by concatenation, over rotation + SimCLR + inpainting on Fashion-MNIST: 1% labels,
+# attention combining by concatenation or with pretext dropout, over rotation + SimCLR + inpainting on Fashion-MNIST: 1% labels,
 # three seeds, plus the noise control. Caches whatever the store lacks first (the encoders must be stored:
 # scripts/fusion_table.sh makes them); extra key=value arguments go to every command.
 # Usage: scripts/views_table.sh [key=value ...]   (README: train.epochs=1, as for scripts/fusion_table.sh)
@@ -14,4 +14,5 @@ fuse=(.venv/bin/sslfuse fuse -m seed=0,1,2 labels.fraction=0.01 "$@")
 rm -rf "$sweep/prepare"
 "${fuse[@]}" "pretexts=[$base]" fusion=attention,concat,select cache.views=0,4 hydra.sweep.dir="$sweep/views"
 "${fuse[@]}" "pretexts=[$base],[$base,noise]" fusion=attention fusion.combine=concat cache.views=0,4 hydra.sweep.dir="$sweep/combine"
+"${fuse[@]}" "pretexts=[$base]" fusion=attention fusion.pretext_dropout=0.3 cache.views=0,4 hydra.sweep.dir="$sweep/dropout"
 .venv/bin/sslfuse report "$sweep"
