@@ -94,7 +94,8 @@ def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation
 def test_short_pretraining_solves_held_out_puzzles(tmp_path):
     """Three epochs on 4,000 Fashion-MNIST images: the puzzles of 1,000 unseen test images are solved far above
     chance (1/64). Whether that already buys better features is not asserted: the kNN gain over the untrained
-    encoder of 6-epoch runs ranged 0.002-0.027 over seeds (fp32), too noisy for a test."""
+    encoder of 6-epoch runs ranged 0.002-0.027 over seeds (fp32), too noisy for a test. Measured (seeds 0, 1):
+    0.671 and 0.657 of the puzzles solved; last epoch loss 0.51-0.52x the first."""
     data = fashion_mnist_subset(4000, 1000)
     recipe = JigsawConfig(name="jigsaw", epochs=3, batch_size=64, lr=0.005)
     model, _, losses = short_pretraining(recipe, data, tmp_path)
