@@ -112,18 +112,15 @@ class FeatureSet:
         return (features - mean) / std
 
 
-def features_exist(store: ArtifactStore, name: str) -> bool:
-    return (store.folder(FEATURES_KIND, name) / MANIFEST).is_file()
-
-
-def views_exist(store: ArtifactStore, name: str) -> bool:
-    return (store.folder(VIEWS_KIND, name) / MANIFEST).is_file()
+def artifact_exists(store: ArtifactStore, kind: str, name: str) -> bool:
+    """Whether a complete artifact (one with its manifest) is stored, without hashing its files."""
+    return (store.folder(kind, name) / MANIFEST).is_file()
 
 
 def load_views(store: ArtifactStore, name: str) -> torch.Tensor:
     """A stored views artifact: float16 features (views, train samples, dim), memory-mapped; read (and its hash
     checked) once per process unless a file of it changes."""
-    if not views_exist(store, name):
+    if not artifact_exists(store, VIEWS_KIND, name):
         raise UserError(f"views artifact '{name}' is not in the store '{store.root}'")
     return _load_views(store.root.resolve(), name, _files_state(store.folder(VIEWS_KIND, name)))
 
@@ -139,7 +136,7 @@ def load_features(store: ArtifactStore, name: str) -> FeatureSet:
     """A stored feature artifact, its files checked against their hashes. Jobs of one multirun share the
     process: an artifact is read (and its statistics computed) once, again only if a file of it changes."""
     folder = store.folder(FEATURES_KIND, name)
-    if not features_exist(store, name):
+    if not artifact_exists(store, FEATURES_KIND, name):
         raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
     return _load_features(store.root.resolve(), name, _files_state(folder))
 

@@ -49,11 +49,16 @@ class CacheConfig:
     views_max_shift: float = 0.1  # each view: a random shift by up to this fraction of the size; half of them mirrored
 
 
-def check_views(cache: CacheConfig) -> None:
+def check_cache(node: Any) -> CacheConfig:
+    """The ``cache`` options as a typed config; a one-line UserError naming the first one out of range."""
+    cache: CacheConfig = OmegaConf.to_object(node)
+    if cache.batch_size <= 0:
+        raise UserError(f"cache.batch_size must be > 0, got {cache.batch_size}")
     if cache.views < 0:
         raise UserError(f"cache.views must be >= 0 (0: no augmented views), got {cache.views}")
     if not 0 <= cache.views_max_shift < 0.5:
         raise UserError(f"cache.views_max_shift must be in [0, 0.5), got {cache.views_max_shift}")
+    return cache
 
 
 @dataclass

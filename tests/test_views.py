@@ -135,3 +135,10 @@ def test_bad_view_options_are_refused_before_any_work(tmp_path, override, messag
     proc = sslfuse("cache", *SMOKE, override, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "outputs/artifacts/views").exists()
+
+
+def test_run_caches_views_and_fuses_on_them(tmp_path):
+    proc = sslfuse("run", *SMOKE, "fusions=[concat]", "seeds=[0]", "cache.views=2", "hydra.run.dir=r", cwd=tmp_path)
+    assert "2 views cached" in proc.stdout
+    (result,) = [json.loads(p.read_text()) for p in (tmp_path / "r").rglob("results.json")]
+    assert result["method"] == "concat[2 views](rotation)" and result["cached_views"] == 2

@@ -10,15 +10,15 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ssl_fusion import distributed
 from ssl_fusion.artifacts import (
     ENCODERS_KIND, FEATURES_KIND, SPLITS, VIEWS_KIND, encoder_artifact, features_artifact, load_encoder, pretext_recipe, views_artifact,
 )
 from ssl_fusion.augment import shift_flip, shift_flip_params
-from ssl_fusion.config import CacheConfig, check_names, check_views
-from ssl_fusion.context import StageContext, check_positive, open_context
+from ssl_fusion.config import CacheConfig, check_cache, check_names
+from ssl_fusion.context import StageContext, open_context
 from ssl_fusion.device import prepare_model
 from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import PRETEXTS
@@ -209,9 +209,7 @@ def pretrain_command(pretext: str) -> str:
 @stage_app("cache")
 def main(cfg: DictConfig) -> None:
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
-    check_positive("cache.batch_size", cfg.cache.batch_size)
-    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
-    check_views(cache)
+    cache = check_cache(cfg.cache)
     if cache.views and distributed.launched():
         raise UserError("cache.views is cached by one process; run it without torchrun")
     ctx = open_context(cfg, cfg.encoder_seed)
@@ -219,7 +217,7 @@ def main(cfg: DictConfig) -> None:
     with distributed.process_group(ctx.device) as device:
         ctx.device = device
         for encoder_name in encoders:
-            name, _, reused = ensure_features(ctx, encoder_name, cfg.cache.batch_size)
+            name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size)
             if distributed.is_main():
                 print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
             if cache.views:

@@ -14,9 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.artifacts import (
-    FeatureSet, encoder_artifact, features_artifact, features_exist, load_features, load_views, pretext_recipe, views_artifact, views_exist,
+    FEATURES_KIND, VIEWS_KIND, FeatureSet, artifact_exists, encoder_artifact, features_artifact, load_features, load_views,
+    pretext_recipe, views_artifact,
 )
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views, load_option
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names, load_option
 from ssl_fusion.context import StageContext, as_plain, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -75,7 +76,7 @@ def cached_features(ctx: StageContext, pretexts: list[str], cache: CacheConfig, 
     for pretext in pretexts:
         encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
         name = features_artifact(ctx, encoder_name)
-        if not features_exist(ctx.store, name):
+        if not artifact_exists(ctx.store, FEATURES_KIND, name):
             raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
         features[pretext] = with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
     return features
@@ -86,7 +87,7 @@ def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache
     if not cache.views:
         return features
     name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
-    if not views_exist(ctx.store, name):
+    if not artifact_exists(ctx.store, VIEWS_KIND, name):
         raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; make them with: {cache_command}")
     return dataclasses.replace(features, train_views=load_views(ctx.store, name))
 
@@ -236,8 +237,7 @@ def main(cfg: DictConfig) -> None:
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
-    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
-    check_views(cache)
+    cache = check_cache(cfg.cache)
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, cache_command(used)))
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.artifacts import FeatureSet, load_features, pretext_recipe
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_names, check_views, load_option
-from ssl_fusion.context import StageContext, check_positive, open_context
+from ssl_fusion.artifacts import FeatureSet, load_features, load_views, pretext_recipe
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names, load_option
+from ssl_fusion.context import StageContext, open_context
 from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.labels import stratified_subset
@@ -18,7 +19,7 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report import print_table, write_report
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.cache import ensure_features, ensure_views
-from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, with_views, write_result
+from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, write_result
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 
 log = logging.getLogger("sslfuse")
@@ -42,11 +43,12 @@ def prepare_features(ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pre
     for pretext in pretexts:
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
+        features[pretext] = load_features(ctx.store, features_name)
         views = ""
         if cache.views:
-            _, views_reused = ensure_views(ctx, encoder_name, cache)
+            views_name, views_reused = ensure_views(ctx, encoder_name, cache)
+            features[pretext] = dataclasses.replace(features[pretext], train_views=load_views(ctx.store, views_name))
             views = f", {cache.views} views {'reused' if views_reused else 'cached'}"
-        features[pretext] = with_views(ctx, load_features(ctx.store, features_name), encoder_name, cache, "sslfuse cache")
         print(f"{pretext:>17}: encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
               f"features {'reused' if cached else 'cached'}{views}")
     return features
@@ -61,9 +63,7 @@ def main(cfg: DictConfig) -> None:
         check_head(fusion, len(used))
     if not cfg.seeds:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
-    check_positive("cache.batch_size", cfg.cache.batch_size)
-    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
-    check_views(cache)
+    cache = check_cache(cfg.cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     ctx = open_context(cfg, cfg.encoder_seed)
     stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, 0)
