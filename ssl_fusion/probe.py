@@ -71,6 +71,17 @@ def knn_accuracy(
     return correct / len(test_features)
 
 
+def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, k: int, folds: int, seed: int) -> float:
+    """Mean accuracy of a kNN vote over ``folds`` folds of the labeled set."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    accuracies = []
+    for fold in order.chunk(folds):
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[fold] = False
+        accuracies.append(knn_accuracy(features[keep], labels[keep], features[fold], labels[fold], k=k))
+    return sum(accuracies) / len(accuracies)
+
+
 def linear_probe_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

@@ -37,10 +37,14 @@ def collect_results(folder: Path) -> pd.DataFrame:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Long table: one row per (method, regime) with mean, std and count of test accuracy in percent."""
-    results = results.assign(accuracy=results["test_accuracy"] * 100)
+    """Long table: one row per (method, regime) with mean, std and count of test accuracy in percent, and per
+    control pretext the number of seeds whose screen left it out."""
+    screened_out = results["screened_out"] if "screened_out" in results else pd.Series([None] * len(results), index=results.index)
+    screened = {f"screened_{c}": screened_out.map(lambda out, c=c: isinstance(out, list) and c in out) for c in CONTROLS}
+    results = results.assign(accuracy=results["test_accuracy"] * 100, **screened)
     keys = ["method", "regime", "fusion", "pretext_set"]
-    stats = results.groupby(keys, sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
+    groups = results.groupby(keys, sort=False)
+    stats = groups["accuracy"].agg(["mean", "std", "count"]).join(groups[list(screened)].sum()).reset_index()
     return stats.rename(columns={"count": "seeds"})
 
 
@@ -68,7 +72,8 @@ def pivot(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
-    """Each result whose pretexts include a control, next to the same method and regime without it."""
+    """Each result whose pretexts include a control, next to the same method and regime without it, with the
+    number of seeds in which the screen left the control out."""
     # the method without its pretext list, e.g. select[by=knn]: variants of one head stay apart
     family = stats["method"].str.split("(", n=1).str[0].rename("family")
     indexed = stats.set_index([family, "pretext_set", "regime"])
@@ -83,6 +88,7 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
                     "fusion": fusion, "pretexts": base_set, "added": control, "regime": regime,
                     "without": round(float(base["mean"]), 2), "with": round(float(row["mean"]), 2),
                     "difference": round(float(row["mean"] - base["mean"]), 2),
+                    "screened out": f"{int(row[f'screened_{control}'])} of {int(row['seeds'])} seeds",
                 })
     return pd.DataFrame(rows)
 

@@ -51,7 +51,7 @@ def test_attention_combining_by_concat_with_equal_weights_is_the_concat_head():
 
 def test_attention_learns_and_shifts_weight_to_the_informative_pretext():
     features = informative_and_noise()
-    result = fuse_once(features, AttentionConfig(name="attention"), LabelsConfig(fraction=0.2), seed=0)
+    result = fuse_once(features, AttentionConfig(name="attention", screen=False), LabelsConfig(fraction=0.2), seed=0)
     assert result["final_loss"] < result["first_loss"]
     assert result["test_accuracy"] > 0.9
     assert result["mean_pretext_weights"]["good"] > 0.6

@@ -50,7 +50,7 @@ def test_nothing_about_the_test_labels_reaches_training_or_selection():
 
 @pytest.mark.parametrize("criterion", ["val", "logme", "knn", "oracle"])
 def test_pretext_matching_picks_the_informative_pretext(criterion):
-    cfg = dataclasses.replace(load_option(FUSIONS, "select"), by=criterion)
+    cfg = dataclasses.replace(load_option(FUSIONS, "select"), by=criterion, screen=False)
     result = fuse_once(informative_and_noise(), cfg, LabelsConfig(fraction=0.1), seed=0)
     assert result["chosen_pretext"] == "good"
     assert result["selection_scores"]["good"] > result["selection_scores"]["noise"]

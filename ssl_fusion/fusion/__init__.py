@@ -26,6 +26,7 @@ class FusionConfig:
     val_fraction: float = 0.2
     restarts: int = 2
     feature_dropout: float = 0.2
+    screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.screen)
 
 
 class FusionHead(nn.Module):

@@ -17,7 +17,7 @@ from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionHead
 from ssl_fusion.fusion.concat import ConcatConfig, classifier
 from ssl_fusion.logme import logme_evidence
-from ssl_fusion.probe import knn_accuracy
+from ssl_fusion.probe import cross_validated_knn
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 
@@ -47,17 +47,6 @@ class SelectFusion(FusionHead):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         (only,) = features
         return self.classifier(self.feature_dropout(only))
-
-
-def cross_validated_knn(features: torch.Tensor, labels: torch.Tensor, k: int, folds: int, seed: int) -> float:
-    """Mean accuracy of a kNN vote over ``folds`` folds of the labeled set."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    accuracies = []
-    for fold in order.chunk(folds):
-        keep = torch.ones(len(labels), dtype=torch.bool)
-        keep[fold] = False
-        accuracies.append(knn_accuracy(features[keep], labels[keep], features[fold], labels[fold], k=k))
-    return sum(accuracies) / len(accuracies)
 
 
 def criterion_scores(

@@ -25,6 +25,7 @@ from ssl_fusion.fusion.select import SelectConfig, criterion_scores
 from ssl_fusion.headtrain import Selection, predict_proba, score, select_hyperparameters, train_selected
 from ssl_fusion.labels import stratified_subset, subset_fields
 from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.screen import screen_pretexts
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.store import atomic_write_json, atomic_write_text
 
@@ -154,6 +155,23 @@ def head_threads(num_threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def screened(pretexts: list[str], train: list[torch.Tensor], labels: torch.Tensor, seed: int) -> tuple[list[str], dict[str, Any]]:
+    """The pretexts that pass the screen (``ssl_fusion.screen``) on their plain labeled features, and the result
+    fields that record it."""
+    screen = screen_pretexts({name: views[0] for name, views in zip(pretexts, train)}, labels, seed)
+    record = {"screened_out": [p for p in pretexts if p not in screen.kept], "screen_scores": screen.scores,
+              "screen_threshold": screen.threshold}
+    return screen.kept, record
+
+
+def with_screened_columns(weights: torch.Tensor, used: list[str], pretexts: list[str]) -> torch.Tensor:
+    """Per-sample weights over all ``pretexts`` (samples, pretexts) from weights over the ``used`` ones: a pretext
+    the screen left out has weight 0."""
+    full = torch.zeros(len(weights), len(pretexts))
+    full[:, [pretexts.index(p) for p in used]] = weights
+    return full
+
+
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
     Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
@@ -165,10 +183,13 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     test = [s.standardized(s.test) for s in sets]
     num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
-    extra: dict[str, Any] = {}
+    used, extra = pretexts, {}
+    if fusion.screen and len(pretexts) > 1:
+        used, extra = screened(pretexts, train, train_labels[labeled], seed)
+        train, test = [train[pretexts.index(p)] for p in used], [test[pretexts.index(p)] for p in used]
     if fusion.name == "select":
-        chosen, scores = choose_pretext(fusion, pretexts, train, train_labels[labeled], test, test_labels, num_classes, seed)
-        extra = {"chosen_pretext": pretexts[chosen], "selection_scores": scores}
+        chosen, scores = choose_pretext(fusion, used, train, train_labels[labeled], test, test_labels, num_classes, seed)
+        extra |= {"chosen_pretext": used[chosen], "selection_scores": scores}
         train, test = [train[chosen]], [test[chosen]]
     probs, weights, selection, losses = fit_and_predict(fusion, train, train_labels[labeled], test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
@@ -193,6 +214,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         **extra,
     }
     if weights is not None:
+        weights = with_screened_columns(weights, used, pretexts)
         result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
         result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
     return result
