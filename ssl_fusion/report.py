@@ -23,6 +23,8 @@ from ssl_fusion.errors import UserError
 from ssl_fusion.store import atomic_write_bytes, atomic_write_text
 
 CONTROLS = ("random", "noise")
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
 
 
 def collect_results(folder: Path) -> pd.DataFrame:
@@ -111,14 +113,16 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     regimes = sorted(stats["regime"].unique(), key=regime_order)
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for method, group in stats.groupby("method"):
+    figure, axes = plt.subplots(figsize=(11, 5))
+    for number, (method, group) in enumerate(stats.groupby("method")):
         group = group.set_index("regime").reindex(regimes)
-        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), marker="o", capsize=3, label=method)
+        # the colour cycle has 10 colours: each further ten methods get another line style and marker
+        style = {"linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)], "marker": MARKERS[number // 10 % len(MARKERS)]}
+        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), capsize=3, label=method, **style)
     axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
-    axes.legend(fontsize=7, loc="best")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(figure, path)
 
 
