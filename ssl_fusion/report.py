@@ -41,7 +41,7 @@ def collect_results(folder: Path) -> pd.DataFrame:
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Long table: one row per (method, regime) with mean, std and count of test accuracy in percent, and per
     control pretext the number of seeds whose screen left it out."""
-    screened_out = results["screened_out"] if "screened_out" in results else pd.Series([None] * len(results), index=results.index)
+    screened_out = results.get("screened_out", pd.Series(index=results.index, dtype=object))  # absent before the screen
     screened = {f"screened_{c}": screened_out.map(lambda out, c=c: isinstance(out, list) and c in out) for c in CONTROLS}
     results = results.assign(accuracy=results["test_accuracy"] * 100, **screened)
     keys = ["method", "regime", "fusion", "pretext_set"]
