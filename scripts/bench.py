@@ -26,19 +26,24 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ssl_fusion.artifacts import ENCODERS_KIND, load_features, pretext_recipe
 from ssl_fusion.config import LabelsConfig, ProbeConfig, TrainOverrides, load_option
-from ssl_fusion.context import StageContext
-from ssl_fusion.datasets import load_dataset
-from ssl_fusion.device import autocast, prepare_model, resolve_device, resolve_precision
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.data.datasets import load_dataset
 from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.fusion.protocol import fuse_once, head_threads
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.trainer import train_pretext
+from ssl_fusion.runtime.device import (
+    autocast,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+)
 from ssl_fusion.stages.cache import ensure_features
-from ssl_fusion.stages.fuse import fuse_once, head_threads
+from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.pretrain import ensure_encoder
-from ssl_fusion.store import ArtifactStore
-from ssl_fusion.trainer import train_pretext
+from ssl_fusion.store.artifacts import ENCODERS_KIND, load_features, pretext_recipe
+from ssl_fusion.store.files import ArtifactStore
 
 PRESETS = {
     "default": {"dataset": {"name": "fashion_mnist"}, "pretrain_steps": 60, "fuse_reference_steps": 20, "sweep_seeds": "0,1,2"},

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from ssl_fusion.device import autocast, cpu_has_native_bf16, prepare_model
-from ssl_fusion.encoders import SmallCNNConfig, small_cnn
+from ssl_fusion.models.encoders import SmallCNNConfig, small_cnn
 from ssl_fusion.pretexts.rotation import Rotation, RotationConfig
+from ssl_fusion.runtime.device import autocast, cpu_has_native_bf16, prepare_model
 
 
 def images_per_second(dtype: torch.dtype, steps: int) -> float:

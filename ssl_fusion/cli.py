@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import sys
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 STAGES = {
     "pretrain": "train one encoder on a pretext task and store it   (sslfuse pretrain pretext=rotation)",
@@ -68,7 +68,11 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        OmegaConfBaseException,
+    )
 
     from ssl_fusion.config import CONF_DIR
 
@@ -102,7 +106,7 @@ def installed(module: str) -> bool:
 
 def launch_problem(stage: str, args: list[str]) -> str | None:
     """A stage torchrun cannot split, or a Hydra launcher whose plugin is not installed, in one line."""
-    from ssl_fusion import distributed
+    from ssl_fusion.runtime import distributed
 
     if distributed.launched() and stage not in distributed.STAGES:
         return f"only {' and '.join(distributed.STAGES)} run under torchrun; start {stage} as one process"
@@ -123,7 +127,7 @@ def main() -> None:
         print(f"sslfuse: error: unknown stage '{stage}'; valid stages: {', '.join(STAGES)}", file=sys.stderr)
         sys.exit(2)
     if stage == "report":
-        from ssl_fusion import report
+        from ssl_fusion.report import tables as report
 
         try:
             report.main(rest)
@@ -136,7 +140,7 @@ def main() -> None:
     if problem:
         print(f"sslfuse {stage}: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    from ssl_fusion.distributed import hydra_overrides
+    from ssl_fusion.runtime.distributed import hydra_overrides
 
     sys.argv = [f"sslfuse-{stage}", *rest, *hydra_overrides()]
     module.main()

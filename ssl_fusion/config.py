@@ -14,8 +14,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from ssl_fusion.errors import UserError
-from ssl_fusion.registry import Registry
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.registry import Registry
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
@@ -152,3 +152,8 @@ def check_names(key: str, names: list[str], registry: Registry) -> list[str]:
     for name in names:
         registry.get(name)
     return list(names)
+
+
+def as_plain(config: Any) -> dict[str, Any]:
+    """A typed config (dataclass instance) as a plain dict, for keys and manifests."""
+    return OmegaConf.to_container(OmegaConf.structured(config))

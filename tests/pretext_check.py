@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ssl_fusion.datasets import ImageData, load_dataset
-from ssl_fusion.device import resolve_precision
-from ssl_fusion.encoders import Encoder, SmallCNNConfig, build_encoder
+from ssl_fusion.data.datasets import ImageData, load_dataset
+from ssl_fusion.evaluation.probe import extract_features, knn_accuracy
+from ssl_fusion.models.encoders import Encoder, SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.probe import extract_features, knn_accuracy
-from ssl_fusion.trainer import train_pretext
+from ssl_fusion.pretexts.trainer import train_pretext
+from ssl_fusion.runtime.device import resolve_precision
 
 CPU = torch.device("cpu")  # the short real-data pretrainings run in the precision `auto` picks here
 

@@ -8,11 +8,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ssl_fusion.config import CONF_DIR, load_option
-from ssl_fusion.datasets import DATASETS
-from ssl_fusion.encoders import ENCODERS
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import DATASETS
+import ssl_fusion.stages  # noqa: F401  (the stages register the image baselines beside the heads)
 from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import register_schemas  # noqa: F401  (registers the stage schemas)
 
 REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": FUSIONS}
@@ -70,8 +71,8 @@ def test_option_schema_rejects_wrong_type_with_the_key():
 
 
 def test_train_overrides_change_the_recipe():
-    from ssl_fusion.artifacts import pretext_recipe
     from ssl_fusion.config import TrainOverrides
+    from ssl_fusion.store.artifacts import pretext_recipe
 
     base = pretext_recipe("simclr", TrainOverrides())
     assert pretext_recipe("simclr", TrainOverrides(epochs_scale=4.0)).epochs == 4 * base.epochs

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 from PIL import Image
 
-from conftest import needs_fashion_mnist
-from ssl_fusion.datasets import load_dataset
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import load_dataset
+from ssl_fusion.runtime.errors import UserError
 
 
 def test_synthetic_is_seeded_and_class_dependent():

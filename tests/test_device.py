@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_fusion import device as device_module
-from ssl_fusion.device import resolve_device, resolve_precision
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime import device as device_module
+from ssl_fusion.runtime.device import resolve_device, resolve_precision
+from ssl_fusion.runtime.errors import UserError
 
 CPU = torch.device("cpu")
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import sslfuse
-from ssl_fusion import distributed
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import simclr, vicreg
-from ssl_fusion.store import ArtifactStore
-from ssl_fusion.trainer import epoch_order
+from ssl_fusion.pretexts.trainer import epoch_order
+from ssl_fusion.runtime import distributed
+from ssl_fusion.store.files import ArtifactStore
 
 GLOBAL_BATCH = 16
 N_IMAGES = 40

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import torch
 
-from ssl_fusion.artifacts import FeatureSet
 from ssl_fusion.config import LabelsConfig
+from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion.attention import AttentionConfig, AttentionFusion
 from ssl_fusion.fusion.concat import ConcatConfig, ConcatFusion
-from ssl_fusion.stages.fuse import fuse_once, method_label
+from ssl_fusion.fusion.protocol import fuse_once, method_label
 
 
 def informative_and_noise(n_train: int = 600, n_test: int = 400) -> dict[str, FeatureSet]:

@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from test_fusion import informative_and_noise
 
-from ssl_fusion.artifacts import FeatureSet
 from ssl_fusion.config import CONF_DIR, LabelsConfig
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.ensemble import EnsembleConfig, EnsembleFusion
 from ssl_fusion.fusion.gate import GateConfig, GateFusion
 from ssl_fusion.fusion.mean import MeanConfig
 from ssl_fusion.fusion.moe import MoEConfig, MoEFusion
+from ssl_fusion.fusion.protocol import fuse_once
 from ssl_fusion.fusion.static import StaticConfig, StaticFusion
-from ssl_fusion.logme import logme_evidence
-from ssl_fusion.stages.fuse import fuse_once
+from ssl_fusion.runtime.errors import UserError
 
 NEW_HEADS = ["gate", "static", "moe", "mean", "ensemble"]
 DIMS = [32, 48, 16]

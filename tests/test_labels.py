@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_fusion.errors import UserError
-from ssl_fusion.labels import regime_name, stratified_subset
+from ssl_fusion.data.splits import regime_name, stratified_subset
+from ssl_fusion.runtime.errors import UserError
 
 LABELS = torch.cat([torch.full((n,), c) for c, n in enumerate([1000, 500, 200])])[torch.randperm(1700, generator=torch.Generator().manual_seed(3))]
 

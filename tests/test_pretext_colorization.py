@@ -4,16 +4,21 @@ import copy
 
 import pytest
 import torch
-
-from ssl_fusion.datasets import ImageData, load_dataset
-from ssl_fusion.device import resolve_precision
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
-from ssl_fusion.errors import UserError
-from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.pretexts.colorization import AB_SCALE, ColorizationConfig, colorization_pairs, lab_to_rgb, rgb_to_lab
-from ssl_fusion.trainer import train_pretext
-
 from pretext_check import CPU, assert_loss_falls, knn_of, tiny_encoder
+
+from ssl_fusion.data.datasets import ImageData, load_dataset
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.colorization import (
+    AB_SCALE,
+    ColorizationConfig,
+    colorization_pairs,
+    lab_to_rgb,
+    rgb_to_lab,
+)
+from ssl_fusion.pretexts.trainer import train_pretext
+from ssl_fusion.runtime.device import resolve_precision
+from ssl_fusion.runtime.errors import UserError
 
 
 def colour(*rgb: float) -> torch.Tensor:

@@ -2,15 +2,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ssl_fusion.datasets import load_dataset
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
-from ssl_fusion.errors import UserError
-from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.pretexts.inpainting import InpaintingConfig, mask_patches, patch_mask, reconstruction_loss
-
 from conftest import needs_fashion_mnist
-from pretext_check import assert_beats_untrained, assert_loss_falls, spy_on_encoder_input, tiny_encoder
+from pretext_check import (
+    assert_beats_untrained,
+    assert_loss_falls,
+    spy_on_encoder_input,
+    tiny_encoder,
+)
+
+from ssl_fusion.data.datasets import load_dataset
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.inpainting import (
+    InpaintingConfig,
+    mask_patches,
+    patch_mask,
+    reconstruction_loss,
+)
+from ssl_fusion.runtime.errors import UserError
 
 
 def test_mask_covers_exactly_the_rounded_share_of_whole_patches():

@@ -2,16 +2,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.errors import UserError
-from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.pretexts.jigsaw import JigsawConfig, jigsaw_pseudo_labels, maximin_permutations, shuffle_tiles
-
 from conftest import needs_fashion_mnist
 from pretext_check import (
-    assert_bf16_loss_backpropagates, assert_loss_falls, fashion_mnist_subset, prototype_images, short_pretraining, tiny_encoder,
+    assert_bf16_loss_backpropagates,
+    assert_loss_falls,
+    fashion_mnist_subset,
+    prototype_images,
+    short_pretraining,
+    tiny_encoder,
 )
+
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.jigsaw import (
+    JigsawConfig,
+    jigsaw_pseudo_labels,
+    maximin_permutations,
+    shuffle_tiles,
+)
+from ssl_fusion.runtime.errors import UserError
 
 
 def image_data(channels: int, height: int, width: int) -> ImageData:

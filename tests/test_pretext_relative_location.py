@@ -4,14 +4,22 @@ import copy
 
 import pytest
 import torch
-
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.errors import UserError
-from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.pretexts.relative_location import RelativeLocationConfig, relative_location_pseudo_labels
-
 from conftest import needs_fashion_mnist
-from pretext_check import assert_beats_untrained, assert_bf16_loss_backpropagates, assert_loss_falls, prototype_images, tiny_encoder
+from pretext_check import (
+    assert_beats_untrained,
+    assert_bf16_loss_backpropagates,
+    assert_loss_falls,
+    prototype_images,
+    tiny_encoder,
+)
+
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts.relative_location import (
+    RelativeLocationConfig,
+    relative_location_pseudo_labels,
+)
+from ssl_fusion.runtime.errors import UserError
 
 # Label k -> (row step, column step) from the centre patch to the neighbour: the 8 neighbours in raster order.
 STEPS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_fashion_mnist
+from pretext_check import (
+    assert_beats_untrained,
+    assert_loss_falls,
+    prototype_images,
+    tiny_encoder,
+)
 
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.supervised import Supervised, SupervisedConfig
-
-from conftest import needs_fashion_mnist
-from pretext_check import assert_beats_untrained, assert_loss_falls, prototype_images, tiny_encoder
+from ssl_fusion.runtime.errors import UserError
 
 
 def small_model(num_classes: int = 4) -> Supervised:

@@ -3,12 +3,16 @@ from __future__ import annotations
 import math
 
 import torch
-
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
-from ssl_fusion.pretexts.vicreg import VICReg, VICRegConfig, vicreg_loss
-
 from conftest import needs_fashion_mnist
-from pretext_check import assert_beats_untrained, assert_loss_falls, prototype_images, tiny_encoder
+from pretext_check import (
+    assert_beats_untrained,
+    assert_loss_falls,
+    prototype_images,
+    tiny_encoder,
+)
+
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.pretexts.vicreg import VICReg, VICRegConfig, vicreg_loss
 
 
 def hadamard_columns(rows: int, dims: int) -> torch.Tensor:

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import torch
+from pretext_check import assert_loss_falls, prototype_images, tiny_encoder
 
-from ssl_fusion.augment import color_jitter, random_resized_crop
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.data.augment import color_jitter, random_resized_crop
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.rotation import RotationConfig, rotation_pseudo_labels
 from ssl_fusion.pretexts.simclr import SimCLRConfig, nt_xent
-
-from pretext_check import assert_loss_falls, prototype_images, tiny_encoder
 
 
 def test_rotating_back_by_the_label_restores_the_image():

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 from sklearn.metrics import f1_score
+from test_fusion import informative_and_noise
 
 from ssl_fusion.config import LabelsConfig, load_option
+from ssl_fusion.data.splits import stratified_subset
+from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.headtrain import split_validation
-from ssl_fusion.labels import stratified_subset
-from ssl_fusion.stages.fuse import fuse_once, macro_f1
-from test_fusion import informative_and_noise
+from ssl_fusion.fusion.protocol import fuse_once
+from ssl_fusion.fusion.training import split_validation
 
 LABELS = torch.arange(3000) % 10
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-
 from conftest import needs_fashion_mnist, sslfuse
 
 SUBSET = ["dataset.max_train=4000", "dataset.max_test=1000", "probe.max_test=1000"]

@@ -13,13 +13,13 @@ from pathlib import Path
 import matplotlib.figure
 import pytest
 import torch
-
 from conftest import sslfuse
-from ssl_fusion.encoders import SmallCNNConfig, build_encoder
-from ssl_fusion.errors import UserError
+
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import Pretext, PretextConfig
-from ssl_fusion.report import write_report
-from ssl_fusion.trainer import train_pretext
+from ssl_fusion.pretexts.trainer import train_pretext
+from ssl_fusion.report.tables import write_report
+from ssl_fusion.runtime.errors import UserError
 
 SLOW_SMOKE = [
     "pretrain", "preset=smoke", "pretext=rotation", "precision=fp32", "deterministic=true", "dataset.n_train=2048", "train.batch_size=128",

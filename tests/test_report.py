@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ssl_fusion.report import negative_transfer, print_table, summarize
+from ssl_fusion.report.tables import negative_transfer, print_table, summarize
 
 
 def record(method: str, pretexts: list[str], accuracy: float, seed: int, screened_out: list[str] | None = None) -> dict:

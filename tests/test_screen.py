@@ -8,11 +8,15 @@ import pytest
 import torch
 from test_fusion import informative_and_noise
 
-from ssl_fusion.artifacts import FeatureSet
 from ssl_fusion.config import LabelsConfig, load_option
+from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.screen import SCREEN_MAX_SAMPLES, chance_threshold, screen_pretexts
-from ssl_fusion.stages.fuse import fuse_once, method_label
+from ssl_fusion.fusion.protocol import fuse_once, method_label
+from ssl_fusion.fusion.screen import (
+    SCREEN_MAX_SAMPLES,
+    chance_threshold,
+    screen_pretexts,
+)
 
 
 def weak_source(labels: torch.Tensor, seed: int, split: str = "train") -> torch.Tensor:

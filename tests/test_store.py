@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ssl_fusion.errors import UserError
-from ssl_fusion.store import ArtifactStore, atomic_write_json, content_key
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.store.files import ArtifactStore, atomic_write_json, content_key
 
 
 def publish_one(store: ArtifactStore, name: str = "thing-1") -> dict:

@@ -8,22 +8,24 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import sslfuse
 from omegaconf import OmegaConf
 
-from ssl_fusion.artifacts import FeatureSet
+from ssl_fusion.baselines.supervised_scratch import (
+    SupervisedScratch,
+    SupervisedScratchConfig,
+)
 from ssl_fusion.config import CONF_DIR, LabelsConfig, TrainOverrides, load_option
-from ssl_fusion.context import StageContext
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.datasets.synthetic import SyntheticConfig, make_synthetic
-from ssl_fusion.encoders import SmallCNNConfig
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.splits import stratified_subset
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.fusion.supervised_scratch import SupervisedScratch, SupervisedScratchConfig
-from ssl_fusion.labels import stratified_subset
-from ssl_fusion.stages.fuse import fuse_once
-from ssl_fusion.store import ArtifactStore
-
-from conftest import sslfuse
+from ssl_fusion.fusion.protocol import fuse_once
+from ssl_fusion.models.encoders import SmallCNNConfig
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.context import StageContext
+from ssl_fusion.store.files import ArtifactStore
 
 SHORT = SupervisedScratchConfig(name="supervised_scratch", steps=60, eval_every=20, batch_size=64)
 TINY_RUN = ["preset=smoke", "labels.per_class=10", "encoder.widths=[4,8]", "dataset.image_size=8"]

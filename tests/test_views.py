@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import sslfuse
-from ssl_fusion.artifacts import FeatureSet
-from ssl_fusion.augment import random_shift_flip, shift_flip, shift_flip_params
+
 from ssl_fusion.config import LabelsConfig
+from ssl_fusion.data.augment import random_shift_flip, shift_flip, shift_flip_params
+from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion.concat import ConcatConfig
-from ssl_fusion.headtrain import draw_batch
-from ssl_fusion.stages.fuse import fuse_once
+from ssl_fusion.fusion.protocol import fuse_once
+from ssl_fusion.fusion.training import draw_batch
 
 SMOKE = ("preset=smoke", "pretexts=[rotation]")
 

@@ -10,12 +10,12 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from ssl_fusion.registry import Registry, import_submodules
+from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
 @dataclass
 class FusionConfig:
-    """How every head is trained (see ``ssl_fusion.headtrain``); heads add their own fields."""
+    """How every head is trained (see ``ssl_fusion.fusion.training``); heads add their own fields."""
 
     name: str = MISSING
     steps: int = 200  # the most steps; the best length is chosen on validation
@@ -26,7 +26,7 @@ class FusionConfig:
     val_fraction: float = 0.2
     restarts: int = 2
     feature_dropout: float = 0.2
-    screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.screen)
+    screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.fusion.screen)
 
 
 class FusionHead(nn.Module):

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.errors import UserError
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.mean import project, projections
+from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass

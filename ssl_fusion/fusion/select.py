@@ -13,11 +13,11 @@ from typing import Callable
 
 import torch
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.evaluation.logme import logme_evidence
+from ssl_fusion.evaluation.probe import cross_validated_knn
 from ssl_fusion.fusion import FUSIONS, FusionHead
 from ssl_fusion.fusion.concat import ConcatConfig, classifier
-from ssl_fusion.logme import logme_evidence
-from ssl_fusion.probe import cross_validated_knn
+from ssl_fusion.runtime.errors import UserError
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 

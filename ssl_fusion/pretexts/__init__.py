@@ -10,9 +10,9 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.encoders import Encoder
-from ssl_fusion.registry import Registry, import_submodules
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.models.encoders import Encoder
+from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
 @dataclass

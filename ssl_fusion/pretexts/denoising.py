@@ -8,11 +8,11 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.decoders import VectorDecoder
-from ssl_fusion.encoders import Encoder
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.models.decoders import VectorDecoder
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.augment import random_shift_flip
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.encoders import Encoder
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.augment import random_shift_flip
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.errors import UserError
 
 MIN_CANDIDATES = 2000  # random candidate permutations the greedy selection draws from (at least 20 per chosen one)
 

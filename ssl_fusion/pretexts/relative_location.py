@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.encoders import Encoder
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.errors import UserError
 
 MIN_PATCH = 7  # the smallest input the encoders take
 CENTRE = 4

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.augment import random_shift_flip
-from ssl_fusion.encoders import Encoder
+from ssl_fusion.data.augment import random_shift_flip
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 
 

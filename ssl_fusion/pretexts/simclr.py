@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.augment import color_jitter, random_resized_crop
-from ssl_fusion.distributed import gather
-from ssl_fusion.encoders import Encoder
+from ssl_fusion.data.augment import color_jitter, random_resized_crop
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.distributed import gather
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.augment import random_shift_flip
-from ssl_fusion.datasets import ImageData
-from ssl_fusion.encoders import Encoder
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.augment import random_shift_flip
+from ssl_fusion.data.datasets import ImageData
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass

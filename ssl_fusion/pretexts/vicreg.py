@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.distributed import gather
-from ssl_fusion.encoders import Encoder
+from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext
 from ssl_fusion.pretexts.simclr import TwoViewConfig, two_views
+from ssl_fusion.runtime.distributed import gather
 
 
 @dataclass

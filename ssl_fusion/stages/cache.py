@@ -12,19 +12,27 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ssl_fusion import distributed
-from ssl_fusion.artifacts import (
-    ENCODERS_KIND, FEATURES_KIND, SPLITS, VIEWS_KIND, encoder_artifact, features_artifact, load_encoder, pretext_recipe, views_artifact,
-)
-from ssl_fusion.augment import shift_flip, shift_flip_params
 from ssl_fusion.config import CacheConfig, check_cache, check_names
-from ssl_fusion.context import StageContext, open_context
-from ssl_fusion.device import prepare_model
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.augment import shift_flip, shift_flip_params
+from ssl_fusion.evaluation.probe import encode_batches
 from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.probe import encode_batches
-from ssl_fusion.progress import image_progress
+from ssl_fusion.runtime import distributed
+from ssl_fusion.runtime.device import prepare_model
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.progress import image_progress
 from ssl_fusion.stages import stage_app, user_overrides
+from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.store.artifacts import (
+    ENCODERS_KIND,
+    FEATURES_KIND,
+    SPLITS,
+    VIEWS_KIND,
+    encoder_artifact,
+    features_artifact,
+    load_encoder,
+    pretext_recipe,
+    views_artifact,
+)
 
 log = logging.getLogger("sslfuse")
 

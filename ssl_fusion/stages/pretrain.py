@@ -9,16 +9,20 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from ssl_fusion import distributed
-from ssl_fusion.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
-from ssl_fusion.config import ProbeConfig
-from ssl_fusion.context import StageContext, as_plain, open_context
-from ssl_fusion.device import prepare_model
-from ssl_fusion.encoders import Encoder, build_encoder
+from ssl_fusion.config import ProbeConfig, as_plain
+from ssl_fusion.evaluation.probe import (
+    extract_features,
+    knn_accuracy,
+    linear_probe_accuracy,
+)
+from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.probe import extract_features, knn_accuracy, linear_probe_accuracy
+from ssl_fusion.pretexts.trainer import TrainResult, train_pretext
+from ssl_fusion.runtime import distributed
+from ssl_fusion.runtime.device import prepare_model
 from ssl_fusion.stages import stage_app
-from ssl_fusion.trainer import TrainResult, train_pretext
+from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.store.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
 
 log = logging.getLogger("sslfuse")
 

@@ -9,18 +9,30 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.artifacts import FeatureSet, load_features, load_views, pretext_recipe
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names, load_option
-from ssl_fusion.context import StageContext, open_context
-from ssl_fusion.errors import UserError
+from ssl_fusion.config import (
+    CacheConfig,
+    LabelsConfig,
+    check_cache,
+    check_names,
+    load_option,
+)
+from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.splits import stratified_subset
 from ssl_fusion.fusion import FUSIONS, FusionConfig
-from ssl_fusion.labels import stratified_subset
 from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.report import print_table, write_report
+from ssl_fusion.report.tables import print_table, write_report
+from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.cache import ensure_features, ensure_views
-from ssl_fusion.stages.fuse import check_head, evaluate_method, run_context, write_result
+from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.stages.fuse import (
+    check_head,
+    evaluate_method,
+    run_context,
+    write_result,
+)
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
+from ssl_fusion.store.artifacts import load_features, load_views, pretext_recipe
 
 log = logging.getLogger("sslfuse")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ssl_fusion import __version__
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 MANIFEST = "manifest.json"
 

@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ssl_fusion.datasets import DATASETS, DatasetConfig, ImageData
+from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData
 
 
 @DATASETS.register("digits", DatasetConfig)

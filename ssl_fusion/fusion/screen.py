@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_fusion.labels import stratified_subset
-from ssl_fusion.probe import cross_validated_knn
+from ssl_fusion.data.splits import stratified_subset
+from ssl_fusion.evaluation.probe import cross_validated_knn
 
 SCREEN_Z = 3.0  # standard errors above the majority-class rate a pretext's kNN accuracy must reach
 SCREEN_MAX_SAMPLES = 2000  # labeled samples the screen reads at most: enough power, bounded cost at 100% labels

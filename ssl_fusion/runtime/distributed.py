@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 T = TypeVar("T")
 STAGES = ("pretrain", "cache")  # the stages that split their work across torchrun's processes

@@ -5,17 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import TrainOverrides
-from ssl_fusion.datasets import DatasetConfig, ImageData, load_dataset
-from ssl_fusion.device import resolve_device, resolve_precision
-from ssl_fusion.encoders import ENCODERS, EncoderConfig
-from ssl_fusion.errors import UserError
-from ssl_fusion.store import ArtifactStore
+from ssl_fusion.data.datasets import DatasetConfig, ImageData, load_dataset
+from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
+from ssl_fusion.runtime.device import resolve_device, resolve_precision
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.store.files import ArtifactStore
 
 log = logging.getLogger("sslfuse")
 
@@ -66,8 +65,3 @@ def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
         device, str(dtype).removeprefix("torch."),
     )
     return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed)
-
-
-def as_plain(config: Any) -> dict[str, Any]:
-    """A typed config (dataclass instance) as a plain dict, for keys and manifests."""
-    return OmegaConf.to_container(OmegaConf.structured(config))

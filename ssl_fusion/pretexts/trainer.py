@@ -3,7 +3,7 @@
 A checkpoint (model, optimizer, scheduler, RNG state, epoch, losses) is written atomically after
 every epoch; a restarted run with the same checkpoint path continues from the last complete epoch.
 
-Under torchrun (see ``ssl_fusion.distributed``) the recipe's batch size is the global batch: every
+Under torchrun (see ``ssl_fusion.runtime.distributed``) the recipe's batch size is the global batch: every
 rank draws the same seeded epoch order, takes every world_size-th sample of it and trains through
 DistributedDataParallel; only rank 0 writes checkpoints and shows progress.
 """
@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from ssl_fusion import distributed
-from ssl_fusion.device import autocast
-from ssl_fusion.errors import UserError
 from ssl_fusion.pretexts import Pretext, PretextConfig
-from ssl_fusion.progress import image_progress
+from ssl_fusion.runtime import distributed
+from ssl_fusion.runtime.device import autocast
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.progress import image_progress
 
 log = logging.getLogger("sslfuse")
 

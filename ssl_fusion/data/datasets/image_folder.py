@@ -11,8 +11,13 @@ import torchvision.transforms.v2 as T
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import ImageFolder
 
-from ssl_fusion.datasets import DATASETS, DEFAULT_DATA_ROOT, DatasetConfig, ImageData
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import (
+    DATASETS,
+    DEFAULT_DATA_ROOT,
+    DatasetConfig,
+    ImageData,
+)
+from ssl_fusion.runtime.errors import UserError
 
 log = logging.getLogger("sslfuse")
 

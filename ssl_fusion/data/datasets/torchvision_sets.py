@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torchvision.datasets as tvd
 
-from ssl_fusion.datasets import DATASETS, DatasetConfig, ImageData, to_nchw_uint8
-from ssl_fusion.errors import UserError
+from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData, to_nchw_uint8
+from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass

@@ -21,16 +21,17 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
 
-import ssl_fusion.headtrain as headtrain
-from ssl_fusion.augment import random_shift_flip
-from ssl_fusion.config import LabelsConfig
-from ssl_fusion.context import StageContext, as_plain
-from ssl_fusion.device import autocast, prepare_model
-from ssl_fusion.encoders import EncoderConfig, build_encoder
-from ssl_fusion.errors import UserError
+import ssl_fusion.fusion.training as headtrain
+from ssl_fusion.config import LabelsConfig, as_plain
+from ssl_fusion.data.augment import random_shift_flip
+from ssl_fusion.data.splits import stratified_subset, subset_fields
+from ssl_fusion.evaluation.metrics import macro_f1
+from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.labels import stratified_subset, subset_fields
-from ssl_fusion.probe import extract_features
+from ssl_fusion.models.encoders import EncoderConfig, build_encoder
+from ssl_fusion.runtime.device import autocast, prepare_model
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.context import StageContext
 
 log = logging.getLogger("sslfuse")
 
@@ -153,7 +154,6 @@ class SupervisedScratch:
 
     def evaluate(self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
         """Train on the protocol's labeled subset for ``seed``, score on the test split: the same record as a head's."""
-        from ssl_fusion.stages.fuse import macro_f1  # the fuse stage imports this package: a top-level import is circular
 
         data = ctx.data
         labeled = stratified_subset(data.train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from ssl_fusion.data.splits import stratified_subset
 from ssl_fusion.fusion import FusionConfig, FusionHead
-from ssl_fusion.labels import stratified_subset
 
 HeadFactory = Callable[[], FusionHead]
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import torchvision.datasets as tvd
 from torchvision.datasets.utils import extract_archive
 
-from ssl_fusion.datasets import DATASETS, DEFAULT_DATA_ROOT, ImageData
-from ssl_fusion.datasets.torchvision_sets import TorchvisionConfig, load_torchvision
+from ssl_fusion.data.datasets import DATASETS, DEFAULT_DATA_ROOT, ImageData
+from ssl_fusion.data.datasets.torchvision_sets import (
+    TorchvisionConfig,
+    load_torchvision,
+)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = [

@@ -10,7 +10,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ssl_fusion.errors import UserError
-from ssl_fusion.store import atomic_write_bytes, atomic_write_text
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.store.files import atomic_write_bytes, atomic_write_text
 
 CONTROLS = ("random", "noise")
 LINE_STYLES = ("-", "--", ":", "-.")

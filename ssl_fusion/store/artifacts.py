@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from ssl_fusion.config import TrainOverrides, load_option
-from ssl_fusion.context import StageContext, as_plain
-from ssl_fusion.encoders import ENCODERS, Encoder, build_encoder
-from ssl_fusion.errors import UserError
+from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
-from ssl_fusion.store import MANIFEST, ArtifactStore, content_key
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.context import StageContext
+from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
 
 PRETRAIN_CODE_VERSION = 1
 CACHE_CODE_VERSION = 1
@@ -79,37 +78,6 @@ def load_encoder(store: ArtifactStore, name: str) -> Encoder:
     state = torch.load(store.folder(ENCODERS_KIND, name) / "encoder.pt", weights_only=True, map_location="cpu")
     encoder.load_state_dict(state)
     return encoder
-
-
-@dataclass(eq=False)
-class FeatureSet:
-    """One pretext's cached features (float32 in memory) and the labels of both splits."""
-
-    train: torch.Tensor
-    test: torch.Tensor
-    train_labels: torch.Tensor
-    test_labels: torch.Tensor
-    uses_labels: bool = False  # made by an encoder trained with all training labels (a reference, not SSL)
-    train_views: Optional[torch.Tensor] = None  # (views, train samples, dim): features of augmented train images
-
-    def labeled_rows(self, labeled: torch.Tensor) -> torch.Tensor:
-        """Standardized features of the ``labeled`` train rows, (1 + views, rows, dim): the plain images first, then
-        each cached augmented view of them."""
-        plain = self.train[labeled][None]
-        if self.train_views is None:
-            return self.standardized(plain)
-        return self.standardized(torch.cat([plain, self.train_views[:, labeled].float()]))
-
-    @functools.cached_property
-    def scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of each feature over the whole train split (labeled or not), computed once."""
-        std, mean = torch.std_mean(self.train, dim=0, keepdim=True)
-        return mean, std.clamp_min(1e-6)
-
-    def standardized(self, features: torch.Tensor) -> torch.Tensor:
-        """``features`` (rows of either split) scaled to zero mean, unit variance by the train split's statistics."""
-        mean, std = self.scale
-        return (features - mean) / std
 
 
 def artifact_exists(store: ArtifactStore, kind: str, name: str) -> bool:

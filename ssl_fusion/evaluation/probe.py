@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ssl_fusion.device import autocast
-from ssl_fusion.encoders import Encoder
+from ssl_fusion.models.encoders import Encoder
+from ssl_fusion.runtime.device import autocast
 
 
 @torch.inference_mode()

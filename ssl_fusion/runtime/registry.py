@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 from omegaconf import MISSING
 
-from ssl_fusion.errors import UserError
-from ssl_fusion.registry import Registry, import_submodules
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.registry import Registry, import_submodules
 
 DEFAULT_DATA_ROOT = Path("outputs/data")
 

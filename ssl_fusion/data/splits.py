@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ssl_fusion.errors import UserError
+from ssl_fusion.runtime.errors import UserError
 
 
 def regime_name(fraction: Optional[float], per_class: Optional[int]) -> str:

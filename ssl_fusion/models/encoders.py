@@ -10,7 +10,7 @@ import torchvision
 from omegaconf import MISSING
 from torch import nn
 
-from ssl_fusion.registry import Registry
+from ssl_fusion.runtime.registry import Registry
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssl_fusion.datasets import DATASETS, DatasetConfig, ImageData
+from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData
 
 
 @dataclass
