@@ -171,7 +171,7 @@ class SupervisedScratch:
             "pretexts": [],
             **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
             "test_accuracy": accuracy,
-            "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels, data.num_classes),
+            "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
             "test_nll": nll,
             "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
             "selected_steps": selection.steps,

@@ -153,7 +153,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "pretexts": pretexts,
         **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
         "test_accuracy": accuracy,
-        "test_macro_f1": macro_f1(probs.argmax(1), test_labels, num_classes),
+        "test_macro_f1": macro_f1(probs.argmax(1), test_labels),
         "test_nll": nll,
         "selected_l2": selection.l2,
         "selected_steps": selection.steps,

@@ -1,7 +1,11 @@
 """Aggregate every ``results.json`` under a folder into tables (Markdown, CSV) and plots (PNG).
 
 - the main table: one row per method, one column per label regime, ``mean ± std (n)`` of test
-  accuracy over seeds, the best mean of each column in bold;
+  accuracy over seeds, the best mean of each column in bold, among rows that neither peek at the test set
+  (``peeks_at_test``) nor use encoders trained with all labels (``uses_all_labels``);
+- results of different datasets, encoders or encoder seeds are never averaged: with more than one such
+  combination under the folder, each gets its own table (a heading in Markdown and on the terminal, extra
+  columns in the CSV);
 - a negative-transfer table: each method with and without an added control pretext
   (``random``, ``noise``) and the difference;
 - ``accuracy_vs_labels.png`` and, where attention-like heads ran, ``pretext_weights.png``
@@ -14,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
@@ -25,6 +30,11 @@ from ssl_fusion.store.files import atomic_write_bytes, atomic_write_text
 CONTROLS = ("random", "noise")
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
+# what results must share to be averaged, besides method, regime and pretexts
+CONTEXT = ("dataset", "encoder", "encoder_seed")
+UNRECORDED = "unrecorded"  # results from before a context field was written form one group of their own
+# method names that mark a row which cannot be best, for results from before the flags were written
+DISHONEST_MARKS = {"peeks_at_test": "[oracle: uses test]", "uses_all_labels": "[all labels]"}
 
 
 def collect_results(folder: Path) -> pd.DataFrame:
@@ -33,21 +43,54 @@ def collect_results(folder: Path) -> pd.DataFrame:
     records = [json.loads(path.read_text()) for path in sorted(folder.rglob("results.json"))]
     if not records:
         raise UserError(f"report: no results.json under '{folder}'")
-    results = pd.DataFrame(records)
+    results = with_context(pd.DataFrame(records))
     results["pretext_set"] = results["pretexts"].map(lambda names: "+".join(sorted(names)))
     return results
 
 
+def context_value(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return UNRECORDED
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def with_context(results: pd.DataFrame) -> pd.DataFrame:
+    """Dataset, encoder and encoder seed as text (missing ones as ``unrecorded``), and the two flags of rows that
+    cannot be best as booleans, set by the field or by the method name's mark."""
+    results = results.copy()
+    for column in CONTEXT:
+        values = results[column] if column in results else pd.Series(None, index=results.index, dtype=object)
+        results[column] = values.astype(object).map(context_value)
+    for flag, mark in DISHONEST_MARKS.items():
+        values = results[flag] if flag in results else pd.Series(None, index=results.index, dtype=object)
+        named = results["method"].str.contains(mark, regex=False)
+        results[flag] = [(isinstance(v, (bool, np.bool_)) and bool(v)) or bool(n) for v, n in zip(values, named)]
+    return results
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Long table: one row per (method, regime) with mean, std and count of test accuracy in percent, and per
-    control pretext the number of seeds whose screen left it out."""
+    """Long table: one row per (dataset, encoder, encoder seed, method, regime) with mean, std and count of test
+    accuracy in percent, per control pretext the number of seeds whose screen left it out, and whether the row
+    peeks at the test set or uses all labels."""
+    results = with_context(results)
     screened_out = results.get("screened_out", pd.Series(index=results.index, dtype=object))  # absent before the screen
     screened = {f"screened_{c}": screened_out.map(lambda out, c=c: isinstance(out, list) and c in out) for c in CONTROLS}
     results = results.assign(accuracy=results["test_accuracy"] * 100, **screened)
-    keys = ["method", "regime", "fusion", "pretext_set"]
+    keys = [*CONTEXT, "method", "regime", "fusion", "pretext_set"]
     groups = results.groupby(keys, sort=False)
-    stats = groups["accuracy"].agg(["mean", "std", "count"]).join(groups[list(screened)].sum()).reset_index()
+    flags = groups[list(DISHONEST_MARKS)].any()
+    stats = groups["accuracy"].agg(["mean", "std", "count"]).join(groups[list(screened)].sum()).join(flags).reset_index()
     return stats.rename(columns={"count": "seeds"})
+
+
+def contexts(stats: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The (dataset, encoder, encoder seed) combinations present, sorted."""
+    return sorted(set(zip(*(stats[c] for c in CONTEXT))))
+
+
+def context_heading(context: tuple[str, str, str]) -> str:
+    dataset, encoder, encoder_seed = context
+    return f"dataset {dataset}, encoder {encoder}, encoder seed {encoder_seed}"
 
 
 def regime_order(regime: str) -> tuple[int, float]:
@@ -62,10 +105,13 @@ def cell(mean: float, std: float, seeds: int, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def pivot(stats: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: methods × regimes, best mean per regime in bold, rows by accuracy in the first regime."""
-    best = stats.groupby("regime")["mean"].transform("max")
-    cells = stats.assign(cell=[cell(m, s, n, b) for m, s, n, b in zip(stats["mean"], stats["std"], stats["seeds"], stats["mean"] == best)])
+def pivot_one(stats: pd.DataFrame) -> pd.DataFrame:
+    """Methods × regimes of one dataset, encoder and encoder seed; the best mean per regime in bold, taken among
+    rows that neither peek at the test set nor use all labels; rows by accuracy in the first regime."""
+    honest = ~(stats["peeks_at_test"] | stats["uses_all_labels"])
+    best = stats[honest].groupby("regime")["mean"].max().reindex(stats["regime"]).to_numpy()
+    is_best = honest.to_numpy() & (stats["mean"].to_numpy() == best)
+    cells = stats.assign(cell=[cell(m, s, n, b) for m, s, n, b in zip(stats["mean"], stats["std"], stats["seeds"], is_best)])
     table = cells.pivot(index="method", columns="regime", values="cell")
     regimes = sorted(table.columns, key=regime_order)
     first = stats[stats["regime"] == regimes[0]].sort_values("mean", ascending=False)["method"].tolist()
@@ -73,26 +119,53 @@ def pivot(stats: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order, regimes].fillna("–")
 
 
+def pivot(stats: pd.DataFrame) -> pd.DataFrame:
+    """Wide table: methods × regimes (see ``pivot_one``). With more than one (dataset, encoder, encoder seed)
+    combination, one such table per combination, stacked under an index (dataset, encoder, encoder_seed, method);
+    ``sections`` splits it back."""
+    if len(contexts(stats)) == 1:
+        return pivot_one(stats)
+    keys = list(CONTEXT)
+    tables = {context: pivot_one(group) for context, group in stats.groupby(keys)}
+    table = pd.concat(tables, names=[*keys, "method"])
+    return table[sorted(table.columns, key=regime_order)].fillna("–")
+
+
+def sections(table: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """(heading, table indexed by method) per combination of ``pivot``'s result; no heading when there is one.
+    A combination's table leaves out the regimes only other combinations have."""
+    if table.index.nlevels == 1:
+        return [(None, table)]
+    parts = []
+    for context, part in table.groupby(level=list(range(len(CONTEXT))), sort=False):
+        part = part.droplevel(list(range(len(CONTEXT))))
+        parts.append((context_heading(context), part.loc[:, (part != "–").any()]))
+    return parts
+
+
 def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
     """Each result whose pretexts include a control, next to the same method and regime without it, with the
     number of seeds in which the screen left the control out."""
     # the method without its pretext list, e.g. select[by=knn]: variants of one head stay apart
     family = stats["method"].str.split("(", n=1).str[0].rename("family")
-    indexed = stats.set_index([family, "pretext_set", "regime"])
+    indexed = stats.set_index([*CONTEXT, family, "pretext_set", "regime"])
     rows = []
-    for (fusion, pretext_set, regime), row in indexed.iterrows():
+    for (dataset, encoder, encoder_seed, fusion, pretext_set, regime), row in indexed.iterrows():
         names = pretext_set.split("+")
         for control in CONTROLS:
             base_set = "+".join(n for n in names if n != control)
-            if control in names and base_set and (fusion, base_set, regime) in indexed.index:
-                base = indexed.loc[(fusion, base_set, regime)]
+            base_key = (dataset, encoder, encoder_seed, fusion, base_set, regime)
+            if control in names and base_set and base_key in indexed.index:
+                base = indexed.loc[base_key]
                 rows.append({
-                    "fusion": fusion, "pretexts": base_set, "added": control, "regime": regime,
+                    "dataset": dataset, "encoder": encoder, "encoder seed": encoder_seed, "fusion": fusion, "pretexts": base_set, "added": control, "regime": regime,
                     "without": round(float(base["mean"]), 2), "with": round(float(row["mean"]), 2),
                     "difference": round(float(row["mean"] - base["mean"]), 2),
                     "screened out": f"{int(row[f'screened_{control}'])} of {int(row['seeds'])} seeds",
                 })
-    return pd.DataFrame(rows)
+    transfer = pd.DataFrame(rows)
+    # one combination: its columns would repeat one value on every row
+    return transfer.drop(columns=["dataset", "encoder", "encoder seed"], errors="ignore") if len(contexts(stats)) == 1 else transfer
 
 
 def save_figure(figure, path: Path) -> None:
@@ -113,12 +186,14 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     regimes = sorted(stats["regime"].unique(), key=regime_order)
+    several = len(contexts(stats)) > 1
     figure, axes = plt.subplots(figsize=(11, 5))
-    for number, (method, group) in enumerate(stats.groupby("method")):
+    for number, ((*context, method), group) in enumerate(stats.groupby([*CONTEXT, "method"])):
+        label = f"{method}, {context_heading(tuple(context))}" if several else method
         group = group.set_index("regime").reindex(regimes)
         # the colour cycle has 10 colours: each further ten methods get another line style and marker
         style = {"linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)], "marker": MARKERS[number // 10 % len(MARKERS)]}
-        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), capsize=3, label=method, **style)
+        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), capsize=3, label=label, **style)
     axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
@@ -127,7 +202,8 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
 
 
 def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
-    """Heatmap of mean pretext weight per class for the first weighted method (smallest regime). False if none."""
+    """Heatmap of mean pretext weight per class for the first weighted method (smallest regime) of the first
+    (dataset, encoder, encoder seed) combination. False if none."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,6 +214,8 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     weighted = results[results["pretext_weights_per_class"].notna()]
     if weighted.empty:
         return False
+    context = contexts(weighted)[0]
+    weighted = weighted[[tuple(r) == context for r in zip(*(weighted[c] for c in CONTEXT))]]
     regime = sorted(weighted["regime"].unique(), key=regime_order)[0]
     chosen = weighted[weighted["regime"] == regime]
     method = sorted(chosen["method"].unique())[0]
@@ -147,7 +225,8 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     image = axes.imshow(mean.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     axes.set_xticks(range(mean.shape[1]), mean.columns)
     axes.set_yticks(range(mean.shape[0]), [f"class {c}" for c in mean.index])
-    axes.set_title(f"{method}, {regime} labels: mean weight per class", fontsize=9)
+    where = f" ({context_heading(context)})" if len(contexts(results)) > 1 else ""
+    axes.set_title(f"{method}, {regime} labels{where}: mean weight per class", fontsize=9)
     figure.colorbar(image)
     save_figure(figure, path)
     return True
@@ -158,8 +237,11 @@ def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFram
     results = collect_results(folder)
     stats = summarize(results)
     table = pivot(stats)
-    markdown = "Test accuracy (%), mean ± std over seeds (n); best per column in bold.\n\n"
-    markdown += table.reset_index().to_markdown(index=False) + "\n"
+    markdown = ("Test accuracy (%), mean ± std over seeds (n); best per column in bold, among rows that neither peek "
+                "at the test set nor use all labels.\n")
+    for heading, part in sections(table):
+        markdown += f"\n## {heading}\n" if heading else ""
+        markdown += "\n" + part.reset_index().to_markdown(index=False) + "\n"
     transfer = negative_transfer(stats)
     if not transfer.empty:
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
@@ -176,14 +258,16 @@ def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFram
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
-    """The table on the terminal; method names are escaped, since rich reads ``[by=val]`` as markup."""
-    view = Table(title=title)
-    view.add_column("method")
-    for column in table.columns:
-        view.add_column(f"{column} labels", justify="right")
-    for method, row in table.iterrows():
-        view.add_row(escape(method), *[str(v).replace("**", "") for v in row.tolist()])
-    Console().print(view)
+    """The table on the terminal, one per (dataset, encoder, encoder seed) combination; names are escaped, since
+    rich reads ``[by=val]`` as markup."""
+    for heading, part in sections(table):
+        view = Table(title=escape(f"{title}, {heading}" if heading else title))
+        view.add_column("method")
+        for column in part.columns:
+            view.add_column(f"{column} labels", justify="right")
+        for method, row in part.iterrows():
+            view.add_row(escape(method), *[str(v).replace("**", "") for v in row.tolist()])
+        Console().print(view)
 
 
 def main(argv: list[str]) -> None:

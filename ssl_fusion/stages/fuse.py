@@ -94,7 +94,7 @@ def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) 
 
 
 def run_context(ctx: StageContext) -> dict[str, Any]:
-    return {"dataset": ctx.dataset_cfg.name, "encoder": ctx.encoder_cfg.name}
+    return {"dataset": ctx.dataset_cfg.name, "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed}
 
 
 def cache_command(pretexts: list[str]) -> str:
