@@ -39,3 +39,8 @@ def test_auto_device_falls_back_to_cpu_without_cuda(monkeypatch):
     assert resolve_device("auto") == CPU
     with pytest.raises(UserError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("dtype, scaled", [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)])
+def test_only_fp16_gets_a_loss_scaler(dtype, scaled):
+    assert device_module.grad_scaler(CPU, dtype).is_enabled() == scaled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,3 +145,103 @@ def test_a_bad_value_in_a_sweep_is_refused_in_one_line_before_any_job(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Could not find 'fusion/atention'" in proc.stderr and "supervised_scratch" in proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+class SquaredFeatures(Pretext):
+    """A minimal pretext: the mean squared feature."""
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images).float().pow(2).mean()
+
+
+def tiny_pretext(epochs: int) -> SquaredFeatures:
+    torch.manual_seed(0)
+    encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[4, 4, 4, 8]), channels=1)
+    return SquaredFeatures(PretextConfig(name="squared", epochs=epochs, batch_size=8), encoder)
+
+
+def tiny_images() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8, generator=generator), torch.zeros(16, dtype=torch.long)
+
+
+@pytest.fixture
+def recording_scalers(monkeypatch) -> list:
+    """Every ``torch.amp.GradScaler`` made while the test runs, each with the list of its calls."""
+    made = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls = []
+            made.append(self)
+
+        def scale(self, outputs):
+            self.calls.append("scale")
+            return super().scale(outputs)
+
+        def step(self, optimizer, *args, **kwargs):
+            self.calls.append("step")
+            return super().step(optimizer, *args, **kwargs)
+
+        def update(self, new_scale=None):
+            self.calls.append("update")
+            return super().update(new_scale)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    return made
+
+
+@pytest.mark.parametrize("dtype, scaled", [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)])
+def test_only_fp16_pretraining_scales_its_loss(tmp_path, recording_scalers, dtype, scaled):
+    model = tiny_pretext(epochs=1)
+    checkpoint = tmp_path / "last.pt"
+    result = train_pretext(model, *tiny_images(), model.cfg, torch.device("cpu"), dtype, 0, checkpoint)
+    assert all(map(math.isfinite, result.epoch_losses))
+    enabled = [scaler for scaler in recording_scalers if scaler.is_enabled()]
+    if not scaled:
+        assert enabled == []
+        return
+    (scaler,) = enabled
+    assert scaler.calls == ["scale", "step", "update"] * 2  # 16 images, batches of 8
+    assert torch.load(checkpoint, weights_only=True)["scaler"]["scale"] == scaler.get_scale()
+
+
+@pytest.fixture
+def fake_cuda_rng(monkeypatch) -> list:
+    """CUDA reported present with one device whose RNG state is a known tensor; returns the states set.
+    The optimizer is told there is no accelerator, so that its CUDA-graph check does not start CUDA."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.arange(16, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    return restored
+
+
+def test_checkpoints_keep_and_restore_the_cuda_rng_state(tmp_path, fake_cuda_rng):
+    checkpoint = tmp_path / "last.pt"
+    model = tiny_pretext(epochs=1)
+    train_pretext(model, *tiny_images(), model.cfg, torch.device("cpu"), torch.float32, 0, checkpoint)
+    (saved,) = torch.load(checkpoint, weights_only=True)["cuda_rng"]
+    assert torch.equal(saved, torch.arange(16, dtype=torch.uint8))
+
+    model = tiny_pretext(epochs=2)
+    result = train_pretext(model, *tiny_images(), model.cfg, torch.device("cpu"), torch.float32, 0, checkpoint)
+    assert result.resumed_at_epoch == 1
+    assert len(fake_cuda_rng) == 1 and torch.equal(fake_cuda_rng[0][0], saved)
+
+
+def test_a_checkpoint_from_before_cuda_rng_and_loss_scaling_still_resumes(tmp_path, fake_cuda_rng):
+    checkpoint = tmp_path / "last.pt"
+    model = tiny_pretext(epochs=1)
+    train_pretext(model, *tiny_images(), model.cfg, torch.device("cpu"), torch.float32, 0, checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    old = {key: state[key] for key in ("model", "optimizer", "scheduler", "rng", "epoch_losses")}
+    torch.save(old, checkpoint)
+
+    model = tiny_pretext(epochs=2)
+    result = train_pretext(model, *tiny_images(), model.cfg, torch.device("cpu"), torch.float32, 0, checkpoint)
+    assert result.resumed_at_epoch == 1 and len(result.epoch_losses) == 2
+    assert fake_cuda_rng == []

@@ -1,11 +1,28 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+from ssl_fusion.config import TrainOverrides
+from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.models.encoders import SmallCNNConfig
+from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.context import StageContext
+from ssl_fusion.store import artifacts
+from ssl_fusion.store.artifacts import (
+    encoder_artifact,
+    features_artifact,
+    pretext_recipe,
+    views_artifact,
+)
 from ssl_fusion.store.files import ArtifactStore, atomic_write_json, content_key
+
+PACKAGE = Path(artifacts.__file__).resolve().parents[1]
 
 
 def publish_one(store: ArtifactStore, name: str = "thing-1") -> dict:
@@ -58,3 +75,78 @@ def test_atomic_write_json_replaces_whole_file(tmp_path):
     atomic_write_json(path, {"x": 2})
     assert json.loads(path.read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def key_context(tmp_path) -> StageContext:
+    return StageContext(SyntheticConfig(name="synthetic"), make_synthetic(SyntheticConfig(name="synthetic"), root=None),
+                        SmallCNNConfig(name="small_cnn"), torch.device("cpu"), torch.float32, ArtifactStore(tmp_path), TrainOverrides(), 0)
+
+
+def copy_of(source: Path, folder: Path, edit: bool) -> Path:
+    """A copy of a source file in ``folder``, with its last line changed when ``edit``."""
+    lines = source.read_text().splitlines(keepends=True)
+    if edit:
+        lines[-1] = lines[-1].rstrip("\n") + "  # changed\n"
+    folder.mkdir()
+    copy = folder / source.name
+    copy.write_text("".join(lines))
+    return copy
+
+
+def replacing(listing, original: Path, copy: Path):
+    return lambda *args: tuple(copy if path == original else path for path in listing(*args))
+
+
+def module_file(pretext: str) -> Path:
+    return Path(sys.modules[PRETEXTS.get(pretext).impl.__module__].__file__).resolve()
+
+
+def test_encoder_sources_are_the_code_that_makes_an_encoder():
+    sources = set(artifacts.pretrain_sources("vicreg"))
+    expected = ["pretexts/vicreg.py", "pretexts/simclr.py", "pretexts/__init__.py", "pretexts/trainer.py", "models/encoders.py",
+                "data/augment.py", "data/datasets/__init__.py", "data/datasets/synthetic.py"]
+    assert {PACKAGE / name for name in expected} <= sources
+    assert PACKAGE / "pretexts/rotation.py" not in sources
+    assert {PACKAGE / "stages/cache.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources())
+
+
+def test_encoder_key_changes_with_the_code_of_its_pretext_only(tmp_path, monkeypatch):
+    ctx = key_context(tmp_path / "store")
+    recipes = [pretext_recipe(name, TrainOverrides()) for name in ("rotation", "simclr")]
+
+    def keys() -> dict[str, str]:
+        return {recipe.name: encoder_artifact(ctx, recipe, None) for recipe in recipes}
+
+    before = keys()
+    assert keys() == before  # same code, same key
+    listing, rotation = artifacts.pretrain_sources, module_file("rotation")
+    monkeypatch.setattr(artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "same", edit=False)))
+    assert keys() == before  # the same bytes elsewhere: the same key
+    monkeypatch.setattr(artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "edited", edit=True)))
+    after = keys()
+    assert after["rotation"] != before["rotation"] and after["rotation"].startswith("rotation-")
+    assert after["simclr"] == before["simclr"]
+    assert features_artifact(ctx, after["rotation"]) != features_artifact(ctx, before["rotation"])
+
+
+def test_features_key_changes_with_the_cache_stage_code(tmp_path, monkeypatch):
+    ctx = key_context(tmp_path / "store")
+    encoder = encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None)
+    before = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints)
+    cache_stage = PACKAGE / "stages" / "cache.py"
+    listing = artifacts.cache_sources
+    monkeypatch.setattr(artifacts, "cache_sources", replacing(listing, cache_stage, copy_of(cache_stage, tmp_path / "edited", edit=True)))
+    after = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints)
+    assert after[0] != before[0] and after[1] != before[1]
+    assert encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None) == encoder
+
+
+def test_source_files_are_hashed_once_per_process(tmp_path, monkeypatch):
+    ctx = key_context(tmp_path / "store")
+    recipe = pretext_recipe("rotation", TrainOverrides())
+    encoder_artifact(ctx, recipe, None)
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: reads.append(path) or read_bytes(path))
+    encoder_artifact(ctx, recipe, None)
+    assert reads == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -11,9 +12,12 @@ import torch
 from conftest import sslfuse
 from omegaconf import OmegaConf
 
+import ssl_fusion.fusion.training as headtrain
 from ssl_fusion.baselines.supervised_scratch import (
     SupervisedScratch,
     SupervisedScratchConfig,
+    fit_selected,
+    train_network,
 )
 from ssl_fusion.config import CONF_DIR, LabelsConfig, TrainOverrides, load_option
 from ssl_fusion.data.datasets import ImageData
@@ -106,3 +110,58 @@ def test_fuse_puts_it_in_the_report_beside_the_heads(tmp_path):
     sslfuse("report", "run", cwd=tmp_path)
     report = pd.read_csv(tmp_path / "run" / "report.csv")
     assert sorted(report["method"]) == ["concat(random)", "supervised_scratch(small_cnn)"]
+
+
+def tiny_labeled() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    return images, torch.arange(40) % 4
+
+
+TINY_ENCODER = SmallCNNConfig(name="small_cnn", widths=[4, 8])
+
+
+def recorded_learning_rates(monkeypatch) -> list[float]:
+    """The learning rate of every AdamW step taken while the test runs, in order."""
+    rates: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return rates
+
+
+def test_the_refit_retraces_the_learning_rates_of_the_selection_run(monkeypatch):
+    cfg = dataclasses.replace(SHORT, steps=9, eval_every=3, batch_size=8)
+    scores = iter([(0.9, 0.1), (0.5, 0.5), (0.4, 0.6)])  # validation picks the first evaluation: step 3 of 9
+    monkeypatch.setattr(headtrain, "score", lambda probs, labels: next(scores))
+    rates = recorded_learning_rates(monkeypatch)
+    _, selection, losses = fit_selected(cfg, TINY_ENCODER, *tiny_labeled(), 4, torch.device("cpu"), torch.float32, seed=0)
+    assert selection.steps == 3 and len(losses) == 3 and len(rates) == 9 + 3
+    selection_rates, refit_rates = rates[:9], rates[9:]
+    assert refit_rates == selection_rates[:3]
+    assert selection_rates[0] == cfg.lr and selection_rates == sorted(selection_rates, reverse=True)
+
+
+@pytest.mark.parametrize("dtype, scaled", [(torch.float16, True), (torch.float32, False)])
+def test_only_fp16_training_scales_its_loss(monkeypatch, dtype, scaled):
+    made = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.scaled = 0
+            made.append(self)
+
+        def scale(self, outputs):
+            self.scaled += 1
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    cfg = dataclasses.replace(SHORT, steps=3, eval_every=3, batch_size=8)
+    _, losses = train_network(cfg, TINY_ENCODER, *tiny_labeled(), 4, 3, torch.device("cpu"), dtype, seed=0)
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    assert [scaler.scaled for scaler in made if scaler.is_enabled()] == ([3] if scaled else [])

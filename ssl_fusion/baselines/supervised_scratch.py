@@ -4,8 +4,9 @@ The reference a fusion of frozen pretext features has to beat: the same labeled 
 test split and the same encoder architecture, but no pretext and no unlabeled image. It trains on
 images, not on cached features, so the fuse stage hands it the stage context (``needs_images``).
 Protocol as for the heads: the number of steps is chosen on the same stratified validation part
-of the labeled set, then the network is retrained on all labeled images for that many steps
-(``refit: false`` keeps the best validation checkpoint instead: early stopping, half the time).
+of the labeled set, then the network is retrained on all labeled images for that many steps, along the
+very learning-rate schedule it was validated with (the cosine over ``steps``, stopped at the chosen step;
+``refit: false`` keeps the best validation checkpoint instead: early stopping, half the time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
-from ssl_fusion.runtime.device import autocast, prepare_model
+from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import StageContext
 
@@ -72,14 +73,19 @@ def train_network(
     cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
     steps: int, device: torch.device, dtype: torch.dtype, seed: int, on_eval: Optional[EvalHook] = None,
 ) -> tuple[nn.Sequential, list[float]]:
-    """Encoder + linear classifier trained on augmented uint8 ``images`` for ``steps`` AdamW steps with a cosine
-    schedule; ``on_eval(step, network)`` every ``cfg.eval_every`` steps. Returns the network and the loss curve."""
+    """Encoder + linear classifier trained on augmented uint8 ``images`` for the first ``steps`` (<= ``cfg.steps``)
+    AdamW steps of the cosine schedule over ``cfg.steps``: a run stopped early takes the same learning rate at
+    every step as the full one. ``on_eval(step, network)`` every ``cfg.eval_every`` steps. Returns the network
+    and the loss curve."""
+    if not 1 <= steps <= cfg.steps:
+        raise ValueError(f"steps must be in [1, cfg.steps] = [1, {cfg.steps}], got {steps}")
     torch.manual_seed(seed)
     encoder = build_encoder(encoder_cfg, images.shape[1])
     encoder.set_statistics(images)
     network = prepare_model(nn.Sequential(encoder, nn.Linear(encoder.out_dim, num_classes)), device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    scaler = grad_scaler(device, dtype)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(cfg.batch_size, len(labels))
     losses = []
@@ -91,8 +97,9 @@ def train_network(
             logits = network(batch.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits.float(), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         losses.append(loss.item())
         if on_eval is not None and step % cfg.eval_every == 0:
@@ -113,8 +120,9 @@ def fit_selected(
     cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
     device: torch.device, dtype: torch.dtype, seed: int,
 ) -> tuple[nn.Sequential, headtrain.Selection, list[float]]:
-    """Choose the step count on the heads' validation split of the labeled set, then refit on all of it
-    (or keep the best validation checkpoint). Returns the network, the selection and the final loss curve."""
+    """Choose the step count on the heads' validation split of the labeled set, then refit on all of it along the
+    selection run's schedule up to that step (or keep the best validation checkpoint). Returns the network, the
+    selection and the final loss curve."""
     fit, val = headtrain.split_validation(labels, cfg.val_fraction, seed)
     if len(fit) == 0:
         raise UserError(

@@ -1,7 +1,9 @@
-"""The pretraining loop: in-memory uint8 batches, autocast, AdamW with warmup + cosine, resumable.
+"""The pretraining loop: in-memory uint8 batches, autocast (with loss scaling under fp16), AdamW with
+warmup + cosine, resumable.
 
-A checkpoint (model, optimizer, scheduler, RNG state, epoch, losses) is written atomically after
-every epoch; a restarted run with the same checkpoint path continues from the last complete epoch.
+A checkpoint (model, optimizer, scheduler, loss scaler, CPU and CUDA RNG states, epoch, losses) is written
+atomically after every epoch; a restarted run with the same checkpoint path continues from the last
+complete epoch.
 
 Under torchrun (see ``ssl_fusion.runtime.distributed``) the recipe's batch size is the global batch: every
 rank draws the same seeded epoch order, takes every world_size-th sample of it and trains through
@@ -16,13 +18,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ssl_fusion.pretexts import Pretext, PretextConfig
 from ssl_fusion.runtime import distributed
-from ssl_fusion.runtime.device import autocast
+from ssl_fusion.runtime.device import autocast, grad_scaler
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
 
@@ -62,6 +64,28 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def rng_state() -> dict[str, Any]:
+    """The CPU RNG state and, where CUDA is available, every CUDA device's."""
+    state: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], checkpoint: Path) -> None:
+    """Set the RNG states saved by ``rng_state``; a checkpoint without CUDA states (written before they were
+    kept, or without CUDA) or with another number of devices restores the CPU state only."""
+    torch.set_rng_state(state["rng"])
+    if not torch.cuda.is_available():
+        return
+    cuda_states = state.get("cuda_rng")
+    if cuda_states is not None and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    else:
+        log.warning("checkpoint %s holds no CUDA RNG state for %d devices: the resumed run may draw other GPU random "
+                    "numbers than an uninterrupted one", checkpoint, torch.cuda.device_count())
+
+
 def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
     """The seeded sample order of one epoch; the same on every rank."""
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -87,13 +111,16 @@ def train_pretext(
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = warmup_cosine(total_steps, max(1, int(recipe.warmup_epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = grad_scaler(device, dtype)
     result = TrainResult()
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state, checkpoint)
         result.epoch_losses = list(state["epoch_losses"])
         result.resumed_at_epoch = len(result.epoch_losses)
         log.info("resuming %s from checkpoint %s after epoch %d", recipe.name, checkpoint, result.resumed_at_epoch)
@@ -112,9 +139,10 @@ def train_pretext(
                 with autocast(device, dtype):
                     loss = model.loss(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 distributed.average_gradients(model)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 loss_sum += loss.detach()
                 if step % 20 == 19 or step == steps_per_epoch - 1:
@@ -137,7 +165,8 @@ def train_pretext(
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
+                        "scaler": scaler.state_dict(),
+                        **rng_state(),
                         "epoch_losses": result.epoch_losses,
                     },
                 )

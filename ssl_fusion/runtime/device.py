@@ -59,6 +59,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast, whose small gradients would otherwise underflow to zero; bf16 (fp32's
+    exponent range) and fp32 need none, and get a disabled scaler that passes loss and step through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move to the device in channels_last layout (faster convolutions on CPU and GPU)."""
     return model.to(device=device, memory_format=torch.channels_last)

@@ -2,14 +2,19 @@
 
 Stages only meet here: pretraining publishes ``encoders/<pretext>-<key>``, caching reads it and
 publishes ``features/<pretext>-<key>``, fusion reads that. Each key hashes everything that
-determines the artifact (recipe, encoder, data content, seed, the stage's code version).
+determines the artifact (recipe, encoder, data content, seed) and the source files of the code that
+makes it, so an edit of that code (a pretext's module, the trainer, the encoder, the cache stage...)
+makes a new artifact instead of reusing one made by the old code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -22,12 +27,62 @@ from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
 
-PRETRAIN_CODE_VERSION = 1
-CACHE_CODE_VERSION = 1
 ENCODERS_KIND = "encoders"
 FEATURES_KIND = "features"
 VIEWS_KIND = "views"
 SPLITS = ("train", "test")
+
+PACKAGE = Path(__file__).resolve().parents[1]
+# What makes every encoder, besides its pretext's own modules (files, or folders of .py files, in the package).
+PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models", "data/augment.py",
+                 "data/datasets", "runtime/device.py", "runtime/distributed.py")
+# What turns a stored encoder into cached features or views (the encoder's own code is in its key).
+CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
+
+
+def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
+    files: list[Path] = []
+    for name in names:
+        path = PACKAGE / name
+        files.extend(sorted(path.glob("*.py")) if path.is_dir() else [path])
+    return tuple(files)
+
+
+def pretext_modules(name: str) -> list[ModuleType]:
+    """The module of pretext ``name`` and the other pretext modules it uses, directly or not (e.g. vicreg's
+    two views come from simclr)."""
+    found: dict[str, ModuleType] = {}
+    pending = [sys.modules[PRETEXTS.get(name).impl.__module__]]
+    while pending:
+        module = pending.pop()
+        if module.__name__ in found:
+            continue
+        found[module.__name__] = module
+        for value in vars(module).values():
+            used = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+            if isinstance(used, str) and used.startswith("ssl_fusion.pretexts.") and used in sys.modules:
+                pending.append(sys.modules[used])
+    return [found[key] for key in sorted(found)]
+
+
+def pretrain_sources(pretext: str) -> tuple[Path, ...]:
+    """The source files whose code makes an encoder of ``pretext``."""
+    own = [Path(module.__file__).resolve() for module in pretext_modules(pretext)]
+    return tuple(dict.fromkeys([*own, *package_files(PRETRAIN_CODE)]))
+
+
+def cache_sources() -> tuple[Path, ...]:
+    """The source files whose code turns an encoder into cached features or views."""
+    return package_files(CACHE_CODE)
+
+
+@functools.cache
+def sources_sha256(paths: tuple[Path, ...]) -> str:
+    """A hash of the files' contents in order; read once per process (the imported code does not change)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def with_overrides(recipe: PretextConfig, overrides: TrainOverrides) -> PretextConfig:
@@ -47,7 +102,7 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
     key = content_key(
         {
             "stage": "pretrain",
-            "code": PRETRAIN_CODE_VERSION,
+            "code": sources_sha256(pretrain_sources(recipe.name)),
             "pretext": as_plain(recipe),
             "encoder": as_plain(ctx.encoder_cfg),
             "train_data": ctx.fingerprints["train"],
@@ -59,12 +114,12 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
 
 
 def features_artifact(ctx: StageContext, encoder_name: str) -> str:
-    key = content_key({"stage": "cache", "code": CACHE_CODE_VERSION, "encoder": encoder_name, "data": ctx.fingerprints})
+    key = content_key({"stage": "cache", "code": sources_sha256(cache_sources()), "encoder": encoder_name, "data": ctx.fingerprints})
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
 def views_artifact(encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str]) -> str:
-    key = content_key({"stage": "cache views", "code": CACHE_CODE_VERSION, "encoder": encoder_name, "views": views,
+    key = content_key({"stage": "cache views", "code": sources_sha256(cache_sources()), "encoder": encoder_name, "views": views,
                        "max_shift": max_shift, "train_data": data_fingerprints["train"]})
     return f"{encoder_name.split('-')[0]}-{key}"
 
