@@ -28,7 +28,7 @@ from ssl_fusion.data.augment import random_shift_flip
 from ssl_fusion.data.splits import stratified_subset, subset_fields
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
-from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.fusion import FUSIONS, FusionMethod
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
@@ -150,7 +150,7 @@ def fit_selected(
 
 
 @FUSIONS.register("supervised_scratch", SupervisedScratchConfig)
-class SupervisedScratch:
+class SupervisedScratch(FusionMethod):
     """Not a head over features: ``evaluate`` trains on the stage's images and returns a fuse result record."""
 
     needs_images: ClassVar[bool] = True

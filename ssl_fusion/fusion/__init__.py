@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from omegaconf import MISSING
 from torch import nn
 
+from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
@@ -18,18 +19,77 @@ class FusionConfig:
     """How every head is trained (see ``ssl_fusion.fusion.training``); heads add their own fields."""
 
     name: str = MISSING
-    steps: int = 200  # the most steps; the best length is chosen on validation
+    steps: int = 200  # the most steps; the best length is chosen by cross-validation
     eval_every: int = 20
-    batch_size: int = 512
+    batch_size: int = 512  # a labeled set that fits trains full-batch
     lr: float = 3e-3
     l2_grid: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
-    val_fraction: float = 0.2
+    folds: int = 5  # stratified k-fold cross-validation over the labeled set (fewer when a class has fewer labels)
     restarts: int = 2
     feature_dropout: float = 0.2
     screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.fusion.screen)
 
+    def __post_init__(self) -> None:
+        """Refuse an option out of range in one line naming it, when the config is built (before any work)."""
+        for key, ok, allowed in self.rules():
+            if not ok:
+                raise UserError(f"fusion.{key} must be {allowed}, got {getattr(self, key)!r}")
 
-class FusionHead(nn.Module):
+    def rules(self) -> list[tuple[str, bool, str]]:
+        """(option, whether its value is allowed, what is allowed); heads with options of their own extend it."""
+        return [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("eval_every", 1 <= self.eval_every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("l2_grid", len(self.l2_grid) > 0 and min(self.l2_grid) >= 0, "a non-empty list of values >= 0"),
+            ("folds", self.folds >= 2, ">= 2"),
+            ("restarts", self.restarts >= 1, ">= 1"),
+            ("feature_dropout", 0 <= self.feature_dropout < 1, "in [0, 1)"),
+        ]
+
+
+class FusionMethod:
+    """What every method in ``FUSIONS`` tells the protocol and the stages about itself, so that they never compare
+    method names: class attributes and class methods, read before any instance exists."""
+
+    needs_images: ClassVar[bool] = False  # trains on the labeled images (a baseline), not on cached features
+    reads_one_pretext: ClassVar[bool] = False  # trained on one pretext's features (single, select)
+    hidden_options: ClassVar[tuple[str, ...]] = ()  # options a method label shows in its own way
+
+    @classmethod
+    def inputs(cls, cfg: FusionConfig, pretexts: list[str]) -> list[str]:
+        """The pretexts this head reads, of those given. Default: all."""
+        return pretexts
+
+    @classmethod
+    def variants(cls, cfg: FusionConfig, pretexts: list[str]) -> list[tuple[FusionConfig, list[str]]]:
+        """The heads ``sslfuse run`` trains for this option over ``pretexts``: one over all of them by default."""
+        return [(cfg, pretexts)]
+
+    @classmethod
+    def chooses_pretext(cls, cfg: FusionConfig) -> bool:
+        """Whether the protocol must first choose one pretext for it (pretext matching)."""
+        return False
+
+    @classmethod
+    def peeks_at_test(cls, cfg: FusionConfig) -> bool:
+        """Whether its result used the test labels (a reference only, never a method to pick)."""
+        return False
+
+    @classmethod
+    def title(cls, cfg: FusionConfig) -> str:
+        """The method's name in tables, before its changed options and pretexts."""
+        return cfg.name
+
+    @classmethod
+    def fit_to(cls, cfg: FusionConfig, n_pretexts: int) -> tuple[FusionConfig, dict[str, str]]:
+        """``cfg`` adapted to the number of pretexts left after the screen, and a note per changed option.
+        Default: unchanged."""
+        return cfg, {}
+
+
+class FusionHead(FusionMethod, nn.Module):
     """Maps the list of per-pretext feature batches (same order as ``pretexts``) to class logits."""
 
     def __init__(self, cfg: FusionConfig, feature_dims: list[int], num_classes: int) -> None:
@@ -49,6 +109,6 @@ class FusionHead(nn.Module):
         return torch.zeros(())
 
 
-FUSIONS: Registry[type[FusionHead]] = Registry("fusion")
+FUSIONS: Registry[type[FusionMethod]] = Registry("fusion")
 
 import_submodules(sys.modules[__name__])

@@ -12,6 +12,7 @@ loss (nor from the balance term): it stays as initialised and only its noise pic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,14 @@ class MoEConfig(FusionConfig):
 
 @FUSIONS.register("moe", MoEConfig)
 class MoEFusion(FusionHead):
+    @classmethod
+    def fit_to(cls, cfg: MoEConfig, n_pretexts: int) -> tuple[MoEConfig, dict[str, str]]:
+        """``top_k`` capped at the number of pretexts the screen left."""
+        if cfg.top_k <= n_pretexts:
+            return cfg, {}
+        note = f"capped from {cfg.top_k} to {n_pretexts}: the screen left {n_pretexts} pretext(s)"
+        return dataclasses.replace(cfg, top_k=n_pretexts), {"top_k": note}
+
     def __init__(self, cfg: MoEConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)
         count = len(feature_dims)

@@ -2,39 +2,48 @@
 
 ``fuse_once`` takes each pretext's features (``FeatureSet``), a typed fusion config, a label regime
 and a seed: it draws the stratified labeled subset, screens out pretexts without label information,
-chooses a pretext where the head matches pretexts, selects the head's hyper-parameters, refits it on all
-labels and scores it on the test split. It returns the result record that ``sslfuse fuse`` writes.
+chooses a pretext where the head matches pretexts, chooses the head's L2 strength and training length
+by k-fold cross-validation on the labeled set, refits it on all labels and scores it on the test split.
+It returns the result record that ``sslfuse fuse`` writes. ``fuse_arrays`` does the same from plain
+arrays, for a notebook.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 
 from ssl_fusion.config import LabelsConfig, as_plain, load_option
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import stratified_subset, subset_fields
+from ssl_fusion.data.splits import fold_count, stratified_subset, subset_fields
 from ssl_fusion.evaluation.metrics import macro_f1
-from ssl_fusion.fusion import FUSIONS, FusionConfig
+from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
 from ssl_fusion.fusion.training import (
-    Selection,
+    CrossValidation,
+    cross_validate,
     predict_proba,
     score,
-    select_hyperparameters,
     train_selected,
 )
+from ssl_fusion.runtime.errors import UserError
+
+
+def head_class(fusion: FusionConfig) -> type[FusionHead]:
+    return FUSIONS.get(fusion.name).impl
 
 
 def changed_options(fusion: FusionConfig) -> dict[str, Any]:
     """The options of ``fusion`` that differ from its ``conf/fusion/<name>.yaml``, so that a sweep over an option
-    gives each value its own row (``single``'s pretext and ``select``'s criterion are shown elsewhere)."""
+    gives each value its own row (options the head shows in its own way are left out)."""
     default, current = as_plain(load_option(FUSIONS, fusion.name)), as_plain(fusion)
-    return {key: value for key, value in current.items() if key not in ("pretext", "by") and value != default.get(key)}
+    hidden = head_class(fusion).hidden_options
+    return {key: value for key, value in current.items() if key not in hidden and value != default.get(key)}
 
 
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
@@ -42,9 +51,7 @@ def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
     changed from the YAML), ``concat[4 views](...)``; a pretext trained with all labels is
     marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
     names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
-    method = fusion.name
-    if fusion.name == "select":
-        method += "[oracle: uses test]" if fusion.by == "oracle" else f"[by={fusion.by}]"
+    method = head_class(fusion).title(fusion)
     changed = changed_options(fusion)
     if changed:
         method += f"[{','.join(f'{key}={value}' for key, value in changed.items())}]"
@@ -63,13 +70,13 @@ def weights_by_class(weights: torch.Tensor, labels: torch.Tensor, pretexts: list
 
 def fit_and_predict(
     fusion: FusionConfig, train: list[torch.Tensor], labels: torch.Tensor, test: list[torch.Tensor], num_classes: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor | None, Selection, list[float]]:
-    """Select and refit ``fusion``'s head on the labeled features; test-set probabilities and weights."""
-    head_cls = FUSIONS.get(fusion.name).impl
+) -> tuple[torch.Tensor, torch.Tensor | None, CrossValidation, list[float], int]:
+    """Select and refit ``fusion``'s head on the labeled features: test-set probabilities and weights, the
+    selection, the last refit's loss curve and the head's number of trained parameters."""
     dims = [f.shape[-1] for f in train]
-    heads, selection, losses = train_selected(lambda: head_cls(fusion, dims, num_classes), train, labels, fusion, seed)
+    heads, selection, losses = train_selected(lambda: head_class(fusion)(fusion, dims, num_classes), train, labels, fusion, seed)
     probs, weights = predict_proba(heads, test)
-    return probs, weights, selection, losses
+    return probs, weights, selection, losses, sum(p.numel() for p in heads[0].parameters())
 
 
 def choose_pretext(
@@ -79,26 +86,25 @@ def choose_pretext(
     """Pretext matching: the position of the pretext that ``fusion.by`` prefers, and every pretext's score."""
     position = {name: i for i, name in enumerate(names)}
 
-    def val_accuracy(name: str) -> float:
-        head_cls = FUSIONS.get(fusion.name).impl
+    def cv_accuracy(name: str) -> float:
         feats = [train[position[name]]]
-        return select_hyperparameters(lambda: head_cls(fusion, [feats[0].shape[-1]], num_classes), feats, labels, fusion, seed).val_accuracy
+        make_head = lambda: head_class(fusion)(fusion, [feats[0].shape[-1]], num_classes)  # noqa: E731
+        return cross_validate(make_head, feats, labels, fusion, seed).accuracy
 
     def test_accuracy(name: str) -> float:
         i = position[name]
-        probs, _, _, _ = fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed)
+        probs = fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed)[0]
         return score(probs, test_labels)[0]
 
     plain = {name: views[0] for name, views in zip(names, train)}
-    scores = criterion_scores(fusion, plain, labels, seed, val_accuracy, test_accuracy)
+    scores = criterion_scores(fusion, plain, labels, seed, cv_accuracy, test_accuracy)
     return position[max(scores, key=scores.get)], scores
 
 
 @contextlib.contextmanager
 def head_threads(num_threads: Optional[int]) -> Iterator[None]:
-    """Train heads with ``train.num_threads`` intra-op threads, one when unset. Head matmuls take milliseconds,
-    and on cores shared with other work extra threads mostly wait at each op's barrier: one step of four
-    stacked attention heads took 2.6 s with two threads and 0.4 s with one on a busy two-core machine."""
+    """Train heads with ``train.num_threads`` intra-op threads, one when unset: head matmuls are small, and on
+    cores shared with other work extra threads mostly wait at each op's barrier."""
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads or 1)
     try:
@@ -108,8 +114,8 @@ def head_threads(num_threads: Optional[int]) -> Iterator[None]:
 
 
 def screened(pretexts: list[str], train: list[torch.Tensor], labels: torch.Tensor, seed: int) -> tuple[list[str], dict[str, Any]]:
-    """The pretexts that pass the screen (``ssl_fusion.fusion.screen``) on their plain labeled features, and the result
-    fields that record it."""
+    """The pretexts that pass the screen (``ssl_fusion.fusion.screen``) on their plain labeled features, and the
+    result fields that record it."""
     screen = screen_pretexts({name: views[0] for name, views in zip(pretexts, train)}, labels, seed)
     record = {"screened_out": [p for p in pretexts if p not in screen.kept], "screen_scores": screen.scores,
               "screen_threshold": screen.threshold}
@@ -124,31 +130,44 @@ def with_screened_columns(weights: torch.Tensor, used: list[str], pretexts: list
     return full
 
 
+def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[str, FeatureSet]:
+    """The feature sets ``fusion``'s head reads, of those given; a UserError naming a missing one."""
+    wanted = head_class(fusion).inputs(fusion, list(features))
+    missing = [name for name in wanted if name not in features]
+    if missing:
+        raise UserError(f"fusion={fusion.name} reads {', '.join(missing)}, which is not among the pretexts given: {', '.join(features)}")
+    return {name: features[name] for name in wanted}
+
+
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
     Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
+    features = head_inputs(fusion, features)
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
     labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+    labels = train_labels[labeled]
+    fold_count(labels, fusion.folds)
     train = [s.labeled_rows(labeled) for s in sets]
     test = [s.standardized(s.test) for s in sets]
     num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
     used, extra = pretexts, {}
     if fusion.screen and len(pretexts) > 1:
-        used, extra = screened(pretexts, train, train_labels[labeled], seed)
+        used, extra = screened(pretexts, train, labels, seed)
         train, test = [train[pretexts.index(p)] for p in used], [test[pretexts.index(p)] for p in used]
-    if fusion.name == "select":
-        chosen, scores = choose_pretext(fusion, used, train, train_labels[labeled], test, test_labels, num_classes, seed)
+    if head_class(fusion).chooses_pretext(fusion):
+        chosen, scores = choose_pretext(fusion, used, train, labels, test, test_labels, num_classes, seed)
         extra |= {"chosen_pretext": used[chosen], "selection_scores": scores}
         train, test = [train[chosen]], [test[chosen]]
-    probs, weights, selection, losses = fit_and_predict(fusion, train, train_labels[labeled], test, num_classes, seed)
+    fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
+    probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
     result = {
         "method": method_label(fusion, features),
         "uses_all_labels": any(s.uses_labels for s in sets),
-        "peeks_at_test": fusion.name == "select" and fusion.by == "oracle",
+        "peeks_at_test": head_class(fusion).peeks_at_test(fusion),
         "fusion": fusion.name,
         "pretexts": pretexts,
         **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
@@ -157,12 +176,16 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "test_nll": nll,
         "selected_l2": selection.l2,
         "selected_steps": selection.steps,
-        "val_accuracy": selection.val_accuracy,
+        "cv_accuracy": selection.accuracy,
+        "cv_nll": selection.nll,
+        "folds": selection.folds,
+        "head_parameters": parameters,
         "cached_views": len(train[0]) - 1,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "fit_seconds": time.perf_counter() - started,
         "fusion_config": as_plain(fusion),
+        "adjusted_options": adjusted,
         **extra,
     }
     if weights is not None:
@@ -170,3 +193,41 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
         result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
     return result
+
+
+def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
+    """``values`` as a float32 (rows, dim) tensor; a UserError naming the pretext and split when it is not one."""
+    array = torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    if array.dim() != 2 or len(array) != rows:
+        raise UserError(f"{split} features of '{name}' must be (samples, dim) with {rows} rows, got shape {tuple(array.shape)}")
+    if not torch.isfinite(array).all():
+        raise UserError(f"{split} features of '{name}' hold NaN or inf")
+    return array
+
+
+def fuse_arrays(
+    train: Mapping[str, Any],
+    train_labels: Any,
+    test: Mapping[str, Any],
+    test_labels: Any,
+    fusion: str = "attention",
+    options: Optional[Mapping[str, Any]] = None,
+    fraction: Optional[float] = 0.01,
+    per_class: Optional[int] = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The whole few-label protocol on plain arrays (numpy or torch): per pretext, train features (rows aligned
+    with ``train_labels``) and test features (aligned with ``test_labels``); ``fusion`` names a head and
+    ``options`` overrides its ``conf/fusion/<name>.yaml``; ``fraction`` or ``per_class`` the label regime.
+    Returns the result record ``sslfuse fuse`` writes (``test_accuracy``, ``selected_l2``, ``folds``, ...).
+    Features are standardised by the train split's statistics, as cached features are."""
+    if set(train) != set(test) or not train:
+        raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
+    y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
+    sets = {
+        name: FeatureSet(as_rows(name, train[name], len(y_train), "train"), as_rows(name, test[name], len(y_test), "test"), y_train, y_test)
+        for name in train
+    }
+    config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")
+    return fuse_once(sets, config, LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class), seed)

@@ -1,6 +1,6 @@
 """Pretext matching: choose ONE pretext for the task, then train a linear head on it alone.
 
-``by`` is the criterion: ``val`` (validation accuracy of its head, on the labeled set),
+``by`` is the criterion: ``val`` (k-fold cross-validated accuracy of its head on the labeled set),
 ``logme`` (LogME evidence of its features on the labeled set, You et al. 2021), ``knn``
 (k-fold cross-validated kNN accuracy on the labeled set) or ``oracle`` (best test accuracy:
 a reference that peeks at the test set, marked as such in every table).
@@ -17,7 +17,6 @@ from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.evaluation.probe import cross_validated_knn
 from ssl_fusion.fusion import FUSIONS, FusionHead
 from ssl_fusion.fusion.concat import ConcatConfig, classifier
-from ssl_fusion.runtime.errors import UserError
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 
@@ -28,19 +27,35 @@ class SelectConfig(ConcatConfig):
     knn_k: int = 10
     knn_folds: int = 5
 
-
-def check_criterion(cfg: SelectConfig) -> None:
-    if cfg.by not in CRITERIA:
-        raise UserError(f"fusion.by: '{cfg.by}' is not one of {', '.join(CRITERIA)}")
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return super().rules() + [
+            ("by", self.by in CRITERIA, f"one of {', '.join(CRITERIA)}"),
+            ("knn_k", self.knn_k >= 1, ">= 1"),
+            ("knn_folds", self.knn_folds >= 2, ">= 2"),
+        ]
 
 
 @FUSIONS.register("select", SelectConfig)
 class SelectFusion(FusionHead):
-    """The head trained on the chosen pretext (the fuse stage hands it only that pretext's features)."""
+    """The head trained on the chosen pretext (the protocol hands it only that pretext's features)."""
+
+    reads_one_pretext = True
+    hidden_options = ("by",)
+
+    @classmethod
+    def chooses_pretext(cls, cfg: SelectConfig) -> bool:
+        return True
+
+    @classmethod
+    def peeks_at_test(cls, cfg: SelectConfig) -> bool:
+        return cfg.by == "oracle"
+
+    @classmethod
+    def title(cls, cfg: SelectConfig) -> str:
+        return "select[oracle: uses test]" if cls.peeks_at_test(cfg) else f"select[by={cfg.by}]"
 
     def __init__(self, cfg: SelectConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)
-        check_criterion(cfg)
         (dim,) = feature_dims
         self.classifier = classifier(dim, cfg.hidden, num_classes)
 
@@ -54,15 +69,14 @@ def criterion_scores(
     labeled: dict[str, torch.Tensor],
     labels: torch.Tensor,
     seed: int,
-    val_accuracy: Callable[[str], float],
+    cv_accuracy: Callable[[str], float],
     test_accuracy: Callable[[str], float],
 ) -> dict[str, float]:
     """Each pretext's score under ``cfg.by`` (higher is better) from its labeled features."""
-    check_criterion(cfg)
     if cfg.by == "logme":
         return {name: logme_evidence(f, labels) for name, f in labeled.items()}
     if cfg.by == "knn":
         return {name: cross_validated_knn(f, labels, cfg.knn_k, cfg.knn_folds, seed) for name, f in labeled.items()}
     if cfg.by == "val":
-        return {name: val_accuracy(name) for name in labeled}
+        return {name: cv_accuracy(name) for name in labeled}
     return {name: test_accuracy(name) for name in labeled}

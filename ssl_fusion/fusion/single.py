@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +10,7 @@ import torch
 
 from ssl_fusion.fusion import FUSIONS, FusionHead
 from ssl_fusion.fusion.concat import ConcatConfig, classifier
+from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass
@@ -18,7 +20,21 @@ class SingleConfig(ConcatConfig):
 
 @FUSIONS.register("single", SingleConfig)
 class SingleFusion(FusionHead):
-    """The fuse stage hands this head only the features of ``fusion.pretext``."""
+    """A linear head (or MLP) on the features of ``fusion.pretext`` alone."""
+
+    reads_one_pretext = True
+    hidden_options = ("pretext",)
+
+    @classmethod
+    def inputs(cls, cfg: SingleConfig, pretexts: list[str]) -> list[str]:
+        if cfg.pretext is None:
+            raise UserError(f"fusion=single needs fusion.pretext=<name>; one of: {', '.join(pretexts)}")
+        return [cfg.pretext]
+
+    @classmethod
+    def variants(cls, cfg: SingleConfig, pretexts: list[str]) -> list[tuple[SingleConfig, list[str]]]:
+        """One head per pretext."""
+        return [(dataclasses.replace(cfg, pretext=name), [name]) for name in pretexts]
 
     def __init__(self, cfg: SingleConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)

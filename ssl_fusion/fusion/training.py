@@ -1,16 +1,17 @@
 """Training fusion heads on cached features the way a good linear model is trained.
 
-Protocol: carve a stratified validation part out of the labeled set; for every L2 strength in the
-grid, train a head and score it on validation every ``eval_every`` steps; pick the (L2, steps) pair
-with the best validation accuracy (ties: lower NLL); then refit ``restarts`` heads with it on *all*
-labeled samples and average their predicted probabilities.
+Protocol: split the labeled set into stratified folds; for every L2 strength in the grid and every fold,
+train a head on the other folds and score it on its fold every ``eval_every`` steps; pick the
+(L2, steps) pair with the best cross-validated accuracy over all labeled samples (ties: lower NLL);
+then refit ``restarts`` heads with it on *all* labeled samples and average their predicted probabilities.
 
 The heads of each phase train together as one model (``HeadStack``): their parameters are stacked
 on a leading member dimension and the head runs under ``torch.vmap``. Members share no parameter,
 so the summed loss gives each member exactly its own gradient, and Adam, being elementwise, updates
-each as if it were trained alone. The grid's members start from one initialisation and see the same
-batches and dropout masks, differing only in L2 (as heads trained one by one from the same seed
-would); each refit has its own seed for initialisation and batch order.
+each as if it were trained alone. Every member reads the same batch (the whole labeled set when it
+fits in ``batch_size``); a member's loss weighs only the samples of its training folds, so a held-out
+sample's label never reaches it. The grid's members start from one initialisation; each refit has its
+own seed for initialisation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ssl_fusion.data.splits import stratified_subset
+from ssl_fusion.data.splits import stratified_folds, stratified_subset
 from ssl_fusion.fusion import FusionConfig, FusionHead
 
 HeadFactory = Callable[[], FusionHead]
@@ -66,10 +67,11 @@ class HeadStack:
     def _member(self, params: dict, buffers: dict, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return functional_call(self.template, (params, buffers), (features,))
 
-    def __call__(self, features: list[torch.Tensor], shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (members, batch, classes) and regularisers (members,). ``shared``: every member reads the same
-        unbatched ``features`` and the same random draws (dropout); otherwise each reads its own slice."""
-        run = torch.vmap(self._member, in_dims=(0, 0, None if shared else 0), randomness="same" if shared else "different")
+    def __call__(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (members, batch, classes) and regularisers (members,): every member reads the same ``features``
+        and the same random draws (dropout masks), which keeps the members' comparison paired and costs a third of
+        drawing them per member."""
+        run = torch.vmap(self._member, in_dims=(0, 0, None), randomness="same")
         return run(self.params, self.buffers, features)
 
     def penalty(self) -> torch.Tensor:
@@ -80,7 +82,7 @@ class HeadStack:
     def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Every member's logits (members, samples, classes) in eval mode."""
         self.template.eval()
-        logits, _ = self(features, shared=True)
+        logits, _ = self(features)
         self.template.train()
         return logits
 
@@ -100,28 +102,30 @@ def fit_stack(
     cfg: FusionConfig,
     l2: torch.Tensor,
     steps: int,
-    seeds: list[int],
+    seed: int,
+    trains_on: Optional[torch.Tensor] = None,
     on_eval: Optional[Callable[[int, HeadStack], None]] = None,
 ) -> torch.Tensor:
     """``features``: per pretext, (views, samples, dim), the plain features first (see ``FeatureSet.labeled_rows``).
-    Minimise each member's cross entropy + ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam
-    steps; returns the loss curves (members, steps). Member m draws its batches from ``seeds[m]``; when all
-    seeds are equal the members share batches and dropout masks. ``on_eval(step, stack)`` runs every
+    Minimise each member's cross entropy over the samples ``trains_on[member]`` marks (all when None) +
+    ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam steps at a constant rate (a refit for N steps
+    retraces selection); returns the loss curves (members, steps). Full-batch when the labeled set fits in
+    ``cfg.batch_size``, else every member reads the same random batch. ``on_eval(step, stack)`` runs every
     ``cfg.eval_every`` steps. Each sample of a batch is read from one of its views, drawn at random, the same
     view for every pretext (all pretexts saw the same augmented image)."""
-    shared = len(set(seeds)) == 1
-    generators = [torch.Generator().manual_seed(seed) for seed in (seeds[:1] if shared else seeds)]
-    # Constant rate: a refit for N steps retraces selection.
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws
     optimizer = torch.optim.Adam(stack.params.values(), lr=cfg.lr)
-    batch_size = min(cfg.batch_size, len(labels))
+    weights = torch.ones(len(stack), len(labels)) if trains_on is None else trains_on.float()
     losses = torch.empty(steps, len(stack))
     stack.template.train()
     for step in range(1, steps + 1):
-        view, index = draw_batch(generators, len(labels), batch_size, len(features[0]))
-        view, index = (view[0], index[0]) if shared else (view, index)
-        logits, regularization = stack([f[view, index] for f in features], shared)
-        targets = labels[index].expand(len(stack), batch_size)
-        loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+        view, index = draw_batch(generator, len(labels), cfg.batch_size, len(features[0]))
+        logits, regularization = stack([f[view, index] for f in features])
+        targets = labels[index].expand(len(stack), len(index))
+        member_weights = weights[:, index]
+        per_sample = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = (per_sample * member_weights).sum(1) / member_weights.sum(1).clamp_min(1)
         total = (loss + l2 * stack.penalty() + regularization).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -132,13 +136,13 @@ def fit_stack(
     return losses.T
 
 
-def draw_batch(generators: list[torch.Generator], samples: int, batch_size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per generator, ``batch_size`` distinct sample positions and the view each is read from (members, batch).
-    With one view no view is drawn, so the batches are the ones plain features always gave."""
-    index = torch.stack([torch.randperm(samples, generator=g)[:batch_size] for g in generators])
+def draw_batch(generator: torch.Generator, samples: int, batch_size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample positions of one batch (all of them when they fit in ``batch_size``) and the view each is read
+    from. With one view no view is drawn."""
+    index = torch.arange(samples) if samples <= batch_size else torch.randperm(samples, generator=generator)[:batch_size]
     if views == 1:
         return torch.zeros_like(index), index
-    return torch.stack([torch.randint(views, (batch_size,), generator=g) for g in generators]), index
+    return torch.randint(views, (len(index),), generator=generator), index
 
 
 @torch.no_grad()
@@ -164,40 +168,53 @@ def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.nonzero(mask).flatten(), val
 
 
-def select_hyperparameters(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> Selection:
-    """Grid over L2 strengths × training length, scored on a validation part of the labeled set (plain features;
-    ``features`` as for ``fit_stack``)."""
-    fit_part, val_part = split_validation(labels, cfg.val_fraction, seed)
-    val_features, val_labels = [f[0, val_part] for f in features], labels[val_part]
-    scores: dict[int, list[tuple[float, float]]] = {}
+@dataclass
+class CrossValidation:
+    """The chosen setting and its k-fold score: accuracy and NLL over all labeled samples, each predicted by the
+    head that did not train on it."""
+
+    l2: float
+    steps: int
+    accuracy: float
+    nll: float
+    folds: int
+
+
+def cross_validate(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> CrossValidation:
+    """Grid over L2 strengths × training length, scored by stratified k-fold cross-validation on the labeled set
+    (plain features; ``features`` as for ``fit_stack``). Members: one head per (L2, fold), trained together."""
+    fold_of = stratified_folds(labels, cfg.folds, seed)
+    folds = int(fold_of.max()) + 1
+    held_out = fold_of[None, :] == torch.arange(folds)[:, None]  # (folds, samples)
+    trains_on = (~held_out).repeat(len(cfg.l2_grid), 1)  # member g * folds + k trains without fold k
+    plain = [f[0] for f in features]
+    scores: dict[int, torch.Tensor] = {}  # step -> (grid, 2): correct predictions and summed NLL over held-out samples
 
     def record(step: int, stack: HeadStack) -> None:
-        scores[step] = [score(logits.softmax(1), val_labels) for logits in stack.logits(val_features)]
+        log_probs = stack.logits(plain).log_softmax(-1).unflatten(0, (len(cfg.l2_grid), folds))  # (grid, folds, samples, classes)
+        mask = held_out[None].float()
+        correct = ((log_probs.argmax(-1) == labels).float() * mask).sum((1, 2))
+        nll = (-log_probs.gather(-1, labels.expand(*log_probs.shape[:3])[..., None]).squeeze(-1) * mask).sum((1, 2))
+        scores[step] = torch.stack([correct, nll], 1)
 
     torch.manual_seed(seed)
     head = make_head()
-    stack = HeadStack([head] + [copy.deepcopy(head) for _ in cfg.l2_grid[1:]])
-    l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32)
-    fit_stack(stack, [f[:, fit_part] for f in features], labels[fit_part], cfg, l2, cfg.steps, [seed] * len(stack), record)
-    best: Optional[Selection] = None
-    for member, strength in enumerate(cfg.l2_grid):
-        for step, member_scores in scores.items():
-            accuracy, nll = member_scores[member]
-            if best is None or (accuracy, -nll) > (best.val_accuracy, -best.val_nll):
-                best = Selection(strength, step, accuracy, nll)
-    assert best is not None
-    return best
+    stack = HeadStack([head] + [copy.deepcopy(head) for _ in range(len(trains_on) - 1)])
+    l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32).repeat_interleave(folds)
+    fit_stack(stack, features, labels, cfg, l2, cfg.steps, seed, trains_on, record)
+    candidates = [(float(s[g, 0]), -float(s[g, 1]), -step, g, step) for step, s in scores.items() for g in range(len(cfg.l2_grid))]
+    correct, neg_nll, _, grid_index, step = max(candidates)
+    return CrossValidation(cfg.l2_grid[grid_index], step, correct / len(labels), -neg_nll / len(labels), folds)
 
 
-def train_selected(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> tuple[list[FusionHead], Selection, list[float]]:
-    """Select hyper-parameters on validation, then refit ``restarts`` heads on all labeled samples.
+def train_selected(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> tuple[list[FusionHead], CrossValidation, list[float]]:
+    """Choose hyper-parameters by k-fold cross-validation, then refit ``restarts`` heads on all labeled samples.
     Returns the heads, the selection and the loss curve of the last refit."""
-    selection = select_hyperparameters(make_head, features, labels, cfg, seed)
-    seeds = [seed * 1000 + 500 + restart for restart in range(cfg.restarts)]
+    selection = cross_validate(make_head, features, labels, cfg, seed)
     heads = []
-    for restart_seed in seeds:
-        torch.manual_seed(restart_seed)
+    for restart in range(cfg.restarts):
+        torch.manual_seed(seed * 1000 + 500 + restart)
         heads.append(make_head())
     stack = HeadStack(heads)
-    losses = fit_stack(stack, features, labels, cfg, torch.full((len(seeds),), selection.l2), selection.steps, seeds)
+    losses = fit_stack(stack, features, labels, cfg, torch.full((len(heads),), selection.l2), selection.steps, seed * 1000 + 500)
     return stack.unstack(), selection, losses[-1].tolist()

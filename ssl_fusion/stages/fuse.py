@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import stratified_subset
+from ssl_fusion.data.splits import fold_count, stratified_subset
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.protocol import fuse_once, head_threads
 from ssl_fusion.pretexts import PRETEXTS
@@ -36,17 +37,14 @@ log = logging.getLogger("sslfuse")
 
 
 def fused_pretexts(fusion: FusionConfig, pretexts: list[str]) -> list[str]:
-    """The pretexts a head reads: all of them, or for ``single`` the one named by ``fusion.pretext``."""
-    if fusion.name != "single":
-        return pretexts
-    if fusion.pretext is None:
-        raise UserError(f"fusion=single needs fusion.pretext=<name>; one of: {', '.join(pretexts)}")
-    return check_names("fusion.pretext", [fusion.pretext], PRETEXTS)
+    """The pretexts a head reads (all, or ``single``'s one), checked against the known pretexts."""
+    return check_names("pretexts", FUSIONS.get(fusion.name).impl.inputs(fusion, pretexts), PRETEXTS)
 
 
 def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
     """Build the head once on dummy sizes so a bad head option is refused before any work."""
-    FUSIONS.get(fusion.name).impl(fusion, [8] * (1 if fusion.name in ("single", "select") else n_pretexts), 2)
+    head = FUSIONS.get(fusion.name).impl
+    head(fusion, [8] * (1 if head.reads_one_pretext else n_pretexts), 2)
 
 
 def cached_features(ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str) -> dict[str, FeatureSet]:
@@ -78,10 +76,17 @@ def evaluate_method(
     """One result of ``fusion``: a method that trains on the labeled images (``needs_images``, e.g.
     ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
     method = FUSIONS.get(fusion.name).impl
-    if getattr(method, "needs_images", False):
+    if method.needs_images:
         return method(fusion).evaluate(ctx, labels_cfg, seed)
     with head_threads(ctx.overrides.num_threads):
         return fuse_once(features(), fusion, labels_cfg, seed)
+
+
+def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
+    """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
+    labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+    if not FUSIONS.get(fusion.name).impl.needs_images:
+        fold_count(train_labels[labeled], fusion.folds)
 
 
 def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
@@ -110,7 +115,7 @@ def main(cfg: DictConfig) -> None:
     used = fused_pretexts(fusion, pretexts)
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
-    stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, cfg.seed)
+    check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
     cache = check_cache(cfg.cache)
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, cache_command(used)))
     write_result(Path(run_dir()), result, run_context(ctx))

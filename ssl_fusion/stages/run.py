@@ -17,7 +17,6 @@ from ssl_fusion.config import (
     load_option,
 )
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import stratified_subset
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report.tables import print_table, write_report
@@ -27,6 +26,7 @@ from ssl_fusion.stages.cache import ensure_features, ensure_views
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.fuse import (
     check_head,
+    check_labels,
     evaluate_method,
     run_context,
     write_result,
@@ -38,14 +38,11 @@ log = logging.getLogger("sslfuse")
 
 
 def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionConfig, list[str]]]:
-    """Each configured fusion over all pretexts; ``single`` expands to one head per pretext."""
+    """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext)."""
     heads = []
     for name in fusions:
         fusion = load_option(FUSIONS, name)
-        if name == "single":
-            heads += [(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(fusion), {"pretext": p})), [p]) for p in pretexts]
-        else:
-            heads.append((fusion, pretexts))
+        heads += FUSIONS.get(name).impl.variants(fusion, pretexts)
     return heads
 
 
@@ -78,7 +75,9 @@ def main(cfg: DictConfig) -> None:
     cache = check_cache(cfg.cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     ctx = open_context(cfg, cfg.encoder_seed)
-    stratified_subset(ctx.data.train_labels, labels_cfg.fraction, labels_cfg.per_class, 0)
+    for seed in cfg.seeds:
+        for fusion, _ in heads:
+            check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
     for pretext in pretexts:
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
     features = prepare_features(ctx, cfg, cache, pretexts)
