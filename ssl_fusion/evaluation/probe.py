@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ssl_fusion.data.datasets import sample_indices
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.runtime.device import autocast
 
@@ -20,9 +21,12 @@ def encode_batches(
     dtype: torch.dtype,
     on_batch: Callable[[int, torch.Tensor], None],
     transform: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> None:
     """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result.
-    ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding."""
+    ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding;
+    ``encoder_input(batch)``, if given, then turns it into what the encoder was trained on (a pretext's
+    ``encoder_input``)."""
     encoder.eval()
     pin = device.type == "cuda"
     for start in range(0, len(images), batch_size):
@@ -32,20 +36,42 @@ def encode_batches(
         batch = batch.to(device, non_blocking=True).float().div_(255)
         if transform is not None:
             batch = transform(start, batch)
+        if encoder_input is not None:
+            batch = encoder_input(batch)
         batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             features = encoder(batch)
         on_batch(start, features.float().cpu())
 
 
-def extract_features(encoder: Encoder, images: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def extract_features(
+    encoder: Encoder,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     out = torch.empty(len(images), encoder.out_dim)
 
     def keep(start: int, features: torch.Tensor) -> None:
         out[start : start + len(features)] = features
 
-    encode_batches(encoder, images, batch_size, device, dtype, keep)
+    encode_batches(encoder, images, batch_size, device, dtype, keep, encoder_input=encoder_input)
     return out
+
+
+PROBE_SEED = 0  # the probes of every encoder see the same images
+
+
+def probe_subset(
+    images: torch.Tensor, labels: torch.Tensor, limit: Optional[int], seed: int = PROBE_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels a probe uses: a seeded random sample of ``limit`` of them (all when ``limit`` is None or
+    not below their number), drawn over the whole split so that every class is in it even where the split is stored
+    sorted by class."""
+    keep = sample_indices(len(labels), limit, seed)
+    return images[keep], labels[keep]
 
 
 def knn_accuracy(

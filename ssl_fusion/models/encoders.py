@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torchvision
 from omegaconf import MISSING
 from torch import nn
 
+from ssl_fusion.data.datasets import sample_indices
 from ssl_fusion.runtime.registry import Registry
+
+STATISTICS_SAMPLE = 10000  # images whose pixels give the input statistics
 
 
 @dataclass
@@ -38,8 +41,22 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
         self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
 
-    def set_statistics(self, images_uint8: torch.Tensor) -> None:
-        sample = images_uint8[:10000].float() / 255.0
+    def set_statistics(
+        self,
+        images_uint8: torch.Tensor,
+        encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        sample_size: int = STATISTICS_SAMPLE,
+        seed: int = 0,
+    ) -> None:
+        """Per-channel mean and std over a seeded random sample of ``sample_size`` images (all of them when fewer),
+        drawn from the whole split so that every class counts even where the images are stored sorted by class.
+        ``encoder_input``, if given, turns batches of images (floats in [0, 1]) into what the encoder is fed (a
+        pretext's ``encoder_input``, e.g. lightness): the statistics are those of that input."""
+        batches = []
+        for chunk in sample_indices(len(images_uint8), sample_size, seed).split(1024):
+            batch = images_uint8[chunk].float() / 255.0
+            batches.append(batch if encoder_input is None else encoder_input(batch))
+        sample = torch.cat(batches)
         self.mean.copy_(sample.mean(dim=(0, 2, 3), keepdim=True))
         self.std.copy_(sample.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
 

@@ -38,11 +38,18 @@ class Pretext(nn.Module):
     uses_labels: ClassVar[bool] = False  # True only for reference points such as ``supervised``
     ignores_images: ClassVar[bool] = False  # True for ``noise``: its cached features are random vectors
     sync_batchnorm: ClassVar[bool] = False  # under torchrun, BatchNorm statistics over the global batch
+    encoder_input_kind: ClassVar[str] = "images"  # what ``encoder_input`` gives; recorded in the encoder's manifest
 
     def __init__(self, cfg: PretextConfig, encoder: Encoder) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
+
+    @staticmethod
+    def encoder_input(images: torch.Tensor) -> torch.Tensor:
+        """What the encoder is fed, made from a batch of images (floats in [0, 1]): pretraining trains the encoder on
+        it, and its input statistics, the probes and the cache stage feed it the same. Default: the images."""
+        return images
 
     @classmethod
     def adapt(cls, cfg: PretextConfig, data: ImageData) -> PretextConfig:

@@ -65,9 +65,16 @@ def colorization_pairs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @PRETEXTS.register("colorization", ColorizationConfig)
 class Colorization(Pretext):
+    encoder_input_kind = "lightness"
+
     def __init__(self, cfg: ColorizationConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         self.decoder = VectorDecoder(encoder.out_dim, 2, cfg.decoder_widths)
+
+    @staticmethod
+    def encoder_input(images: torch.Tensor) -> torch.Tensor:
+        """The lightness the encoder is trained on (L / 100 in all three channels), also for caching and probes."""
+        return colorization_pairs(images)[0]
 
     @classmethod
     def check(cls, cfg: ColorizationConfig, data: ImageData) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from ssl_fusion.config import CacheConfig, check_cache, check_names
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.evaluation.probe import encode_batches
-from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.pretexts import PRETEXTS, Pretext
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.device import prepare_model
 from ssl_fusion.runtime.errors import UserError
@@ -45,15 +45,30 @@ def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> st
     return name
 
 
+def stored_pretext(encoder_config: dict, encoder_name: str) -> type[Pretext]:
+    """The pretext a stored encoder was trained by (from its manifest's config): its ``encoder_input`` turns images into
+    what that encoder was trained on. Refused if the input the manifest records is not the one the pretext gives."""
+    pretext = encoder_config["pretext"]["name"]
+    pretext_cls: type[Pretext] = PRETEXTS.get(pretext).impl
+    recorded = encoder_config.get("input", pretext_cls.encoder_input_kind)
+    if recorded != pretext_cls.encoder_input_kind:
+        raise UserError(
+            f"encoder '{encoder_name}' was trained on {recorded}, but pretext '{pretext}' feeds its encoder "
+            f"{pretext_cls.encoder_input_kind}; pretrain it again"
+        )
+    return pretext_cls
+
+
 def shard_path(scratch: Path, split: str, part: int) -> Path:
     return scratch / f"{split}.rank{part}.npy"
 
 
-def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, image_free: bool) -> None:
-    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch.
+def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext]) -> None:
+    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch; the encoder is fed the
+    pretext's ``encoder_input`` of the images, as in pretraining.
 
     Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
-    to merge. With ``image_free`` (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
+    to merge. For an image-free pretext (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
     """
     images, labels = ctx.data.split(split)
     start, stop = distributed.shard_bounds(len(images))
@@ -65,10 +80,11 @@ def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch
         out[offset : offset + len(features)] = features.numpy().astype(np.float16)
         progress.advance(task, len(features))
 
-    if image_free:
+    if pretext_cls.ignores_images:
         store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
     else:
-        encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch)
+        encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch,
+                       encoder_input=pretext_cls.encoder_input)
     out.flush()
     del out
     if distributed.is_main():
@@ -118,22 +134,23 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
             return name, manifest, True
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
-        image_free = PRETEXTS.get(encoder_config["pretext"]["name"]).impl.ignores_images
+        pretext_cls = stored_pretext(encoder_config, encoder_name)
         started = time.perf_counter()
         with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, image_free)
+                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls)
             distributed.barrier()
             if distributed.is_main():
                 manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started)
     return name, distributed.broadcast(manifest), False
 
 
-def write_views(ctx: StageContext, encoder, image_free: bool, cache: CacheConfig, path: Path, progress) -> None:
+def write_views(ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: CacheConfig, path: Path, progress) -> None:
     """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
     (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
-    whole split at once: the same augmented images for every encoder, batch size and device. The ``noise``
-    control's features ignore the image, so each of its views repeats its plain train features."""
+    whole split at once: the same augmented images for every encoder, batch size and device. The encoder is fed
+    the pretext's ``encoder_input`` of each augmented image. The ``noise`` control's features ignore the image,
+    so each of its views repeats its plain train features."""
     images = ctx.data.train_images
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(cache.views, len(images), encoder.out_dim))
     task = progress.add_task("cache views", total=cache.views * len(images), status="")
@@ -147,10 +164,11 @@ def write_views(ctx: StageContext, encoder, image_free: bool, cache: CacheConfig
         def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
             return shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
 
-        if image_free:
+        if pretext_cls.ignores_images:
             store_batch(0, noise_features(ctx, "train", encoder.out_dim))
         else:
-            encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment)
+            encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment,
+                           pretext_cls.encoder_input)
     out.flush()
     del out
 
@@ -164,11 +182,11 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
             log.info("reused cached views %s (no encoder run)", name)
             return name, True
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
-        pretext = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]["pretext"]["name"]
+        pretext_cls = stored_pretext(ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"], encoder_name)
         n_images = cache.views * len(ctx.data.train_labels)
         started = time.perf_counter()
         with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
-            write_views(ctx, encoder, PRETEXTS.get(pretext).impl.ignores_images, cache, scratch / "train_views.npy", progress)
+            write_views(ctx, encoder, pretext_cls, cache, scratch / "train_views.npy", progress)
             seconds = time.perf_counter() - started
             ctx.store.publish(VIEWS_KIND, name, scratch, {
                 "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,

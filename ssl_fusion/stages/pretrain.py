@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -14,6 +15,7 @@ from ssl_fusion.evaluation.probe import (
     extract_features,
     knn_accuracy,
     linear_probe_accuracy,
+    probe_subset,
 )
 from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
@@ -27,14 +29,17 @@ from ssl_fusion.store.artifacts import ENCODERS_KIND, encoder_artifact, with_ove
 log = logging.getLogger("sslfuse")
 
 
-def probe_encoder(ctx: StageContext, encoder: Encoder, probe: ProbeConfig) -> dict[str, float]:
-    """The standard frozen-feature protocols on (subsets of) the labeled training and test sets:
-    kNN (weighted cosine vote) and a linear probe (L2 logistic regression)."""
+def probe_encoder(
+    ctx: StageContext, encoder: Encoder, probe: ProbeConfig, encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+) -> dict[str, float]:
+    """The standard frozen-feature protocols on (seeded random subsets of) the labeled training and test sets:
+    kNN (weighted cosine vote) and a linear probe (L2 logistic regression). ``encoder_input`` (the pretext's) turns
+    the images into what the encoder was trained on."""
     data = ctx.data
-    train_images, train_labels = data.train_images[: probe.max_train], data.train_labels[: probe.max_train]
-    test_images, test_labels = data.test_images[: probe.max_test], data.test_labels[: probe.max_test]
-    bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype)
-    queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype)
+    train_images, train_labels = probe_subset(data.train_images, data.train_labels, probe.max_train)
+    test_images, test_labels = probe_subset(data.test_images, data.test_labels, probe.max_test)
+    bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype, encoder_input)
+    queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype, encoder_input)
     return {
         "knn_accuracy": knn_accuracy(bank, train_labels, queries, test_labels, k=probe.k, num_classes=data.num_classes),
         "linear_accuracy": linear_probe_accuracy(bank, train_labels, queries, test_labels, l2=probe.linear_l2),
@@ -47,7 +52,7 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
     pretext_cls.check(recipe, ctx.data)
     torch.manual_seed(ctx.seed)
     encoder = build_encoder(ctx.encoder_cfg, ctx.data.channels)
-    encoder.set_statistics(ctx.data.train_images)
+    encoder.set_statistics(ctx.data.train_images, pretext_cls.encoder_input)
     model = prepare_model(pretext_cls(recipe, encoder), ctx.device)
     if not pretext_cls.trains:
         return encoder, TrainResult()
@@ -83,10 +88,11 @@ def publish_encoder(
     ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig, name: str, encoder: Encoder, result: TrainResult, started: float
 ) -> dict:
     """Probe the trained encoder, store it with its manifest and drop its checkpoint; returns the manifest."""
-    if PRETEXTS.get(recipe.name).impl.ignores_images:
+    pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
+    if pretext_cls.ignores_images:
         probes = {"knn_accuracy": None, "linear_accuracy": None}
     else:
-        probes = probe_encoder(ctx, encoder, probe)
+        probes = probe_encoder(ctx, encoder, probe, pretext_cls.encoder_input)
         log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
     with ctx.store.staging(ENCODERS_KIND, name) as scratch:
         torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
@@ -97,7 +103,7 @@ def publish_encoder(
             {
                 "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
                            "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
-                           "uses_labels": PRETEXTS.get(recipe.name).impl.uses_labels},
+                           "uses_labels": pretext_cls.uses_labels, "input": pretext_cls.encoder_input_kind},
                 "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
                          "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
                 "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],

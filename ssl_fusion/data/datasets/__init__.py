@@ -93,13 +93,22 @@ def to_nchw_uint8(images) -> torch.Tensor:
     return tensor.to(torch.uint8).contiguous()
 
 
+def sample_indices(length: int, limit: Optional[int], seed: int = 0) -> torch.Tensor:
+    """Indices (ascending) of a seeded random sample of ``limit`` of ``length`` samples; all of them when ``limit`` is
+    None or not below ``length``. Drawn over the whole range, so a split stored sorted by class (``image_folder``)
+    gives every class its share, as a leading slice would not."""
+    if limit is None or limit >= length:
+        return torch.arange(length)
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
 def _subset(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset (seed 0) so ``max_train`` keeps the class balance of the split."""
     if limit is None or limit >= len(labels):
         return images, labels
     if limit <= 0:
         raise UserError(f"dataset.max_train/max_test must be > 0, got {limit}")
-    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    keep = sample_indices(len(labels), limit, seed=0)
     return images[keep], labels[keep]
 
 
