@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
 
-import ssl_fusion.fusion.training as headtrain
 from ssl_fusion.config import LabelsConfig, as_plain
 from ssl_fusion.data.augment import random_shift_flip
-from ssl_fusion.data.splits import stratified_subset, subset_fields
+from ssl_fusion.data.splits import split_validation, stratified_subset, subset_fields
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.fusion import FUSIONS, FusionMethod
+from ssl_fusion.fusion.training import score
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
@@ -48,6 +48,15 @@ class SupervisedScratchConfig:
     max_shift: float = 0.1  # random shift by up to this fraction of the image size; half of each batch mirrored
     val_fraction: float = 0.2
     refit: bool = True  # false: keep the best validation checkpoint (trained on the fit part only)
+
+
+@dataclass
+class Selection:
+    """The step count chosen on the validation part, and its score there."""
+
+    steps: int
+    val_accuracy: float
+    val_nll: float
 
 
 def check_config(cfg: SupervisedScratchConfig) -> None:
@@ -119,25 +128,25 @@ def predict_proba(network: nn.Sequential, images: torch.Tensor, device: torch.de
 def fit_selected(
     cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
     device: torch.device, dtype: torch.dtype, seed: int,
-) -> tuple[nn.Sequential, headtrain.Selection, list[float]]:
+) -> tuple[nn.Sequential, Selection, list[float]]:
     """Choose the step count on the heads' validation split of the labeled set, then refit on all of it along the
     selection run's schedule up to that step (or keep the best validation checkpoint). Returns the network, the
     selection and the final loss curve."""
-    fit, val = headtrain.split_validation(labels, cfg.val_fraction, seed)
+    fit, val = split_validation(labels, cfg.val_fraction, seed)
     if len(fit) == 0:
         raise UserError(
             f"fusion=supervised_scratch: all {len(labels)} labeled images go to validation (fusion.val_fraction="
             f"{cfg.val_fraction}, at least one per class), none is left to train on; give more labels (labels.per_class >= 2)"
         )
-    best: Optional[headtrain.Selection] = None
+    best: Optional[Selection] = None
     best_state: Optional[dict[str, torch.Tensor]] = None
 
     def record(step: int, network: nn.Sequential) -> None:
         nonlocal best, best_state
-        accuracy, nll = headtrain.score(predict_proba(network, images[val], device, dtype), labels[val])
+        accuracy, nll = score(predict_proba(network, images[val], device, dtype), labels[val])
         log.info("supervised_scratch step %d/%d: validation accuracy %.4f", step, cfg.steps, accuracy)
         if best is None or (accuracy, -nll) > (best.val_accuracy, -best.val_nll):
-            best = headtrain.Selection(cfg.weight_decay, step, accuracy, nll)
+            best = Selection(step, accuracy, nll)
             best_state = None if cfg.refit else copy.deepcopy(network.state_dict())
 
     network, losses = train_network(cfg, encoder_cfg, images[fit], labels[fit], num_classes, cfg.steps, device, dtype, seed, record)
@@ -170,7 +179,7 @@ class SupervisedScratch(FusionMethod):
             self.cfg, ctx.encoder_cfg, data.train_images[labeled], data.train_labels[labeled], data.num_classes, ctx.device, ctx.dtype, seed
         )
         probs = predict_proba(network, data.test_images, ctx.device, ctx.dtype)
-        accuracy, nll = headtrain.score(probs, data.test_labels)
+        accuracy, nll = score(probs, data.test_labels)
         return {
             "method": f"{self.cfg.name}({ctx.encoder_cfg.name})",
             "uses_all_labels": False,

@@ -75,3 +75,11 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
         fold_of[shuffled] = (torch.arange(len(members)) + offset) % k
         offset += len(members)
     return fold_of
+
+
+def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (into ``labels``) of a stratified validation part and of the rest."""
+    val = stratified_subset(labels, fraction, None, seed)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).flatten(), val

@@ -25,18 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ssl_fusion.data.splits import stratified_folds, stratified_subset
+from ssl_fusion.data.splits import stratified_folds
 from ssl_fusion.fusion import FusionConfig, FusionHead
 
 HeadFactory = Callable[[], FusionHead]
-
-
-@dataclass
-class Selection:
-    l2: float
-    steps: int
-    val_accuracy: float
-    val_nll: float
 
 
 class _Objective(nn.Module):
@@ -158,14 +150,6 @@ def score(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     accuracy = float((probs.argmax(1) == labels).float().mean())
     nll = float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
     return accuracy, nll
-
-
-def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (into ``labels``) of a stratified validation part and of the rest."""
-    val = stratified_subset(labels, fraction, None, seed)
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[val] = False
-    return torch.nonzero(mask).flatten(), val
 
 
 @dataclass
