@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ssl_fusion.cli import JOBLIB, installed
 from ssl_fusion.config import LabelsConfig, ProbeConfig, TrainOverrides, load_option
 from ssl_fusion.data.datasets import load_dataset
 from ssl_fusion.fusion import FUSIONS
@@ -163,7 +163,7 @@ ENCODER_RAN = re.compile(r"pretraining encoder|cached features \S+: \d+ images")
 def sweep_launcher() -> list[str]:
     """Jobs two at a time (one per core, heads train on one thread each) where the joblib launcher plugin is
     installed; else Hydra's basic launcher, one job after another."""
-    if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+    if not installed(JOBLIB):  # False, not ModuleNotFoundError, when the hydra_plugins package itself is missing
         return []
     return ["hydra/launcher=local", f"hydra.launcher.n_jobs={os.cpu_count()}"]
 

@@ -11,10 +11,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion_mnist = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian's dataset-fashion-mnist is not installed (scripts/setup.sh installs it)",
-)
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as CI services and ``.ci/run`` set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def check_fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> None:
+    """Return if Debian's Fashion-MNIST files are in ``folder``. Otherwise fail the test under CI, where the real-data
+    tests must run, and skip it elsewhere."""
+    missing = [name for name in FASHION_MNIST_FILES if not (folder / name).is_file()]
+    if not missing:
+        return
+    message = (f"Debian's Fashion-MNIST is missing ({', '.join(missing)} not in {folder}): install dataset-fashion-mnist "
+               "(apt-get install dataset-fashion-mnist; scripts/setup.sh does it when run as root)")
+    if in_ci():
+        pytest.fail(f"CI=true and the real-data tests cannot run. {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def fashion_mnist_files() -> Path:
+    """The folder of Debian's Fashion-MNIST; skips the test without it, or fails it under CI (``check_fashion_mnist``)."""
+    check_fashion_mnist(FASHION_MNIST_DIR)
+    return FASHION_MNIST_DIR
+
+
+needs_fashion_mnist = pytest.mark.usefixtures("fashion_mnist_files")
 
 
 def sslfuse(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

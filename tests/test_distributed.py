@@ -71,8 +71,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["simclr", "vicreg"])
 def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path, monkeypatch, name):
+    """Two gloo processes, each on half of the global batch, give the loss and the averaged gradients of one process
+    on all of it, up to float32 rounding: they sum in another order. On some machines VICReg's gradients differed by
+    up to 1.5e-5 where they reach 4.9 (relative 3e-6), above a per-element atol of 1e-5. So each gradient tensor is
+    compared with rtol 1e-4 and an atol of 1e-4 times its largest magnitude, at least 1e-5: the biases that feed a
+    BatchNorm (and VICReg's last bias, its loss being shift-invariant) have zero gradient in exact arithmetic, and
+    what they get is rounding noise of 1e-7 to 1e-6. That still fails a gradient that is summed instead of averaged
+    (2x) or a rank that drops its half of the batch."""
     mp.spawn(ddp_worker, args=(name, free_port(), tmp_path), nprocs=2, join=True)
     monkeypatch.setattr(simclr, "two_views", fixed_views)
     monkeypatch.setattr(vicreg, "two_views", fixed_views)
@@ -82,7 +90,8 @@ def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path, monkeypatch,
         assert rank_loss == pytest.approx(loss, rel=1e-5), rank
         assert rank_grads.keys() == grads.keys()
         for key, grad in grads.items():
-            torch.testing.assert_close(rank_grads[key], grad, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: gradient of {key}")
+            atol = max(1e-4 * float(grad.abs().max()), 1e-5)
+            torch.testing.assert_close(rank_grads[key], grad, rtol=1e-4, atol=atol, msg=f"rank {rank}: gradient of {key}")
 
 
 def test_outside_torchrun_the_helpers_are_the_identity():
@@ -114,6 +123,7 @@ def ddp_workspace(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_torchrun_pretraining_stores_exactly_one_valid_encoder(ddp_workspace):
     store = ArtifactStore(ddp_workspace / "store")
     (folder,) = (ddp_workspace / "store" / "encoders").glob("simclr-*")
@@ -128,6 +138,7 @@ def test_torchrun_pretraining_stores_exactly_one_valid_encoder(ddp_workspace):
     assert len(run_dirs) == 1, "only rank 0 makes a run folder"
 
 
+@pytest.mark.slow
 def test_two_rank_cache_equals_one_process_cache(ddp_workspace):
     single = ddp_workspace / "single"
     shutil.copytree(ddp_workspace / "store" / "encoders", single / "store" / "encoders")

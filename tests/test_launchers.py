@@ -31,6 +31,7 @@ def job_logs(sweep: Path) -> str:
     return "\n".join(path.read_text() for path in sweep.glob("*/*.log"))
 
 
+@pytest.mark.slow
 @needs_joblib
 def test_parallel_jobs_share_the_store_and_a_joblib_sweep_is_reported(tmp_path):
     # two concurrent jobs that need the same encoders and features: one builds each, the other reuses it
@@ -56,8 +57,9 @@ def test_parallel_jobs_share_the_store_and_a_joblib_sweep_is_reported(tmp_path):
 
 
 @needs_submitit
-@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+@pytest.mark.parametrize("launcher", ["slurm", pytest.param("submitit_slurm", marks=pytest.mark.slow)])
 def test_slurm_launcher_config_composes(tmp_path, launcher):
+    """The project's SLURM launcher config (fast tier) and the plugin's own (slow: a second ~5 s CLI start that adds little)."""
     out = sslfuse("fuse", f"hydra/launcher={launcher}", "--cfg", "hydra", cwd=tmp_path).stdout
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
     assert f"hydra/launcher: {launcher}" in out

@@ -92,8 +92,13 @@ def test_check_refuses_an_unknown_noise_and_a_level_out_of_range():
             check(DenoisingConfig(name="denoising", level=level), data)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
+    """Six epochs on 4,000 Fashion-MNIST images raise kNN accuracy on 1,000 test images by more than 0.025 over the
+    same encoder untrained. Measured (seed 0, 2-core CPU, ~19 s): 0.798 vs 0.744, epoch loss 0.052 -> 0.019. On
+    1,000 test images one accuracy's binomial standard error (SE) is about 0.014 (at 0.74-0.80); the gain's SE is
+    below 0.019, that of two independent accuracies, since both encoders are scored on the same images (unless their
+    errors were anti-correlated). The measured gain, 0.054, is about three SEs; the margin is 0.025 (25 images)."""
     recipe = DenoisingConfig(name="denoising", epochs=6, batch_size=64, lr=0.005)
-    # Measured (seed 0, 2-core CPU, ~19 s): kNN 0.798 trained vs 0.744 untrained, epoch loss 0.052 -> 0.019.
     assert_beats_untrained(recipe, tmp_path, margin=0.025)

@@ -94,8 +94,13 @@ def test_check_refuses_a_patch_size_that_does_not_divide_the_image_and_a_bad_rat
         check(InpaintingConfig(name="inpainting", loss_on="some"), data)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
+    """Six epochs on 4,000 Fashion-MNIST images raise kNN accuracy on 1,000 test images by more than 0.02 over the
+    same encoder untrained. Measured (seed 0, 2-core CPU, ~25 s): 0.791 vs 0.744, epoch loss 0.058 -> 0.025. On
+    1,000 test images one accuracy's binomial standard error (SE) is about 0.014 (at 0.74-0.80); the gain's SE is
+    below 0.019, that of two independent accuracies, since both encoders are scored on the same images (unless their
+    errors were anti-correlated). The measured gain, 0.047, is about 2.5 SEs; the margin is 0.02 (20 images)."""
     recipe = InpaintingConfig(name="inpainting", epochs=6, batch_size=64, lr=0.005)
-    # Measured (seed 0, 2-core CPU, ~25 s): kNN 0.791 trained vs 0.744 untrained, epoch loss 0.058 -> 0.025.
     assert_beats_untrained(recipe, tmp_path, margin=0.02)

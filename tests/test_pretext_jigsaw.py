@@ -99,6 +99,7 @@ def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation
     check(JigsawConfig(name="jigsaw"), image_data(3, 32, 32))
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_short_pretraining_solves_held_out_puzzles(tmp_path):
     """Three epochs on 4,000 Fashion-MNIST images: the puzzles of 1,000 unseen test images are solved far above

@@ -59,8 +59,13 @@ def test_a_few_steps_lower_the_loss_on_the_given_labels_only():
         assert model.loss(images, shuffled) > 3 * model.loss(images, labels)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_short_training_beats_the_untrained_encoder_on_knn_by_a_wide_margin(tmp_path):
-    # Measured: 0.806 vs 0.744 untrained (rotation's short run gains 0.029).
+    """Two epochs of supervised training on 4,000 Fashion-MNIST images raise kNN accuracy on 1,000 test images by
+    more than 0.03 over the same encoder untrained. Measured: 0.806 vs 0.744 (rotation's short run gains 0.029). On
+    1,000 test images one accuracy's binomial standard error (SE) is about 0.014 (at 0.74-0.80); the gain's SE is
+    below 0.019, that of two independent accuracies, since both encoders are scored on the same images (unless their
+    errors were anti-correlated). The measured gain, 0.062, is about three SEs; the margin is 0.03 (30 images)."""
     recipe = SupervisedConfig(name="supervised", epochs=2, batch_size=64, lr=0.005)
     assert_beats_untrained(recipe, tmp_path, margin=0.03)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import needs_fashion_mnist
 from pretext_check import (
@@ -86,9 +87,16 @@ def test_a_few_steps_lower_the_loss():
     assert_loss_falls(model, images, labels, 0.85, steps=60)
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_short_pretraining_beats_the_untrained_encoder_on_knn(tmp_path):
-    # Measured in fp32: 0.752-0.762 vs 0.738-0.745 untrained (seeds 0 and 1, three runs); 3 epochs or lr 0.0005 gain no
-    # more, lr 0.002 for 3 epochs 0.023. A 2048-wide expander lowers kNN in runs this short.
+    """Two epochs on 4,000 Fashion-MNIST images raise kNN accuracy on 1,000 test images by more than 0.005 over the
+    same encoder untrained. Measured in fp32: 0.752-0.762 vs 0.738-0.745 untrained (seeds 0 and 1, three runs); 3
+    epochs or lr 0.0005 gain no more, lr 0.002 for 3 epochs 0.023. A 2048-wide expander lowers kNN in runs this
+    short. On 1,000 test images one accuracy's binomial standard error (SE) is about 0.014 (at 0.74-0.80); the
+    gain's SE is below 0.019, that of two independent accuracies, since both encoders are scored on the same images
+    (unless their errors were anti-correlated). The margin, 0.005, is 5 images, and the measured gains (about
+    0.01-0.02) are at most about one SE: the test guards this seeded recipe against regressions (an encoder that
+    does not learn gains 0), it does not show that VICReg helps beyond the noise of the test sample."""
     recipe = VICRegConfig(name="vicreg", epochs=2, batch_size=64, lr=0.001)
     assert_beats_untrained(recipe, tmp_path, margin=0.005)
