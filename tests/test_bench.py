@@ -80,6 +80,10 @@ def test_smoke_bench_writes_every_row(tmp_path):
     assert stages[:3] == list(FIRST_ROWS), stages
     # The [test] extra installs the joblib launcher plugin, so the sweep, last, runs one job per core.
     assert stages[-1] == f"sweep (16 runs, {os.cpu_count()} at a time)", stages
+    # Between them, the head protocol against LogisticRegressionCV: accuracy and time of single (one fit per pretext
+    # of the preset's one seed) and concat (one fit).
+    assert stages[3:-1] == [f"{head} {what} vs LogisticRegressionCV ({fits} fits)"
+                            for head, fits in (("single", 3), ("concat", 1)) for what in ("accuracy", "time")], stages
     targets = {**FIRST_ROWS, stages[-1]: 1.0}
     for r in rows:
         assert set(r) == COLUMNS, r

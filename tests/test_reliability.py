@@ -136,7 +136,7 @@ def test_user_error_in_a_later_multirun_job_is_one_line_and_keeps_earlier_result
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-    assert "labels.per_class must be in [1, 128]" in proc.stderr
+    assert "labels.per_class must be in [1, 256]" in proc.stderr
     assert [p.parent.name for p in (tmp_path / "sweep").rglob("results.json")] == ["0"]
 
 

@@ -104,6 +104,11 @@ class FusionHead(FusionMethod, nn.Module):
         """Per-sample weights over pretexts (batch, pretexts) for heads that have them."""
         return None
 
+    def stacked_logits(self, params: dict[str, torch.Tensor], features: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Every member's logits (members, batch, classes) from parameters stacked on a leading member dimension,
+        computed at once, for heads that can do it faster than ``torch.vmap`` over ``forward``; None otherwise."""
+        return None
+
     def regularization(self) -> torch.Tensor:
         """Extra loss term added while training (e.g. an entropy penalty); zero by default."""
         return torch.zeros(())

@@ -15,8 +15,8 @@ import torch
 
 from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.evaluation.probe import cross_validated_knn
-from ssl_fusion.fusion import FUSIONS, FusionHead
-from ssl_fusion.fusion.concat import ConcatConfig, classifier
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.fusion.concat import ConcatConfig, LinearFusion
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 
@@ -36,7 +36,7 @@ class SelectConfig(ConcatConfig):
 
 
 @FUSIONS.register("select", SelectConfig)
-class SelectFusion(FusionHead):
+class SelectFusion(LinearFusion):
     """The head trained on the chosen pretext (the protocol hands it only that pretext's features)."""
 
     reads_one_pretext = True
@@ -53,15 +53,6 @@ class SelectFusion(FusionHead):
     @classmethod
     def title(cls, cfg: SelectConfig) -> str:
         return "select[oracle: uses test]" if cls.peeks_at_test(cfg) else f"select[by={cfg.by}]"
-
-    def __init__(self, cfg: SelectConfig, feature_dims: list[int], num_classes: int) -> None:
-        super().__init__(cfg, feature_dims, num_classes)
-        (dim,) = feature_dims
-        self.classifier = classifier(dim, cfg.hidden, num_classes)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        (only,) = features
-        return self.classifier(self.feature_dropout(only))
 
 
 def criterion_scores(

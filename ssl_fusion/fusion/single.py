@@ -6,10 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from ssl_fusion.fusion import FUSIONS, FusionHead
-from ssl_fusion.fusion.concat import ConcatConfig, classifier
+from ssl_fusion.fusion import FUSIONS
+from ssl_fusion.fusion.concat import ConcatConfig, LinearFusion
 from ssl_fusion.runtime.errors import UserError
 
 
@@ -19,7 +17,7 @@ class SingleConfig(ConcatConfig):
 
 
 @FUSIONS.register("single", SingleConfig)
-class SingleFusion(FusionHead):
+class SingleFusion(LinearFusion):
     """A linear head (or MLP) on the features of ``fusion.pretext`` alone."""
 
     reads_one_pretext = True
@@ -35,12 +33,3 @@ class SingleFusion(FusionHead):
     def variants(cls, cfg: SingleConfig, pretexts: list[str]) -> list[tuple[SingleConfig, list[str]]]:
         """One head per pretext."""
         return [(dataclasses.replace(cfg, pretext=name), [name]) for name in pretexts]
-
-    def __init__(self, cfg: SingleConfig, feature_dims: list[int], num_classes: int) -> None:
-        super().__init__(cfg, feature_dims, num_classes)
-        (dim,) = feature_dims
-        self.classifier = classifier(dim, cfg.hidden, num_classes)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        (only,) = features
-        return self.classifier(self.feature_dropout(only))

@@ -63,6 +63,9 @@ class HeadStack:
         """Logits (members, batch, classes) and regularisers (members,): every member reads the same ``features``
         and the same random draws (dropout masks), which keeps the members' comparison paired and costs a third of
         drawing them per member."""
+        direct = self.template.head.stacked_logits({name.removeprefix("head."): p for name, p in self.params.items()}, features)
+        if direct is not None:
+            return direct, torch.zeros(len(self))
         run = torch.vmap(self._member, in_dims=(0, 0, None), randomness="same")
         return run(self.params, self.buffers, features)
 
