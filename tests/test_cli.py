@@ -139,3 +139,21 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path):
         assert expected in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr, args
     assert not (tmp_path / "outputs" / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_is_refused(smoke_workspace):
+    """``sslfuse fuse labels.per_class=N`` on the smoke run's cached features (4 classes): with 2 and 5 labels per class
+    the result records 2 and 5 folds and a cross-validated accuracy over all labeled images; with 1 there is nothing to
+    hold out, and the fuse refuses in one line naming the key, before any work, writing no result."""
+    for per_class, folds in ((2, 2), (5, 5)):
+        sslfuse("fuse", "preset=smoke", "fusion=concat", f"labels.per_class={per_class}", f"hydra.run.dir=pc{per_class}",
+                cwd=smoke_workspace)
+        result = json.loads((smoke_workspace / f"pc{per_class}" / "results.json").read_text())
+        assert result["folds"] == folds and result["n_labeled"] == 4 * per_class
+        assert round(result["cv_accuracy"] * result["n_labeled"], 6) == round(result["cv_accuracy"] * result["n_labeled"])
+    refused = sslfuse("fuse", "preset=smoke", "fusion=concat", "labels.per_class=1", "hydra.run.dir=pc1", cwd=smoke_workspace,
+                      check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "labels.per_class >= 2" in refused.stderr, refused.stderr
+    assert not (smoke_workspace / "pc1" / "results.json").exists()

@@ -146,6 +146,7 @@ def coloured_knn(tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_short_pretraining_on_coloured_classes_learns_lightness_features(coloured_knn):
     trained, untrained = coloured_knn["lightness"]
     # Measured (seed 0): kNN 0.738 trained vs 0.580 untrained on lightness inputs, epoch loss 0.222 -> 0.197.
@@ -153,6 +154,7 @@ def test_short_pretraining_on_coloured_classes_learns_lightness_features(coloure
     assert trained > untrained + 0.07, coloured_knn
 
 
+@pytest.mark.slow
 def test_the_probe_of_an_rgb_dataset_feeds_the_encoder_lightness(coloured_knn):
     """The pretraining stage's probe gets the RGB dataset and gives the encoder the lightness it was trained on."""
     trained, untrained = coloured_knn["probe"]
@@ -169,6 +171,7 @@ def test_the_pretext_names_the_encoder_input_and_other_pretexts_keep_the_images(
     assert rotation.encoder_input_kind == "images" and rotation.encoder_input(images) is images
 
 
+@pytest.mark.slow
 def test_the_stored_encoder_is_cached_on_lightness_of_the_rgb_images(tmp_path):
     """Pretraining stores a colorization encoder whose statistics are those of lightness and whose manifest records
     it; the cache stage, given the RGB dataset, stores the features of the lightness images."""

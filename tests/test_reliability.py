@@ -33,6 +33,7 @@ def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkilled_pretraining_resumes_to_the_same_encoder(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     killed.mkdir(), reference.mkdir()
@@ -57,6 +58,7 @@ def test_sigkilled_pretraining_resumes_to_the_same_encoder(tmp_path):
     assert not list(checkpoints.glob("*/last.pt")), "the checkpoint is removed once the encoder is stored"
 
 
+@pytest.mark.slow
 def test_two_jobs_needing_one_encoder_build_it_once(tmp_path):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     jobs = [
@@ -71,6 +73,7 @@ def test_two_jobs_needing_one_encoder_build_it_once(tmp_path):
     assert not list((tmp_path / "outputs" / "artifacts" / "encoders").glob(".staging-*"))
 
 
+@pytest.mark.slow
 def test_corrupted_encoder_is_refused_by_name(tmp_path):
     sslfuse("pretrain", "preset=smoke", "pretext=random", "hydra.run.dir=p", cwd=tmp_path)
     (weights,) = (tmp_path / "outputs" / "artifacts" / "encoders").glob("random-*/encoder.pt")

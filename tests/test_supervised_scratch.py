@@ -99,6 +99,7 @@ def test_bad_option_on_the_command_line_is_one_line(tmp_path):
     assert not (tmp_path / "outputs" / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_fuse_puts_it_in_the_report_beside_the_heads(tmp_path):
     sslfuse("run", *TINY_RUN, "pretexts=[random]", "fusions=[concat]", "seeds=[0]", "hydra.run.dir=run", cwd=tmp_path)
     # no cached features needed: an empty artifact store is enough
