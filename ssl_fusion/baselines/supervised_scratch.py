@@ -15,7 +15,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ from ssl_fusion.fusion.training import score
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages.context import StageContext
+
+if TYPE_CHECKING:  # the stages hand their context in; importing them here would be a cycle
+    from ssl_fusion.stages.context import StageContext
 
 log = logging.getLogger("sslfuse")
 

@@ -15,6 +15,7 @@ import hashlib
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages.context import StageContext
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
+
+if TYPE_CHECKING:  # the stages hand their context in; importing them here would be a cycle
+    from ssl_fusion.stages.context import StageContext
 
 ENCODERS_KIND = "encoders"
 FEATURES_KIND = "features"
