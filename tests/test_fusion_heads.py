@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from test_fusion import informative_and_noise
+from test_fusion import LABELS, N_TEST, fused, shared_task
 
-from ssl_fusion.config import CONF_DIR, LabelsConfig
+from ssl_fusion.config import CONF_DIR
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -40,10 +40,13 @@ def random_features(batch: int = 10) -> list[torch.Tensor]:
 
 
 def fit(features: dict[str, FeatureSet], cfg: FusionConfig) -> dict:
-    """The head alone, without the screen (which would leave the noise pretexts out before it trains)."""
-    result = fuse_once(features, dataclasses.replace(cfg, screen=False), LabelsConfig(fraction=0.2), seed=0)
+    """The head alone, without the screen (which would leave the noise pretexts out before it trains), with the
+    labels of the shared results; it trains, and it is above 0.5 on the 2000 test samples: more than 30 standard
+    errors (0.9 points) above chance, which needs the informative pretext (test_fusion's
+    ``test_every_head_learns_from_the_informative_pretext_among_noise`` checks the YAML configs on the shared fits)."""
+    result = fuse_once(features, dataclasses.replace(cfg, screen=False), LABELS, seed=0)
     assert result["final_loss"] < result["first_loss"]
-    assert result["test_accuracy"] > 0.9, result["test_accuracy"]
+    assert result["test_accuracy"] > 0.5, result["test_accuracy"]
     return result
 
 
@@ -73,37 +76,43 @@ def test_output_is_batch_by_classes(cfg):
     assert head(random_features(7)).shape == (7, 5)
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [MeanConfig(name="mean"), EnsembleConfig(name="ensemble"), StaticConfig(name="static", mode="l1")],
-    ids=["mean", "ensemble", "static_l1"],
-)
-def test_head_learns_from_the_informative_pretext(cfg):
-    result = fit(informative_and_noise(), cfg)
-    assert result["test_accuracy"] > 0.9 and result["final_loss"] < result["first_loss"], result
+def test_static_l1_learns_from_the_informative_pretext_and_weighs_it_more():
+    """Both l1 weights start at 0.5 (``1 / pretexts``); trained with the screen off, the good pretext's ends higher
+    (good 0.89, noise 0.63 at seed 0), and the head is above 0.5 (0.709; see ``fit``)."""
+    weights = fit(shared_task(), StaticConfig(name="static", mode="l1"))["mean_pretext_weights"]
+    assert weights["good"] > weights["noise"], weights
 
 
-def test_gates_are_per_sample_in_zero_one_and_favour_the_informative_pretext():
+def test_gates_are_independent_per_sample_sigmoids():
+    """Each gate is its own sigmoid: in (0, 1), different between samples (unlike static's weights), and not a
+    softmax over pretexts (a sample's gates do not sum to 1). That the trained gates favour the good pretext is
+    checked with every weighted head in test_fusion (a sign only: see there why no margin)."""
+    torch.manual_seed(0)
     head = GateFusion(GateConfig(name="gate"), DIMS, num_classes=5).eval()
     gates = head.pretext_weights(random_features())
     assert gates.shape == (10, 3)
     assert ((gates > 0) & (gates < 1)).all()
-    assert (gates.std(0) > 0).all()  # per sample, unlike static
-    weights = fit(informative_and_noise(), GateConfig(name="gate"))["mean_pretext_weights"]
-    assert weights["good"] > weights["noise"] + 0.2, weights
+    assert (gates.std(0) > 1e-3).all()  # per sample, unlike static
+    assert ((gates.sum(1) - 1).abs() > 1e-3).all()
 
 
-def test_static_softmax_weights_are_shared_sum_to_one_and_learn_the_informative_pretext():
+def test_static_softmax_weights_are_shared_and_learn_the_informative_pretext():
+    """One set of weights for every sample: the same row for any batch, and, trained, the same mean weight over the
+    test samples of every class. They start equal (zero logits: 1/3 each of three, 0.5 each of the task's two);
+    trained with the screen off they give the good pretext more than 0.55 (0.652 at seed 0, 0.65-0.83 on seeds 0-4):
+    a weight shared by every sample has no test-sampling error, so the margin only has to cover the seed."""
     head = StaticFusion(StaticConfig(name="static"), DIMS, num_classes=5)
+    assert torch.equal(head.pretext_weights(random_features())[0], torch.full((3,), 1 / 3))
     torch.nn.init.normal_(head.raw)
     weights = head.pretext_weights(random_features())
     assert weights.shape == (10, 3)
-    assert torch.allclose(weights.sum(1), torch.ones(10))
     assert torch.equal(weights, weights[:1].expand(10, -1))
     assert head.regularization() == 0
-    learned = fit(informative_and_noise(), StaticConfig(name="static"))["mean_pretext_weights"]
-    assert sum(learned.values()) == pytest.approx(1)
-    assert learned["good"] > 0.6, learned
+    result = fused("static", screen=False)
+    learned = result["mean_pretext_weights"]
+    assert learned["good"] > 0.55, learned
+    for per_class in result["pretext_weights_per_class"].values():
+        assert per_class == pytest.approx(learned, abs=1e-6)
 
 
 def test_static_l1_penalises_the_non_negative_weights():
@@ -141,16 +150,19 @@ def test_moe_balance_term_is_the_squared_variation_of_mean_gates(top_k, penalty)
 
 
 def test_moe_routes_to_the_informative_pretext_among_three():
-    base = informative_and_noise()
+    """The good pretext comes last: the zero-initialised router's ties pick the first two, so an untrained router
+    gives it gate 0 everywhere and only learned routing reaches it. Trained with the screen off, it gets more than
+    half of the mean gate (0.600 at seed 0; 0.56-0.60 on seeds 0-2), more than both noise pretexts together."""
+    base = shared_task()
     generator = torch.Generator().manual_seed(1)
     good = base["good"]
-    train, test = torch.randn(600, 16, generator=generator), torch.randn(400, 16, generator=generator)
+    train, test = torch.randn(len(good.train), 16, generator=generator), torch.randn(N_TEST, 16, generator=generator)
     noise2 = FeatureSet(train, test, good.train_labels, good.test_labels)
-    # Last: the zero-initialised router's ties pick the first two, so only learned routing reaches it.
     features = {"noise": base["noise"], "noise2": noise2, "good": good}
+    untrained = MoEFusion(MoEConfig(name="moe", top_k=2), [48, 16, 32], num_classes=5).eval()
+    assert (untrained.pretext_weights([f.test for f in features.values()])[:, 2] == 0).all()
     weights = fit(features, MoEConfig(name="moe", top_k=2))["mean_pretext_weights"]
-    assert sum(weights.values()) == pytest.approx(1)
-    assert weights["good"] > max(weights["noise"], weights["noise2"]), weights
+    assert weights["good"] > 0.5, weights
 
 
 def test_ensemble_returns_log_of_mean_member_probabilities():
@@ -217,7 +229,7 @@ def test_logme_matches_a_direct_maximisation_of_the_evidence(n, d, seed):
 
 
 def test_logme_prefers_informative_features_to_random_ones():
-    good = informative_and_noise()["good"]
+    good = shared_task()["good"]
     random = torch.randn(good.train.shape, generator=torch.Generator().manual_seed(2))
     assert logme_evidence(good.train, good.train_labels) > logme_evidence(random, good.train_labels)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from test_fusion import informative_and_noise
+from test_fusion import CHANCE, informative_and_noise, standard_error
 
 from ssl_fusion.config import LabelsConfig, load_option
 from ssl_fusion.data.splits import fold_count, stratified_folds, stratified_subset
@@ -130,17 +130,19 @@ def test_arrays_of_the_wrong_shape_or_with_nan_are_refused_naming_the_pretext(tr
 
 
 def test_nothing_about_the_test_labels_reaches_training_or_selection():
+    """Scrambling the test labels changes nothing the protocol chooses or trains, only the score: with the true labels
+    each head is above 0.5 on 30 labels (0.69-0.72 measured), more than 30 standard errors above chance; with the
+    scrambled ones, which no prediction can follow, it is within 4 standard errors (3.6 points) of chance (0.2)."""
     features = informative_and_noise()
-    scrambled = {
-        name: dataclasses.replace(fs, test_labels=fs.test_labels[torch.randperm(len(fs.test_labels))])
-        for name, fs in features.items()
-    }
+    shuffle = torch.randperm(len(features["good"].test_labels), generator=torch.Generator().manual_seed(0))
+    scrambled = {name: dataclasses.replace(fs, test_labels=fs.test_labels[shuffle]) for name, fs in features.items()}
     for name in ("attention", "concat", "select"):
         cfg = load_option(FUSIONS, name)
         honest, blind = fuse_once(features, cfg, LabelsConfig(fraction=0.05), 0), fuse_once(scrambled, cfg, LabelsConfig(fraction=0.05), 0)
         for key in ("selected_l2", "selected_steps", "cv_accuracy", "final_loss", "labeled_indices_sha256"):
             assert honest[key] == blind[key], (name, key)
-        assert honest["test_accuracy"] > 0.9 > blind["test_accuracy"]
+        assert honest["test_accuracy"] > 0.5, (name, honest["test_accuracy"])
+        assert abs(blind["test_accuracy"] - CHANCE) < 4 * standard_error(CHANCE), (name, blind["test_accuracy"])
 
 
 @pytest.mark.parametrize("criterion", ["val", "logme", "knn", "oracle"])

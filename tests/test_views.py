@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import sslfuse
+from test_fusion import paired_standard_error
 
 from ssl_fusion.config import LabelsConfig
 from ssl_fusion.data.augment import random_shift_flip, shift_flip, shift_flip_params
@@ -49,11 +50,15 @@ def test_random_shift_flip_keeps_its_draws():
 
 
 def test_one_view_draws_the_batches_plain_features_always_gave():
-    view, index = draw_batch([torch.Generator().manual_seed(1)], 50, 20, views=1)
-    assert torch.equal(index[0], torch.randperm(50, generator=torch.Generator().manual_seed(1))[:20])
+    """With one view a batch is the first ``batch_size`` of a permutation drawn from the generator (all samples when
+    they fit), read from view 0; with more views each sample's view is drawn too, and varies."""
+    view, index = draw_batch(torch.Generator().manual_seed(1), 50, 20, views=1)
+    assert torch.equal(index, torch.randperm(50, generator=torch.Generator().manual_seed(1))[:20])
     assert (view == 0).all()
-    view, index = draw_batch([torch.Generator().manual_seed(1)], 50, 20, views=4)
-    assert view.shape == index.shape == (1, 20) and set(view.flatten().tolist()) <= {0, 1, 2, 3} and len(set(view.flatten().tolist())) > 1
+    view, index = draw_batch(torch.Generator().manual_seed(1), 10, 20, views=1)
+    assert torch.equal(index, torch.arange(10)) and (view == 0).all()
+    view, index = draw_batch(torch.Generator().manual_seed(1), 50, 20, views=4)
+    assert view.shape == index.shape == (20,) and set(view.tolist()) <= {0, 1, 2, 3} and len(set(view.tolist())) > 1
 
 
 def noisy_copies(views: int) -> FeatureSet:
@@ -70,14 +75,17 @@ def noisy_copies(views: int) -> FeatureSet:
 
 
 def test_heads_learn_from_cached_views():
-    """Twelve labels of four classes: fresh views of them are more data, and a head trained on them does better."""
+    """Twelve labels of four classes: fresh views of them are more data, and a head trained on them does better on
+    the 2000 test samples, by more than 3 paired standard errors (a bound: 4.3 points here): 0.714 to 0.882 at seed
+    0, +13 to +30 points on seeds 0-4."""
     cfg, labels = ConcatConfig(name="concat", restarts=1), LabelsConfig(per_class=3)
     plain = fuse_once({"p": noisy_copies(0)}, cfg, labels, seed=0)
     viewed = fuse_once({"p": noisy_copies(16)}, cfg, labels, seed=0)
     assert plain["cached_views"] == 0 and viewed["cached_views"] == 16
-    assert viewed["method"] == "concat[restarts=1][16 views](p)" and plain["method"] == "concat[restarts=1](p)"
+    assert viewed["method"] == "concat[16 views](p)" and plain["method"] == "concat(p)"
     assert viewed["labeled_indices_sha256"] == plain["labeled_indices_sha256"]
-    assert viewed["test_accuracy"] > plain["test_accuracy"] + 0.03, (viewed["test_accuracy"], plain["test_accuracy"])
+    better, worse = viewed["test_accuracy"], plain["test_accuracy"]
+    assert better - worse > 3 * paired_standard_error(better, worse), (better, worse)
 
 
 @pytest.fixture(scope="module")
