@@ -122,6 +122,7 @@ def test_with_the_screen_every_head_is_near_the_linear_head_on_the_good_pretext(
         assert screened["test_accuracy"] > linear - 0.07, (screened["test_accuracy"], linear)
 
 
+@pytest.mark.slow
 def test_the_screen_changes_nothing_when_every_pretext_is_informative():
     labels = torch.arange(600) % 5
     test_labels = torch.arange(400) % 5

@@ -102,6 +102,7 @@ def stored_views(folder):
     return path, np.load(path)
 
 
+@pytest.mark.slow
 def test_cache_stores_views_that_differ_from_the_plain_features(views_workspace):
     path, views = stored_views(views_workspace)
     (features_path,) = (views_workspace / "outputs/artifacts/features").glob("rotation-*/train.npy")
@@ -112,6 +113,7 @@ def test_cache_stores_views_that_differ_from_the_plain_features(views_workspace)
     assert not np.allclose(views[0], plain, atol=1e-2) and not np.allclose(views[0], views[1], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_views_do_not_depend_on_the_batch_size(views_workspace, tmp_path):
     """Augmentations are drawn per image from the view's seed: another batch size gives the same views."""
     shutil.copytree(views_workspace / "outputs/artifacts/encoders", tmp_path / "outputs/artifacts/encoders")
@@ -120,6 +122,7 @@ def test_views_do_not_depend_on_the_batch_size(views_workspace, tmp_path):
     np.testing.assert_allclose(first.astype(np.float32), second.astype(np.float32), atol=2e-2)
 
 
+@pytest.mark.slow
 def test_fuse_trains_on_views_and_reuses_the_cache(views_workspace):
     proc = sslfuse("fuse", *SMOKE, "fusion=concat", "cache.views=2", "hydra.run.dir=f", cwd=views_workspace)
     assert "concat[2 views](rotation)" in proc.stdout
@@ -129,6 +132,7 @@ def test_fuse_trains_on_views_and_reuses_the_cache(views_workspace):
     assert "2 views" in again.stdout and "(reused)" in again.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_fuse_without_cached_views_names_the_command(views_workspace):
     proc = sslfuse("fuse", *SMOKE, "fusion=concat", "cache.views=3", cwd=views_workspace, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
@@ -145,6 +149,7 @@ def test_bad_view_options_are_refused_before_any_work(tmp_path, override, messag
     assert not (tmp_path / "outputs/artifacts/views").exists()
 
 
+@pytest.mark.slow
 def test_run_caches_views_and_fuses_on_them(tmp_path):
     proc = sslfuse("run", *SMOKE, "fusions=[concat]", "seeds=[0]", "cache.views=2", "hydra.run.dir=r", cwd=tmp_path)
     assert "2 views cached" in proc.stdout
