@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -59,3 +60,12 @@ def smoke_workspace(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smoke")
     sslfuse("run", "preset=smoke", "hydra.run.dir=first_run", cwd=folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Fusion heads are tiny: on a busy machine extra intra-op threads only spin (a fit took 60x longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

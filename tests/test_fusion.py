@@ -32,13 +32,7 @@ MIXING_HEADS = ["attention", "concat", "gate", "static", "moe", "mean", "ensembl
 WEIGHTED_HEADS = ["attention", "gate", "static", "moe"]  # those of them that report a weight per pretext
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The heads are tiny: on a busy machine extra intra-op threads only spin (a fit here took 60x longer with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def standard_error(accuracy: float, samples: int = N_TEST) -> float:

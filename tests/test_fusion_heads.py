@@ -26,13 +26,7 @@ NEW_HEADS = ["gate", "static", "moe", "mean", "ensemble"]
 DIMS = [32, 48, 16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The heads are tiny: on a busy machine extra intra-op threads only spin (about 7x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_features(batch: int = 10) -> list[torch.Tensor]:

@@ -20,6 +20,8 @@ from ssl_fusion.fusion.protocol import fuse_arrays, fuse_once
 from ssl_fusion.fusion.training import HeadStack, cross_validate, fit_stack
 from ssl_fusion.runtime.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LABELS = torch.arange(3000) % 10
 
 

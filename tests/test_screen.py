@@ -18,14 +18,7 @@ from ssl_fusion.fusion.screen import (
     screen_pretexts,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The heads are tiny: on a busy machine extra intra-op threads only spin (a fit here took 60x longer with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weak_source(labels: torch.Tensor, seed: int, split: str = "train") -> torch.Tensor:
