@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ssl_fusion.data.splits import labeled_subset, subset_fields
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
 
@@ -63,10 +65,19 @@ def check_cache(node: Any) -> CacheConfig:
 
 @dataclass
 class LabelsConfig:
-    """Which labeled training samples the fusion head sees: ``per_class`` wins when set."""
+    """Which labeled training samples the fusion head sees: ``indices_file`` wins when set, then ``per_class``."""
 
     fraction: Optional[float] = 0.01
     per_class: Optional[int] = None
+    indices_file: Optional[str] = None  # a published split: one training index per line, or a JSON list
+
+    def subset(self, train_labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """The labeled training indices for ``seed``."""
+        return labeled_subset(train_labels, self.fraction, self.per_class, self.indices_file, seed)
+
+    def fields(self, labeled: torch.Tensor, seed: int) -> dict[str, Any]:
+        """The fields of a result that name the labeled subset."""
+        return subset_fields(self.fraction, self.per_class, labeled, seed, self.indices_file)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import nn
 
 from ssl_fusion.config import LabelsConfig, as_plain
 from ssl_fusion.data.augment import random_shift_flip
-from ssl_fusion.data.splits import split_validation, stratified_subset, subset_fields
+from ssl_fusion.data.splits import split_validation
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.fusion import FUSIONS, FusionMethod
@@ -175,7 +175,7 @@ class SupervisedScratch(FusionMethod):
         """Train on the protocol's labeled subset for ``seed``, score on the test split: the same record as a head's."""
 
         data = ctx.data
-        labeled = stratified_subset(data.train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+        labeled = labels_cfg.subset(data.train_labels, seed)
         started = time.perf_counter()
         network, selection, losses = fit_selected(
             self.cfg, ctx.encoder_cfg, data.train_images[labeled], data.train_labels[labeled], data.num_classes, ctx.device, ctx.dtype, seed
@@ -188,7 +188,7 @@ class SupervisedScratch(FusionMethod):
             "peeks_at_test": False,
             "fusion": self.cfg.name,
             "pretexts": [],
-            **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
+            **labels_cfg.fields(labeled, seed),
             "test_accuracy": accuracy,
             "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
             "test_nll": nll,

@@ -1,8 +1,11 @@
-"""The few-label protocol: a class-stratified, seeded subset of the training labels."""
+"""The few-label protocol: a class-stratified, seeded subset of the training labels, or a published one read from a
+file; its folds and validation parts."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -10,19 +13,25 @@ import torch
 from ssl_fusion.runtime.errors import UserError
 
 
-def regime_name(fraction: Optional[float], per_class: Optional[int]) -> str:
-    """How a label regime is shown in tables: ``10/class`` or ``1%``."""
+def regime_name(fraction: Optional[float], per_class: Optional[int], indices_file: Optional[str] = None) -> str:
+    """How a label regime is shown in tables: ``10/class``, ``1%`` or the name of its indices file."""
+    if indices_file is not None:
+        return Path(indices_file).name
     if per_class is not None:
         return f"{per_class}/class"
     return f"{fraction * 100:g}%"
 
 
-def subset_fields(fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int) -> dict[str, Any]:
+def subset_fields(
+    fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int, indices_file: Optional[str] = None
+) -> dict[str, Any]:
     """The fields of a result that name its labeled subset; equal ``labeled_indices_sha256``: the same images."""
+    by_file = indices_file is not None
     return {
-        "regime": regime_name(fraction, per_class),
-        "labels_fraction": fraction if per_class is None else None,
-        "labels_per_class": per_class,
+        "regime": regime_name(fraction, per_class, indices_file),
+        "labels_fraction": fraction if per_class is None and not by_file else None,
+        "labels_per_class": None if by_file else per_class,
+        "labels_indices_file": indices_file,
         "n_labeled": len(labeled),
         "labeled_indices_sha256": hashlib.sha256(labeled.numpy().tobytes()).hexdigest()[:16],
         "seed": seed,
@@ -83,3 +92,36 @@ def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[val] = False
     return torch.nonzero(mask).flatten(), val
+
+
+def read_indices_file(path: str, train_size: int) -> torch.Tensor:
+    """The sorted training indices listed in ``path``: one per line, or a JSON list (as published label splits are).
+    A UserError naming the file when it is missing, empty, not integers, out of range or repeats an index."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"labels.indices_file: no file '{path}'")
+    text = file.read_text().strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else [int(line) for line in text.split()]
+    except ValueError:
+        raise UserError(f"labels.indices_file '{path}': not a JSON list or one integer index per line") from None
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"labels.indices_file '{path}': needs at least one index, each an integer")
+    indices = torch.tensor(values)
+    outside = indices[(indices < 0) | (indices >= train_size)]
+    if len(outside):
+        raise UserError(f"labels.indices_file '{path}': index {int(outside[0])} is outside the training split [0, {train_size})")
+    repeated = torch.unique(indices, return_counts=True)
+    if int(repeated[1].max()) > 1:
+        raise UserError(f"labels.indices_file '{path}': index {int(repeated[0][repeated[1] > 1][0])} is listed more than once")
+    return indices.sort().values
+
+
+def labeled_subset(
+    labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int], indices_file: Optional[str], seed: int
+) -> torch.Tensor:
+    """The labeled training indices of a regime: those of ``indices_file`` when given (the seed then only seeds the
+    heads), else the stratified, seeded subset."""
+    if indices_file is not None:
+        return read_indices_file(indices_file, len(labels))
+    return stratified_subset(labels, fraction, per_class, seed)

@@ -19,7 +19,7 @@ import torch
 
 from ssl_fusion.config import LabelsConfig, as_plain, load_option
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import fold_count, stratified_subset, subset_fields
+from ssl_fusion.data.splits import fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
@@ -146,7 +146,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
-    labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+    labeled = labels_cfg.subset(train_labels, seed)
     labels = train_labels[labeled]
     fold_count(labels, fusion.folds)
     train = [s.labeled_rows(labeled) for s in sets]
@@ -170,7 +170,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "peeks_at_test": head_class(fusion).peeks_at_test(fusion),
         "fusion": fusion.name,
         "pretexts": pretexts,
-        **subset_fields(labels_cfg.fraction, labels_cfg.per_class, labeled, seed),
+        **labels_cfg.fields(labeled, seed),
         "test_accuracy": accuracy,
         "test_macro_f1": macro_f1(probs.argmax(1), test_labels),
         "test_nll": nll,

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import fold_count, stratified_subset
+from ssl_fusion.data.splits import fold_count
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.protocol import fuse_once, head_threads
 from ssl_fusion.pretexts import PRETEXTS
@@ -84,7 +84,7 @@ def evaluate_method(
 
 def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
     """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
-    labeled = stratified_subset(train_labels, labels_cfg.fraction, labels_cfg.per_class, seed)
+    labeled = labels_cfg.subset(train_labels, seed)
     if not FUSIONS.get(fusion.name).impl.needs_images:
         fold_count(train_labels[labeled], fusion.folds)
 
