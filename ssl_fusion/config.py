@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.data.splits import labeled_subset, subset_fields
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
@@ -115,6 +116,7 @@ class CacheStage(UsesEncoders):
 @dataclass
 class FuseStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    imported: Dict[str, Any] = field(default_factory=dict)  # +imported.<name>.train=/.test=: features made elsewhere
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # cache.views: train on that many cached views
@@ -125,6 +127,7 @@ class RunStage(UsesEncoders):
     """pretrain what is missing -> cache what is missing -> fuse each method and seed -> table."""
 
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    imported: Dict[str, Any] = field(default_factory=dict)  # +imported.<name>.train=/.test=: features made elsewhere
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     labels: LabelsConfig = field(default_factory=LabelsConfig)
@@ -153,16 +156,34 @@ def load_option(registry: Registry, name: str) -> Any:
     return registry.typed_config(node, key=f"{registry.kind} {name}")
 
 
-def check_names(key: str, names: list[str], registry: Registry) -> list[str]:
-    """A non-empty list of distinct, known option names."""
+def check_names(key: str, names: list[str], registry: Registry, also: Iterable[str] = ()) -> list[str]:
+    """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave)."""
     if not names:
         raise UserError(f"{key} is empty; give at least one of: {', '.join(registry.names())}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"{key} lists {', '.join(repeated)} more than once")
+    also = list(also)
     for name in names:
-        registry.get(name)
+        if name not in also and name not in registry.names():
+            imported = f"; imported: {', '.join(also)}" if also else ""
+            raise UserError(f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: {', '.join(registry.names())}{imported}")
     return list(names)
+
+
+def check_imported(node: Any, registry: Registry) -> dict[str, ImportedFeatures]:
+    """The ``imported`` feature sets (``+imported.<name>.train=... +imported.<name>.test=...``) as typed configs, each
+    with both files and under a name no built-in pretext has; a one-line UserError naming the key otherwise."""
+    imported = {}
+    for name, spec in node.items():
+        plain = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        if not isinstance(plain, dict) or set(plain) != {"train", "test"}:
+            raise UserError(f"imported.{name}: give exactly imported.{name}.train and imported.{name}.test, got {plain}")
+        imported[name] = ImportedFeatures(str(plain["train"]), str(plain["test"]))
+    clashes = sorted(set(imported) & set(registry.names()))
+    if clashes:
+        raise UserError(f"imported.{clashes[0]}: the name of a built-in pretext; give the imported features another name")
+    return imported
 
 
 def as_plain(config: Any) -> dict[str, Any]:

@@ -26,3 +26,16 @@ def test_the_fuse_arrays_example_of_the_protocol_page_runs_and_learns():
     assert result["test_accuracy"] > 0.7, result["test_accuracy"]
     assert result["folds"] == 5 and 120 <= result["n_labeled"] <= 130
     assert printed.getvalue().startswith("attention[steps=100](pixels+pca) ")
+
+
+def test_the_checkpoint_example_of_the_own_encoders_page_runs_and_loads_every_weight(tmp_path, monkeypatch):
+    """The Python block of docs/own_encoders.md runs unchanged (in a scratch folder): the checkpoint it writes loads into
+    the backbone, and the saved features have the backbone's width."""
+    monkeypatch.chdir(tmp_path)
+    (example,) = python_blocks((REPO / "docs" / "own_encoders.md").read_text())
+    scope: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(example, "docs/own_encoders.md", "exec"), scope)
+    assert scope["width"] == 512 and tuple(scope["features"].shape) == (8, 512)
+    assert (tmp_path / "resnet18_train.npy").is_file()
+    assert scope["found"] == "state dict" and printed.getvalue().startswith("state dict 512 ")

@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache, check_names
+from ssl_fusion.config import (
+    CacheConfig,
+    LabelsConfig,
+    check_cache,
+    check_imported,
+    check_names,
+)
 from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.protocol import fuse_once, head_threads
@@ -36,9 +43,9 @@ from ssl_fusion.store.files import atomic_write_json, atomic_write_text
 log = logging.getLogger("sslfuse")
 
 
-def fused_pretexts(fusion: FusionConfig, pretexts: list[str]) -> list[str]:
-    """The pretexts a head reads (all, or ``single``'s one), checked against the known pretexts."""
-    return check_names("pretexts", FUSIONS.get(fusion.name).impl.inputs(fusion, pretexts), PRETEXTS)
+def fused_pretexts(fusion: FusionConfig, pretexts: list[str], imported: Iterable[str]) -> list[str]:
+    """The pretexts a head reads (all, or ``single``'s one), checked against the known and the imported ones."""
+    return check_names("pretexts", FUSIONS.get(fusion.name).impl.inputs(fusion, pretexts), PRETEXTS, imported)
 
 
 def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
@@ -47,17 +54,29 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
     head(fusion, [8] * (1 if head.reads_one_pretext else n_pretexts), 2)
 
 
-def cached_features(ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str) -> dict[str, FeatureSet]:
-    """Each pretext's cached features, with its ``cache.views`` augmented views when asked for; a UserError naming
-    the command that makes a missing one."""
+def cached_features(
+    ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str, imported: dict[str, ImportedFeatures]
+) -> dict[str, FeatureSet]:
+    """Each pretext's cached features, with its ``cache.views`` augmented views when asked for, or its ``imported``
+    arrays; a UserError naming the command that makes a missing one."""
     features = {}
     for pretext in pretexts:
+        if pretext in imported:
+            features[pretext] = imported_features(ctx, pretext, imported[pretext], cache)
+            continue
         encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
         name = features_artifact(ctx, encoder_name)
         if not artifact_exists(ctx.store, FEATURES_KIND, name):
             raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
         features[pretext] = with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
     return features
+
+
+def imported_features(ctx: StageContext, name: str, spec: ImportedFeatures, cache: CacheConfig) -> FeatureSet:
+    """The imported arrays of ``name`` with the dataset's labels (they have no augmented views)."""
+    if cache.views:
+        raise UserError(f"cache.views={cache.views}: the imported features '{name}' have no augmented views; fuse them without cache.views")
+    return load_imported(name, spec, ctx.data.train_labels, ctx.data.test_labels)
 
 
 def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache: CacheConfig, cache_command: str) -> FeatureSet:
@@ -103,21 +122,23 @@ def run_context(ctx: StageContext) -> dict[str, Any]:
 
 
 def cache_command(pretexts: list[str]) -> str:
-    extra = user_overrides(("pretexts", "fusion", "labels", "pretext", "seed"))
+    extra = user_overrides(("pretexts", "fusion", "labels", "pretext", "seed", "imported"))
     return " ".join(["sslfuse cache", f"pretexts=[{','.join(pretexts)}]", *extra])
 
 
 @stage_app("fuse")
 def main(cfg: DictConfig) -> None:
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
+    imported = check_imported(cfg.imported, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, imported)
     fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    used = fused_pretexts(fusion, pretexts)
+    used = fused_pretexts(fusion, pretexts, imported)
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
     cache = check_cache(cfg.cache)
-    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, cache_command(used)))
+    command = cache_command([p for p in used if p not in imported])
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command, imported))
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
           f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")

@@ -13,10 +13,12 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     check_cache,
+    check_imported,
     check_names,
     load_option,
 )
 from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report.tables import print_table, write_report
@@ -28,6 +30,7 @@ from ssl_fusion.stages.fuse import (
     check_head,
     check_labels,
     evaluate_method,
+    imported_features,
     run_context,
     write_result,
 )
@@ -46,10 +49,17 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
     return heads
 
 
-def prepare_features(ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pretexts: list[str]) -> dict[str, FeatureSet]:
-    """Pretrain and cache whatever the store lacks (features, and ``cache.views`` views); each pretext's features."""
+def prepare_features(
+    ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pretexts: list[str], imported: dict[str, ImportedFeatures]
+) -> dict[str, FeatureSet]:
+    """Pretrain and cache whatever the store lacks (features, and ``cache.views`` views); each pretext's features,
+    the ``imported`` ones read from their files."""
     features = {}
     for pretext in pretexts:
+        if pretext in imported:
+            features[pretext] = imported_features(ctx, pretext, imported[pretext], cache)
+            print(f"{pretext:>17}: imported ({features[pretext].train.shape[1]} features)")
+            continue
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
         features[pretext] = load_features(ctx.store, features_name)
@@ -66,7 +76,8 @@ def prepare_features(ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pre
 @stage_app("run")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
+    imported = check_imported(cfg.imported, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, imported)
     heads = planned_heads(check_names("fusions", list(cfg.fusions), FUSIONS), pretexts)
     for fusion, used in heads:
         check_head(fusion, len(used))
@@ -78,9 +89,9 @@ def main(cfg: DictConfig) -> None:
     for seed in cfg.seeds:
         for fusion, _ in heads:
             check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
-    for pretext in pretexts:
+    for pretext in (p for p in pretexts if p not in imported):
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
-    features = prepare_features(ctx, cfg, cache, pretexts)
+    features = prepare_features(ctx, cfg, cache, pretexts, imported)
     out = Path(run_dir())
     for fusion, used in heads:
         for seed in cfg.seeds:
