@@ -37,8 +37,8 @@ SPLITS = ("train", "test")
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # What makes every encoder, besides its pretext's own modules (files, or folders of .py files, in the package).
-PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models", "data/augment.py",
-                 "data/datasets", "runtime/device.py", "runtime/distributed.py")
+PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
+                 "models/decoders.py", "data/augment.py", "data/datasets", "runtime/device.py", "runtime/distributed.py")
 # What turns a stored encoder into cached features or views (the encoder's own code is in its key).
 CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
 
