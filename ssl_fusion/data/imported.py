@@ -36,8 +36,10 @@ def read_array(path: str) -> torch.Tensor:
     if not file.is_file():
         raise UserError(f"imported features '{path}': no such file")
     try:
-        array = torch.from_numpy(np.load(file, allow_pickle=False)) if file.suffix == ".npy" else torch.load(
-            file, map_location="cpu", weights_only=True)
+        if file.suffix == ".npy":
+            array = torch.from_numpy(np.load(file, allow_pickle=False))
+        else:
+            array = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged or foreign file: whatever the reader raised, one line naming it
         raise UserError(f"imported features '{path}': not readable as an array ({type(err).__name__})") from None
     if not isinstance(array, torch.Tensor):
