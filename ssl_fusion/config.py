@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.data.splits import labeled_subset, subset_fields
+from ssl_fusion.models.external import ExternalEncoderConfig, external_config
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
 
@@ -110,6 +111,7 @@ class UsesEncoders(CommonConfig):
 @dataclass
 class CacheStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
+    external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
@@ -117,6 +119,7 @@ class CacheStage(UsesEncoders):
 class FuseStage(UsesEncoders):
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
     imported: Dict[str, Any] = field(default_factory=dict)  # +imported.<name>.train=/.test=: features made elsewhere
+    external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # cache.views: train on that many cached views
@@ -128,6 +131,7 @@ class RunStage(UsesEncoders):
 
     pretexts: List[str] = field(default_factory=lambda: list(DEFAULT_PRETEXTS))
     imported: Dict[str, Any] = field(default_factory=dict)  # +imported.<name>.train=/.test=: features made elsewhere
+    external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     labels: LabelsConfig = field(default_factory=LabelsConfig)
@@ -169,6 +173,17 @@ def check_names(key: str, names: list[str], registry: Registry, also: Iterable[s
             imported = f"; imported: {', '.join(also)}" if also else ""
             raise UserError(f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: {', '.join(registry.names())}{imported}")
     return list(names)
+
+
+def check_external(node: Any, registry: Registry) -> dict[str, ExternalEncoderConfig]:
+    """The ``external`` encoders (``+external.<name>.arch=... [+external.<name>.checkpoint=...]``) as typed configs,
+    each under a name no built-in pretext has; a one-line UserError naming the key otherwise."""
+    external = {name: external_config(name, OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
+                for name, spec in node.items()}
+    clashes = sorted(set(external) & set(registry.names()))
+    if clashes:
+        raise UserError(f"external.{clashes[0]}: the name of a built-in pretext; give the encoder another name")
+    return external
 
 
 def check_imported(node: Any, registry: Registry) -> dict[str, ImportedFeatures]:

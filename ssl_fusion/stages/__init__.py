@@ -52,5 +52,5 @@ def user_overrides(drop: tuple[str, ...], rename: dict[str, str] | None = None) 
         bare = key.lstrip("+~")
         if bare.startswith(("hydra.", *drop)):
             continue
-        kept.append(f"{(rename or {}).get(bare, bare)}={value}")
+        kept.append(f"{key[: len(key) - len(bare)]}{(rename or {}).get(bare, bare)}={value}")
     return kept

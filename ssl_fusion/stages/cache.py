@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ssl_fusion.config import CacheConfig, check_cache, check_names
+from ssl_fusion.config import CacheConfig, check_cache, check_external, check_names
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.evaluation.probe import encode_batches
+from ssl_fusion.models.external import ExternalEncoderConfig, build_external, conversion
 from ssl_fusion.pretexts import PRETEXTS, Pretext
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.device import prepare_model
@@ -28,6 +30,7 @@ from ssl_fusion.store.artifacts import (
     SPLITS,
     VIEWS_KIND,
     encoder_artifact,
+    external_features_artifact,
     features_artifact,
     load_encoder,
     pretext_recipe,
@@ -145,6 +148,30 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
     return name, distributed.broadcast(manifest), False
 
 
+def ensure_external_features(ctx: StageContext, name: str, cfg: ExternalEncoderConfig, batch_size: int) -> tuple[str, dict, bool]:
+    """Cached features of the encoder made elsewhere that ``+external.<name>`` declares: reused when present, else
+    computed by one process and published, the input conversion in the manifest."""
+    if distributed.launched():
+        raise UserError(f"external encoder '{name}' is cached by one process; run it without torchrun")
+    artifact = external_features_artifact(ctx, name, cfg)
+    with ctx.store.lock(FEATURES_KIND, artifact):
+        manifest = ctx.store.manifest(FEATURES_KIND, artifact)
+        if manifest is not None:
+            log.info("reused cached features %s (no encoder run)", artifact)
+            return artifact, manifest, True
+        encoder, found = build_external(cfg, ctx.data.channels)
+        encoder = prepare_model(encoder, ctx.device)
+        extra = {"external": {**dataclasses.asdict(cfg), "format": found,
+                              "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size)}}
+        started = time.perf_counter()
+        with ctx.store.staging(FEATURES_KIND, artifact) as scratch, image_progress() as progress:
+            for split in SPLITS:
+                write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext)
+            manifest = publish_features(ctx, artifact, f"external {cfg.arch}", {"uses_labels": False}, encoder.out_dim,
+                                        scratch, started, extra)
+    return artifact, manifest, False
+
+
 def write_views(ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: CacheConfig, path: Path, progress) -> None:
     """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
     (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
@@ -201,9 +228,11 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
 
 
 def publish_features(
-    ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float
+    ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float,
+    extra: Optional[dict] = None,
 ) -> dict:
-    """Merge the ranks' shards (if any), publish the features artifact and return its manifest."""
+    """Merge the ranks' shards (if any), publish the features artifact and return its manifest (``extra``: more of
+    its config, such as an external encoder's input conversion)."""
     if distributed.world_size() > 1:
         for split in SPLITS:
             merge_shards(scratch, split, len(ctx.data.split(split)[1]), dim)
@@ -215,7 +244,7 @@ def publish_features(
         scratch,
         {
             "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16",
-                       "uses_labels": encoder_config["uses_labels"]},
+                       "uses_labels": encoder_config["uses_labels"], **(extra or {})},
             "data": ctx.fingerprints,
             "metrics": {"dim": dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
             "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
@@ -234,12 +263,18 @@ def pretrain_command(pretext: str) -> str:
 
 @stage_app("cache")
 def main(cfg: DictConfig) -> None:
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS)
+    external = check_external(cfg.external, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, external)
     cache = check_cache(cfg.cache)
     if cache.views and distributed.launched():
         raise UserError("cache.views is cached by one process; run it without torchrun")
+    if cache.views and any(p in external for p in pretexts):
+        raise UserError("cache.views: external encoders have no augmented views yet; cache them without cache.views")
     ctx = open_context(cfg, cfg.encoder_seed)
-    encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts]
+    encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts if p not in external]
+    for pretext in (p for p in pretexts if p in external):
+        name, _, reused = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size)
+        print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
     with distributed.process_group(ctx.device) as device:
         ctx.device = device
         for encoder_name in encoders:

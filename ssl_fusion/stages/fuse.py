@@ -15,6 +15,7 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     check_cache,
+    check_external,
     check_imported,
     check_names,
 )
@@ -23,6 +24,7 @@ from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.fusion.protocol import fuse_once, head_threads
+from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
@@ -32,6 +34,7 @@ from ssl_fusion.store.artifacts import (
     VIEWS_KIND,
     artifact_exists,
     encoder_artifact,
+    external_features_artifact,
     features_artifact,
     load_features,
     load_views,
@@ -55,14 +58,18 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
 
 
 def cached_features(
-    ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str, imported: dict[str, ImportedFeatures]
+    ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str, imported: dict[str, ImportedFeatures],
+    external: dict[str, ExternalEncoderConfig],
 ) -> dict[str, FeatureSet]:
-    """Each pretext's cached features, with its ``cache.views`` augmented views when asked for, or its ``imported``
-    arrays; a UserError naming the command that makes a missing one."""
+    """Each pretext's cached features (sslfuse's own encoders, with their ``cache.views`` augmented views when asked
+    for, or ``external`` ones), or its ``imported`` arrays; a UserError naming the command that makes a missing one."""
     features = {}
     for pretext in pretexts:
         if pretext in imported:
             features[pretext] = imported_features(ctx, pretext, imported[pretext], cache)
+            continue
+        if pretext in external:
+            features[pretext] = external_features(ctx, pretext, external[pretext], cache, cache_command)
             continue
         encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
         name = features_artifact(ctx, encoder_name)
@@ -70,6 +77,16 @@ def cached_features(
             raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
         features[pretext] = with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
     return features
+
+
+def external_features(ctx: StageContext, name: str, cfg: ExternalEncoderConfig, cache: CacheConfig, cache_command: str) -> FeatureSet:
+    """The cached features of the external encoder ``name`` (they have no augmented views)."""
+    if cache.views:
+        raise UserError(f"cache.views={cache.views}: the external encoder '{name}' has no augmented views; fuse it without cache.views")
+    artifact = external_features_artifact(ctx, name, cfg)
+    if not artifact_exists(ctx.store, FEATURES_KIND, artifact):
+        raise UserError(f"no cached features for external encoder '{name}' in '{ctx.store.root}'; make them with: {cache_command}")
+    return load_features(ctx.store, artifact)
 
 
 def imported_features(ctx: StageContext, name: str, spec: ImportedFeatures, cache: CacheConfig) -> FeatureSet:
@@ -128,17 +145,17 @@ def cache_command(pretexts: list[str]) -> str:
 
 @stage_app("fuse")
 def main(cfg: DictConfig) -> None:
-    imported = check_imported(cfg.imported, PRETEXTS)
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, imported)
+    imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
     fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    used = fused_pretexts(fusion, pretexts, imported)
+    used = fused_pretexts(fusion, pretexts, [*imported, *external])
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
     cache = check_cache(cfg.cache)
     command = cache_command([p for p in used if p not in imported])
-    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command, imported))
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command, imported, external))
     write_result(Path(run_dir()), result, run_context(ctx))
     print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
           f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")

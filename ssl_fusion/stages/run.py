@@ -13,6 +13,7 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     check_cache,
+    check_external,
     check_imported,
     check_names,
     load_option,
@@ -20,16 +21,22 @@ from ssl_fusion.config import (
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.fusion import FUSIONS, FusionConfig
+from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report.tables import print_table, write_report
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
-from ssl_fusion.stages.cache import ensure_features, ensure_views
+from ssl_fusion.stages.cache import (
+    ensure_external_features,
+    ensure_features,
+    ensure_views,
+)
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.fuse import (
     check_head,
     check_labels,
     evaluate_method,
+    external_features,
     imported_features,
     run_context,
     write_result,
@@ -50,15 +57,21 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
 
 
 def prepare_features(
-    ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pretexts: list[str], imported: dict[str, ImportedFeatures]
+    ctx: StageContext, cfg: DictConfig, cache: CacheConfig, pretexts: list[str], imported: dict[str, ImportedFeatures],
+    external: dict[str, ExternalEncoderConfig],
 ) -> dict[str, FeatureSet]:
     """Pretrain and cache whatever the store lacks (features, and ``cache.views`` views); each pretext's features,
-    the ``imported`` ones read from their files."""
+    the ``imported`` ones read from their files, the ``external`` encoders' cached once."""
     features = {}
     for pretext in pretexts:
         if pretext in imported:
             features[pretext] = imported_features(ctx, pretext, imported[pretext], cache)
             print(f"{pretext:>17}: imported ({features[pretext].train.shape[1]} features)")
+            continue
+        if pretext in external:
+            name, _, cached = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size)
+            features[pretext] = external_features(ctx, pretext, external[pretext], cache, "")
+            print(f"{pretext:>17}: external encoder, features {'reused' if cached else 'cached'}")
             continue
         encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
@@ -76,8 +89,8 @@ def prepare_features(
 @stage_app("run")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    imported = check_imported(cfg.imported, PRETEXTS)
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, imported)
+    imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
     heads = planned_heads(check_names("fusions", list(cfg.fusions), FUSIONS), pretexts)
     for fusion, used in heads:
         check_head(fusion, len(used))
@@ -89,9 +102,9 @@ def main(cfg: DictConfig) -> None:
     for seed in cfg.seeds:
         for fusion, _ in heads:
             check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
-    for pretext in (p for p in pretexts if p not in imported):
+    for pretext in (p for p in pretexts if p not in imported and p not in external):
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
-    features = prepare_features(ctx, cfg, cache, pretexts, imported)
+    features = prepare_features(ctx, cfg, cache, pretexts, imported, external)
     out = Path(run_dir())
     for fusion, used in heads:
         for seed in cfg.seeds:

@@ -23,6 +23,7 @@ import torch
 from ssl_fusion.config import TrainOverrides, as_plain, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
+from ssl_fusion.models.external import ExternalEncoderConfig, checkpoint_sha256
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
@@ -41,6 +42,8 @@ PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain
                  "models/decoders.py", "data/augment.py", "data/datasets", "runtime/device.py", "runtime/distributed.py")
 # What turns a stored encoder into cached features or views (the encoder's own code is in its key).
 CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
+# What builds an encoder made elsewhere and converts the images it reads.
+EXTERNAL_CODE = ("models/external.py", "models/checkpoints.py")
 
 
 def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
@@ -119,6 +122,14 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
 def features_artifact(ctx: StageContext, encoder_name: str) -> str:
     key = content_key({"stage": "cache", "code": sources_sha256(cache_sources()), "encoder": encoder_name, "data": ctx.fingerprints})
     return f"{encoder_name.split('-')[0]}-{key}"
+
+
+def external_features_artifact(ctx: StageContext, name: str, cfg: ExternalEncoderConfig) -> str:
+    """The features of an encoder made elsewhere: keyed by its architecture, its checkpoint's content (not its
+    path), the input conversion, the data and the code that builds and runs it."""
+    encoder = {**dataclasses.asdict(cfg), "checkpoint": checkpoint_sha256(cfg)}
+    code = sources_sha256(cache_sources() + package_files(EXTERNAL_CODE))
+    return f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"
 
 
 def views_artifact(encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str]) -> str:

@@ -1,0 +1,95 @@
+"""Encoders made elsewhere in the cache stage: images converted to their input, features keyed by the checkpoint's
+content, every weight loaded, bad declarations refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import sslfuse
+
+from ssl_fusion.config import check_external
+from ssl_fusion.data.datasets import load_dataset
+from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.store.artifacts import external_features_artifact
+
+SMALL = ["preset=smoke", "dataset.n_train=64", "dataset.n_test=32", "precision=fp32"]
+
+
+def test_gray_images_are_repeated_resized_and_normalised():
+    """A 1-channel 28 px batch reaches the backbone as 3 channels at 32 px, normalised by the given mean and std."""
+    cfg = ExternalEncoderConfig(arch="torchvision:resnet18", image_size=32, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5])
+    encoder = ExternalEncoder(torch.nn.Identity(), 3, cfg)
+    images = torch.rand(2, 1, 28, 28)
+    resized = F.interpolate(images.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    expected = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(encoder(images), expected)
+
+
+def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
+    torch.manual_seed(0)
+    first, copy, other = tmp_path / "a.pth", tmp_path / "copy.pth", tmp_path / "b.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), first)
+    shutil.copy(first, copy)
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    ctx = types.SimpleNamespace(fingerprints={"train": "t", "test": "s"})
+    key = {path: external_features_artifact(ctx, "r18", ExternalEncoderConfig("torchvision:resnet18", str(path))) for path in (first, copy, other)}
+    assert key[first] == key[copy] != key[other]
+    assert key[first].startswith("r18-")
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ({"r18": {"checkpoint": "x.pth"}}, r"external\.r18: give external\.r18\.arch"),
+    ({"r18": {"arch": "torchvision:resnet18", "size": 32}}, r"external\.r18\.size: not a key of an external encoder"),
+    ({"r18": {"arch": "torchvision:resnet18", "checkpoint": "/absent.pth"}}, r"external\.r18\.checkpoint: no file '/absent\.pth'"),
+    ({"rotation": {"arch": "torchvision:resnet18"}}, r"external\.rotation: the name of a built-in pretext"),
+    ({"r18": {"arch": "torchvision:resnet18", "std": [1.0, 0.0, 1.0]}}, "mean and std need three values each, std > 0"),
+])
+def test_bad_declarations_are_refused_in_one_line_naming_the_key(node, message):
+    with pytest.raises(UserError, match=message):
+        check_external(node, PRETEXTS)
+
+
+@pytest.mark.slow
+def test_cache_runs_a_checkpoint_on_converted_images_then_reuses_it_and_fuse_reads_it(tmp_path):
+    """A resnet18 checkpoint declared on the command line: the cached features equal the model's own output on the
+    converted images (to float16 rounding), the manifest records the format and the conversion, a second cache reuses
+    them, a fuse reads them, and a checkpoint of another architecture is refused in one line before any feature."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    declared = ["+external.r18.arch=torchvision:resnet18", f"+external.r18.checkpoint={tmp_path / 'r18.pth'}",
+                "+external.r18.image_size=32"]
+    first = sslfuse("cache", *SMALL, "pretexts=[r18]", *declared, "hydra.run.dir=c1", cwd=tmp_path)
+    assert "(computed)" in first.stdout
+    (folder,) = (tmp_path / "outputs/artifacts/features").glob("r18-*")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    external = manifest["config"]["external"]
+    assert external["format"] == "state dict" and external["conversion"]["size"] == "28x28 -> 32x32"
+    assert external["conversion"]["channels"].startswith("1 -> 3")
+
+    _, data = load_dataset({"name": "synthetic", "n_train": 64, "n_test": 32, "image_size": 28}, None)
+    model.fc = torch.nn.Identity()
+    converted = ExternalEncoder(model.eval(), 512, ExternalEncoderConfig("torchvision:resnet18", image_size=32))
+    with torch.no_grad():
+        expected = converted(data.test_images.float() / 255)
+    cached = torch.from_numpy(np.load(folder / "test.npy").astype(np.float32))
+    torch.testing.assert_close(cached, expected, rtol=2e-3, atol=2e-3)
+
+    again = sslfuse("cache", *SMALL, "pretexts=[r18]", *declared, "hydra.run.dir=c2", cwd=tmp_path)
+    assert "(reused)" in again.stdout
+    sslfuse("fuse", *SMALL, "pretexts=[r18]", *declared, "fusion=concat", "labels.per_class=5", "hydra.run.dir=f", cwd=tmp_path)
+    assert json.loads((tmp_path / "f/results.json").read_text())["method"] == "concat(r18)"
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    wrong = [declared[0], f"+external.r18.checkpoint={tmp_path / 'r34.pth'}", declared[2]]
+    refused = sslfuse("cache", *SMALL, "pretexts=[r18]", *wrong, "hydra.run.dir=c3", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "unexpected" in refused.stderr
