@@ -142,18 +142,22 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_is_refused(smoke_workspace):
+def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_a_fixed_setting(smoke_workspace):
     """``sslfuse fuse labels.per_class=N`` on the smoke run's cached features (4 classes): with 2 and 5 labels per class
     the result records 2 and 5 folds and a cross-validated accuracy over all labeled images; with 1 there is nothing to
-    hold out, and the fuse refuses in one line naming the key, before any work, writing no result."""
-    for per_class, folds in ((2, 2), (5, 5)):
+    hold out: the result records 0 folds and the fixed setting; pretext matching by cross-validation is refused in one
+    line naming the keys, before any work, writing no result."""
+    for per_class, folds in ((1, 0), (2, 2), (5, 5)):
         sslfuse("fuse", "preset=smoke", "fusion=concat", f"labels.per_class={per_class}", f"hydra.run.dir=pc{per_class}",
                 cwd=smoke_workspace)
         result = json.loads((smoke_workspace / f"pc{per_class}" / "results.json").read_text())
         assert result["folds"] == folds and result["n_labeled"] == 4 * per_class
-        assert round(result["cv_accuracy"] * result["n_labeled"], 6) == round(result["cv_accuracy"] * result["n_labeled"])
-    refused = sslfuse("fuse", "preset=smoke", "fusion=concat", "labels.per_class=1", "hydra.run.dir=pc1", cwd=smoke_workspace,
+        if folds:
+            assert round(result["cv_accuracy"] * result["n_labeled"], 6) == round(result["cv_accuracy"] * result["n_labeled"])
+        else:
+            assert result["cv_accuracy"] is None and result["selection"].startswith("fixed")
+    refused = sslfuse("fuse", "preset=smoke", "fusion=select", "labels.per_class=1", "hydra.run.dir=sel1", cwd=smoke_workspace,
                       check=False)
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "labels.per_class >= 2" in refused.stderr, refused.stderr
-    assert not (smoke_workspace / "pc1" / "results.json").exists()
+    assert not (smoke_workspace / "sel1" / "results.json").exists()

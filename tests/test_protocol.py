@@ -50,11 +50,22 @@ def test_fewer_folds_when_a_class_has_fewer_labels_than_folds(per_class, folds):
     assert int(stratified_folds(labeled_labels, 5, 0).max()) + 1 == folds
 
 
-def test_one_label_per_class_is_refused_in_one_line_before_any_fit():
-    """With one labeled image per class nothing can be held out: a UserError naming labels.per_class, not a result
-    from an empty fit part."""
-    with pytest.raises(UserError, match=r"labels\.per_class >= 2") as refused:
-        fuse_once(informative_and_noise(), load_option(FUSIONS, "concat"), LabelsConfig(fraction=None, per_class=1), 0)
+def test_one_label_per_class_trains_on_a_fixed_setting_recorded_in_the_result():
+    """With one labeled image per class nothing can be held out: the head trains on every label with the grid's
+    largest L2 for all ``steps`` (no empty fit part, no selection), and the result says so. On seed 0 it reaches 0.40
+    on 2,000 test images, over 20 standard errors above chance (0.20)."""
+    cfg = load_option(FUSIONS, "concat")
+    assert fold_count(LABELS[stratified_subset(LABELS, None, 1, 0)], 5) == 0
+    result = fuse_once(informative_and_noise(), cfg, LabelsConfig(fraction=None, per_class=1), 0)
+    assert (result["folds"], result["cv_accuracy"], result["n_labeled"]) == (0, None, 5)
+    assert (result["selected_l2"], result["selected_steps"]) == (max(cfg.l2_grid), cfg.steps)
+    assert result["selection"].startswith("fixed")
+    assert result["test_accuracy"] > 0.3
+
+
+def test_pretext_matching_by_cross_validation_is_refused_with_one_label_per_class():
+    with pytest.raises(UserError, match=r"select\[by=val\]\) needs cross-validation.*fusion\.by=logme") as refused:
+        fuse_once(informative_and_noise(), load_option(FUSIONS, "select"), LabelsConfig(fraction=None, per_class=1), 0)
     assert "\n" not in str(refused.value)
 
 

@@ -60,21 +60,19 @@ def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class
 
 
 def fold_count(labels: torch.Tensor, folds: int) -> int:
-    """How many stratified folds ``labels`` can be cut into: ``folds``, fewer when a class has fewer labeled samples.
-    A UserError when a class has a single one: nothing of it could be held out."""
-    smallest = int(torch.bincount(labels)[torch.bincount(labels) > 0].min())
-    if smallest < 2:
-        raise UserError(
-            f"labels: a class has only {smallest} labeled image, and cross-validated selection must hold one out; "
-            "give labels.per_class >= 2 (or a larger labels.fraction)"
-        )
-    return min(folds, smallest)
+    """How many stratified folds ``labels`` can be cut into: ``folds``, fewer when a class has fewer labeled samples,
+    0 when a class has a single one (nothing of it could be held out)."""
+    counts = torch.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    return 0 if smallest < 2 else min(folds, smallest)
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     """The fold (0 .. k-1) of each sample, k = ``fold_count(labels, folds)``: each class spread evenly over the
     folds in a seeded random order, so every fold holds every class."""
     k = fold_count(labels, folds)
+    if k == 0:
+        raise ValueError("a class has a single labeled sample: no fold can hold it out")
     generator = torch.Generator().manual_seed(seed)
     fold_of = torch.empty(len(labels), dtype=torch.long)
     offset = 0

@@ -73,6 +73,11 @@ class FusionMethod:
         return False
 
     @classmethod
+    def needs_cross_validation(cls, cfg: FusionConfig) -> bool:
+        """Whether it cannot run on a fixed setting when no fold can be held out (a class with one labeled image)."""
+        return False
+
+    @classmethod
     def peeks_at_test(cls, cfg: FusionConfig) -> bool:
         """Whether its result used the test labels (a reference only, never a method to pick)."""
         return False

@@ -130,6 +130,15 @@ def with_screened_columns(weights: torch.Tensor, used: list[str], pretexts: list
     return full
 
 
+def check_folds(fusion: FusionConfig, labels: torch.Tensor) -> None:
+    """Refuse a method that needs cross-validation when a class has a single labeled image."""
+    if head_class(fusion).needs_cross_validation(fusion) and fold_count(labels, fusion.folds) == 0:
+        raise UserError(
+            f"fusion={fusion.name} ({head_class(fusion).title(fusion)}) needs cross-validation, and a class has a single labeled "
+            "image; give labels.per_class >= 2, or fusion.by=logme"
+        )
+
+
 def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[str, FeatureSet]:
     """The feature sets ``fusion``'s head reads, of those given; a UserError naming a missing one."""
     wanted = head_class(fusion).inputs(fusion, list(features))
@@ -148,7 +157,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
     labeled = labels_cfg.subset(train_labels, seed)
     labels = train_labels[labeled]
-    fold_count(labels, fusion.folds)
+    check_folds(fusion, labels)
     train = [s.labeled_rows(labeled) for s in sets]
     test = [s.standardized(s.test) for s in sets]
     num_classes = int(train_labels.max()) + 1
@@ -179,6 +188,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "cv_accuracy": selection.accuracy,
         "cv_nll": selection.nll,
         "folds": selection.folds,
+        "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
         "head_parameters": parameters,
         "cached_views": len(train[0]) - 1,
         "first_loss": losses[0],

@@ -47,6 +47,11 @@ class SelectFusion(LinearFusion):
         return True
 
     @classmethod
+    def needs_cross_validation(cls, cfg: SelectConfig) -> bool:
+        """``by=val`` ranks pretexts by their cross-validated accuracy."""
+        return cfg.by == "val"
+
+    @classmethod
     def peeks_at_test(cls, cfg: SelectConfig) -> bool:
         return cfg.by == "oracle"
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from ssl_fusion.data.splits import stratified_folds
+from ssl_fusion.data.splits import fold_count, stratified_folds
 from ssl_fusion.fusion import FusionConfig, FusionHead
 
 HeadFactory = Callable[[], FusionHead]
@@ -158,18 +158,21 @@ def score(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 @dataclass
 class CrossValidation:
     """The chosen setting and its k-fold score: accuracy and NLL over all labeled samples, each predicted by the
-    head that did not train on it."""
+    head that did not train on it. With a single labeled sample in some class nothing can be held out: ``folds``
+    is 0, the setting is fixed (the grid's largest L2, all ``steps``) and there is no score."""
 
     l2: float
     steps: int
-    accuracy: float
-    nll: float
+    accuracy: Optional[float]
+    nll: Optional[float]
     folds: int
 
 
 def cross_validate(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> CrossValidation:
     """Grid over L2 strengths × training length, scored by stratified k-fold cross-validation on the labeled set
     (plain features; ``features`` as for ``fit_stack``). Members: one head per (L2, fold), trained together."""
+    if fold_count(labels, cfg.folds) == 0:
+        return CrossValidation(max(cfg.l2_grid), cfg.steps, None, None, 0)
     fold_of = stratified_folds(labels, cfg.folds, seed)
     folds = int(fold_of.max()) + 1
     held_out = fold_of[None, :] == torch.arange(folds)[:, None]  # (folds, samples)

@@ -21,9 +21,8 @@ from ssl_fusion.config import (
 )
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
-from ssl_fusion.data.splits import fold_count
 from ssl_fusion.fusion import FUSIONS, FusionConfig
-from ssl_fusion.fusion.protocol import fuse_once, head_threads
+from ssl_fusion.fusion.protocol import check_folds, fuse_once, head_threads
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
@@ -122,7 +121,7 @@ def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: F
     """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
     labeled = labels_cfg.subset(train_labels, seed)
     if not FUSIONS.get(fusion.name).impl.needs_images:
-        fold_count(train_labels[labeled], fusion.folds)
+        check_folds(fusion, train_labels[labeled])
 
 
 def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
