@@ -92,6 +92,7 @@ class CommonConfig:
     precision: str = "auto"
     seed: int = 0  # pretrain: the pretraining seed; fuse: the label-subset and head seed
     deterministic: bool = False  # torch.use_deterministic_algorithms: the same encoder for the same seed
+    pretrain_dataset: Optional[Any] = None  # the data sslfuse's own encoders are pretrained on (a dataset name); None: dataset
     train: TrainOverrides = field(default_factory=TrainOverrides)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ssl_fusion.config import CacheConfig, check_cache, check_external, check_names
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
+from ssl_fusion.data.convert import converter, describe
 from ssl_fusion.evaluation.probe import encode_batches
 from ssl_fusion.models.external import ExternalEncoderConfig, build_external, conversion
 from ssl_fusion.pretexts import PRETEXTS, Pretext
@@ -66,9 +67,12 @@ def shard_path(scratch: Path, split: str, part: int) -> Path:
     return scratch / f"{split}.rank{part}.npy"
 
 
-def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext]) -> None:
+def write_split(
+    ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext],
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> None:
     """Stream features of one split into a float16 .npy (memory-mapped), batch by batch; the encoder is fed the
-    pretext's ``encoder_input`` of the images, as in pretraining.
+    images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of them, as in pretraining.
 
     Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
     to merge. For an image-free pretext (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
@@ -87,7 +91,7 @@ def write_split(ctx: StageContext, encoder, split: str, batch_size: int, scratch
         store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
     else:
         encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch,
-                       encoder_input=pretext_cls.encoder_input)
+                       None if convert is None else lambda _, batch: convert(batch), pretext_cls.encoder_input)
     out.flush()
     del out
     if distributed.is_main():
@@ -123,6 +127,15 @@ def shared_staging(ctx: StageContext, name: str) -> Iterator[Path]:
         yield Path(distributed.broadcast(str(scratch) if distributed.is_main() else None))
 
 
+def encoder_conversion(ctx: StageContext, encoder_name: str) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], dict]:
+    """How the downstream images become what the stored encoder was pretrained on (channels, size), and the manifest
+    field that records it (empty when nothing changes); a one-line UserError when it cannot be done."""
+    trained = ctx.store.manifest(ENCODERS_KIND, encoder_name)["data"]
+    shape = (ctx.data.channels, ctx.data.image_size, trained["channels"], tuple(trained["image_size"]))
+    convert = converter(*shape)
+    return convert, {} if convert is None else {"conversion": describe(*shape)}
+
+
 def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tuple[str, dict, bool]:
     """Cached features of a stored encoder: reused when present, else computed and published.
 
@@ -138,13 +151,14 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
         pretext_cls = stored_pretext(encoder_config, encoder_name)
+        convert, recorded = encoder_conversion(ctx, encoder_name)
         started = time.perf_counter()
         with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls)
+                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls, convert)
             distributed.barrier()
             if distributed.is_main():
-                manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started)
+                manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started, recorded)
     return name, distributed.broadcast(manifest), False
 
 
@@ -172,7 +186,10 @@ def ensure_external_features(ctx: StageContext, name: str, cfg: ExternalEncoderC
     return artifact, manifest, False
 
 
-def write_views(ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: CacheConfig, path: Path, progress) -> None:
+def write_views(
+    ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: CacheConfig, path: Path, progress,
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> None:
     """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
     (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
     whole split at once: the same augmented images for every encoder, batch size and device. The encoder is fed
@@ -189,7 +206,8 @@ def write_views(ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: C
             progress.advance(task, len(features))
 
         def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
-            return shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
+            shifted = shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
+            return shifted if convert is None else convert(shifted)
 
         if pretext_cls.ignores_images:
             store_batch(0, noise_features(ctx, "train", encoder.out_dim))
@@ -213,7 +231,8 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
         n_images = cache.views * len(ctx.data.train_labels)
         started = time.perf_counter()
         with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
-            write_views(ctx, encoder, pretext_cls, cache, scratch / "train_views.npy", progress)
+            write_views(ctx, encoder, pretext_cls, cache, scratch / "train_views.npy", progress,
+                        encoder_conversion(ctx, encoder_name)[0])
             seconds = time.perf_counter() - started
             ctx.store.publish(VIEWS_KIND, name, scratch, {
                 "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,
@@ -272,6 +291,8 @@ def main(cfg: DictConfig) -> None:
         raise UserError("cache.views: external encoders have no augmented views yet; cache them without cache.views")
     ctx = open_context(cfg, cfg.encoder_seed)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts if p not in external]
+    for encoder_name in encoders:
+        encoder_conversion(ctx, encoder_name)
     for pretext in (p for p in pretexts if p in external):
         name, _, reused = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size)
         print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import TrainOverrides
-from ssl_fusion.data.datasets import DatasetConfig, ImageData, load_dataset
+from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData, load_dataset
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
 from ssl_fusion.runtime.device import resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
@@ -29,10 +31,23 @@ class StageContext:
     store: ArtifactStore
     overrides: TrainOverrides
     seed: int  # the pretraining seed of the encoders this stage makes or reads
+    pretrain_dataset_cfg: Optional[DatasetConfig] = None  # None: encoders are pretrained on ``data``
+    pretrain_data: Optional[ImageData] = None
 
     @property
     def fingerprints(self) -> dict[str, str]:
         return self.data.fingerprints
+
+    @property
+    def pretraining(self) -> ImageData:
+        """The images sslfuse's own encoders are pretrained on: ``pretrain_dataset``, else the downstream data."""
+        return self.pretrain_data if self.pretrain_data is not None else self.data
+
+    def for_pretraining(self) -> StageContext:
+        """This context with the pretraining data as its data: what pretraining reads."""
+        if self.pretrain_data is None:
+            return self
+        return dataclasses.replace(self, dataset_cfg=self.pretrain_dataset_cfg, data=self.pretrain_data)
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,4 +79,21 @@ def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
         dataset_cfg.name, len(data.train_labels), len(data.test_labels), data.num_classes, *data.image_size, data.channels,
         device, str(dtype).removeprefix("torch."),
     )
-    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed)
+    pretrain_cfg, pretrain_data = pretraining_dataset(cfg, dataset_cfg)
+    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed,
+                        pretrain_cfg, pretrain_data)
+
+
+def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
+    """``pretrain_dataset`` (an option's name, or a dataset config) when it names other data than ``dataset``;
+    (None, None) when it is unset or the same."""
+    node = cfg.get("pretrain_dataset")
+    if node is None:
+        return None, None
+    typed = load_option(DATASETS, node) if isinstance(node, str) else DATASETS.typed_config(node, key="pretrain_dataset")
+    if as_plain(typed) == as_plain(dataset_cfg):
+        return None, None
+    pretrain_cfg, pretrain_data = _load_dataset_cached(OmegaConf.to_yaml(OmegaConf.structured(typed)), cfg.data_dir)
+    log.info("pretraining dataset %s: %d train images, %dx%d px, %d channel(s)", pretrain_cfg.name,
+             len(pretrain_data.train_labels), *pretrain_data.image_size, pretrain_data.channels)
+    return pretrain_cfg, pretrain_data

@@ -126,7 +126,7 @@ def probe_summary(metrics: dict) -> str:
 
 @stage_app("pretrain")
 def main(cfg: DictConfig) -> None:
-    ctx = open_context(cfg, cfg.seed)
+    ctx = open_context(cfg, cfg.seed).for_pretraining()
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
     with distributed.process_group(ctx.device) as device:
         ctx.device = device

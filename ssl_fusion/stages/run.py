@@ -18,6 +18,7 @@ from ssl_fusion.config import (
     check_names,
     load_option,
 )
+from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.fusion import FUSIONS, FusionConfig
@@ -73,7 +74,7 @@ def prepare_features(
             features[pretext] = external_features(ctx, pretext, external[pretext], cache, "")
             print(f"{pretext:>17}: external encoder, features {'reused' if cached else 'cached'}")
             continue
-        encoder_name, manifest, reused = ensure_encoder(ctx, pretext_recipe(pretext, ctx.overrides), cfg.probe)
+        encoder_name, manifest, reused = ensure_encoder(ctx.for_pretraining(), pretext_recipe(pretext, ctx.overrides), cfg.probe)
         features_name, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
         features[pretext] = load_features(ctx.store, features_name)
         views = ""
@@ -102,8 +103,9 @@ def main(cfg: DictConfig) -> None:
     for seed in cfg.seeds:
         for fusion, _ in heads:
             check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
+    check_conversion(ctx.data.channels, ctx.pretraining.channels)
     for pretext in (p for p in pretexts if p not in imported and p not in external):
-        PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.data)
+        PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.pretraining)
     features = prepare_features(ctx, cfg, cache, pretexts, imported, external)
     out = Path(run_dir())
     for fusion, used in heads:

@@ -111,7 +111,7 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
             "code": sources_sha256(pretrain_sources(recipe.name)),
             "pretext": as_plain(recipe),
             "encoder": as_plain(ctx.encoder_cfg),
-            "train_data": ctx.fingerprints["train"],
+            "train_data": ctx.pretraining.fingerprints["train"],
             "seed": ctx.seed,
             "max_steps_per_epoch": max_steps_per_epoch,
         }
