@@ -69,7 +69,7 @@ def main() -> None:
     model.fc = torch.nn.Identity()
     bare = bare_images_per_second(model, torch.cat([data.train_images, data.test_images]), args.size, 250)
     print(f"sslfuse cache: {ours:.1f} img/s; bare loop: {bare:.1f} img/s; ratio {ours / bare:.2f} "
-          f"(ResNet-50 at {args.size} px, {args.train + args.test} images, precision {str(resolve_precision("auto", resolve_device("auto"))).removeprefix("torch.")})")
+          f"(ResNet-50 at {args.size} px, {args.train + args.test} images, precision {str(resolve_precision('auto', resolve_device('auto'))).removeprefix('torch.')})")
 
 
 if __name__ == "__main__":
