@@ -102,11 +102,13 @@ def module_file(pretext: str) -> Path:
 
 
 def test_encoder_sources_are_the_code_that_makes_an_encoder():
-    sources = set(artifacts.pretrain_sources("vicreg"))
+    sources = set(artifacts.pretrain_sources("vicreg", "synthetic"))
     expected = ["pretexts/vicreg.py", "pretexts/simclr.py", "pretexts/__init__.py", "pretexts/trainer.py", "models/encoders.py",
                 "data/augment.py", "data/datasets/__init__.py", "data/datasets/synthetic.py"]
     assert {PACKAGE / name for name in expected} <= sources
     assert PACKAGE / "pretexts/rotation.py" not in sources
+    assert PACKAGE / "data/datasets/image_folder.py" not in sources  # another dataset's loader makes none of these
+    assert PACKAGE / "data/datasets/torchvision_sets.py" in set(artifacts.pretrain_sources("rotation", "fashion_mnist"))
     assert PACKAGE / "models/checkpoints.py" not in sources  # loads encoders made elsewhere; makes none of ours
     assert {PACKAGE / "stages/cache.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources())
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.data.datasets import DATASETS
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
 from ssl_fusion.models.external import ExternalEncoderConfig, checkpoint_sha256
@@ -37,9 +38,9 @@ VIEWS_KIND = "views"
 SPLITS = ("train", "test")
 
 PACKAGE = Path(__file__).resolve().parents[1]
-# What makes every encoder, besides its pretext's own modules (files, or folders of .py files, in the package).
+# What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py files, in the package).
 PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
-                 "models/decoders.py", "data/augment.py", "data/datasets", "runtime/device.py", "runtime/distributed.py")
+                 "models/decoders.py", "data/augment.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
 # What turns a stored encoder into cached features or views (the encoder's own code is in its key).
 CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
 # What builds an encoder made elsewhere and converts the images it reads.
@@ -54,11 +55,11 @@ def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def pretext_modules(name: str) -> list[ModuleType]:
-    """The module of pretext ``name`` and the other pretext modules it uses, directly or not (e.g. vicreg's
-    two views come from simclr)."""
+def modules_used(start: ModuleType, package: str) -> list[ModuleType]:
+    """``start`` and the modules of ``package`` it uses, directly or not (e.g. vicreg's two views come from
+    simclr; Fashion-MNIST's loader comes from the torchvision datasets)."""
     found: dict[str, ModuleType] = {}
-    pending = [sys.modules[PRETEXTS.get(name).impl.__module__]]
+    pending = [start]
     while pending:
         module = pending.pop()
         if module.__name__ in found:
@@ -66,14 +67,25 @@ def pretext_modules(name: str) -> list[ModuleType]:
         found[module.__name__] = module
         for value in vars(module).values():
             used = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
-            if isinstance(used, str) and used.startswith("ssl_fusion.pretexts.") and used in sys.modules:
+            if isinstance(used, str) and used.startswith(package) and used in sys.modules:
                 pending.append(sys.modules[used])
     return [found[key] for key in sorted(found)]
 
 
-def pretrain_sources(pretext: str) -> tuple[Path, ...]:
-    """The source files whose code makes an encoder of ``pretext``."""
-    own = [Path(module.__file__).resolve() for module in pretext_modules(pretext)]
+def pretext_modules(name: str) -> list[ModuleType]:
+    """The module of pretext ``name`` and the other pretext modules it uses."""
+    return modules_used(sys.modules[PRETEXTS.get(name).impl.__module__], "ssl_fusion.pretexts.")
+
+
+def dataset_modules(name: str) -> list[ModuleType]:
+    """The module that loads dataset ``name`` and the dataset modules it uses: an encoder pretrained on
+    Fashion-MNIST does not depend on the code that reads an image folder."""
+    return modules_used(sys.modules[DATASETS.get(name).impl.__module__], "ssl_fusion.data.datasets.")
+
+
+def pretrain_sources(pretext: str, dataset: str) -> tuple[Path, ...]:
+    """The source files whose code makes an encoder of ``pretext`` pretrained on ``dataset``."""
+    own = [Path(module.__file__).resolve() for module in [*pretext_modules(pretext), *dataset_modules(dataset)]]
     return tuple(dict.fromkeys([*own, *package_files(PRETRAIN_CODE)]))
 
 
@@ -108,7 +120,7 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
     key = content_key(
         {
             "stage": "pretrain",
-            "code": sources_sha256(pretrain_sources(recipe.name)),
+            "code": sources_sha256(pretrain_sources(recipe.name, ctx.for_pretraining().dataset_cfg.name)),
             "pretext": as_plain(recipe),
             "encoder": as_plain(ctx.encoder_cfg),
             "train_data": ctx.pretraining.fingerprints["train"],
