@@ -3,13 +3,16 @@
 - the main table: one row per method, one column per label regime, ``mean ± std (n)`` of test
   accuracy over seeds, the best mean of each column in bold, among rows that neither peek at the test set
   (``peeks_at_test``) nor use encoders trained with all labels (``uses_all_labels``);
-- results of different datasets, encoders or encoder seeds are never averaged: with more than one such
-  combination under the folder, each gets its own table (a heading in Markdown and on the terminal, extra
-  columns in the CSV);
+- results of different datasets or encoders are never averaged: with more than one such combination under the
+  folder, each gets its own table (a heading in Markdown and on the terminal, extra columns in the CSV); encoder
+  seeds get one table each, plus one pooled over them whose heading names them (``encoder seed 0+1``) and whose
+  n reads encoder seeds × label seeds;
+- a paired-differences table (``paired.py``): each method minus reference methods on the same labeled subsets
+  and encoders, with a 95% interval and wins/ties/losses, and ``paired_differences.png``;
 - a negative-transfer table: each method with and without an added control pretext
   (``random``, ``noise``) and the difference;
-- ``accuracy_vs_labels.png`` and, where attention-like heads ran, ``pretext_weights.png``
-  (mean weight per class and pretext).
+- ``accuracy_vs_labels.png`` (with one label regime: the methods sorted by accuracy) and, where attention-like
+  heads ran, ``pretext_weights.png`` (mean weight per class and pretext).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ssl_fusion.report.paired import paired_differences, plot_paired_differences
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import atomic_write_bytes, atomic_write_text
 
@@ -83,6 +87,25 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return stats.rename(columns={"count": "seeds"})
 
 
+def pooled_over_encoder_seeds(results: pd.DataFrame) -> pd.DataFrame:
+    """``summarize``'s rows over all encoder seeds of each dataset and encoder that has more than one: the encoder
+    seed column names them (``0+1``) and n reads encoder seeds × label seeds, so a pooled mean never passes for one
+    encoder's. Empty when every dataset and encoder has one encoder seed."""
+    recorded = with_context(results).query("encoder_seed != @UNRECORDED")
+    names = recorded.groupby(["dataset", "encoder"])["encoder_seed"].transform(lambda seeds: "+".join(sorted(set(seeds))))
+    several = names.str.contains("+", regex=False)
+    if not several.any():
+        return pd.DataFrame()
+    chosen = recorded[several]
+    pooled = summarize(chosen.assign(encoder_seed=names[several]))
+    grids = chosen.groupby(["dataset", "encoder", "method", "regime"]).agg(
+        encoder_seeds=("encoder_seed", "nunique"), label_seeds=("seed", "nunique"), results=("seed", "size"))
+    n_text = {key: f"{row.encoder_seeds}×{row.label_seeds}" if row.encoder_seeds * row.label_seeds == row.results
+              else str(row.results) for key, row in grids.iterrows()}
+    pooled["seeds"] = [n_text[key] for key in zip(pooled["dataset"], pooled["encoder"], pooled["method"], pooled["regime"])]
+    return pooled
+
+
 def contexts(stats: pd.DataFrame) -> list[tuple[str, str, str]]:
     """The (dataset, encoder, encoder seed) combinations present, sorted."""
     return sorted(set(zip(*(stats[c] for c in CONTEXT))))
@@ -126,7 +149,7 @@ def pivot(stats: pd.DataFrame) -> pd.DataFrame:
     if len(contexts(stats)) == 1:
         return pivot_one(stats)
     keys = list(CONTEXT)
-    tables = {context: pivot_one(group) for context, group in stats.groupby(keys)}
+    tables = {context: pivot_one(group) for context, group in stats.groupby(keys, sort=False)}
     table = pd.concat(tables, names=[*keys, "method"])
     return table[sorted(table.columns, key=regime_order)].fillna("–")
 
@@ -161,7 +184,7 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
                     "dataset": dataset, "encoder": encoder, "encoder seed": encoder_seed, "fusion": fusion, "pretexts": base_set, "added": control, "regime": regime,
                     "without": round(float(base["mean"]), 2), "with": round(float(row["mean"]), 2),
                     "difference": round(float(row["mean"] - base["mean"]), 2),
-                    "screened out": f"{int(row[f'screened_{control}'])} of {int(row['seeds'])} seeds",
+                    "screened out": f"{int(row[f'screened_{control}'])} of {row['seeds']} seeds",
                 })
     transfer = pd.DataFrame(rows)
     # one combination: its columns would repeat one value on every row
@@ -177,6 +200,39 @@ def save_figure(figure, path: Path) -> None:
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy(stats: pd.DataFrame, path: Path) -> None:
+    """Accuracy of every method: with one label regime, the methods sorted along one axis, a dot and its spread
+    each; with several, a line per method over the regimes."""
+    if stats["regime"].nunique() == 1:
+        plot_methods_sorted(stats, path)
+    else:
+        plot_accuracy_vs_labels(stats, path)
+
+
+def plot_methods_sorted(stats: pd.DataFrame, path: Path) -> None:
+    """One panel per (dataset, encoder, encoder seed) combination: methods sorted by mean accuracy, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(stats.groupby(list(CONTEXT), sort=False))
+    rows = max(len(group) for _, group in groups)
+    figure, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 1.2 + 0.35 * rows), squeeze=False)
+    for axis, (context, group) in zip(axes[0], groups):
+        group = group.sort_values("mean")
+        honest = ~(group["peeks_at_test"] | group["uses_all_labels"])
+        colours = ["tab:blue" if h else "tab:gray" for h in honest]
+        for row, (mean, spread, colour) in enumerate(zip(group["mean"], group["std"].fillna(0), colours)):
+            axis.errorbar(mean, row, xerr=spread, fmt="o", color=colour, capsize=3)
+        axis.set_yticks(range(len(group)), [f"{m} (n={n})" for m, n in zip(group["method"], group["seeds"])], fontsize=8)
+        axis.set_xlabel(f"test accuracy (%), {group['regime'].iloc[0]} labels, mean ± std over seeds")
+        axis.grid(axis="x", alpha=0.3)
+        if len(groups) > 1:
+            axis.set_title(context_heading(context), fontsize=9)
+    save_figure(figure, path)
 
 
 def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
@@ -232,22 +288,29 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame, Path, Path]:
+def write_report(folder: Path, out_dir: Path | None = None,
+                 references: list[str] | None = None) -> tuple[pd.DataFrame, Path, Path]:
+    """Tables, plots and CSVs of every result under ``folder`` (see the module's docstring); ``references``: the
+    paired table's reference methods (None: ``paired.DEFAULT_REFERENCES``, those that ran)."""
     out_dir = out_dir or folder
     results = collect_results(folder)
-    stats = summarize(results)
+    per_encoder_seed = summarize(results)
+    pooled = pooled_over_encoder_seeds(results)
+    stats = per_encoder_seed if pooled.empty else pd.concat([pooled, per_encoder_seed], ignore_index=True)
     table = pivot(stats)
-    markdown = ("Test accuracy (%), mean ± std over seeds (n); best per column in bold, among rows that neither peek "
-                "at the test set nor use all labels.\n")
+    markdown = ("Test accuracy (%), mean ± std over seeds (n: label seeds, or encoder seeds × label seeds where "
+                "encoder seeds are pooled); best per column in bold, among rows that neither peek at the test set nor "
+                "use all labels.\n")
     for heading, part in sections(table):
         markdown += f"\n## {heading}\n" if heading else ""
         markdown += "\n" + part.reset_index().to_markdown(index=False) + "\n"
+    markdown += paired_section(results, references, out_dir)
     transfer = negative_transfer(stats)
     if not transfer.empty:
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
         markdown += transfer.to_markdown(index=False) + "\n"
         atomic_write_text(out_dir / "negative_transfer.csv", transfer.to_csv(index=False))
-    plot_accuracy_vs_labels(stats, out_dir / "accuracy_vs_labels.png")
+    plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / "accuracy_vs_labels.png")
     if plot_pretext_weights(results, out_dir / "pretext_weights.png"):
         markdown += "\n![pretext weights](pretext_weights.png)\n"
     markdown += "\n![accuracy vs labels](accuracy_vs_labels.png)\n"
@@ -255,6 +318,22 @@ def write_report(folder: Path, out_dir: Path | None = None) -> tuple[pd.DataFram
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, stats.to_csv(index=False))
     return table, md_path, csv_path
+
+
+def paired_section(results: pd.DataFrame, references: list[str] | None, out_dir: Path) -> str:
+    """The paired-differences table (Markdown), its CSV and plot beside the report; empty when nothing pairs."""
+    paired = paired_differences(results, references)
+    if paired.empty:
+        return ""
+    atomic_write_text(out_dir / "paired_differences.csv", paired.to_csv(index=False))
+    plot_paired_differences(paired, out_dir / "paired_differences.png")
+    shown = paired.drop(columns=["low", "high"])
+    if shown[["dataset", "encoder"]].drop_duplicates().shape[0] == 1:
+        shown = shown.drop(columns=["dataset", "encoder"])
+    return ("\nPaired differences (accuracy points, method − reference) over results on the same labeled subset "
+            "and the same encoders; pairs: n, or n (encoder seeds × label seeds); 95% Student-t interval; W/T/L: "
+            "pairs the method wins, ties, loses.\n\n" + shown.to_markdown(index=False)
+            + "\n\n![paired differences](paired_differences.png)\n")
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
@@ -270,10 +349,24 @@ def print_table(table: pd.DataFrame, title: str) -> None:
         Console().print(view)
 
 
+def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None]:
+    """``<folder> [--reference a,b,...]``."""
+    usage = ("usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single]  (a run or multirun "
+             "folder holding results.json files)")
+    folders = [arg for arg in argv if not arg.startswith("-")]
+    options = [arg for arg in argv if arg.startswith("-")]
+    references = None
+    for option in options:
+        if not option.startswith("--reference="):
+            raise UserError(usage)
+        references = [name for name in option.split("=", 1)[1].split(",") if name]
+    if len(folders) != 1 or references == []:
+        raise UserError(usage)
+    return Path(folders[0]), references
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise UserError("usage: sslfuse report <folder>  (a run or multirun folder holding results.json files)")
-    folder = Path(argv[0])
-    table, md_path, csv_path = write_report(folder)
+    folder, references = parse_arguments(argv)
+    table, md_path, csv_path = write_report(folder, references=references)
     print_table(table, f"test accuracy (%) under {folder}")
     print(f"wrote {md_path}, {csv_path} and the plots beside them")

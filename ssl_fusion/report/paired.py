@@ -1,0 +1,147 @@
+"""Paired differences: each method against reference methods on the same labeled subsets and the same encoders.
+
+Two results form a pair when they share dataset, encoder, encoder seed, label regime, label seed and pretext set:
+the same labeled images fed to the same frozen encoders, so the seed-to-seed spread that both share cancels in
+their difference. Results without such a partner are left out, never paired with another seed's.
+
+The reference ``best-single`` is, for each encoder seed and regime, the ``single`` head whose pretext had the best
+mean cross-validation accuracy over the label seeds: chosen on the labeled training images, never on test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from ssl_fusion.runtime.errors import UserError
+
+BEST_SINGLE = "best-single"
+DEFAULT_REFERENCES = ("concat", "select[by=val]", BEST_SINGLE)
+PAIR_KEYS = ["encoder_seed", "seed"]
+GROUP_KEYS = ["dataset", "encoder", "regime"]
+
+
+def family(method: str) -> str:
+    """A method's name without its pretext list: ``select[by=val](a+b)`` -> ``select[by=val]``."""
+    return method.split("(", 1)[0]
+
+
+def t_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided Student-t confidence interval (NaN bounds for one pair)."""
+    mean = float(np.mean(differences))
+    if len(differences) < 2:
+        return mean, float("nan"), float("nan")
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * scipy_stats.sem(differences)
+    return mean, mean - half, mean + half
+
+
+def check_references(results: pd.DataFrame, references: list[str]) -> None:
+    """Each reference must be a method family present in the results, or ``best-single``."""
+    present = sorted(set(results["method"].map(family)))
+    for reference in references:
+        if reference != BEST_SINGLE and reference not in present:
+            raise UserError(f"report: reference '{reference}' is not among the results' methods; "
+                            f"valid: {', '.join([*present, BEST_SINGLE])}")
+
+
+def best_single(group: pd.DataFrame, pretexts: list[str]) -> tuple[pd.DataFrame, str] | None:
+    """Per encoder seed, the ``single`` results of the pretext (among ``pretexts``) with the best mean
+    cross-validation accuracy over label seeds; None when no single head ran or none has a validation score."""
+    singles = group[(group["fusion"] == "single") & group["pretext_set"].isin(pretexts)]
+    if "cv_accuracy" not in singles or singles["cv_accuracy"].isna().all():
+        return None
+    chosen, names = [], set()
+    for _, part in singles.groupby("encoder_seed"):
+        scores = part.groupby("pretext_set")["cv_accuracy"].mean().dropna()
+        if scores.empty:
+            continue
+        names.add(scores.idxmax())
+        chosen.append(part[part["pretext_set"] == scores.idxmax()])
+    return (pd.concat(chosen), "+".join(sorted(names))) if chosen else None
+
+
+def reference_rows(group: pd.DataFrame, reference: str, mine: pd.Series) -> tuple[pd.DataFrame, str] | None:
+    """The results ``mine`` (one method's) pairs with under ``reference``, and how the reference is named."""
+    if reference == BEST_SINGLE:
+        found = best_single(group, mine["pretexts_list"])
+        return None if found is None else (found[0], f"best single on validation ({found[1]})")
+    rows = group[(group["method"].map(family) == reference) & (group["pretext_set"] == mine["pretext_set"])]
+    return (rows, reference) if not rows.empty else None
+
+
+def pair_count(pairs: pd.DataFrame) -> str:
+    """``6 (2×3)`` when the pairs are every encoder seed with every label seed, else the count."""
+    encoder_seeds, label_seeds = pairs["encoder_seed"].nunique(), pairs["seed"].nunique()
+    grid = f" ({encoder_seeds}×{label_seeds})" if encoder_seeds > 1 and encoder_seeds * label_seeds == len(pairs) else ""
+    return f"{len(pairs)}{grid}"
+
+
+def wins_ties_losses(differences: np.ndarray) -> str:
+    """``W/T/L`` of paired differences; a tie is an equal accuracy, up to float rounding."""
+    tie = np.isclose(differences, 0, atol=1e-9)
+    return f"{(~tie & (differences > 0)).sum()}/{tie.sum()}/{(~tie & (differences < 0)).sum()}"
+
+
+def interval_text(low: float, high: float) -> str:
+    return "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def paired_differences(results: pd.DataFrame, references: list[str] | None = None) -> pd.DataFrame:
+    """One row per (dataset, encoder, regime, method, reference) with at least one pair: the number of pairs, the
+    mean difference in accuracy points (method − reference), its 95% t-interval and wins/ties/losses.
+    ``references``: method families or ``best-single``, each refused unless present; None: the defaults, those
+    that ran."""
+    if references is None:
+        references = list(DEFAULT_REFERENCES)
+    else:
+        check_references(results, references)
+    results = results.assign(accuracy=results["test_accuracy"] * 100, pretexts_list=results["pretext_set"].str.split("+"))
+    rows = []
+    for (dataset, encoder, regime), group in results.groupby(GROUP_KEYS, sort=False):
+        for method, mine in group.groupby("method", sort=False):
+            for reference in references:
+                found = reference_rows(group, reference, mine.iloc[0])
+                if found is None or method in set(found[0]["method"]):
+                    continue
+                pairs = mine.merge(found[0][[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_reference"))
+                if pairs.empty:
+                    continue
+                differences = (pairs["accuracy"] - pairs["accuracy_reference"]).to_numpy()
+                mean, low, high = t_interval(differences)
+                rows.append({
+                    "dataset": dataset, "encoder": encoder, "regime": regime, "method": method, "reference": found[1],
+                    "pairs": pair_count(pairs), "difference": round(mean, 2), "low": round(low, 2), "high": round(high, 2),
+                    "95% interval": interval_text(low, high),
+                    "W/T/L": wins_ties_losses(differences),
+                })
+    return pd.DataFrame(rows)
+
+
+def plot_paired_differences(table: pd.DataFrame, path) -> None:
+    """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssl_fusion.report.tables import save_figure
+
+    references = list(dict.fromkeys(table["reference"].map(lambda r: r.split(" (")[0])))
+    several = table[["dataset", "encoder", "regime"]].drop_duplicates().shape[0] > 1
+    sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
+    figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
+                                squeeze=False, gridspec_kw={"height_ratios": sizes})
+    for axis, reference in zip(axes[:, 0], references):
+        part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
+        labels = [f"{m} @ {r}" + (f", {d}" if several else "") for m, r, d in zip(part["method"], part["regime"], part["dataset"])]
+        low = (part["difference"] - part["low"]).fillna(0)
+        high = (part["high"] - part["difference"]).fillna(0)
+        colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
+        for row, (x, below, above, colour) in enumerate(zip(part["difference"], low, high, colours)):
+            axis.errorbar(x, row, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(part)), labels, fontsize=8)
+        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval", fontsize=9)
+        axis.set_xlabel("accuracy points")
+    save_figure(figure, path)
