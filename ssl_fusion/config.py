@@ -135,6 +135,7 @@ class RunStage(UsesEncoders):
     external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    encoder_seeds: List[int] = field(default_factory=list)  # pretraining seeds to fuse each label seed with; empty: [encoder_seed]
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 

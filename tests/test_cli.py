@@ -161,3 +161,22 @@ def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_a_f
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "labels.per_class >= 2" in refused.stderr, refused.stderr
     assert not (smoke_workspace / "sel1" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_run_over_two_encoder_seeds_pairs_and_pools_them_by_name(smoke_workspace):
+    """Encoder seed 1 is pretrained beside the stored seed 0; every result records its encoder seed, and the report
+    pools the two only under a heading that names them, with n as encoder seeds × label seeds."""
+    sslfuse("run", "preset=smoke", "encoder_seeds=[0,1]", "seeds=[0,1]", "fusions=[concat,mean]",
+            "pretexts=[rotation,random]", "hydra.run.dir=two_encoder_seeds", cwd=smoke_workspace)
+    run = smoke_workspace / "two_encoder_seeds"
+    results = [json.loads(p.read_text()) for p in run.rglob("results.json")]
+    assert sorted((r["encoder_seed"], r["seed"]) for r in results if r["fusion"] == "concat") == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len({r["labeled_indices_sha256"] for r in results if r["seed"] == 0}) == 1  # a label seed: one subset
+    markdown = (run / "report.md").read_text()
+    assert "encoder seed 0+1" in markdown and "(n=2×2)" in markdown
+    assert "encoder seed 0\n" in markdown and "encoder seed 1\n" in markdown
+    paired = pd.read_csv(run / "paired_differences.csv").set_index(["method", "reference"])
+    assert paired.loc[("mean(rotation+random)", "concat"), "pairs"] == "4 (2×2)"
+    stored = {p.parent.name for p in (smoke_workspace / "outputs" / "artifacts" / "encoders").glob("rotation-*/manifest.json")}
+    assert len(stored) >= 2  # seed 1 is another encoder, not seed 0's reused

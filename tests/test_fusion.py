@@ -23,13 +23,14 @@ from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.fusion.attention import AttentionConfig, AttentionFusion
 from ssl_fusion.fusion.concat import ConcatConfig, ConcatFusion
+from ssl_fusion.fusion.paper_attention import PaperAttentionConfig, PaperAttentionFusion
 from ssl_fusion.fusion.protocol import fuse_once, head_threads, method_label
 
 N_TRAIN, N_TEST, CLASSES = 600, 2000, 5
 CHANCE = 1 / CLASSES
 LABELS = LabelsConfig(fraction=0.2)  # 120 labels, 24 a class: the regime of the shared results (``fused``)
-MIXING_HEADS = ["attention", "concat", "gate", "static", "moe", "mean", "ensemble"]  # heads that read every pretext
-WEIGHTED_HEADS = ["attention", "gate", "static", "moe"]  # those of them that report a weight per pretext
+MIXING_HEADS = ["attention", "paper_attention", "concat", "gate", "static", "moe", "mean", "ensemble"]  # heads that read every pretext
+WEIGHTED_HEADS = ["attention", "paper_attention", "gate", "static", "moe"]  # those of them that report a weight per pretext
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,13 +146,13 @@ def test_every_head_learns_from_the_informative_pretext_among_noise(name):
         assert "mean_pretext_weights" not in result
 
 
-def test_attention_weights_are_per_sample_and_sharpen_as_the_temperature_falls():
+def test_paper_attention_weights_are_per_sample_and_sharpen_as_the_temperature_falls():
     """The weights are one softmax over pretexts per sample, computed from each sample's own features (so they
     differ between samples), of the scores divided by ``temperature``: halving the temperature squares each weight
     before renormalising, a check that fails if the temperature is ignored or applied after the softmax."""
     torch.manual_seed(0)
-    head = AttentionFusion(AttentionConfig(name="attention"), [32, 48, 16], num_classes=5).eval()
-    colder = AttentionFusion(AttentionConfig(name="attention", temperature=0.5), [32, 48, 16], num_classes=5).eval()
+    head = PaperAttentionFusion(PaperAttentionConfig(name="paper_attention"), [32, 48, 16], num_classes=5).eval()
+    colder = PaperAttentionFusion(PaperAttentionConfig(name="paper_attention", temperature=0.5), [32, 48, 16], num_classes=5).eval()
     colder.load_state_dict(head.state_dict())
     features = [torch.randn(10, 32), torch.randn(10, 48), torch.randn(10, 16)]
     with torch.no_grad():
@@ -161,9 +162,9 @@ def test_attention_weights_are_per_sample_and_sharpen_as_the_temperature_falls()
     assert torch.allclose(sharper, weights**2 / (weights**2).sum(1, keepdim=True), atol=1e-6)
 
 
-def test_attention_combining_by_concat_with_equal_weights_is_the_concat_head():
-    cfg = AttentionConfig(name="attention", combine="concat")
-    head = AttentionFusion(cfg, [32, 48], num_classes=5).eval()
+def test_paper_attention_combining_by_concat_with_equal_weights_is_the_concat_head():
+    cfg = PaperAttentionConfig(name="paper_attention", combine="concat")
+    head = PaperAttentionFusion(cfg, [32, 48], num_classes=5).eval()
     torch.nn.init.zeros_(head.scorer[-1].weight)  # equal scores: equal weights
     concat = ConcatFusion(ConcatConfig(name="concat"), [32, 48], num_classes=5).eval()
     with torch.no_grad():
@@ -172,6 +173,53 @@ def test_attention_combining_by_concat_with_equal_weights_is_the_concat_head():
     features = [torch.randn(10, 32), torch.randn(10, 48)]
     assert torch.allclose(head.pretext_weights(features), torch.full((10, 2), 0.5))
     assert torch.allclose(head(features), concat(features), atol=1e-5)
+
+
+@pytest.mark.parametrize("scores_from", ["features", "logits"])
+def test_attention_starts_as_the_concat_head_with_the_same_classifier(scores_from):
+    """Built, the scorer's last layer is zero: equal weights, and the logits are concat's for the same linear map
+    (here a random one, the same in both); the classifiers start at zero, as concat's do."""
+    cfg = AttentionConfig(name="attention", scores_from=scores_from, scorer_hidden=8)
+    head = AttentionFusion(cfg, [32, 48, 16], num_classes=5).eval()
+    concat = ConcatFusion(ConcatConfig(name="concat"), [32, 48, 16], num_classes=5).eval()
+    assert all(float(c.weight.abs().sum()) == 0 for c in head.classifiers)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for classify in head.classifiers:
+            classify.weight.normal_()
+        head.bias.normal_()
+        concat.classifier.weight.copy_(torch.cat([c.weight for c in head.classifiers], dim=1))
+        concat.classifier.bias.copy_(head.bias)
+    features = [torch.randn(10, 32), torch.randn(10, 48), torch.randn(10, 16)]
+    with torch.no_grad():
+        assert torch.allclose(head.pretext_weights(features), torch.full((10, 3), 1 / 3))
+        assert torch.allclose(head(features), concat(features), atol=1e-5)
+
+
+def test_attention_scores_a_pretext_from_every_pretexts_features():
+    """Changing only the second pretext's features changes the weight of the first: the score of one pretext reads
+    all of a sample's features (the paper's head scores each pretext from its own projection alone)."""
+    torch.manual_seed(0)
+    head = AttentionFusion(AttentionConfig(name="attention"), [32, 48], num_classes=5).eval()
+    torch.nn.init.normal_(head.scorer[-1].weight)
+    first, second = torch.randn(10, 32), torch.randn(10, 48)
+    with torch.no_grad():
+        before = head.pretext_weights([first, second])[:, 0]
+        after = head.pretext_weights([first, second + torch.randn(10, 48)])[:, 0]
+    assert (before - after).abs().min() > 1e-4
+
+
+def test_attention_has_parameters_of_the_order_of_concat():
+    """Three pretexts of 256 features, 10 classes: concat has 7,690 parameters, attention 7,690 + 2,307 for the
+    linear scorer (3 scores from 768 features): 1.3 times concat's."""
+    dims = [256, 256, 256]
+
+    def count(head) -> int:
+        return sum(p.numel() for p in head.parameters())
+
+    concat = count(ConcatFusion(ConcatConfig(name="concat"), dims, num_classes=10))
+    attention = count(AttentionFusion(load_option(FUSIONS, "attention"), dims, num_classes=10))
+    assert concat == 768 * 10 + 10 and attention == concat + 768 * 3 + 3
 
 
 def test_attention_shifts_weight_to_the_informative_pretext():
@@ -184,7 +232,7 @@ def test_attention_shifts_weight_to_the_informative_pretext():
     untrained = AttentionFusion(load_option(FUSIONS, "attention"), [32, 48], num_classes=5).eval()
     with torch.no_grad():
         untrained_good = float(untrained.pretext_weights(test)[:, 0].mean())
-    assert 0.45 < untrained_good < 0.55, untrained_good
+    assert untrained_good == pytest.approx(0.5)  # starts as concat: equal weights
     weights = fused("attention", screen=False)["mean_pretext_weights"]
     assert weights["good"] > 0.6, weights
 
@@ -192,8 +240,8 @@ def test_attention_shifts_weight_to_the_informative_pretext():
 def test_method_names_show_the_options_changed_from_the_yaml():
     features = shared_task()
     assert method_label(AttentionConfig(name="attention"), features) == "attention(good+noise)"
-    assert method_label(AttentionConfig(name="attention", combine="concat", temperature=0.5), features) == (
-        "attention[temperature=0.5,combine=concat](good+noise)"
+    assert method_label(PaperAttentionConfig(name="paper_attention", combine="concat", temperature=0.5), features) == (
+        "paper_attention[temperature=0.5,combine=concat](good+noise)"
     )
 
 

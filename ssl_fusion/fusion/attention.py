@@ -1,11 +1,15 @@
-"""Per-sample attention over pretexts (the method of Yao et al., arXiv 2204.05248).
+"""Per-sample attention over pretexts that starts as ``concat`` and learns where to depart from it.
 
-Each pretext's feature is projected to a common width and normalised; a scorer gives one score per
-pretext per sample; a softmax over pretexts weights the projected features; a linear classifier
-reads their weighted sum (``combine: sum``). With ``combine: concat`` the weights scale each
-pretext's own (unprojected) features instead, times the number of pretexts, and a linear classifier
-reads their concatenation: equal weights give exactly the ``concat`` head, so the attention only has
-to learn where to depart from it.
+Each pretext p has its own linear classifier, so ``concat``'s logits are the sum of the pretexts' logits
+``z_p(x)``. This head weights them per sample: ``logits(x) = P · Σ_p w_p(x) z_p(x) + b``, with
+``w(x) = softmax(s(x) / temperature)`` over the P pretexts. The scorer ``s`` reads all pretexts' features of the
+sample (concatenated), so whether a pretext is to be trusted for a sample can depend on what the others see.
+
+Both the classifiers and the scorer's last layer start at zero: equal weights, every class equally likely, which
+is exactly ``concat``'s (logistic regression's) start; the attention only departs from ``concat`` where the labels
+pay for it, under the L2 strength and length the k-fold protocol chooses. With ``scorer_hidden: 0`` the scorer is
+linear; its parameters (P per feature) stay below the classifiers' (one per class and feature), so the head has
+about ``(1 + P / classes)`` times ``concat``'s parameters.
 """
 
 from __future__ import annotations
@@ -16,52 +20,51 @@ import torch
 from torch import nn
 
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
-from ssl_fusion.fusion.mean import project, projections
-from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass
 class AttentionConfig(FusionConfig):
-    width: int = 256
-    scorer_hidden: int = 64
-    query: str = "sample"
+    scorer_hidden: int = 0  # 0: a linear scorer; else one tanh hidden layer of this width
     temperature: float = 1.0
-    entropy_weight: float = 0.0
-    pretext_dropout: float = 0.0
-    combine: str = "sum"
+    pretext_dropout: float = 0.0  # in training, each pretext's weight is set to 0 for a sample with this probability
+    feature_dropout: float = 0.0
+    restarts: int = 1  # from zero and without dropout every refit is the same
+    scores_from: str = "features"  # features: all pretexts' features; logits: all pretexts' class logits
+
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return [
+            *super().rules(),
+            ("scorer_hidden", self.scorer_hidden >= 0, ">= 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("pretext_dropout", 0 <= self.pretext_dropout < 1, "in [0, 1)"),
+            ("scores_from", self.scores_from in ("features", "logits"), "features or logits"),
+        ]
 
 
-QUERIES = ("sample", "task")
-COMBINES = ("sum", "concat")
+def scorer(in_dim: int, hidden: int, pretexts: int) -> nn.Module:
+    """All pretexts' features of a sample -> one score per pretext; the last layer starts at zero (equal weights)."""
+    layers = [nn.Linear(in_dim, pretexts)] if hidden == 0 else [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, pretexts)]
+    nn.init.zeros_(layers[-1].weight)
+    nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
 
 
 @FUSIONS.register("attention", AttentionConfig)
 class AttentionFusion(FusionHead):
     def __init__(self, cfg: AttentionConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)
-        if cfg.query not in QUERIES:
-            raise UserError(f"fusion.query: '{cfg.query}' is not one of {', '.join(QUERIES)}")
-        if cfg.combine not in COMBINES:
-            raise UserError(f"fusion.combine: '{cfg.combine}' is not one of {', '.join(COMBINES)}")
-        self.projections = projections(feature_dims, cfg.width)
-        self.scorer = nn.Sequential(nn.Linear(cfg.width, cfg.scorer_hidden), nn.Tanh(), nn.Linear(cfg.scorer_hidden, 1))
-        self.task_query = nn.Parameter(torch.zeros(cfg.width))
-        if cfg.combine == "sum":
-            self.classifier = nn.Linear(cfg.width, num_classes)
-        else:  # one block of the concatenation's classifier per pretext
-            self.classifiers = nn.ModuleList(nn.Linear(dim, num_classes) for dim in feature_dims)
-        self._entropy = torch.zeros(())
+        self.classifiers = nn.ModuleList(nn.Linear(dim, num_classes, bias=False) for dim in feature_dims)
+        for classify in self.classifiers:
+            nn.init.zeros_(classify.weight)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        reads = sum(feature_dims) if cfg.scores_from == "features" else num_classes * len(feature_dims)
+        self.scorer = scorer(reads, cfg.scorer_hidden, len(feature_dims))
+        self.input_scale = reads ** -0.5
 
-    def project(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return project(self.projections, features)
-
-    def scores(self, projected: torch.Tensor) -> torch.Tensor:
-        if self.cfg.query == "task":
-            return projected @ self.task_query / projected.shape[-1] ** 0.5
-        return self.scorer(projected).squeeze(-1)
-
-    def weights_of(self, projected: torch.Tensor) -> torch.Tensor:
-        scores = self.scores(projected) / self.cfg.temperature
+    def weights_of(self, features: list[torch.Tensor], per_pretext: torch.Tensor) -> torch.Tensor:
+        """(batch, pretexts) weights summing to one per sample."""
+        reads = torch.cat(features, dim=1) if self.cfg.scores_from == "features" else per_pretext.flatten(1)
+        scores = self.scorer(reads * self.input_scale) / self.cfg.temperature
         if self.training and self.cfg.pretext_dropout > 0:
             dropped = torch.rand_like(scores) < self.cfg.pretext_dropout
             dropped &= ~dropped.all(dim=1, keepdim=True)
@@ -70,16 +73,9 @@ class AttentionFusion(FusionHead):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         features = [self.feature_dropout(f) for f in features]
-        projected = self.project(features)
-        weights = self.weights_of(projected)
-        self._entropy = -(weights.clamp_min(1e-8).log() * weights).sum(1).mean()
-        if self.cfg.combine == "sum":
-            return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
         per_pretext = torch.stack([classify(f) for classify, f in zip(self.classifiers, features)], dim=1)
-        return len(features) * (weights.unsqueeze(-1) * per_pretext).sum(dim=1)
+        weights = self.weights_of(features, per_pretext)
+        return len(features) * (weights.unsqueeze(-1) * per_pretext).sum(dim=1) + self.bias
 
     def pretext_weights(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.weights_of(self.project(features))
-
-    def regularization(self) -> torch.Tensor:
-        return self.cfg.entropy_weight * self._entropy
+        return self.weights_of(features, torch.stack([classify(f) for classify, f in zip(self.classifiers, features)], dim=1))

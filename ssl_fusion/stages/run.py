@@ -87,6 +87,14 @@ def prepare_features(
     return features
 
 
+def encoder_seeds(cfg: DictConfig) -> list[int]:
+    """``encoder_seeds`` (distinct), else the one ``encoder_seed``."""
+    seeds = list(cfg.encoder_seeds) or [cfg.encoder_seed]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"encoder_seeds lists a seed more than once: {seeds}")
+    return seeds
+
+
 @stage_app("run")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
@@ -99,20 +107,33 @@ def main(cfg: DictConfig) -> None:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
     cache = check_cache(cfg.cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    ctx = open_context(cfg, cfg.encoder_seed)
+    pretraining_seeds = encoder_seeds(cfg)
+    out = Path(run_dir())
+    for encoder_seed in pretraining_seeds:
+        ctx = open_context(cfg, encoder_seed)
+        check_run(ctx, cfg, heads, labels_cfg, pretexts, imported, external)
+        if len(pretraining_seeds) > 1:
+            print(f"encoder seed {encoder_seed}:")
+        features = prepare_features(ctx, cfg, cache, pretexts, imported, external)
+        where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
+        for fusion, used in heads:
+            for seed in cfg.seeds:
+                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
+                write_result(where / result["method"] / f"seed{seed}", result, run_context(ctx))
+                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result["method"], encoder_seed, seed,
+                         result["test_accuracy"])
+    table, md_path, _ = write_report(out)
+    print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
+    print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
+
+
+def check_run(ctx: StageContext, cfg: DictConfig, heads: list, labels_cfg: LabelsConfig, pretexts: list[str],
+              imported: dict, external: dict) -> None:
+    """Refuse, before any work, labels a head cannot use, a conversion that cannot be done, a pretext that cannot
+    run on the pretraining data."""
     for seed in cfg.seeds:
         for fusion, _ in heads:
             check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
     check_conversion(ctx.data.channels, ctx.pretraining.channels)
     for pretext in (p for p in pretexts if p not in imported and p not in external):
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.pretraining)
-    features = prepare_features(ctx, cfg, cache, pretexts, imported, external)
-    out = Path(run_dir())
-    for fusion, used in heads:
-        for seed in cfg.seeds:
-            result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
-            write_result(out / "fuse" / result["method"] / f"seed{seed}", result, run_context(ctx))
-            log.info("%s seed %d: test accuracy %.4f", result["method"], seed, result["test_accuracy"])
-    table, md_path, _ = write_report(out)
-    print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
-    print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
