@@ -21,13 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from sklearn.linear_model import LogisticRegressionCV
 from threadpoolctl import threadpool_limits
 
 from ssl_fusion.cli import JOBLIB, installed
@@ -35,6 +33,7 @@ from ssl_fusion.config import LabelsConfig, ProbeConfig, TrainOverrides, load_op
 from ssl_fusion.data.datasets import load_dataset
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import stratified_subset
+from ssl_fusion.evaluation.reference import concat_logistic_regression_cv
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.fusion.protocol import fuse_once, head_threads
 from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
@@ -124,15 +123,6 @@ def bench_pretrain(ctx: StageContext, pretext: str, steps: int, workdir: Path) -
     return row(f"pretrain {pretext}", result.images_per_second, max(before, after), "img/s", 0.9)
 
 
-def logistic_regression_cv(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor) -> float:
-    """Test accuracy of scikit-learn's ``LogisticRegressionCV(cv=5)`` (its grid of ten C values, lbfgs run to
-    convergence) fit on ``train``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # notices of defaults changing in later scikit-learn releases
-        model = LogisticRegressionCV(cv=5, max_iter=2000).fit(train.numpy(), labels.numpy())
-    return float(model.score(test.numpy(), test_labels.numpy()))
-
-
 def bench_head_protocol(features: dict[str, FeatureSet], seeds: list[int], fraction: float = 0.01) -> list[dict]:
     """Our head protocol (k-fold selection, refit, restarts) for ``single`` on each pretext and ``concat`` on the
     pretexts its screen keeps, against ``LogisticRegressionCV(cv=5)`` on the same standardised features of the same
@@ -152,10 +142,7 @@ def bench_head_protocol(features: dict[str, FeatureSet], seeds: list[int], fract
             labeled = stratified_subset(kept[0].train_labels, fraction, None, seed)
             started = time.perf_counter()
             with threadpool_limits(1):
-                accuracy = logistic_regression_cv(
-                    torch.cat([fs.labeled_rows(labeled)[0] for fs in kept], 1), kept[0].train_labels[labeled],
-                    torch.cat([fs.standardized(fs.test) for fs in kept], 1), kept[0].test_labels,
-                )
+                accuracy = concat_logistic_regression_cv(kept, labeled).accuracy(kept[0].test_labels)
             total["reference_s"] += time.perf_counter() - started
             total["ours"] += result["test_accuracy"]
             total["reference"] += accuracy

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torchvision
@@ -25,22 +26,29 @@ from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig
 from ssl_fusion.runtime.device import autocast, resolve_device, resolve_precision
 
 
-def cached_images_per_second(workdir: Path, checkpoint: Path, train: int, test: int, size: int) -> float:
-    """images/s that `sslfuse cache` records in the features' manifest (encoding, conversion and writing)."""
+def external_overrides(checkpoint: Path, size: int) -> list[str]:
+    """The `+external.r50.*` declaration of the ResNet-50 checkpoint read at ``size`` px."""
+    return ["+external.r50.arch=torchvision:resnet50", f"+external.r50.checkpoint={checkpoint}", f"+external.r50.image_size={size}"]
+
+
+def cached_images_per_second(workdir: Path, checkpoint: Path, train: int, test: int, size: int, extra: Sequence[str] = ()) -> float:
+    """images/s that `sslfuse cache` records in the features' manifest (encoding, conversion and writing); ``extra``
+    overrides go to the command too (dataset, device, precision)."""
     subprocess.run(
         [sys.executable, "-m", "ssl_fusion.cli", "cache", f"dataset.max_train={train}", f"dataset.max_test={test}",
-         "pretexts=[r50]", "+external.r50.arch=torchvision:resnet50", f"+external.r50.checkpoint={checkpoint}",
-         f"+external.r50.image_size={size}", "hydra.run.dir=cache"],
+         "pretexts=[r50]", *external_overrides(checkpoint, size), *extra, "hydra.run.dir=cache"],
         cwd=workdir, check=True, capture_output=True, text=True,
     )
     (manifest,) = (workdir / "outputs/artifacts/features").glob("r50-*/manifest.json")
     return json.loads(manifest.read_text())["timings"]["images_per_second"]
 
 
-def bare_images_per_second(model: torch.nn.Module, images: torch.Tensor, size: int, batch_size: int) -> float:
-    """images/s of model(x) over the same images already converted (gray to RGB, resized, normalised) in memory."""
-    device = resolve_device("auto")
-    dtype = resolve_precision("auto", device)
+def bare_images_per_second(model: torch.nn.Module, images: torch.Tensor, size: int, batch_size: int,
+                           device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> float:
+    """images/s of model(x) over the same images already converted (gray to RGB, resized, normalised) in memory, on
+    ``device`` in ``dtype`` (by default those `precision=auto` picks)."""
+    device = device or resolve_device("auto")
+    dtype = dtype or resolve_precision("auto", device)
     convert = ExternalEncoder(torch.nn.Identity(), 0, ExternalEncoderConfig(arch="", image_size=size))
     inputs = [convert(images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
               for i in range(0, len(images), batch_size)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -14,9 +15,19 @@ import torch.nn.functional as F
 import torchvision
 from conftest import sslfuse
 
+import ssl_fusion.models.external as external_module
 from ssl_fusion.config import check_external
 from ssl_fusion.data.datasets import load_dataset
-from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig
+from ssl_fusion.models.external import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExternalEncoder,
+    ExternalEncoderConfig,
+    build_external,
+    conversion,
+    external_config,
+    resolve_input,
+)
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.artifacts import external_features_artifact
@@ -93,3 +104,74 @@ def test_cache_runs_a_checkpoint_on_converted_images_then_reuses_it_and_fuse_rea
     wrong = [declared[0], f"+external.r18.checkpoint={tmp_path / 'r34.pth'}", declared[2]]
     refused = sslfuse("cache", *SMALL, "pretexts=[r18]", *wrong, "hydra.run.dir=c3", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "unexpected" in refused.stderr
+
+
+class FakeTimmModel(torch.nn.Identity):
+    """Stands in for a timm model: an identity backbone carrying timm's ``pretrained_cfg`` dict."""
+
+    def __init__(self, input_size=(3, 40, 40), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> None:
+        super().__init__()
+        self.pretrained_cfg = {"input_size": input_size, "mean": mean, "std": std, "interpolation": "bicubic"}
+
+
+def test_a_timm_models_pretrained_config_supplies_size_and_normalisation_the_user_left_unset():
+    resolved = resolve_input(ExternalEncoderConfig("timm:fake"), FakeTimmModel())
+    assert (resolved.image_size, resolved.mean, resolved.std) == (40, [0.5] * 3, [0.25] * 3)
+    given = resolve_input(ExternalEncoderConfig("timm:fake", image_size=32, std=[0.2, 0.3, 0.4]), FakeTimmModel())
+    assert (given.image_size, given.mean, given.std) == (32, [0.5] * 3, [0.2, 0.3, 0.4])
+    assert resolve_input(resolved, FakeTimmModel(input_size=(3, 64, 64))) == resolved  # resolving twice: no change
+    gray = resolve_input(ExternalEncoderConfig("timm:fake"), FakeTimmModel(mean=(0.4,), std=(0.2,)))
+    assert (gray.mean, gray.std) == ([0.4] * 3, [0.2] * 3)
+    with pytest.raises(UserError, match="pretrained on 224x160 images; give a square image_size"):
+        resolve_input(ExternalEncoderConfig("timm:fake"), FakeTimmModel(input_size=(3, 224, 160)))
+
+
+def test_torchvision_models_keep_imagenets_normalisation_and_the_datasets_size():
+    resolved = resolve_input(ExternalEncoderConfig("torchvision:resnet18"), torchvision.models.resnet18())
+    assert (resolved.image_size, resolved.mean, resolved.std) == (None, IMAGENET_MEAN, IMAGENET_STD)
+    assert external_config("r18", {"arch": "torchvision:resnet18"}) == resolved
+
+
+def test_the_encoder_reads_its_pretrained_size_and_normalisation():
+    encoder = ExternalEncoder(FakeTimmModel(), 3, ExternalEncoderConfig("timm:fake"))
+    images = torch.rand(2, 1, 28, 28)
+    resized = F.interpolate(images.expand(-1, 3, -1, -1), size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(encoder(images), (resized - 0.5) / 0.25)
+
+
+def test_resolved_values_reach_the_manifests_conversion_and_the_features_key(monkeypatch):
+    """A timm declaration without size or normalisation takes the pretrained configuration's (timm faked here); the
+    conversion records them, and the key changes with them but not when the user gives the same values."""
+    pretrained = {"model": FakeTimmModel()}
+    monkeypatch.setattr(external_module, "timm_pretrained_cfg", lambda name: pretrained["model"])
+    ctx = types.SimpleNamespace(fingerprints={"train": "t", "test": "s"})
+    cfg = external_config("vit", {"arch": "timm:fake"})
+    assert conversion(cfg, 1, (28, 28)) == {"channels": "1 -> 3 (gray repeated)", "size": "28x28 -> 40x40",
+                                            "mean": [0.5] * 3, "std": [0.25] * 3}
+    key = external_features_artifact(ctx, "vit", cfg)
+    spelled_out = external_config("vit", {"arch": "timm:fake", "image_size": 40, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert external_features_artifact(ctx, "vit", spelled_out) == key
+    assert external_features_artifact(ctx, "vit", ExternalEncoderConfig("timm:fake")) == key  # resolved on keying too
+    pretrained["model"] = FakeTimmModel(input_size=(3, 48, 48))
+    assert external_features_artifact(ctx, "vit", external_config("vit", {"arch": "timm:fake"})) != key
+    pretrained["model"] = FakeTimmModel(mean=(0.4, 0.4, 0.4))
+    assert external_features_artifact(ctx, "vit", external_config("vit", {"arch": "timm:fake"})) != key
+
+
+def test_a_timm_declaration_without_timm_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(UserError, match="pip install timm"):
+        check_external({"vit": {"arch": "timm:vit_small_patch16_224"}}, PRETEXTS)
+
+
+def test_a_real_timm_model_takes_its_pretrained_input():
+    """With timm installed: a timm model declared without size or normalisation reads timm's own data config."""
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+
+    cfg = check_external({"vit": {"arch": "timm:vit_small_patch16_224"}}, PRETEXTS)["vit"]
+    expected = resolve_data_config({}, model=timm.create_model("vit_small_patch16_224", pretrained=False))
+    assert (cfg.image_size, cfg.mean, cfg.std) == (expected["input_size"][-1], list(expected["mean"]), list(expected["std"]))
+    assert cfg.mean == [0.5] * 3  # not ImageNet's
+    encoder, _ = build_external(ExternalEncoderConfig("timm:resnet18", mean=[0.1, 0.2, 0.3]), 1)
+    assert encoder.image_size == 224 and encoder.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])

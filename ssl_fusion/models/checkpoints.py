@@ -71,14 +71,29 @@ def _remove_classifier(model: nn.Module, arch: str) -> int:
     raise UserError(f"{arch} has no linear classifier in {'/'.join(CLASSIFIERS)} to remove; choose another model")
 
 
-def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+def _timm(name: str) -> Any:
+    """The timm module, once ``name`` is known to be one of its models; a one-line UserError otherwise."""
     try:
         import timm
     except ImportError:
         raise UserError(f"timm:{name} needs timm, which is not installed: pip install timm") from None
     if not timm.is_model(name):
         raise UserError(f"timm has no model {name!r} (timm.list_models() lists them): {ARCH_HINT}")
-    model = timm.create_model(name, pretrained=False)
+    return timm
+
+
+def timm_pretrained_cfg(name: str) -> Any:
+    """An object whose ``pretrained_cfg`` is the one timm gives model ``name`` (``input_size``, ``mean``, ``std``...),
+    read from timm's registry without building the model where it has one; else the built model itself."""
+    timm = _timm(name)
+    pretrained = timm.models.get_pretrained_cfg(name)
+    if pretrained is not None:
+        return argparse.Namespace(pretrained_cfg=pretrained.to_dict())
+    return timm.create_model(name, pretrained=False)
+
+
+def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+    model = _timm(name).create_model(name, pretrained=False)
     model.reset_classifier(0)
     # With the classifier reset, timm models return their pre-logits features (head_hidden_size where they have one).
     return model, int(getattr(model, "head_hidden_size", None) or model.num_features)

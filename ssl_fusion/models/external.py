@@ -3,22 +3,25 @@
 A user names one on the command line (``+external.<name>.arch=torchvision:resnet50
 +external.<name>.checkpoint=<file>``) and lists ``<name>`` in ``pretexts=[...]``; the cache stage runs it
 like a stored encoder. Its input is converted per batch: gray images repeated to three channels, resized
-to ``image_size`` (when given), normalised by ``mean`` and ``std`` (ImageNet's by default, as
-torchvision's and most timm models were trained).
+to ``image_size``, normalised by ``mean`` and ``std``. What the user leaves unset comes from the model: a timm
+model's own pretrained configuration (``pretrained_cfg``: ``input_size``, ``mean``, ``std``), else ImageNet's mean
+and std (as torchvision's models were trained) and the dataset's size. ``resolve_input`` fills them in; the resolved
+values are what the features' key and manifest hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.models.checkpoints import load_external_encoder
+from ssl_fusion.models.checkpoints import load_external_encoder, timm_pretrained_cfg
 from ssl_fusion.runtime.errors import UserError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -31,9 +34,9 @@ class ExternalEncoderConfig:
     checkpoint: Optional[str] = None  # None: random weights
     prefix: Optional[str] = None  # keys of the backbone in the checkpoint, when not recognised
     which: str = "teacher"  # DINO checkpoints: teacher or student
-    image_size: Optional[int] = None  # pixels a side the encoder reads; None: the dataset's size
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    image_size: Optional[int] = None  # pixels a side the encoder reads; None: timm's pretrained size, else the dataset's
+    mean: Optional[List[float]] = None  # None: timm's pretrained mean, else ImageNet's
+    std: Optional[List[float]] = None  # None: timm's pretrained std, else ImageNet's
 
 
 KEYS = set(ExternalEncoderConfig.__dataclass_fields__)
@@ -46,7 +49,7 @@ def external_config(name: str, node: Any) -> ExternalEncoderConfig:
     unknown = sorted(set(node) - KEYS)
     if unknown:
         raise UserError(f"external.{name}.{unknown[0]}: not a key of an external encoder; keys: {', '.join(sorted(KEYS))}")
-    cfg = ExternalEncoderConfig(**node)
+    cfg = resolve_input(ExternalEncoderConfig(**node), pretrained_source(node["arch"], node))
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise UserError(f"external.{name}: mean and std need three values each, std > 0")
     if cfg.image_size is not None and cfg.image_size < 8:
@@ -54,6 +57,54 @@ def external_config(name: str, node: Any) -> ExternalEncoderConfig:
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise UserError(f"external.{name}.checkpoint: no file '{cfg.checkpoint}'")
     return cfg
+
+
+def pretrained_input(model: Any) -> dict[str, Any]:
+    """``input_size``, ``mean`` and ``std`` of ``model.pretrained_cfg`` (timm keeps a dict there; a ``PretrainedCfg``
+    or any object with those attributes does too), those it has; {} for a model without one (torchvision's)."""
+    pretrained = getattr(model, "pretrained_cfg", None)
+    if pretrained is None:
+        return {}
+    if not isinstance(pretrained, Mapping):
+        pretrained = {key: getattr(pretrained, key, None) for key in ("input_size", "mean", "std")}
+    return {key: pretrained[key] for key in ("input_size", "mean", "std") if pretrained.get(key) is not None}
+
+
+def resolve_input(cfg: ExternalEncoderConfig, model: Any = None) -> ExternalEncoderConfig:
+    """``cfg`` with what the user left unset (None) taken from ``model``'s pretrained configuration
+    (``pretrained_input``): ``image_size`` from its square ``input_size``, ``mean`` and ``std`` from its own; else
+    ImageNet's mean and std, and no size (the dataset's). Keys the user gave win. Resolving twice changes nothing."""
+    found = pretrained_input(model)
+    size = cfg.image_size
+    if size is None and "input_size" in found:
+        height, width = found["input_size"][-2:]
+        if height != width:
+            raise UserError(f"{cfg.arch} was pretrained on {height}x{width} images; give a square image_size")
+        size = int(height)
+    mean, std = (cfg.mean if cfg.mean is not None else three(found.get("mean"), IMAGENET_MEAN, cfg.arch),
+                 cfg.std if cfg.std is not None else three(found.get("std"), IMAGENET_STD, cfg.arch))
+    return dataclasses.replace(cfg, image_size=size, mean=[float(v) for v in mean], std=[float(v) for v in std])
+
+
+def three(values: Optional[Any], default: List[float], arch: str) -> List[float]:
+    """A pretrained mean or std as three values (one value repeated); ``default`` when there is none."""
+    if values is None:
+        return list(default)
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return values * 3
+    if len(values) != 3:
+        raise UserError(f"{arch}: its pretrained mean/std has {len(values)} values; give external mean and std")
+    return values
+
+
+def pretrained_source(arch: str, node: Optional[Mapping[str, Any]] = None) -> Any:
+    """What ``resolve_input`` reads for ``arch`` without building the model: for ``timm:<name>`` (when the user left
+    a key of the input unset) an object whose ``pretrained_cfg`` is timm's for that name; None otherwise."""
+    source, _, name = arch.partition(":")
+    if source != "timm" or (node is not None and all(node.get(k) is not None for k in ("image_size", "mean", "std"))):
+        return None
+    return timm_pretrained_cfg(name)
 
 
 def checkpoint_sha256(cfg: ExternalEncoderConfig) -> Optional[str]:
@@ -72,6 +123,7 @@ class ExternalEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, out_dim: int, cfg: ExternalEncoderConfig) -> None:
         super().__init__()
+        cfg = resolve_input(cfg, backbone)
         self.backbone, self.out_dim, self.image_size = backbone, out_dim, cfg.image_size
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
@@ -97,7 +149,9 @@ def build_external(cfg: ExternalEncoderConfig, channels: int) -> tuple[ExternalE
 
 
 def conversion(cfg: ExternalEncoderConfig, channels: int, image_size: tuple[int, int]) -> dict[str, Any]:
-    """What the cache stage does to the dataset's images for this encoder, for the features' manifest."""
+    """What the cache stage does to the dataset's images for this encoder, for the features' manifest (``cfg``
+    resolved: its size, mean and std as the encoder reads them)."""
+    cfg = resolve_input(cfg)
     size = cfg.image_size or image_size[0]
     return {"channels": f"{channels} -> 3" + (" (gray repeated)" if channels == 1 else ""),
             "size": f"{image_size[0]}x{image_size[1]} -> {size}x{size}", "mean": cfg.mean, "std": cfg.std}

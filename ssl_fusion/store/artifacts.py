@@ -24,7 +24,12 @@ from ssl_fusion.config import TrainOverrides, as_plain, load_option
 from ssl_fusion.data.datasets import DATASETS
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
-from ssl_fusion.models.external import ExternalEncoderConfig, checkpoint_sha256
+from ssl_fusion.models.external import (
+    ExternalEncoderConfig,
+    checkpoint_sha256,
+    pretrained_source,
+    resolve_input,
+)
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
@@ -139,6 +144,7 @@ def features_artifact(ctx: StageContext, encoder_name: str) -> str:
 def external_features_artifact(ctx: StageContext, name: str, cfg: ExternalEncoderConfig) -> str:
     """The features of an encoder made elsewhere: keyed by its architecture, its checkpoint's content (not its
     path), the input conversion, the data and the code that builds and runs it."""
+    cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config
     encoder = {**dataclasses.asdict(cfg), "checkpoint": checkpoint_sha256(cfg)}
     code = sources_sha256(cache_sources() + package_files(EXTERNAL_CODE))
     return f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"

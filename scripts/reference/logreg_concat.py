@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Reference row for every results table: scikit-learn's LogisticRegressionCV on the concatenated cached features of
+the given pretexts, on the very labeled subsets `sslfuse fuse` draws (same `labels.*` regime, same seeds), one
+results.json per seed in the shape `sslfuse fuse` writes, so `sslfuse report` tables it beside the heads.
+
+Arguments after the options are `sslfuse fuse` overrides (dataset, pretexts, labels, artifacts_dir, ...); the
+features must be cached (`sslfuse cache` with the same overrides makes them).
+
+    .venv/bin/python scripts/reference/logreg_concat.py --seeds 0,1,2 --out outputs/reference/logreg \\
+        'pretexts=[rotation,simclr,inpainting]' labels.fraction=0.01
+    .venv/bin/python scripts/reference/logreg_concat.py --seeds 0,1,2 --out outputs/reference/logreg \\
+        'pretexts=[rotation,simclr]' labels.per_class=10 dataset=digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
+
+import ssl_fusion.stages  # noqa: F401  (registers the configs' schemas)
+from ssl_fusion.config import (
+    CONF_DIR,
+    LabelsConfig,
+    check_cache,
+    check_external,
+    check_imported,
+    check_names,
+)
+from ssl_fusion.evaluation.metrics import macro_f1
+from ssl_fusion.evaluation.reference import concat_logistic_regression_cv
+from ssl_fusion.pretexts import PRETEXTS
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.context import open_context
+from ssl_fusion.stages.fuse import cached_features, run_context, write_result
+
+METHOD = "reference: logreg_cv(concat)"
+
+
+def fuse_config(overrides: list[str]) -> DictConfig:
+    """The config `sslfuse fuse <overrides>` runs with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="fuse", overrides=overrides)
+
+
+def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> list[dict[str, Any]]:
+    """One record per seed: LogisticRegressionCV on the concatenated standardised cached features of ``cfg.pretexts``
+    for the labeled subset `sslfuse fuse` draws for that seed, scored on the test split, with the fields (context
+    included) of `sslfuse fuse`'s results.json."""
+    imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
+    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
+    labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
+    cache = check_cache(cfg.cache)
+    ctx = open_context(cfg, cfg.encoder_seed)
+    command = f"sslfuse cache pretexts=[{','.join(p for p in pretexts if p not in imported)}] (and this run's dataset keys)"
+    features = cached_features(ctx, pretexts, cache, command, imported, external)
+    sets = list(features.values())
+    test_labels = sets[0].test_labels
+    records = []
+    for seed in seeds:
+        labeled = labels_cfg.subset(ctx.data.train_labels, seed)
+        started = time.perf_counter()
+        with threadpool_limits(threads):
+            fit = concat_logistic_regression_cv(sets, labeled)
+        result = {
+            "method": METHOD,
+            "fusion": "reference_logreg_cv",
+            "uses_all_labels": any(s.uses_labels for s in sets),
+            "peeks_at_test": False,
+            "pretexts": pretexts,
+            **labels_cfg.fields(labeled, seed),
+            "test_accuracy": fit.accuracy(test_labels),
+            "test_macro_f1": macro_f1(fit.predictions, test_labels),
+            "selected_c": fit.chosen_c,
+            "selection": "LogisticRegressionCV(cv=5)",
+            "fit_seconds": time.perf_counter() - started,
+        }
+        records.append({**result, **run_context(ctx)})
+    return records
+
+
+def folder_name(record: dict[str, Any]) -> str:
+    """``<pretexts>_<regime>/seed_<seed>``, safe as a path."""
+    tag = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{'+'.join(record['pretexts'])}_{record['regime'].replace('%', 'pct')}")
+    return f"{tag}/seed_{record['seed']}"
+
+
+def main(argv: Optional[list[str]] = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="label seeds, comma-separated (as `sslfuse fuse seed=...`)")
+    parser.add_argument("--out", required=True, help="folder receiving <pretexts>_<regime>/seed_<seed>/results.json")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads of each fit")
+    parser.add_argument("overrides", nargs="*", help="`sslfuse fuse` overrides: pretexts=[...] labels.per_class=10 ...")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if any("fusion" == o.partition("=")[0].lstrip("+~") or o.startswith("seed=") for o in args.overrides):
+        raise UserError("give seeds with --seeds; the method is fixed (LogisticRegressionCV on the concatenation)")
+    written = []
+    for record in reference_results(fuse_config(args.overrides), seeds, args.threads):
+        folder = Path(args.out) / folder_name(record)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_result(folder, {k: v for k, v in record.items() if k not in ("dataset", "encoder", "encoder_seed")},
+                     {k: record[k] for k in ("dataset", "encoder", "encoder_seed")})
+        print(f"{METHOD} with {record['regime']} labels ({record['n_labeled']}), seed {record['seed']}: "
+              f"test accuracy {record['test_accuracy']:.4f}; wrote {folder / 'results.json'}")
+        written.append(folder / "results.json")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        print(f"logreg_concat: error: {err}", file=sys.stderr)
+        sys.exit(2)
