@@ -14,6 +14,6 @@ fuse=(.venv/bin/sslfuse fuse -m hydra/launcher=local hydra.launcher.n_jobs=2 see
 .venv/bin/sslfuse cache "pretexts=[$base]" cache.views=4 "$@" hydra.run.dir="$sweep/prepare"
 rm -rf "$sweep/prepare"
 "${fuse[@]}" "pretexts=[$base]" fusion=attention,concat,select cache.views=0,4 hydra.sweep.dir="$sweep/views"
-"${fuse[@]}" "pretexts=[$base]" fusion=attention fusion.combine=concat cache.views=0,4 hydra.sweep.dir="$sweep/combine"
+"${fuse[@]}" "pretexts=[$base]" fusion=paper_attention fusion.combine=concat cache.views=0,4 hydra.sweep.dir="$sweep/combine"
 "${fuse[@]}" "pretexts=[$base]" fusion=attention fusion.pretext_dropout=0.3 cache.views=0,4 hydra.sweep.dir="$sweep/dropout"
 .venv/bin/sslfuse report "$sweep"

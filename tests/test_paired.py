@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ssl_fusion.report.paired import paired_differences, t_interval
+from ssl_fusion.report.paired import paired_control_costs, paired_differences, t_interval
 from ssl_fusion.report.tables import (
     collect_results,
     parse_arguments,
@@ -111,3 +111,19 @@ def test_unknown_reference_is_refused_in_one_line(tmp_path):
     assert parse_arguments([str(tmp_path), "--reference=mean,best-single"]) == (tmp_path, ["mean", "best-single"])
     with pytest.raises(UserError, match="usage: sslfuse report"):
         parse_arguments([str(tmp_path), "--references", "mean"])
+
+
+def test_the_cost_of_a_control_pretext_is_paired_within_one_method_and_its_options(tmp_path):
+    """attention loses 1 and 3 points when noise is added (label seeds 0 and 1); seed 2 has no result without noise
+    and is not paired; attention with other options is another method, compared only with itself."""
+    with_noise, without = ["a", "b", "noise"], ["a", "b"]
+    results = write(tmp_path, [
+        result("attention", with_noise, 0.79, 0), result("attention", with_noise, 0.77, 1), result("attention", with_noise, 0.10, 2),
+        result("attention", without, 0.80, 0), result("attention", without, 0.80, 1),
+        result("attention[screen=False]", with_noise, 0.70, 0), result("attention[screen=False]", without, 0.80, 0),
+    ])
+    costs = paired_control_costs(results, ("noise", "random")).set_index("method")
+    assert costs.loc["attention", "difference"] == pytest.approx(-2.0)
+    assert (costs.loc["attention", "pairs"], costs.loc["attention", "W/T/L"]) == ("2", "0/0/2")
+    assert costs.loc["attention", "added"] == "noise" and costs.loc["attention", "pretexts"] == "a+b"
+    assert costs.loc["attention[screen=False]", "difference"] == pytest.approx(-10.0)

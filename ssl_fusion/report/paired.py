@@ -118,6 +118,29 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
     return pd.DataFrame(rows)
 
 
+def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd.DataFrame:
+    """Negative transfer, paired: each result over pretexts that include a control (``noise``, ``random``) minus the
+    same method (options included) over the same pretexts without it, on the same labeled subset and encoders."""
+    results = results.assign(accuracy=results["test_accuracy"] * 100, family=results["method"].map(family))
+    keys = ["dataset", "encoder", "regime", "family"]
+    rows = []
+    for (dataset, encoder, regime, name), group in results.groupby(keys, sort=False):
+        for pretext_set, mine in group.groupby("pretext_set", sort=False):
+            names = pretext_set.split("+")
+            for control in (c for c in controls if c in names and len(names) > 1):
+                base_set = "+".join(n for n in names if n != control)
+                base = group[group["pretext_set"] == base_set]
+                pairs = mine.merge(base[[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_without"))
+                if pairs.empty:
+                    continue
+                differences = (pairs["accuracy"] - pairs["accuracy_without"]).to_numpy()
+                mean, low, high = t_interval(differences)
+                rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": name, "pretexts": base_set,
+                             "added": control, "pairs": pair_count(pairs), "difference": round(mean, 2),
+                             "95% interval": interval_text(low, high), "W/T/L": wins_ties_losses(differences)})
+    return pd.DataFrame(rows)
+
+
 def plot_paired_differences(table: pd.DataFrame, path) -> None:
     """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0."""
     import matplotlib

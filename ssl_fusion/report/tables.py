@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ssl_fusion.report.paired import paired_differences, plot_paired_differences
+from ssl_fusion.report.paired import paired_control_costs, paired_differences, plot_paired_differences
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import atomic_write_bytes, atomic_write_text
 
@@ -310,6 +310,10 @@ def write_report(folder: Path, out_dir: Path | None = None,
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
         markdown += transfer.to_markdown(index=False) + "\n"
         atomic_write_text(out_dir / "negative_transfer.csv", transfer.to_csv(index=False))
+        costs = paired_control_costs(results, CONTROLS)
+        markdown += ("\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
+                     "encoders (accuracy points, 95% Student-t interval, W/T/L).\n\n" + costs.to_markdown(index=False) + "\n")
+        atomic_write_text(out_dir / "negative_transfer_paired.csv", costs.to_csv(index=False))
     plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / "accuracy_vs_labels.png")
     if plot_pretext_weights(results, out_dir / "pretext_weights.png"):
         markdown += "\n![pretext weights](pretext_weights.png)\n"
