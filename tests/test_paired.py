@@ -12,7 +12,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ssl_fusion.report.paired import paired_control_costs, paired_differences, t_interval
+from ssl_fusion.report.paired import (
+    paired_control_costs,
+    paired_differences,
+    t_interval,
+)
 from ssl_fusion.report.tables import (
     collect_results,
     parse_arguments,

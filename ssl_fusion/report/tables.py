@@ -27,7 +27,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ssl_fusion.report.paired import paired_control_costs, paired_differences, plot_paired_differences
+from ssl_fusion.report.paired import (
+    paired_control_costs,
+    paired_differences,
+    plot_paired_differences,
+)
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import atomic_write_bytes, atomic_write_text
 
