@@ -182,7 +182,7 @@ def test_attention_starts_as_the_concat_head_with_the_same_classifier(scores_fro
     cfg = AttentionConfig(name="attention", scores_from=scores_from, scorer_hidden=8)
     head = AttentionFusion(cfg, [32, 48, 16], num_classes=5).eval()
     concat = ConcatFusion(ConcatConfig(name="concat"), [32, 48, 16], num_classes=5).eval()
-    assert all(float(c.weight.abs().sum()) == 0 for c in head.classifiers)
+    assert all(not c.weight.detach().any() for c in head.classifiers)
     torch.manual_seed(0)
     with torch.no_grad():
         for classify in head.classifiers:
@@ -239,7 +239,8 @@ def test_attention_shifts_weight_to_the_informative_pretext():
 
 def test_method_names_show_the_options_changed_from_the_yaml():
     features = shared_task()
-    assert method_label(AttentionConfig(name="attention"), features) == "attention(good+noise)"
+    assert method_label(load_option(FUSIONS, "attention"), features) == "attention(good+noise)"
+    assert method_label(AttentionConfig(name="attention", pretext_dropout=0.0), features) == "attention[pretext_dropout=0.0](good+noise)"
     assert method_label(PaperAttentionConfig(name="paper_attention", combine="concat", temperature=0.5), features) == (
         "paper_attention[temperature=0.5,combine=concat](good+noise)"
     )

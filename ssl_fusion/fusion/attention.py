@@ -26,7 +26,7 @@ from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 class AttentionConfig(FusionConfig):
     scorer_hidden: int = 0  # 0: a linear scorer; else one tanh hidden layer of this width
     temperature: float = 1.0
-    pretext_dropout: float = 0.0  # in training, each pretext's weight is set to 0 for a sample with this probability
+    pretext_dropout: float = 0.5  # in training, each pretext's weight is set to 0 for a sample with this probability
     feature_dropout: float = 0.0
     restarts: int = 1  # from zero and without dropout every refit is the same
     scores_from: str = "features"  # features: all pretexts' features; logits: all pretexts' class logits
