@@ -151,13 +151,15 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
     from ssl_fusion.report.tables import save_figure
 
     references = list(dict.fromkeys(table["reference"].map(lambda r: r.split(" (")[0])))
-    several = table[["dataset", "encoder", "regime"]].drop_duplicates().shape[0] > 1
+    several = table[["dataset", "encoder"]].drop_duplicates().shape[0] > 1
+    regimes = table["regime"].nunique() > 1
     sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
     figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
                                 squeeze=False, gridspec_kw={"height_ratios": sizes})
     for axis, reference in zip(axes[:, 0], references):
         part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
-        labels = [f"{m} @ {r}" + (f", {d}" if several else "") for m, r, d in zip(part["method"], part["regime"], part["dataset"])]
+        labels = [m + (f" @ {r}" if regimes else "") + (f", {d}" if several else "") + f" (n={n})"
+                  for m, r, d, n in zip(part["method"], part["regime"], part["dataset"], part["pairs"])]
         low = (part["difference"] - part["low"]).fillna(0)
         high = (part["high"] - part["difference"]).fillna(0)
         colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
@@ -165,6 +167,7 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
             axis.errorbar(x, row, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(part)), labels, fontsize=8)
-        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval", fontsize=9)
+        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval "
+                       "(green: above 0, red: below)", fontsize=9)
         axis.set_xlabel("accuracy points")
     save_figure(figure, path)
