@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_fusion.config import TrainOverrides
+from ssl_fusion.config import CacheConfig, TrainOverrides
 from ssl_fusion.data.datasets.image_folder import FolderData, FolderImages, ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import Pretext
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
-from ssl_fusion.stages.cache import ensure_external_features, write_split
+from ssl_fusion.stages.cache import ensure_external_features, write_split, write_views
 from ssl_fusion.stages.context import StageContext, open_dataset
 from ssl_fusion.store.files import ArtifactStore
 
@@ -72,11 +72,17 @@ def test_the_decoded_folder_holds_the_pixels_of_the_files(tmp_path):
         assert torch.equal(decoded[index], torch.from_numpy(np.array(Image.open(tmp_path / file))).permute(2, 0, 1))
 
 
+def tiny_encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    encoder.out_dim = 4
+    return encoder
+
+
 def test_workers_give_the_features_of_the_stage_process(tmp_path):
     write_folder(tmp_path / "images")
     ctx = context(open_folder(tmp_path / "images"), tmp_path / "store")
-    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    encoder.out_dim = 4
+    encoder = tiny_encoder()
     features = {}
     for workers in (0, 2):
         scratch = tmp_path / f"workers{workers}"
@@ -86,6 +92,19 @@ def test_workers_give_the_features_of_the_stage_process(tmp_path):
         features[workers] = np.load(scratch / "train.npy")
     assert features[0].shape == (32, 4) and np.abs(features[0]).sum() > 0
     np.testing.assert_array_equal(features[0], features[2])
+
+
+def test_augmented_views_of_the_streamed_folder_are_those_of_the_folder_in_memory(tmp_path):
+    write_folder(tmp_path / "images")
+    folder = open_folder(tmp_path / "images")
+    cache = CacheConfig(batch_size=8, views=2, num_workers=2)
+    views = {}
+    for name, data in (("streamed", folder), ("memory", folder.materialise())):
+        with image_progress(enabled=False) as progress:
+            write_views(context(data, tmp_path / name), tiny_encoder(), Pretext, cache, tmp_path / f"{name}.npy", progress)
+        views[name] = np.load(tmp_path / f"{name}.npy")
+    assert views["streamed"].shape == (2, 32, 4) and not np.array_equal(views["streamed"][0], views["streamed"][1])
+    np.testing.assert_array_equal(views["streamed"], views["memory"])
 
 
 def test_the_fingerprint_follows_the_files_bytes(tmp_path):
