@@ -73,7 +73,7 @@ class TensorImages(Dataset):
     """The items of an in-memory uint8 tensor, for a DataLoader."""
 
     def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
+        self.images, self.shape = images, images.shape
 
     def __len__(self) -> int:
         return len(self.images)

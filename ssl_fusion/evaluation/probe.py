@@ -13,7 +13,8 @@ from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.runtime.device import autocast
 from ssl_fusion.runtime.errors import UserError
 
-Images = Union[torch.Tensor, Dataset]  # uint8 (N, C, H, W) in memory, or a dataset whose items are uint8 (C, H, W)
+# uint8 (N, C, H, W) in memory, or a dataset whose items are uint8 (C, H, W) and whose ``shape`` is (N, C, H, W)
+Images = Union[torch.Tensor, Dataset]
 
 
 class ReadOrReport(Dataset):
