@@ -64,9 +64,9 @@ def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool) 
 
 
 def open_dataset(node, data_dir: str | None, stream: bool) -> tuple[DatasetConfig, ImageData]:
-    """``load_dataset``, except for an image folder: its files are listed and fingerprinted, then left on disk for
-    the stage to read batch by batch when ``stream``, else decoded (``FolderData.materialise``). In-memory datasets
-    are tensors either way."""
+    """``load_dataset``, except for an image folder: its files are listed, then left on disk for the stage to read
+    batch by batch when ``stream``, else decoded (``FolderData.materialise``); either way its fingerprints hash the
+    files, so that streamed and decoded give the same artifact keys. In-memory datasets are tensors either way."""
     cfg = DATASETS.typed_config(node, key="dataset")
     if not isinstance(cfg, ImageFolderConfig):
         return load_dataset(node, data_dir)
