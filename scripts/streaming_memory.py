@@ -82,21 +82,23 @@ class TensorImages(Dataset):
         return self.images[index]
 
 
-def encode_all(images, checkpoint: Path, channels: int, batch_size: int, workers: int, out: Path) -> float:
-    """Features of ``images`` through the checkpoint, written batch by batch to a float16 .npy as the cache stage
-    writes them; images/s."""
+def encode_all(splits: list, checkpoint: Path, channels: int, batch_size: int, workers: int, out: Path) -> float:
+    """Features of each split's images through the checkpoint, written batch by batch to a float16 .npy as the
+    cache stage writes them; images/s over all splits."""
     from ssl_fusion.evaluation.probe import encode_batches
     from ssl_fusion.models.external import ExternalEncoderConfig, build_external
 
     encoder, _ = build_external(ExternalEncoderConfig(arch="torchvision:resnet18", checkpoint=str(checkpoint)), channels)
-    features = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
-
-    def store(offset: int, batch: torch.Tensor) -> None:
-        features[offset : offset + len(batch)] = batch.numpy().astype(np.float16)
-
     started = time.perf_counter()
-    encode_batches(encoder, images, batch_size, torch.device("cpu"), torch.float32, store, num_workers=workers)
-    return len(images) / (time.perf_counter() - started)
+    for images in splits:
+        features = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
+
+        def store(offset: int, batch: torch.Tensor, features: np.ndarray = features) -> None:
+            features[offset : offset + len(batch)] = batch.numpy().astype(np.float16)
+
+        encode_batches(encoder, images, batch_size, torch.device("cpu"), torch.float32, store, num_workers=workers)
+        del features
+    return sum(len(images) for images in splits) / (time.perf_counter() - started)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -107,14 +109,13 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.report).with_name("features.npy")
     if args.child == "folder-decoded":
         _, data = open_dataset({"name": "image_folder", "image_size": args.size}, args.data, stream=False)
-        images, channels = torch.cat([data.train_images, data.test_images]), 3
+        splits, channels = [data.train_images, data.test_images], 3
     else:
         _, data = open_dataset({"name": "fashion_mnist", "max_train": args.fashion_mnist}, None, stream=False)
-        images, channels = data.train_images, 1
-        if args.child == "fashion-mnist-loader":
-            images = TensorImages(images)
-    rate = encode_all(images, Path(args.checkpoint), channels, args.batch_size, args.workers, out)
-    Path(args.report).write_text(json.dumps({"images": len(images), "images_per_second": rate}))
+        loader = args.child == "fashion-mnist-loader"
+        splits, channels = [TensorImages(data.train_images) if loader else data.train_images], 1
+    rate = encode_all(splits, Path(args.checkpoint), channels, args.batch_size, args.workers, out)
+    Path(args.report).write_text(json.dumps({"images": sum(len(images) for images in splits), "images_per_second": rate}))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
