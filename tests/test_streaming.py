@@ -9,7 +9,12 @@ import torch
 from PIL import Image
 
 from ssl_fusion.config import CacheConfig, TrainOverrides
-from ssl_fusion.data.datasets.image_folder import FolderData, FolderImages, ImageFolderConfig, stream_image_folder
+from ssl_fusion.data.datasets.image_folder import (
+    FolderData,
+    FolderImages,
+    ImageFolderConfig,
+    stream_image_folder,
+)
 from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import Pretext
