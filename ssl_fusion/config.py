@@ -51,6 +51,7 @@ class CacheConfig:
     batch_size: int = 1024
     views: int = 0  # > 0: also cache features of this many augmented copies of every train image (heads train on them)
     views_max_shift: float = 0.1  # each view: a random shift by up to this fraction of the size; half of them mirrored
+    num_workers: int = 2  # DataLoader processes that decode an image folder's batches (0: the stage's own process)
 
 
 def check_cache(node: Any) -> CacheConfig:
@@ -62,6 +63,8 @@ def check_cache(node: Any) -> CacheConfig:
         raise UserError(f"cache.views must be >= 0 (0: no augmented views), got {cache.views}")
     if not 0 <= cache.views_max_shift < 0.5:
         raise UserError(f"cache.views_max_shift must be in [0, 0.5), got {cache.views_max_shift}")
+    if cache.num_workers < 0:
+        raise UserError(f"cache.num_workers must be >= 0 (0: no worker processes), got {cache.num_workers}")
     return cache
 
 

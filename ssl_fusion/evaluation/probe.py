@@ -2,37 +2,75 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_fusion.data.datasets import sample_indices
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.runtime.device import autocast
+from ssl_fusion.runtime.errors import UserError
+
+# uint8 (N, C, H, W) in memory, or a dataset whose items are uint8 (C, H, W) and whose ``shape`` is (N, C, H, W)
+Images = Union[torch.Tensor, Dataset]
+
+
+class ReadOrReport(Dataset):
+    """The items of ``images`` paired with the UserError an unreadable one raises ("" when read): raised in a
+    DataLoader worker, the error would come back wrapped in the worker's traceback instead of as one line."""
+
+    def __init__(self, images: Dataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.images[index], ""
+        except UserError as err:
+            return torch.zeros(self.images.shape[1:], dtype=torch.uint8), str(err)
+
+
+def uint8_batches(images: Images, batch_size: int, pin: bool, num_workers: int) -> Iterator[torch.Tensor]:
+    """Consecutive uint8 batches of ``images`` (in pinned memory when ``pin``): slices of a tensor, or a DataLoader's
+    batches of a dataset, read by ``num_workers`` processes (0: this one; a split of one batch gets none)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            yield batch.pin_memory() if pin else batch
+        return
+    workers = num_workers if len(images) > batch_size else 0
+    loader = DataLoader(ReadOrReport(images), batch_size=batch_size, num_workers=workers, pin_memory=pin)
+    for batch, problems in loader:
+        problem = next((text for text in problems if text), None)
+        if problem is not None:
+            raise UserError(problem)
+        yield batch
 
 
 @torch.inference_mode()
 def encode_batches(
     encoder: Encoder,
-    images: torch.Tensor,
+    images: Images,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
     on_batch: Callable[[int, torch.Tensor], None],
     transform: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    num_workers: int = 0,
 ) -> None:
     """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result.
     ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding;
     ``encoder_input(batch)``, if given, then turns it into what the encoder was trained on (a pretext's
-    ``encoder_input``)."""
+    ``encoder_input``). Images on disk (a dataset) are decoded by ``num_workers`` DataLoader workers."""
     encoder.eval()
-    pin = device.type == "cuda"
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        if pin:
-            batch = batch.pin_memory()
+    start = 0
+    for batch in uint8_batches(images, batch_size, device.type == "cuda", num_workers):
+        size = len(batch)
         batch = batch.to(device, non_blocking=True).float().div_(255)
         if transform is not None:
             batch = transform(start, batch)
@@ -42,6 +80,7 @@ def encode_batches(
         with autocast(device, dtype):
             features = encoder(batch)
         on_batch(start, features.float().cpu())
+        start += size
 
 
 def extract_features(

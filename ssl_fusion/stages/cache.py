@@ -69,10 +69,11 @@ def shard_path(scratch: Path, split: str, part: int) -> Path:
 
 def write_split(
     ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext],
-    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, num_workers: int = 0,
 ) -> None:
     """Stream features of one split into a float16 .npy (memory-mapped), batch by batch; the encoder is fed the
     images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of them, as in pretraining.
+    Images left on disk (an image folder) are decoded batch by batch by ``num_workers`` DataLoader workers.
 
     Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
     to merge. For an image-free pretext (the ``noise`` control) each sample gets a seeded Gaussian vector instead.
@@ -91,7 +92,7 @@ def write_split(
         store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
     else:
         encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch,
-                       None if convert is None else lambda _, batch: convert(batch), pretext_cls.encoder_input)
+                       None if convert is None else lambda _, batch: convert(batch), pretext_cls.encoder_input, num_workers)
     out.flush()
     del out
     if distributed.is_main():
@@ -136,7 +137,7 @@ def encoder_conversion(ctx: StageContext, encoder_name: str) -> tuple[Optional[C
     return convert, {} if convert is None else {"conversion": describe(*shape)}
 
 
-def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tuple[str, dict, bool]:
+def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int, num_workers: int = 0) -> tuple[str, dict, bool]:
     """Cached features of a stored encoder: reused when present, else computed and published.
 
     Under torchrun every rank encodes its shard of each split; rank 0 alone holds the store lock,
@@ -155,14 +156,16 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int) -> tu
         started = time.perf_counter()
         with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls, convert)
+                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls, convert, num_workers)
             distributed.barrier()
             if distributed.is_main():
                 manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started, recorded)
     return name, distributed.broadcast(manifest), False
 
 
-def ensure_external_features(ctx: StageContext, name: str, cfg: ExternalEncoderConfig, batch_size: int) -> tuple[str, dict, bool]:
+def ensure_external_features(
+    ctx: StageContext, name: str, cfg: ExternalEncoderConfig, batch_size: int, num_workers: int = 0,
+) -> tuple[str, dict, bool]:
     """Cached features of the encoder made elsewhere that ``+external.<name>`` declares: reused when present, else
     computed by one process and published, the input conversion in the manifest."""
     if distributed.launched():
@@ -180,7 +183,7 @@ def ensure_external_features(ctx: StageContext, name: str, cfg: ExternalEncoderC
         started = time.perf_counter()
         with ctx.store.staging(FEATURES_KIND, artifact) as scratch, image_progress() as progress:
             for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext)
+                write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext, num_workers=num_workers)
             manifest = publish_features(ctx, artifact, f"external {cfg.arch}", {"uses_labels": False}, encoder.out_dim,
                                         scratch, started, extra)
     return artifact, manifest, False
@@ -194,7 +197,7 @@ def write_views(
     (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
     whole split at once: the same augmented images for every encoder, batch size and device. The encoder is fed
     the pretext's ``encoder_input`` of each augmented image. The ``noise`` control's features ignore the image,
-    so each of its views repeats its plain train features."""
+    so each of its views repeats its plain train features. An image folder is read from disk once per view."""
     images = ctx.data.train_images
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(cache.views, len(images), encoder.out_dim))
     task = progress.add_task("cache views", total=cache.views * len(images), status="")
@@ -213,7 +216,7 @@ def write_views(
             store_batch(0, noise_features(ctx, "train", encoder.out_dim))
         else:
             encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment,
-                           pretext_cls.encoder_input)
+                           pretext_cls.encoder_input, cache.num_workers)
     out.flush()
     del out
 
@@ -289,17 +292,17 @@ def main(cfg: DictConfig) -> None:
         raise UserError("cache.views is cached by one process; run it without torchrun")
     if cache.views and any(p in external for p in pretexts):
         raise UserError("cache.views: external encoders have no augmented views yet; cache them without cache.views")
-    ctx = open_context(cfg, cfg.encoder_seed)
+    ctx = open_context(cfg, cfg.encoder_seed, stream=True)
     encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts if p not in external]
     for encoder_name in encoders:
         encoder_conversion(ctx, encoder_name)
     for pretext in (p for p in pretexts if p in external):
-        name, _, reused = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size)
+        name, _, reused = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size, cache.num_workers)
         print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
     with distributed.process_group(ctx.device) as device:
         ctx.device = device
         for encoder_name in encoders:
-            name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size)
+            name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size, cache.num_workers)
             if distributed.is_main():
                 print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
             if cache.views:

@@ -12,7 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import TrainOverrides, as_plain, load_option
-from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData, load_dataset
+from ssl_fusion.data.datasets import (
+    DATASETS,
+    DatasetConfig,
+    ImageData,
+    data_root,
+    load_dataset,
+)
+from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
 from ssl_fusion.runtime.device import resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
@@ -51,9 +58,20 @@ class StageContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset_cached(dataset_yaml: str, data_dir: str | None) -> tuple[DatasetConfig, ImageData]:
+def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool) -> tuple[DatasetConfig, ImageData]:
     """Jobs of one multirun share the process: decode each dataset once."""
-    return load_dataset(OmegaConf.create(dataset_yaml), data_dir)
+    return open_dataset(OmegaConf.create(dataset_yaml), data_dir, stream)
+
+
+def open_dataset(node, data_dir: str | None, stream: bool) -> tuple[DatasetConfig, ImageData]:
+    """``load_dataset``, except for an image folder: its files are listed, then left on disk for the stage to read
+    batch by batch when ``stream``, else decoded (``FolderData.materialise``); either way its fingerprints hash the
+    files, so that streamed and decoded give the same artifact keys. In-memory datasets are tensors either way."""
+    cfg = DATASETS.typed_config(node, key="dataset")
+    if not isinstance(cfg, ImageFolderConfig):
+        return load_dataset(node, data_dir)
+    folder = stream_image_folder(cfg, data_root(data_dir))
+    return cfg, folder if stream else folder.materialise()
 
 
 def check_positive(name: str, value: float | None) -> None:
@@ -61,8 +79,9 @@ def check_positive(name: str, value: float | None) -> None:
         raise UserError(f"{name} must be > 0, got {value}")
 
 
-def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
-    """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders."""
+def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
+    """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
+    ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads"):
         check_positive(f"train.{key}", getattr(overrides, key))
@@ -73,18 +92,18 @@ def open_context(cfg: DictConfig, encoder_seed: int) -> StageContext:
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")
-    dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir)
+    dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir, stream)
     log.info(
         "dataset %s: %d train / %d test images, %d classes, %dx%d px, %d channel(s); device %s, precision %s",
         dataset_cfg.name, len(data.train_labels), len(data.test_labels), data.num_classes, *data.image_size, data.channels,
         device, str(dtype).removeprefix("torch."),
     )
-    pretrain_cfg, pretrain_data = pretraining_dataset(cfg, dataset_cfg)
+    pretrain_cfg, pretrain_data = pretraining_dataset(cfg, dataset_cfg, stream)
     return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed,
                         pretrain_cfg, pretrain_data)
 
 
-def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
+def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig, stream: bool = False) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
     """``pretrain_dataset`` (an option's name, or a dataset config) when it names other data than ``dataset``;
     (None, None) when it is unset or the same."""
     node = cfg.get("pretrain_dataset")
@@ -93,7 +112,7 @@ def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig) -> tuple[Op
     typed = load_option(DATASETS, node) if isinstance(node, str) else DATASETS.typed_config(node, key="pretrain_dataset")
     if as_plain(typed) == as_plain(dataset_cfg):
         return None, None
-    pretrain_cfg, pretrain_data = _load_dataset_cached(OmegaConf.to_yaml(OmegaConf.structured(typed)), cfg.data_dir)
+    pretrain_cfg, pretrain_data = _load_dataset_cached(OmegaConf.to_yaml(OmegaConf.structured(typed)), cfg.data_dir, stream)
     log.info("pretraining dataset %s: %d train images, %dx%d px, %d channel(s)", pretrain_cfg.name,
              len(pretrain_data.train_labels), *pretrain_data.image_size, pretrain_data.channels)
     return pretrain_cfg, pretrain_data
