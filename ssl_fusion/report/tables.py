@@ -96,6 +96,8 @@ def pooled_over_encoder_seeds(results: pd.DataFrame) -> pd.DataFrame:
     seed column names them (``0+1``) and n reads encoder seeds × label seeds, so a pooled mean never passes for one
     encoder's. Empty when every dataset and encoder has one encoder seed."""
     recorded = with_context(results).query("encoder_seed != @UNRECORDED")
+    if recorded.empty:
+        return pd.DataFrame()
     names = recorded.groupby(["dataset", "encoder"])["encoder_seed"].transform(lambda seeds: "+".join(sorted(set(seeds))))
     several = names.str.contains("+", regex=False)
     if not several.any():
