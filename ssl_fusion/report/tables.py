@@ -129,6 +129,13 @@ def regime_order(regime: str) -> tuple[int, float]:
     return 1, float(regime.rstrip("%"))
 
 
+def by_regime(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in ``regime_order``, each regime's rows in their order."""
+    if table.empty:
+        return table
+    return table.sort_values("regime", key=lambda regimes: regimes.map(regime_order), kind="stable").reset_index(drop=True)
+
+
 def cell(mean: float, std: float, seeds: int, best: bool) -> str:
     text = f"{mean:.2f} ± {0.0 if pd.isna(std) else std:.2f} (n={seeds})"
     return f"**{text}**" if best else text
@@ -316,7 +323,7 @@ def write_report(folder: Path, out_dir: Path | None = None,
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
         markdown += transfer.to_markdown(index=False) + "\n"
         atomic_write_text(out_dir / "negative_transfer.csv", transfer.to_csv(index=False))
-        costs = paired_control_costs(results, CONTROLS)
+        costs = by_regime(paired_control_costs(results, CONTROLS))
         markdown += ("\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
                      "encoders (accuracy points, 95% Student-t interval, W/T/L).\n\n" + costs.to_markdown(index=False) + "\n")
         atomic_write_text(out_dir / "negative_transfer_paired.csv", costs.to_csv(index=False))
@@ -332,7 +339,7 @@ def write_report(folder: Path, out_dir: Path | None = None,
 
 def paired_section(results: pd.DataFrame, references: list[str] | None, out_dir: Path) -> str:
     """The paired-differences table (Markdown), its CSV and plot beside the report; empty when nothing pairs."""
-    paired = paired_differences(results, references)
+    paired = by_regime(paired_differences(results, references))
     if paired.empty:
         return ""
     atomic_write_text(out_dir / "paired_differences.csv", paired.to_csv(index=False))
