@@ -111,7 +111,7 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
                 mean, low, high = t_interval(differences)
                 rows.append({
                     "dataset": dataset, "encoder": encoder, "regime": regime, "method": method, "reference": found[1],
-                    "pairs": pair_count(pairs), "difference": round(mean, 2), "low": round(low, 2), "high": round(high, 2),
+                    "pairs": pair_count(pairs), "difference": round(mean, 2), "low": low, "high": high,
                     "95% interval": interval_text(low, high),
                     "W/T/L": wins_ties_losses(differences),
                 })
