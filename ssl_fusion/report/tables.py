@@ -257,12 +257,15 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
     regimes = sorted(stats["regime"].unique(), key=regime_order)
     several = len(contexts(stats)) > 1
     figure, axes = plt.subplots(figsize=(11, 5))
-    for number, ((*context, method), group) in enumerate(stats.groupby([*CONTEXT, "method"])):
+    lines = list(stats.groupby([*CONTEXT, "method"]))
+    for number, ((*context, method), group) in enumerate(lines):
         label = f"{method}, {context_heading(tuple(context))}" if several else method
         group = group.set_index("regime").reindex(regimes)
         # the colour cycle has 10 colours: each further ten methods get another line style and marker
         style = {"linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)], "marker": MARKERS[number // 10 % len(MARKERS)]}
-        axes.errorbar(range(len(regimes)), group["mean"], yerr=group["std"].fillna(0), capsize=3, label=label, **style)
+        dodge = 0.3 * (number / max(len(lines) - 1, 1) - 0.5)  # side by side at each regime: error bars apart
+        axes.errorbar([x + dodge for x in range(len(regimes))], group["mean"], yerr=group["std"].fillna(0), capsize=3,
+                      label=label, **style)
     axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
