@@ -16,7 +16,12 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ssl_fusion.models.checkpoints import backbone_state, build_backbone, load_external_encoder, read_checkpoint
+from ssl_fusion.models.checkpoints import (
+    backbone_state,
+    build_backbone,
+    load_external_encoder,
+    read_checkpoint,
+)
 from ssl_fusion.runtime.errors import UserError
 
 ARCH = "torchvision:resnet18"

@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import ssl_fusion.stages  # noqa: F401  (the stages register the image baselines beside the heads)
 from ssl_fusion.config import CONF_DIR, load_option
 from ssl_fusion.data.datasets import DATASETS
-import ssl_fusion.stages  # noqa: F401  (the stages register the image baselines beside the heads)
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
