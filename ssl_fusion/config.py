@@ -34,6 +34,7 @@ class TrainOverrides:
     batch_size: Optional[int] = None
     max_steps_per_epoch: Optional[int] = None
     num_threads: Optional[int] = None
+    num_workers: int = 2  # DataLoader processes that decode an image folder's batches while pretraining
 
 
 @dataclass

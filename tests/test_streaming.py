@@ -3,6 +3,8 @@ with or without DataLoader workers, and a fingerprint that follows the files' by
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,13 +17,15 @@ from ssl_fusion.data.datasets.image_folder import (
     ImageFolderConfig,
     stream_image_folder,
 )
-from ssl_fusion.models.encoders import SmallCNNConfig
+from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import Pretext
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
 from ssl_fusion.stages.cache import ensure_external_features, write_split, write_views
 from ssl_fusion.stages.context import StageContext, open_dataset
+from ssl_fusion.stages.pretrain import train_encoder
+from ssl_fusion.store.artifacts import pretext_recipe
 from ssl_fusion.store.files import ArtifactStore
 
 R18 = ExternalEncoderConfig(arch="torchvision:resnet18")
@@ -133,3 +137,24 @@ def test_an_image_broken_past_its_header_is_refused_in_one_line_while_streaming(
     with pytest.raises(UserError, match=r"cannot read image '.*4\.png'") as caught:
         cached(ctx, num_workers=2)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pretraining_on_a_streamed_folder_learns_the_weights_of_the_folder_in_memory(tmp_path, num_workers):
+    """Two steps of rotation pretraining read from disk batch by batch (in the same seeded order, by 0 or 2
+    workers) end with exactly the encoder trained on the decoded folder: the same images, order and augmentations."""
+    write_folder(tmp_path / "images", total=48)
+    streamed = open_folder(tmp_path / "images")
+    recipe = dataclasses.replace(pretext_recipe("rotation", TrainOverrides()), batch_size=8, epochs=1)
+
+    def trained(data, store: str) -> dict[str, torch.Tensor]:
+        ctx = dataclasses.replace(context(data, tmp_path / store), overrides=TrainOverrides(max_steps_per_epoch=2, num_workers=num_workers))
+        encoder, result = train_encoder(ctx, recipe, "rotation-test")
+        assert len(result.epoch_losses) == 1
+        return encoder.state_dict()
+
+    from_disk, in_memory = trained(streamed, "disk"), trained(streamed.materialise(), "memory")
+    assert from_disk.keys() == in_memory.keys()
+    assert all(torch.equal(from_disk[key], in_memory[key]) for key in in_memory)
+    untrained = build_encoder(SmallCNNConfig(name="small_cnn"), 3).state_dict()
+    assert any(not torch.equal(from_disk[key], untrained[key]) for key in untrained if key.endswith("weight"))

@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
+from ssl_fusion.data.batches import Images, uint8_batches
 from ssl_fusion.data.datasets import sample_indices
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.runtime.device import autocast
-from ssl_fusion.runtime.errors import UserError
-
-# uint8 (N, C, H, W) in memory, or a dataset whose items are uint8 (C, H, W) and whose ``shape`` is (N, C, H, W)
-Images = Union[torch.Tensor, Dataset]
-
-
-class ReadOrReport(Dataset):
-    """The items of ``images`` paired with the UserError an unreadable one raises ("" when read): raised in a
-    DataLoader worker, the error would come back wrapped in the worker's traceback instead of as one line."""
-
-    def __init__(self, images: Dataset) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        try:
-            return self.images[index], ""
-        except UserError as err:
-            return torch.zeros(self.images.shape[1:], dtype=torch.uint8), str(err)
-
-
-def uint8_batches(images: Images, batch_size: int, pin: bool, num_workers: int) -> Iterator[torch.Tensor]:
-    """Consecutive uint8 batches of ``images`` (in pinned memory when ``pin``): slices of a tensor, or a DataLoader's
-    batches of a dataset, read by ``num_workers`` processes (0: this one; a split of one batch gets none)."""
-    if isinstance(images, torch.Tensor):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            yield batch.pin_memory() if pin else batch
-        return
-    workers = num_workers if len(images) > batch_size else 0
-    loader = DataLoader(ReadOrReport(images), batch_size=batch_size, num_workers=workers, pin_memory=pin)
-    for batch, problems in loader:
-        problem = next((text for text in problems if text), None)
-        if problem is not None:
-            raise UserError(problem)
-        yield batch
 
 
 @torch.inference_mode()

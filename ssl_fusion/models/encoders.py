@@ -10,6 +10,7 @@ import torchvision
 from omegaconf import MISSING
 from torch import nn
 
+from ssl_fusion.data.batches import Images, decoded
 from ssl_fusion.data.datasets import sample_indices
 from ssl_fusion.runtime.registry import Registry
 
@@ -43,7 +44,7 @@ class Encoder(nn.Module):
 
     def set_statistics(
         self,
-        images_uint8: torch.Tensor,
+        images_uint8: Images,
         encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         sample_size: int = STATISTICS_SAMPLE,
         seed: int = 0,
@@ -54,7 +55,7 @@ class Encoder(nn.Module):
         pretext's ``encoder_input``, e.g. lightness): the statistics are those of that input."""
         batches = []
         for chunk in sample_indices(len(images_uint8), sample_size, seed).split(1024):
-            batch = images_uint8[chunk].float() / 255.0
+            batch = decoded(images_uint8[chunk]).float() / 255.0
             batches.append(batch if encoder_input is None else encoder_input(batch))
         sample = torch.cat(batches)
         self.mean.copy_(sample.mean(dim=(0, 2, 3), keepdim=True))

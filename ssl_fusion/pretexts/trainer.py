@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from ssl_fusion.data.batches import Images, uint8_batches
 from ssl_fusion.pretexts import Pretext, PretextConfig
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.device import autocast, grad_scaler
@@ -93,7 +94,7 @@ def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train_pretext(
     model: Pretext,
-    images: torch.Tensor,
+    images: Images,
     labels: torch.Tensor,
     recipe: PretextConfig,
     device: torch.device,
@@ -101,7 +102,10 @@ def train_pretext(
     seed: int,
     checkpoint: Path,
     max_steps_per_epoch: Optional[int] = None,
+    num_workers: int = 0,
 ) -> TrainResult:
+    """Train ``model`` on ``images``: a uint8 tensor in memory, sliced per batch, or images on disk (an image folder)
+    that ``num_workers`` DataLoader workers decode batch by batch, in the same seeded order."""
     batch_size = min(recipe.batch_size, len(images))
     local_batch = distributed.local_batch_size(batch_size)
     steps_per_epoch = len(images) // batch_size
@@ -133,9 +137,10 @@ def train_pretext(
             distributed.reseed_augmentations(seed, epoch)
             order = distributed.local_order(epoch_order(len(images), seed, epoch))
             loss_sum = torch.zeros((), device=device)
-            for step in range(steps_per_epoch):
+            batches = uint8_batches(images, local_batch, device.type == "cuda", num_workers, order[: steps_per_epoch * local_batch])
+            for step, batch in zip(range(steps_per_epoch), batches):
                 index = order[step * local_batch : (step + 1) * local_batch]
-                batch = images[index].to(device, non_blocking=True).float().div_(255)
+                batch = batch.to(device, non_blocking=True).float().div_(255)
                 with autocast(device, dtype):
                     loss = model.loss(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)

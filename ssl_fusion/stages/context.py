@@ -85,6 +85,8 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads"):
         check_positive(f"train.{key}", getattr(overrides, key))
+    if overrides.num_workers < 0:
+        raise UserError(f"train.num_workers must be >= 0, got {overrides.num_workers}")
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
     if cfg.deterministic:

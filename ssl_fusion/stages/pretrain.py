@@ -59,7 +59,7 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
     checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
     result = train_pretext(
         model, ctx.data.train_images, ctx.data.train_labels, recipe, ctx.device, ctx.dtype, ctx.seed, checkpoint,
-        ctx.overrides.max_steps_per_epoch,
+        ctx.overrides.max_steps_per_epoch, ctx.overrides.num_workers,
     )
     return encoder, result
 
@@ -126,7 +126,7 @@ def probe_summary(metrics: dict) -> str:
 
 @stage_app("pretrain")
 def main(cfg: DictConfig) -> None:
-    ctx = open_context(cfg, cfg.seed).for_pretraining()
+    ctx = open_context(cfg, cfg.seed, stream=True).for_pretraining()
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
     with distributed.process_group(ctx.device) as device:
         ctx.device = device

@@ -45,9 +45,9 @@ SPLITS = ("train", "test")
 PACKAGE = Path(__file__).resolve().parents[1]
 # What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py files, in the package).
 PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
-                 "models/decoders.py", "data/augment.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
+                 "models/decoders.py", "data/augment.py", "data/batches.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
 # What turns a stored encoder into cached features or views (the encoder's own code is in its key).
-CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
+CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/batches.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
 # What builds an encoder made elsewhere and converts the images it reads.
 EXTERNAL_CODE = ("models/external.py", "models/checkpoints.py")
 
