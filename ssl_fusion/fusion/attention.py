@@ -41,6 +41,16 @@ class AttentionConfig(FusionConfig):
         ]
 
 
+def softmax_dropping_pretexts(scores: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Softmax over pretexts (dim 1) after leaving out each pretext of each sample with probability ``dropout``
+    (never all of a sample's): the weights of the pretexts kept renormalise."""
+    if dropout > 0:
+        dropped = torch.rand_like(scores) < dropout
+        dropped &= ~dropped.all(dim=1, keepdim=True)
+        scores = scores.masked_fill(dropped, float("-inf"))
+    return scores.softmax(dim=1)
+
+
 def scorer(in_dim: int, hidden: int, pretexts: int) -> nn.Module:
     """All pretexts' features of a sample -> one score per pretext; the last layer starts at zero (equal weights)."""
     layers = [nn.Linear(in_dim, pretexts)] if hidden == 0 else [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, pretexts)]
@@ -65,11 +75,7 @@ class AttentionFusion(FusionHead):
         """(batch, pretexts) weights summing to one per sample."""
         reads = torch.cat(features, dim=1) if self.cfg.scores_from == "features" else per_pretext.flatten(1)
         scores = self.scorer(reads * self.input_scale) / self.cfg.temperature
-        if self.training and self.cfg.pretext_dropout > 0:
-            dropped = torch.rand_like(scores) < self.cfg.pretext_dropout
-            dropped &= ~dropped.all(dim=1, keepdim=True)
-            scores = scores.masked_fill(dropped, float("-inf"))
-        return scores.softmax(dim=1)
+        return softmax_dropping_pretexts(scores, self.cfg.pretext_dropout if self.training else 0.0)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         features = [self.feature_dropout(f) for f in features]

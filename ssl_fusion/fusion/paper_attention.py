@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+from ssl_fusion.fusion.attention import softmax_dropping_pretexts
 from ssl_fusion.fusion.mean import project, projections
 from ssl_fusion.runtime.errors import UserError
 
@@ -62,11 +63,7 @@ class PaperAttentionFusion(FusionHead):
 
     def weights_of(self, projected: torch.Tensor) -> torch.Tensor:
         scores = self.scores(projected) / self.cfg.temperature
-        if self.training and self.cfg.pretext_dropout > 0:
-            dropped = torch.rand_like(scores) < self.cfg.pretext_dropout
-            dropped &= ~dropped.all(dim=1, keepdim=True)
-            scores = scores.masked_fill(dropped, float("-inf"))
-        return scores.softmax(dim=1)
+        return softmax_dropping_pretexts(scores, self.cfg.pretext_dropout if self.training else 0.0)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         features = [self.feature_dropout(f) for f in features]
