@@ -87,6 +87,18 @@ def interval_text(low: float, high: float) -> str:
     return "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
 
 
+def paired_stats(mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
+    """``mine`` minus ``theirs`` over the results they share encoder seed and label seed with (``accuracy`` columns,
+    in points): the pair count, mean difference, its 95% t-interval and W/T/L; None when nothing pairs."""
+    pairs = mine.merge(theirs[[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_theirs"))
+    if pairs.empty:
+        return None
+    differences = (pairs["accuracy"] - pairs["accuracy_theirs"]).to_numpy()
+    mean, low, high = t_interval(differences)
+    return {"pairs": pair_count(pairs), "difference": round(mean, 2), "low": low, "high": high,
+            "95% interval": interval_text(low, high), "W/T/L": wins_ties_losses(differences)}
+
+
 def paired_differences(results: pd.DataFrame, references: list[str] | None = None) -> pd.DataFrame:
     """One row per (dataset, encoder, regime, method, reference) with at least one pair: the number of pairs, the
     mean difference in accuracy points (method − reference), its 95% t-interval and wins/ties/losses.
@@ -104,17 +116,10 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
                 found = reference_rows(group, reference, mine.iloc[0])
                 if found is None or method in set(found[0]["method"]):
                     continue
-                pairs = mine.merge(found[0][[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_reference"))
-                if pairs.empty:
-                    continue
-                differences = (pairs["accuracy"] - pairs["accuracy_reference"]).to_numpy()
-                mean, low, high = t_interval(differences)
-                rows.append({
-                    "dataset": dataset, "encoder": encoder, "regime": regime, "method": method, "reference": found[1],
-                    "pairs": pair_count(pairs), "difference": round(mean, 2), "low": low, "high": high,
-                    "95% interval": interval_text(low, high),
-                    "W/T/L": wins_ties_losses(differences),
-                })
+                paired = paired_stats(mine, found[0])
+                if paired is not None:
+                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": method,
+                                 "reference": found[1], **paired})
     return pd.DataFrame(rows)
 
 
@@ -129,16 +134,11 @@ def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd
             names = pretext_set.split("+")
             for control in (c for c in controls if c in names and len(names) > 1):
                 base_set = "+".join(n for n in names if n != control)
-                base = group[group["pretext_set"] == base_set]
-                pairs = mine.merge(base[[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_without"))
-                if pairs.empty:
-                    continue
-                differences = (pairs["accuracy"] - pairs["accuracy_without"]).to_numpy()
-                mean, low, high = t_interval(differences)
-                rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": name, "pretexts": base_set,
-                             "added": control, "pairs": pair_count(pairs), "difference": round(mean, 2),
-                             "95% interval": interval_text(low, high), "W/T/L": wins_ties_losses(differences)})
-    return pd.DataFrame(rows)
+                paired = paired_stats(mine, group[group["pretext_set"] == base_set])
+                if paired is not None:
+                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": name,
+                                 "pretexts": base_set, "added": control, **paired})
+    return pd.DataFrame(rows).drop(columns=["low", "high"], errors="ignore")
 
 
 def plot_paired_differences(table: pd.DataFrame, path) -> None:

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ssl_fusion.report.paired import family as method_family
 from ssl_fusion.report.paired import (
     paired_control_costs,
     paired_differences,
@@ -183,7 +184,7 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
     """Each result whose pretexts include a control, next to the same method and regime without it, with the
     number of seeds in which the screen left the control out."""
     # the method without its pretext list, e.g. select[by=knn]: variants of one head stay apart
-    family = stats["method"].str.split("(", n=1).str[0].rename("family")
+    family = stats["method"].map(method_family).rename("family")
     indexed = stats.set_index([*CONTEXT, family, "pretext_set", "regime"])
     rows = []
     for (dataset, encoder, encoder_seed, fusion, pretext_set, regime), row in indexed.iterrows():
@@ -342,12 +343,12 @@ def write_report(folder: Path, out_dir: Path | None = None,
 
 def paired_section(results: pd.DataFrame, references: list[str] | None, out_dir: Path) -> str:
     """The paired-differences table (Markdown), its CSV and plot beside the report; empty when nothing pairs."""
-    paired = by_regime(paired_differences(results, references))
-    if paired.empty:
+    differences = by_regime(paired_differences(results, references))
+    if differences.empty:
         return ""
-    atomic_write_text(out_dir / "paired_differences.csv", paired.to_csv(index=False))
-    plot_paired_differences(paired, out_dir / "paired_differences.png")
-    shown = paired.drop(columns=["low", "high"])
+    atomic_write_text(out_dir / "paired_differences.csv", differences.to_csv(index=False))
+    plot_paired_differences(differences, out_dir / "paired_differences.png")
+    shown = differences.drop(columns=["low", "high"])
     if shown[["dataset", "encoder"]].drop_duplicates().shape[0] == 1:
         shown = shown.drop(columns=["dataset", "encoder"])
     return ("\nPaired differences (accuracy points, method − reference) over results on the same labeled subset "
