@@ -45,13 +45,19 @@ def test_gray_images_are_repeated_resized_and_normalised():
     torch.testing.assert_close(encoder(images), expected)
 
 
+def key_context() -> types.SimpleNamespace:
+    """What an external encoder's features key reads of a stage's context: the data's fingerprints and its dataset."""
+    dataset = types.SimpleNamespace(name="synthetic")
+    return types.SimpleNamespace(fingerprints={"train": "t", "test": "s"}, dataset_cfg=dataset)
+
+
 def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
     torch.manual_seed(0)
     first, copy, other = tmp_path / "a.pth", tmp_path / "copy.pth", tmp_path / "b.pth"
     torch.save(torchvision.models.resnet18().state_dict(), first)
     shutil.copy(first, copy)
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    ctx = types.SimpleNamespace(fingerprints={"train": "t", "test": "s"})
+    ctx = key_context()
     key = {path: external_features_artifact(ctx, "r18", ExternalEncoderConfig("torchvision:resnet18", str(path))) for path in (first, copy, other)}
     assert key[first] == key[copy] != key[other]
     assert key[first].startswith("r18-")
@@ -144,7 +150,7 @@ def test_resolved_values_reach_the_manifests_conversion_and_the_features_key(mon
     conversion records them, and the key changes with them but not when the user gives the same values."""
     pretrained = {"model": FakeTimmModel()}
     monkeypatch.setattr(external_module, "timm_pretrained_cfg", lambda name: pretrained["model"])
-    ctx = types.SimpleNamespace(fingerprints={"train": "t", "test": "s"})
+    ctx = key_context()
     cfg = external_config("vit", {"arch": "timm:fake"})
     assert conversion(cfg, 1, (28, 28)) == {"channels": "1 -> 3 (gray repeated)", "size": "28x28 -> 40x40",
                                             "mean": [0.5] * 3, "std": [0.25] * 3}

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_fusion.config import TrainOverrides
+from ssl_fusion.config import CacheConfig, ProbeConfig, TrainOverrides
 from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
 from ssl_fusion.models.encoders import SmallCNNConfig
+from ssl_fusion.models.external import external_config
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.cache import ensure_external_features, ensure_features, ensure_views
 from ssl_fusion.stages.context import StageContext
+from ssl_fusion.stages.pretrain import ensure_encoder
 from ssl_fusion.store import artifacts
 from ssl_fusion.store.artifacts import (
     encoder_artifact,
@@ -110,7 +113,7 @@ def test_encoder_sources_are_the_code_that_makes_an_encoder():
     assert PACKAGE / "data/datasets/image_folder.py" not in sources  # another dataset's loader makes none of these
     assert PACKAGE / "data/datasets/torchvision_sets.py" in set(artifacts.pretrain_sources("rotation", "fashion_mnist"))
     assert PACKAGE / "models/checkpoints.py" not in sources  # loads encoders made elsewhere; makes none of ours
-    assert {PACKAGE / "stages/cache.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources())
+    assert {PACKAGE / "stages/cache.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources("synthetic"))
 
 
 def test_encoder_key_changes_with_the_code_of_its_pretext_only(tmp_path, monkeypatch):
@@ -135,11 +138,11 @@ def test_encoder_key_changes_with_the_code_of_its_pretext_only(tmp_path, monkeyp
 def test_features_key_changes_with_the_cache_stage_code(tmp_path, monkeypatch):
     ctx = key_context(tmp_path / "store")
     encoder = encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None)
-    before = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints)
+    before = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")
     cache_stage = PACKAGE / "stages" / "cache.py"
     listing = artifacts.cache_sources
     monkeypatch.setattr(artifacts, "cache_sources", replacing(listing, cache_stage, copy_of(cache_stage, tmp_path / "edited", edit=True)))
-    after = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints)
+    after = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")
     assert after[0] != before[0] and after[1] != before[1]
     assert encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None) == encoder
 
@@ -153,3 +156,28 @@ def test_source_files_are_hashed_once_per_process(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", lambda path: reads.append(path) or read_bytes(path))
     encoder_artifact(ctx, recipe, None)
     assert reads == []
+
+
+def test_every_module_whose_code_runs_while_caching_is_in_the_features_key(tmp_path):
+    """Trace the package's code that runs while an own encoder's features and views and an external encoder's features
+    are cached: each file is hashed into the key (``cache_sources``, or the encoder's own key), or is one of
+    ``NOT_CACHE_CODE``, which shapes no value. A module that caching starts to use fails this until it is hashed."""
+    ctx = key_context(tmp_path / "store")
+    ctx.data = make_synthetic(SyntheticConfig(name="synthetic", n_train=48, n_test=16), root=None)
+    encoder, _, _ = ensure_encoder(ctx, pretext_recipe("random", TrainOverrides()), ProbeConfig())
+    external = external_config("r18", {"arch": "torchvision:resnet18", "image_size": 16})
+    ran: set[str] = set()
+    sys.setprofile(lambda frame, event, arg: ran.add(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        ensure_features(ctx, encoder, 16)
+        ensure_views(ctx, encoder, CacheConfig(batch_size=16, views=2, num_workers=0))
+        ensure_external_features(ctx, "r18", external, 16)
+    finally:
+        sys.setprofile(None)
+    package = {Path(path).resolve() for path in ran if Path(path).resolve().is_relative_to(PACKAGE)}
+    hashed = {*artifacts.cache_sources("synthetic"), *artifacts.pretrain_sources("random", "synthetic")}
+    shaping_nothing = {Path(sys.modules[name].__file__).resolve() for name in artifacts.NOT_CACHE_CODE
+                       if name in sys.modules}
+    assert PACKAGE / "data/convert.py" in package
+    assert package - hashed - shaping_nothing == set()
+    assert PACKAGE / "data/datasets/image_folder.py" in set(artifacts.cache_sources("image_folder"))

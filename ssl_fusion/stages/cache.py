@@ -224,7 +224,7 @@ def write_views(
 def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tuple[str, bool]:
     """The encoder's cached features of ``cache.views`` augmented copies of every train image (``write_views``):
     reused when stored, else computed and published. Returns the artifact name and whether it was reused."""
-    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
+    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
     with ctx.store.lock(VIEWS_KIND, name):
         if ctx.store.manifest(VIEWS_KIND, name) is not None:
             log.info("reused cached views %s (no encoder run)", name)

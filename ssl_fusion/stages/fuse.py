@@ -99,7 +99,7 @@ def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache
     """``features`` with the encoder's ``cache.views`` stored augmented views attached (unchanged when 0)."""
     if not cache.views:
         return features
-    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints)
+    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
     if not artifact_exists(ctx.store, VIEWS_KIND, name):
         raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; make them with: {cache_command}")
     return dataclasses.replace(features, train_views=load_views(ctx.store, name))

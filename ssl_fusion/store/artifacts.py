@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -46,10 +47,14 @@ PACKAGE = Path(__file__).resolve().parents[1]
 # What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py files, in the package).
 PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
                  "models/decoders.py", "data/augment.py", "data/batches.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
-# What turns a stored encoder into cached features or views (the encoder's own code is in its key).
-CACHE_CODE = ("stages/cache.py", "evaluation/probe.py", "data/batches.py", "data/augment.py", "runtime/device.py", "runtime/distributed.py")
-# What builds an encoder made elsewhere and converts the images it reads.
-EXTERNAL_CODE = ("models/external.py", "models/checkpoints.py")
+CACHE_STAGE = "ssl_fusion.stages.cache"
+# The modules the cache stage uses whose code is not in a cached artifact's key through ``cache_sources``: either it
+# does not shape the values written (configuration, registries, errors, progress bars, the store's files and the
+# stage's setup) or another part of the key holds it (pretexts and datasets: the encoder's key, ``dataset_modules``).
+NOT_CACHE_CODE = ("ssl_fusion.config", "ssl_fusion.runtime.registry", "ssl_fusion.runtime.errors",
+                  "ssl_fusion.runtime.progress", "ssl_fusion.store.files", "ssl_fusion.stages",
+                  "ssl_fusion.stages.context", "ssl_fusion.data.features", "ssl_fusion.data.imported",
+                  "ssl_fusion.pretexts.", "ssl_fusion.data.datasets.")
 
 
 def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
@@ -60,14 +65,16 @@ def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def modules_used(start: ModuleType, package: str) -> list[ModuleType]:
+def modules_used(start: ModuleType, package: str, leave_out: tuple[str, ...] = ()) -> list[ModuleType]:
     """``start`` and the modules of ``package`` it uses, directly or not (e.g. vicreg's two views come from
-    simclr; Fashion-MNIST's loader comes from the torchvision datasets)."""
+    simclr; Fashion-MNIST's loader comes from the torchvision datasets). Modules named in ``leave_out``, or under a
+    package named there with a final dot, are neither listed nor followed."""
     found: dict[str, ModuleType] = {}
     pending = [start]
     while pending:
         module = pending.pop()
-        if module.__name__ in found:
+        if module.__name__ in found or module.__name__ in leave_out or module.__name__.startswith(
+                tuple(name for name in leave_out if name.endswith("."))):
             continue
         found[module.__name__] = module
         for value in vars(module).values():
@@ -94,9 +101,13 @@ def pretrain_sources(pretext: str, dataset: str) -> tuple[Path, ...]:
     return tuple(dict.fromkeys([*own, *package_files(PRETRAIN_CODE)]))
 
 
-def cache_sources() -> tuple[Path, ...]:
-    """The source files whose code turns an encoder into cached features or views."""
-    return package_files(CACHE_CODE)
+def cache_sources(dataset: str) -> tuple[Path, ...]:
+    """The source files whose code turns an encoder into cached features or views of ``dataset``: the modules the
+    cache stage uses (save ``NOT_CACHE_CODE``), the encoders made elsewhere included, and the dataset's own modules
+    (an image folder's fingerprint hashes its files, not the pixels its code decodes)."""
+    stage = importlib.import_module(CACHE_STAGE)  # not at the top: the cache stage imports this module
+    used = [*modules_used(stage, "ssl_fusion.", NOT_CACHE_CODE), *dataset_modules(dataset)]
+    return tuple(dict.fromkeys(Path(module.__file__).resolve() for module in used))
 
 
 @functools.cache
@@ -137,7 +148,8 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
 
 
 def features_artifact(ctx: StageContext, encoder_name: str) -> str:
-    key = content_key({"stage": "cache", "code": sources_sha256(cache_sources()), "encoder": encoder_name, "data": ctx.fingerprints})
+    code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
+    key = content_key({"stage": "cache", "code": code, "encoder": encoder_name, "data": ctx.fingerprints})
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
@@ -146,13 +158,15 @@ def external_features_artifact(ctx: StageContext, name: str, cfg: ExternalEncode
     path), the input conversion, the data and the code that builds and runs it."""
     cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config
     encoder = {**dataclasses.asdict(cfg), "checkpoint": checkpoint_sha256(cfg)}
-    code = sources_sha256(cache_sources() + package_files(EXTERNAL_CODE))
+    code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
     return f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"
 
 
-def views_artifact(encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str]) -> str:
-    key = content_key({"stage": "cache views", "code": sources_sha256(cache_sources()), "encoder": encoder_name, "views": views,
-                       "max_shift": max_shift, "train_data": data_fingerprints["train"]})
+def views_artifact(
+    encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str], dataset: str,
+) -> str:
+    key = content_key({"stage": "cache views", "code": sources_sha256(cache_sources(dataset)), "encoder": encoder_name,
+                       "views": views, "max_shift": max_shift, "train_data": data_fingerprints["train"]})
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
@@ -183,8 +197,13 @@ def load_views(store: ArtifactStore, name: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _load_views(root: Path, name: str, files_state: tuple[tuple[str, int, int], ...]) -> torch.Tensor:
     store = ArtifactStore(root)
-    store.manifest(VIEWS_KIND, name)
-    return torch.from_numpy(np.load(store.folder(VIEWS_KIND, name) / "train_views.npy", mmap_mode="c"))
+    manifest, folder = store.manifest(VIEWS_KIND, name), store.folder(VIEWS_KIND, name)
+    views = np.load(folder / "train_views.npy", mmap_mode="c")
+    expected = (manifest["config"]["views"], manifest["metrics"]["n_train"])
+    if views.ndim != 3 or views.shape[:2] != expected:
+        raise UserError(f"views artifact '{folder}': train_views.npy has shape {views.shape}, not {expected} + (dim,); "
+                        f"delete '{folder}' to rebuild it")
+    return torch.from_numpy(views)
 
 
 def load_features(store: ArtifactStore, name: str) -> FeatureSet:
@@ -209,6 +228,11 @@ def _load_features(root: Path, name: str, files_state: tuple[tuple[str, int, int
         raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
     folder = store.folder(FEATURES_KIND, name)
     arrays = {stem: torch.from_numpy(np.load(folder / f"{stem}.npy")) for stem in ("train", "test", "train_labels", "test_labels")}
+    for split in SPLITS:
+        rows, labels = len(arrays[split]), len(arrays[f"{split}_labels"])
+        if rows != labels or arrays[split].dim() != 2:
+            raise UserError(f"feature artifact '{folder}': {split}.npy has shape {tuple(arrays[split].shape)} for "
+                            f"{labels} labels, one row per label is needed; delete '{folder}' to rebuild it")
     return FeatureSet(
         arrays["train"].float(), arrays["test"].float(), arrays["train_labels"].long(), arrays["test_labels"].long(),
         uses_labels=bool(manifest["config"].get("uses_labels", False)),
