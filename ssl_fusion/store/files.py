@@ -3,25 +3,41 @@
 Layout: ``<artifacts_dir>/<kind>/<label>-<key>/`` holding the files and ``manifest.json``. An
 artifact is built in a staging folder and renamed into place with its manifest already inside, so
 a folder with a manifest is complete; a lock per artifact keeps concurrent jobs from building it twice.
+Reading a complete artifact needs no lock, so a read-only store serves what it holds. A full disk is refused in one
+line and leaves no staging folder; one left by a killed build is removed by the next build that takes a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import IO, Any, Iterator, Optional
 
 from ssl_fusion import __version__
 from ssl_fusion.runtime.errors import UserError
 
 MANIFEST = "manifest.json"
+STAGING = ".staging-"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+# An artifact's name becomes a folder and a lock file: one path component, no hidden or relative one.
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def full_disk(error: OSError, what: str) -> UserError | None:
+    """The one-line refusal of a write that failed because the disk (or the user's quota) is full; None otherwise."""
+    if error.errno not in FULL_DISK:
+        return None
+    return UserError(f"no space left on the device to write {what} ({error.strerror}); free some space and run again")
 
 
 def content_key(payload: dict[str, Any]) -> str:
@@ -39,7 +55,8 @@ def file_sha256(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers see all or nothing."""
+    """Write via a temporary file in the same folder, fsync, rename: readers see all or nothing. A failed write
+    removes its temporary file; a full disk is a one-line UserError naming the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -48,9 +65,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        refusal = full_disk(error, f"'{path}'") if isinstance(error, OSError) else None
+        if refusal is not None:
+            raise refusal from None
         raise
 
 
@@ -67,14 +87,22 @@ class ArtifactStore:
         self.root = Path(root)
 
     def folder(self, kind: str, name: str) -> Path:
+        if not ARTIFACT_NAME.fullmatch(name):
+            raise UserError(f"artifact name {name!r}: letters, digits and _ . + = - only, not starting with . or -; "
+                            "a name is one folder of the store")
         return self.root / kind / name
 
     def manifest(self, kind: str, name: str) -> Optional[dict[str, Any]]:
-        """The manifest of a complete artifact after checking its files' hashes, else None."""
+        """The manifest of a complete artifact after checking that it lists its files and their hashes; else None."""
         path = self.folder(kind, name) / MANIFEST
         if not path.is_file():
             return None
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(path)
+        stored = {p.name for p in path.parent.iterdir() if p.name != MANIFEST}
+        unlisted = sorted(stored - set(manifest["files"]))
+        if unlisted:
+            raise UserError(f"artifact file '{path.parent / unlisted[0]}' is not in its manifest; "
+                            f"delete '{path.parent}' to rebuild it")
         for file_name, expected in manifest["files"].items():
             file_path = path.parent / file_name
             if not file_path.is_file() or file_sha256(file_path) != expected:
@@ -85,24 +113,77 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def lock(self, kind: str, name: str) -> Iterator[None]:
-        """Exclusive per-artifact lock, so parallel jobs wait for one build instead of racing."""
-        lock_dir = self.root / kind / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{name}.lock", "w") as handle:
+        """Exclusive per-artifact lock, so parallel jobs wait for one build instead of racing. In a store that cannot
+        be written (read-only, not the user's) a complete artifact is read without it; one to build is refused in
+        one line. Once locked, the staging folders no live build holds (a killed run's) are removed."""
+        handle = self._open_lock(kind, name)
+        if handle is None:
+            yield
+            return
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
+                self.remove_stale_staging(kind, name)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _open_lock(self, kind: str, name: str) -> Optional[IO[str]]:
+        """The artifact's lock file, opened; None when the store cannot be written and the artifact is complete."""
+        folder, lock_dir = self.folder(kind, name), self.root / kind / ".locks"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            return open(lock_dir / f"{name}.lock", "w")
+        except OSError as error:
+            if error.errno not in READ_ONLY:
+                raise
+            if (folder / MANIFEST).is_file():
+                return None
+            raise UserError(f"the store '{self.root}' cannot be written ({error.strerror}) and lacks {kind} '{name}'; "
+                            "give artifacts_dir a folder you can write") from None
+
+    def remove_stale_staging(self, kind: str, locked: str) -> None:
+        """Remove the staging folders of ``kind`` that no live build holds: those of ``locked`` (whose lock the caller
+        holds) and those whose artifact's lock is free."""
+        for scratch in (self.root / kind).glob(f"{STAGING}*"):
+            name = scratch.name.removeprefix(STAGING).rpartition("-")[0]
+            if name == locked or self._lock_is_free(kind, name):
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _lock_is_free(self, kind: str, name: str) -> bool:
+        path = self.root / kind / ".locks" / f"{name}.lock"
+        if not path.is_file():
+            return False  # a build outside any lock (none in the stages): left alone
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
+    def check_space(self, kind: str, name: str, needed: int) -> None:
+        """Refuse in one line, before writing, an artifact of ``needed`` bytes that the disk has no room for."""
+        folder = self.root / kind
+        free = shutil.disk_usage(folder if folder.is_dir() else self.root).free
+        if free < needed:
+            raise UserError(f"{kind} '{name}' needs {needed / 2**20:.1f} MiB and the disk of the store '{self.root}' "
+                            f"has {free / 2**20:.1f} MiB free; free some space or give artifacts_dir another disk")
+
     @contextlib.contextmanager
     def staging(self, kind: str, name: str) -> Iterator[Path]:
-        """A scratch folder beside the artifact's final place; removed unless published."""
+        """A scratch folder beside the artifact's final place; removed unless published. A write into it that finds
+        the disk full is a one-line UserError."""
         parent = self.root / kind
         parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f".staging-{name}-"))
+        scratch = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING}{self.folder(kind, name).name}-"))
         try:
             yield scratch
+        except OSError as error:
+            refusal = full_disk(error, f"{kind} '{name}' into '{parent}'")
+            if refusal is None:
+                raise
+            raise refusal from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -123,3 +204,15 @@ class ArtifactStore:
             shutil.rmtree(final)
         os.rename(scratch, final)
         return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest file as a dict with its ``files``; a one-line UserError naming it when it is not one."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"manifest '{path}' is not JSON ({error}); delete '{path.parent}' to rebuild it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise UserError(f"manifest '{path}' is not a JSON object with a 'files' object; delete '{path.parent}' to "
+                        "rebuild it")
+    return manifest
