@@ -37,13 +37,17 @@ def read_array(path: str) -> torch.Tensor:
         raise UserError(f"imported features '{path}': no such file")
     try:
         if file.suffix == ".npy":
-            array = torch.from_numpy(np.load(file, allow_pickle=False))
+            array = np.load(file, allow_pickle=False)
+            array = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))  # big-endian: converted
         else:
             array = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged or foreign file: whatever the reader raised, one line naming it
         raise UserError(f"imported features '{path}': not readable as an array ({type(err).__name__})") from None
     if not isinstance(array, torch.Tensor):
         raise UserError(f"imported features '{path}': holds a {type(array).__name__}, not one array")
+    if array.layout != torch.strided:
+        layout = str(array.layout).removeprefix("torch.")
+        raise UserError(f"imported features '{path}': a {layout} tensor; save a dense one")
     return array
 
 
@@ -54,9 +58,12 @@ def checked_split(name: str, path: str, rows: int) -> torch.Tensor:
         raise UserError(f"imported features '{path}' ({name}): dtype {str(array.dtype).removeprefix('torch.')}, a float dtype is needed")
     if array.dim() != 2 or len(array) != rows:
         raise UserError(f"imported features '{path}' ({name}): shape {tuple(array.shape)}, needs ({rows}, dim): one row per image of the split")
-    array = array.float()
     if not torch.isfinite(array).all():
         raise UserError(f"imported features '{path}' ({name}): holds NaN or inf")
+    array = array.float()
+    if not torch.isfinite(array).all():
+        raise UserError(f"imported features '{path}' ({name}): values beyond float32's range (about 3.4e38) overflow "
+                        "it; scale them down")
     return array
 
 

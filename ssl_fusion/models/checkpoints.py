@@ -263,7 +263,24 @@ def load_backbone(model: nn.Module, state: State) -> None:
     if problems:
         raise UserError(f"the checkpoint does not fit {type(model).__name__} ({len(own)} entries): "
                         f"{'; '.join(problems)} - is it for another architecture, or under another key prefix?")
+    for key, value in own.items():
+        check_weight(key, state[key], value)
     model.load_state_dict(state, strict=True)
+
+
+def check_weight(key: str, weight: Tensor, own: Tensor) -> None:
+    """Refuse in one line a checkpoint tensor that loading would silently change or that would give broken features:
+    a sparse one, integers where the model has floats (they would be cast), NaN or infinite values."""
+    def name(value: object) -> str:
+        return str(value).removeprefix("torch.")
+
+    if weight.layout != torch.strided:
+        raise UserError(f"tensor '{key}' is {name(weight.layout)}; only dense tensors are read")
+    if own.is_floating_point() and not weight.is_floating_point():
+        raise UserError(f"tensor '{key}' holds {name(weight.dtype)} values where the model has {name(own.dtype)} "
+                        "weights; they are not cast: save the checkpoint with float weights")
+    if weight.is_floating_point() and not torch.isfinite(weight).all():
+        raise UserError(f"tensor '{key}' holds NaN or infinite values")
 
 
 def _some(keys: list[str], what: str) -> str:

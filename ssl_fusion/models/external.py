@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
@@ -40,23 +42,45 @@ class ExternalEncoderConfig:
 
 
 KEYS = set(ExternalEncoderConfig.__dataclass_fields__)
+MAX_IMAGE_SIZE = 4096  # pixels a side: a batch of 20000 px images alone would take gigabytes
+# The name becomes part of a folder's and a lock file's name in the store: one plain path component.
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 
 
 def external_config(name: str, node: Any) -> ExternalEncoderConfig:
     """``+external.<name>.*`` as a typed config; a one-line UserError naming the key otherwise."""
+    if not NAME.fullmatch(str(name)):
+        raise UserError(f"external.{name}: an encoder's name is letters, digits and _ . + = - (not first . or -), "
+                        "as it names files in the store")
     if not isinstance(node, dict) or not node.get("arch"):
         raise UserError(f"external.{name}: give external.{name}.arch (torchvision:<model> or timm:<model>)")
     unknown = sorted(set(node) - KEYS)
     if unknown:
         raise UserError(f"external.{name}.{unknown[0]}: not a key of an external encoder; keys: {', '.join(sorted(KEYS))}")
+    check_input(name, node)
     cfg = resolve_input(ExternalEncoderConfig(**node), pretrained_source(node["arch"], node))
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise UserError(f"external.{name}: mean and std need three values each, std > 0")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UserError(f"external.{name}.image_size must be >= 8, got {cfg.image_size}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise UserError(f"external.{name}.checkpoint: no file '{cfg.checkpoint}'")
     return cfg
+
+
+def check_input(name: str, node: Mapping[str, Any]) -> None:
+    """Refuse in one line an ``image_size`` that is not a whole number in [8, MAX_IMAGE_SIZE], and a ``mean`` or
+    ``std`` that is not a list of three finite numbers (one per channel)."""
+    size = node.get("image_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_IMAGE_SIZE):
+        raise UserError(f"external.{name}.image_size: a whole number of pixels from 8 to {MAX_IMAGE_SIZE}, "
+                        f"got {size!r}")
+    for key in ("mean", "std"):
+        values = node.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or len(values) != 3:
+            raise UserError(f"external.{name}.{key}: one value per channel, as [r, g, b], got {values!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise UserError(f"external.{name}.{key}: three finite numbers, got {values!r}")
 
 
 def pretrained_input(model: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -67,6 +68,41 @@ def shard_path(scratch: Path, split: str, part: int) -> Path:
     return scratch / f"{split}.rank{part}.npy"
 
 
+def open_features(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A float16 .npy to write through a memory map, its blocks allocated first: on a disk that fills up meanwhile,
+    this fails with ENOSPC (a one-line refusal from the store's staging) instead of a write through the map killing
+    the process with SIGBUS."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    with open(path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    return out
+
+
+def features_bytes(ctx: StageContext, dim: int, copies: int = 1) -> int:
+    """The bytes the features of both splits (float16) and their labels (int64) take, ``copies`` times over."""
+    rows = len(ctx.data.train_labels) + len(ctx.data.test_labels)
+    return rows * (2 * dim * copies + 8)
+
+
+def check_features(path: Path, encoder: str, chunk: int = 1 << 16) -> None:
+    """Refuse in one line features that carry nothing: NaN or infinite values (broken weights or ``mean``/``std``;
+    float16 holds at most 65504), or one vector for every image (e.g. all zeros)."""
+    array = np.load(path, mmap_mode="r")
+    rows = array.reshape(-1, array.shape[-1])
+    low, high = np.full(rows.shape[1], np.inf, np.float32), np.full(rows.shape[1], -np.inf, np.float32)
+    for offset in range(0, len(rows), chunk):
+        part = rows[offset : offset + chunk].astype(np.float32)
+        if not np.isfinite(part).all():
+            kind = "NaN" if np.isnan(part).any() else "infinite (beyond float16's 65504)"
+            raise UserError(f"encoder '{encoder}' gives {kind} features ({path.stem}); are its weights, mean and std "
+                            "sound? nothing was cached")
+        np.minimum(low, part.min(axis=0), out=low)
+        np.maximum(high, part.max(axis=0), out=high)
+    if len(rows) > 1 and np.array_equal(low, high):
+        raise UserError(f"encoder '{encoder}' gives the same features for every image ({path.stem}); are its weights "
+                        "sound? nothing was cached")
+
+
 def write_split(
     ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext],
     convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, num_workers: int = 0,
@@ -81,7 +117,7 @@ def write_split(
     images, labels = ctx.data.split(split)
     start, stop = distributed.shard_bounds(len(images))
     target = scratch / f"{split}.npy" if distributed.world_size() == 1 else shard_path(scratch, split, distributed.rank())
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=(stop - start, encoder.out_dim))
+    out = open_features(target, (stop - start, encoder.out_dim))
     task = progress.add_task(f"cache {split}", total=stop - start, status="")
 
     def store_batch(offset: int, features: torch.Tensor) -> None:
@@ -107,7 +143,7 @@ def noise_features(ctx: StageContext, split: str, dim: int) -> torch.Tensor:
 
 def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 1 << 16) -> None:
     """Concatenate the ranks' shard files of a split into ``<split>.npy`` in rank order, chunk by chunk."""
-    out = np.lib.format.open_memmap(scratch / f"{split}.npy", mode="w+", dtype=np.float16, shape=(length, dim))
+    out = open_features(scratch / f"{split}.npy", (length, dim))
     for part in range(distributed.world_size()):
         start, _ = distributed.shard_bounds(length, part)
         path = shard_path(scratch, split, part)
@@ -119,6 +155,20 @@ def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 
         path.unlink()
     out.flush()
     del out
+
+
+def refused_on_all(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 and raise its UserError on every rank, so that no rank waits for one that stopped."""
+    def refusal() -> Optional[str]:
+        try:
+            check()
+        except UserError as error:
+            return str(error)
+        return None
+
+    message = distributed.on_main(refusal)
+    if message is not None:
+        raise UserError(message)
 
 
 @contextlib.contextmanager
@@ -153,6 +203,8 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int, num_w
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
         pretext_cls = stored_pretext(encoder_config, encoder_name)
         convert, recorded = encoder_conversion(ctx, encoder_name)
+        refused_on_all(lambda: ctx.store.check_space(
+            FEATURES_KIND, name, features_bytes(ctx, encoder.out_dim, 2 if distributed.world_size() > 1 else 1)))
         started = time.perf_counter()
         with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
@@ -180,12 +232,13 @@ def ensure_external_features(
         encoder = prepare_model(encoder, ctx.device)
         extra = {"external": {**dataclasses.asdict(cfg), "format": found,
                               "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size)}}
+        ctx.store.check_space(FEATURES_KIND, artifact, features_bytes(ctx, encoder.out_dim))
         started = time.perf_counter()
         with ctx.store.staging(FEATURES_KIND, artifact) as scratch, image_progress() as progress:
             for split in SPLITS:
                 write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext, num_workers=num_workers)
             manifest = publish_features(ctx, artifact, f"external {cfg.arch}", {"uses_labels": False}, encoder.out_dim,
-                                        scratch, started, extra)
+                                        scratch, started, extra, label=name)
     return artifact, manifest, False
 
 
@@ -199,7 +252,7 @@ def write_views(
     the pretext's ``encoder_input`` of each augmented image. The ``noise`` control's features ignore the image,
     so each of its views repeats its plain train features. An image folder is read from disk once per view."""
     images = ctx.data.train_images
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(cache.views, len(images), encoder.out_dim))
+    out = open_features(path, (cache.views, len(images), encoder.out_dim))
     task = progress.add_task("cache views", total=cache.views * len(images), status="")
     for view in range(cache.views):
         params = shift_flip_params(len(images), cache.views_max_shift, generator=torch.Generator().manual_seed(view))
@@ -232,10 +285,12 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
         pretext_cls = stored_pretext(ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"], encoder_name)
         n_images = cache.views * len(ctx.data.train_labels)
+        ctx.store.check_space(VIEWS_KIND, name, n_images * encoder.out_dim * 2)
         started = time.perf_counter()
         with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
             write_views(ctx, encoder, pretext_cls, cache, scratch / "train_views.npy", progress,
                         encoder_conversion(ctx, encoder_name)[0])
+            check_features(scratch / "train_views.npy", encoder_name)
             seconds = time.perf_counter() - started
             ctx.store.publish(VIEWS_KIND, name, scratch, {
                 "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,
@@ -251,13 +306,16 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
 
 def publish_features(
     ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float,
-    extra: Optional[dict] = None,
+    extra: Optional[dict] = None, label: Optional[str] = None,
 ) -> dict:
-    """Merge the ranks' shards (if any), publish the features artifact and return its manifest (``extra``: more of
-    its config, such as an external encoder's input conversion)."""
+    """Merge the ranks' shards (if any), check the features (``check_features``; ``label``: the encoder's name for
+    the user, else ``encoder_name``), publish the features artifact and return its manifest (``extra``: more of its
+    config, such as an external encoder's input conversion)."""
     if distributed.world_size() > 1:
         for split in SPLITS:
             merge_shards(scratch, split, len(ctx.data.split(split)[1]), dim)
+    for split in SPLITS:
+        check_features(scratch / f"{split}.npy", label or encoder_name)
     seconds = time.perf_counter() - started
     n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
     manifest = ctx.store.publish(
