@@ -132,9 +132,9 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
     start_over = f"delete the folder '{path.parent}' to start this pretraining over"
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # a truncated zip, a pickle of other objects, a file of another format
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"the pretraining checkpoint '{path}' is unreadable ({reason}); {start_over}") from None
+    except Exception:  # a truncated zip, a pickle of other objects, a file of another format: torch's words vary
+        raise UserError(f"the pretraining checkpoint '{path}' cannot be read (truncated, or not a torch checkpoint); "
+                        f"{start_over}") from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise UserError(f"'{path}' is not a pretraining checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}); {start_over}")
     if state.get("run", run) != run:
@@ -149,9 +149,9 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
         restore_rng_state(state, path)
         epoch_losses = [float(loss) for loss in state["epoch_losses"]]
         step, loss_sum = int(state.get("step", 0)), torch.as_tensor(state.get("loss_sum", 0.0))
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"the checkpoint '{path}' does not fit {run['pretext']} pretraining ({reason}); {start_over}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
+        raise UserError(f"the model, optimizer or RNG states in the checkpoint '{path}' do not fit this {run['pretext']} "
+                        f"pretraining; {start_over}") from None
     if not 0 <= step < run["steps_per_epoch"]:
         raise UserError(f"the checkpoint '{path}' stopped at step {step} of an epoch of {run['steps_per_epoch']}; {start_over}")
     return {"epoch_losses": epoch_losses, "step": step, "loss_sum": loss_sum}
