@@ -31,7 +31,7 @@ from ssl_fusion.store.files import ArtifactStore
 
 NAME = "rotation-test"
 STEPS_PER_EPOCH = 6  # steps of 8 images (of 48 or more)
-KILLED_AT = 10  # the 10th step of the run (epoch 2, step 4) fails; the last checkpoint is after step 8 (epoch 2, step 2)
+KILLED_AT = 10  # the run's 10th step (epoch 2, step 4) fails; the last checkpoint is after step 8 (epoch 2, step 2)
 
 
 class Killed(Exception):
@@ -50,7 +50,8 @@ def streamed(tmp_path: Path) -> ImageData:
 def pretrain(data: ImageData, store: Path, **overrides) -> tuple[dict[str, torch.Tensor], trainer.TrainResult]:
     """Two epochs of rotation on ``data`` with small_cnn through the stage's training function."""
     recipe = dataclasses.replace(pretext_recipe("rotation", TrainOverrides()), batch_size=8, epochs=2)
-    ctx = StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"), encoder_cfg=SmallCNNConfig(name="small_cnn"),
+    ctx = StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"),
+                       encoder_cfg=SmallCNNConfig(name="small_cnn"),
                        device=torch.device("cpu"), dtype=torch.float32, store=ArtifactStore(store),
                        overrides=TrainOverrides(max_steps_per_epoch=STEPS_PER_EPOCH, **overrides), seed=0)
     encoder, result = train_encoder(ctx, recipe, NAME)

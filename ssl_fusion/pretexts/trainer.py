@@ -136,7 +136,8 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
         raise UserError(f"the pretraining checkpoint '{path}' cannot be read (truncated, or not a torch checkpoint); "
                         f"{start_over}") from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
-        raise UserError(f"'{path}' is not a pretraining checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}); {start_over}")
+        raise UserError(f"'{path}' is not a pretraining checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}); "
+                        f"{start_over}")
     if state.get("run", run) != run:
         raise UserError(f"the checkpoint '{path}' belongs to another pretraining ({state['run']}, this one is {run}); "
                         f"{start_over}")
@@ -150,10 +151,11 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
         epoch_losses = [float(loss) for loss in state["epoch_losses"]]
         step, loss_sum = int(state.get("step", 0)), torch.as_tensor(state.get("loss_sum", 0.0))
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
-        raise UserError(f"the model, optimizer or RNG states in the checkpoint '{path}' do not fit this {run['pretext']} "
-                        f"pretraining; {start_over}") from None
+        raise UserError(f"the model, optimizer or RNG states in the checkpoint '{path}' do not fit this "
+                        f"{run['pretext']} pretraining; {start_over}") from None
     if not 0 <= step < run["steps_per_epoch"]:
-        raise UserError(f"the checkpoint '{path}' stopped at step {step} of an epoch of {run['steps_per_epoch']}; {start_over}")
+        raise UserError(f"the checkpoint '{path}' stopped at step {step} of an epoch of {run['steps_per_epoch']}; "
+                        f"{start_over}")
     return {"epoch_losses": epoch_losses, "step": step, "loss_sum": loss_sum}
 
 
@@ -271,6 +273,7 @@ def train_pretext(
             first_step, carried_loss = 0, torch.zeros(())
             log.info(
                 "%s epoch %d/%d: loss %.4f, %.0f img/s, %.0f s",
-                recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1], epoch_images / epoch_seconds, epoch_seconds,
+                recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1], epoch_images / epoch_seconds,
+                epoch_seconds,
             )
     return result

@@ -19,7 +19,6 @@ import ssl_fusion.stages  # noqa: F401  (registers the stage schemas)
 from ssl_fusion.config import CONF_DIR, ProbeConfig, TrainOverrides
 from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
 from ssl_fusion.models.encoders import SmallCNNConfig
-from ssl_fusion.pretexts import trainer
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.pretrain import ensure_encoder, train_encoder
@@ -39,7 +38,8 @@ def one_line(call: Callable[[], object]) -> str:
 
 def context(store: Path, **overrides) -> StageContext:
     data = make_synthetic(SyntheticConfig(name="synthetic", n_train=32, n_test=16, image_size=12), store)
-    return StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"), encoder_cfg=SmallCNNConfig(name="small_cnn"),
+    return StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"),
+                        encoder_cfg=SmallCNNConfig(name="small_cnn"),
                         device=torch.device("cpu"), dtype=torch.float32, store=ArtifactStore(store),
                         overrides=TrainOverrides(max_steps_per_epoch=2, **overrides), seed=0)
 
