@@ -35,6 +35,8 @@ class TrainOverrides:
     max_steps_per_epoch: Optional[int] = None
     num_threads: Optional[int] = None
     num_workers: int = 2  # DataLoader processes that decode an image folder's batches while pretraining
+    checkpoint_every_minutes: Optional[float] = 5.0  # also checkpoint within an epoch (0 or null: at epoch ends only)
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint every this many steps (null: by time only)
 
 
 @dataclass
