@@ -168,7 +168,9 @@ def readable(images: FolderImages) -> list[int]:
 def open_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:
     """The folder's splits, listed and not decoded (``max_train``/``max_test`` not applied)."""
     if root == DEFAULT_DATA_ROOT:
-        raise UserError("dataset image_folder needs data_dir=<folder of class sub-folders>")
+        raise UserError("dataset image_folder needs dataset.data_dir=<folder of class sub-folders> (or data_dir=...)")
+    if cfg.image_size <= 0:
+        raise UserError(f"dataset.image_size must be > 0 (pixels a side), got {cfg.image_size}")
     if cfg.channels not in (1, 3):
         raise UserError(f"dataset.channels must be 1 or 3, got {cfg.channels}")
     if (root / "train").is_dir() and (root / "test").is_dir():
