@@ -81,9 +81,9 @@ class LabelsConfig:
         """The labeled training indices for ``seed``."""
         return labeled_subset(train_labels, self.fraction, self.per_class, self.indices_file, seed)
 
-    def fields(self, labeled: torch.Tensor, seed: int) -> dict[str, Any]:
-        """The fields of a result that name the labeled subset."""
-        return subset_fields(self.fraction, self.per_class, labeled, seed, self.indices_file)
+    def fields(self, labeled: torch.Tensor, seed: int, train_labels: torch.Tensor) -> dict[str, Any]:
+        """The fields of a result that name the labeled subset (of ``train_labels``)."""
+        return subset_fields(self.fraction, self.per_class, labeled, seed, train_labels, self.indices_file)
 
 
 @dataclass
