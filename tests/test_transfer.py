@@ -75,12 +75,13 @@ def write_png_folder(folder, classes=2, per_class=6, size=12) -> None:
     for c in range(classes):
         (folder / f"class{c}").mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(generator.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"class{c}" / f"{i}.png")
+            pixels = generator.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"class{c}" / f"{i}.png")
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_a_dataset_missing_from_its_data_dir_is_refused_and_nothing_is_written_there(tmp_path, name):
-    """A user's data_dir is only read: a stock dataset not found there is refused in one line, not downloaded into it."""
+    """A user's data_dir is only read: a stock dataset not found there is refused in one line, not downloaded there."""
     write_png_folder(tmp_path / "mine")
     before = folder_contents(tmp_path / "mine")
     with pytest.raises(UserError, match=f"dataset {name}: not found under data_dir") as refused:
@@ -96,11 +97,12 @@ def test_each_dataset_has_its_own_data_dir_and_the_top_level_one_is_the_downstre
     assert own.data_dir == str(tmp_path / "mine")
     with pytest.raises(UserError, match="^dataset.data_dir: '/no/such' does not exist"):
         load_dataset({"name": "image_folder", "data_dir": "/no/such"})
-    cfg = OmegaConf.create({"data_dir": str(tmp_path / "mine"), "pretrain_dataset": {"name": "image_folder", "image_size": 8}})
+    cfg = OmegaConf.create({"data_dir": str(tmp_path / "mine"),
+                            "pretrain_dataset": {"name": "image_folder", "image_size": 8}})
     assert pretraining_dataset(cfg, downstream) == (None, None)  # unset: the downstream folder, the same data
     cfg.pretrain_dataset = {"name": "synthetic", "image_size": 8, "n_train": 8, "n_test": 8}
     pretrain_cfg, _ = pretraining_dataset(cfg, downstream)
-    assert pretrain_cfg.data_dir is None  # the top-level data_dir is the downstream dataset's, not the pretraining one's
+    assert pretrain_cfg.data_dir is None  # the top-level data_dir is the downstream dataset's, not the pretraining's
 
 
 @pytest.mark.slow
@@ -116,13 +118,17 @@ def test_transfer_from_fashion_mnist_to_an_image_folder_leaves_the_folder_untouc
     short = ("dataset=image_folder", "dataset.image_size=12", "dataset.test_fraction=0.5", "pretexts=[rotation]",
              "fusions=[concat]", "seeds=[0]", "labels.per_class=2", "train.epochs=1", "train.max_steps_per_epoch=2",
              "train.num_workers=0", "cache.num_workers=0", "probe.max_train=100", "probe.max_test=50")
-    failed = sslfuse("run", *short, f"dataset.data_dir={folder}", f"pretrain_dataset={{name:fashion_mnist,data_dir:{folder}}}",
-                     "hydra.run.dir=failed", cwd=work, check=False)
-    assert failed.returncode == 2 and "pretrain_dataset: dataset fashion_mnist: not found under data_dir" in failed.stderr
+    failed = sslfuse("run", *short, f"dataset.data_dir={folder}",
+                     f"pretrain_dataset={{name:fashion_mnist,data_dir:{folder}}}", "hydra.run.dir=failed", cwd=work,
+                     check=False)
+    assert failed.returncode == 2
+    assert "pretrain_dataset: dataset fashion_mnist: not found under data_dir" in failed.stderr
     assert folder_contents(folder) == before
     sslfuse("run", *short, f"data_dir={folder}", "pretrain_dataset=fashion_mnist", "hydra.run.dir=transfer", cwd=work)
     assert folder_contents(folder) == before
-    (encoder_manifest,) = [json.loads(p.read_text()) for p in (work / "outputs/artifacts/encoders").glob("rotation-*/manifest.json")]
-    assert encoder_manifest["config"]["dataset"] == "fashion_mnist" and encoder_manifest["data"]["image_size"] == [28, 28]
+    encoders = (work / "outputs/artifacts/encoders").glob("rotation-*/manifest.json")
+    (encoder_manifest,) = [json.loads(p.read_text()) for p in encoders]
+    assert encoder_manifest["config"]["dataset"] == "fashion_mnist"
+    assert encoder_manifest["data"]["image_size"] == [28, 28]
     (result,) = [json.loads(p.read_text()) for p in (work / "transfer/fuse").rglob("results.json")]
     assert result["dataset"] == "image_folder" and result["n_labeled"] == 4

@@ -60,7 +60,8 @@ class StageContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool, key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
+def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool,
+                         key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
     """Jobs of one multirun share the process: decode each dataset once."""
     return open_dataset(OmegaConf.create(dataset_yaml), data_dir, stream, key)
 
