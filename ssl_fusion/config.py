@@ -83,9 +83,9 @@ class LabelsConfig:
         """The labeled training indices for ``seed``."""
         return labeled_subset(train_labels, self.fraction, self.per_class, self.indices_file, seed)
 
-    def fields(self, labeled: torch.Tensor, seed: int) -> dict[str, Any]:
-        """The fields of a result that name the labeled subset."""
-        return subset_fields(self.fraction, self.per_class, labeled, seed, self.indices_file)
+    def fields(self, labeled: torch.Tensor, seed: int, train_labels: torch.Tensor) -> dict[str, Any]:
+        """The fields of a result that name the labeled subset (of ``train_labels``)."""
+        return subset_fields(self.fraction, self.per_class, labeled, seed, train_labels, self.indices_file)
 
 
 @dataclass
@@ -93,12 +93,14 @@ class CommonConfig:
     dataset: Any = MISSING
     encoder: Any = MISSING
     artifacts_dir: str = "outputs/artifacts"
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = None  # the downstream dataset's folder when dataset.data_dir is unset; only read
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # pretrain: the pretraining seed; fuse: the label-subset and head seed
     deterministic: bool = False  # torch.use_deterministic_algorithms: the same encoder for the same seed
-    pretrain_dataset: Optional[Any] = None  # the data sslfuse's own encoders are pretrained on (a dataset name); None: dataset
+    # the data sslfuse's own encoders are pretrained on: a dataset's name, or a config such as
+    # {name:fashion_mnist,data_dir:<folder>} (read from its own data_dir, else outputs/data); None: dataset
+    pretrain_dataset: Optional[Any] = None
     train: TrainOverrides = field(default_factory=TrainOverrides)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 

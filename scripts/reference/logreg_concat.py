@@ -75,7 +75,7 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
             "uses_all_labels": any(s.uses_labels for s in sets),
             "peeks_at_test": False,
             "pretexts": pretexts,
-            **labels_cfg.fields(labeled, seed),
+            **labels_cfg.fields(labeled, seed, ctx.data.train_labels),
             "test_accuracy": fit.accuracy(test_labels),
             "test_macro_f1": macro_f1(fit.predictions, test_labels),
             "selected_c": fit.chosen_c,

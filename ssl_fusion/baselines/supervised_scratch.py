@@ -188,7 +188,7 @@ class SupervisedScratch(FusionMethod):
             "peeks_at_test": False,
             "fusion": self.cfg.name,
             "pretexts": [],
-            **labels_cfg.fields(labeled, seed),
+            **labels_cfg.fields(labeled, seed, data.train_labels),
             "test_accuracy": accuracy,
             "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
             "test_nll": nll,

@@ -179,7 +179,7 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
         "peeks_at_test": head_class(fusion).peeks_at_test(fusion),
         "fusion": fusion.name,
         "pretexts": pretexts,
-        **labels_cfg.fields(labeled, seed),
+        **labels_cfg.fields(labeled, seed, train_labels),
         "test_accuracy": accuracy,
         "test_macro_f1": macro_f1(probs.argmax(1), test_labels),
         "test_nll": nll,
