@@ -4,8 +4,8 @@
 and a seed: it draws the stratified labeled subset, screens out pretexts without label information,
 chooses a pretext where the head matches pretexts, chooses the head's L2 strength and training length
 by k-fold cross-validation on the labeled set, refits it on all labels and scores it on the test split.
-It returns the result record that ``sslfuse fuse`` writes. ``fuse_arrays`` does the same from plain
-arrays, for a notebook.
+``fuse_result`` returns the typed result (``ssl_fusion.evaluation.result.FuseResult``), ``fuse_once`` its flat
+record as ``sslfuse fuse`` writes it. ``fuse_arrays`` does the same from plain arrays, for a notebook.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ssl_fusion.config import LabelsConfig, as_plain, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
+from ssl_fusion.evaluation.result import FuseResult, titled
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
@@ -40,25 +41,26 @@ def head_class(fusion: FusionConfig) -> type[FusionHead]:
 
 def changed_options(fusion: FusionConfig) -> dict[str, Any]:
     """The options of ``fusion`` that differ from its ``conf/fusion/<name>.yaml``, so that a sweep over an option
-    gives each value its own row (options the head shows in its own way are left out)."""
+    gives each value its own row."""
     default, current = as_plain(load_option(FUSIONS, fusion.name)), as_plain(fusion)
+    return {key: value for key, value in current.items() if value != default.get(key)}
+
+
+def method_title(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
+    """E.g. ``attention``, ``select[by=knn]``, ``attention[combine=concat]`` (options changed from the YAML, but for
+    those the head shows in its own way), ``concat[4 views]``."""
     hidden = head_class(fusion).hidden_options
-    return {key: value for key, value in current.items() if key not in hidden and value != default.get(key)}
+    shown = {key: value for key, value in changed_options(fusion).items() if key not in hidden}
+    title = titled(head_class(fusion).title(fusion), shown)
+    views = next(iter(features.values())).train_views
+    return title if views is None else f"{title}[{len(views)} views]"
 
 
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
-    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``, ``attention[combine=concat](...)`` (options
-    changed from the YAML), ``concat[4 views](...)``; a pretext trained with all labels is
-    marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
+    """``method_title`` with the pretexts: ``attention(rotation+simclr)``; a pretext trained with all labels is
+    marked ``[all labels]`` (for people: the result's ``uses_all_labels`` says it)."""
     names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
-    method = head_class(fusion).title(fusion)
-    changed = changed_options(fusion)
-    if changed:
-        method += f"[{','.join(f'{key}={value}' for key, value in changed.items())}]"
-    views = next(iter(features.values())).train_views
-    if views is not None:
-        method += f"[{len(views)} views]"
-    return f"{method}({'+'.join(names)})"
+    return f"{method_title(fusion, features)}({'+'.join(names)})"
 
 
 def weights_by_class(weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int) -> dict[str, dict[str, float]]:
@@ -149,6 +151,14 @@ def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[s
 
 
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
+    """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
+    context."""
+    return fuse_result(features, fusion, labels_cfg, seed).to_record()
+
+
+def fuse_result(
+    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int
+) -> FuseResult:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
     Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
     features = head_inputs(fusion, features)
@@ -173,24 +183,8 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
     probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
-    result = {
-        "method": method_label(fusion, features),
-        "uses_all_labels": any(s.uses_labels for s in sets),
-        "peeks_at_test": head_class(fusion).peeks_at_test(fusion),
-        "fusion": fusion.name,
-        "pretexts": pretexts,
-        **labels_cfg.fields(labeled, seed, train_labels),
-        "test_accuracy": accuracy,
-        "test_macro_f1": macro_f1(probs.argmax(1), test_labels),
-        "test_nll": nll,
-        "selected_l2": selection.l2,
-        "selected_steps": selection.steps,
-        "cv_accuracy": selection.accuracy,
-        "cv_nll": selection.nll,
-        "folds": selection.folds,
-        "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
+    details = {
         "head_parameters": parameters,
-        "cached_views": len(train[0]) - 1,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "fit_seconds": time.perf_counter() - started,
@@ -200,9 +194,29 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     }
     if weights is not None:
         weights = with_screened_columns(weights, used, pretexts)
-        result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
-        result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
-    return result
+        details["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
+        details["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
+    return FuseResult(
+        method=method_label(fusion, features),
+        title=method_title(fusion, features),
+        family=fusion.name,
+        options=changed_options(fusion),
+        pretexts=pretexts,
+        labels=labels_cfg.fields(labeled, seed, train_labels),
+        metrics={"test_accuracy": accuracy, "test_macro_f1": macro_f1(probs.argmax(1), test_labels), "test_nll": nll},
+        selection={
+            "selected_l2": selection.l2,
+            "selected_steps": selection.steps,
+            "cv_accuracy": selection.accuracy,
+            "cv_nll": selection.nll,
+            "folds": selection.folds,
+            "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
+        },
+        uses_test=head_class(fusion).peeks_at_test(fusion),
+        uses_all_labels=any(s.uses_labels for s in sets),
+        cached_views=len(train[0]) - 1,
+        details=details,
+    )
 
 
 def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
