@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.preprocessing import LabelEncoder
 
-from ssl_fusion.config import LabelsConfig, as_plain, load_option
+from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
@@ -285,6 +285,7 @@ def fuse_arrays(
     of the class indices."""
     if set(train) != set(test) or not train:
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
+    check_seed("seed", seed)
     encoder, y_train, y_test = encoded_labels(train_labels, test_labels)
     sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import sslfuse
+from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
-from ssl_fusion.config import LabelsConfig, load_option
+from ssl_fusion.cli import group_choice_problem
+from ssl_fusion.config import LabelsConfig, check_seeds, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.fusion.protocol import fuse_arrays, fuse_once
@@ -20,6 +22,8 @@ from ssl_fusion.runtime.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+BIG_SEED = 2**63
+SEED_RANGE = r"must be an integer in \[-4294967295, 4294967295\]"
 LABELS = LabelsConfig(fraction=0.1)
 
 
@@ -121,3 +125,70 @@ def test_fuse_once_reports_the_class_ids():
     labels = torch.arange(200) % 4
     cfg = dataclasses.replace(load_option(FUSIONS, "concat"), steps=20, eval_every=10)
     assert fuse_once(feature_sets(labels, labels[:40]), cfg, LABELS, 0)["classes"] == [0, 1, 2, 3]
+
+
+# Item 12: seeds out of range and option names with path characters.
+
+
+@pytest.mark.parametrize("seed", [BIG_SEED, -BIG_SEED - 1, 2**32])
+def test_fuse_arrays_refuses_a_seed_out_of_range(digits, seed):
+    train, labels, test, test_labels = digits
+    with pytest.raises(UserError, match=rf"seed {SEED_RANGE}, got {seed}"):
+        fuse_arrays({"px": train}, labels, {"px": test}, test_labels, "concat", seed=seed)
+
+
+SEEDS_OUT_OF_RANGE = [
+    ("fuse", "seed", BIG_SEED),
+    ("pretrain", "seed", -BIG_SEED - 1),
+    ("cache", "encoder_seed", BIG_SEED),
+    ("run", "seeds", [0, BIG_SEED]),
+    ("run", "encoder_seeds", [BIG_SEED]),
+]
+
+
+@pytest.mark.parametrize(("stage", "key", "value"), SEEDS_OUT_OF_RANGE)
+def test_every_seed_key_is_checked_before_any_work(stage, key, value):
+    with pytest.raises(UserError, match=rf"{key} {SEED_RANGE}, got -?92233720368547758"):
+        check_seeds(OmegaConf.create({"seed": 0, "encoder_seed": 0, key: value}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "key", "value"), SEEDS_OUT_OF_RANGE)
+def test_a_seed_out_of_range_is_refused_in_one_line(tmp_path, stage, key, value):
+    override = f"{key}={value}".replace(" ", "")
+    line = one_line_refusal(sslfuse(stage, "preset=smoke", override, "hydra.run.dir=out", cwd=tmp_path, check=False))
+    assert f"{key} must be an integer in [-4294967295, 4294967295]" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+OPTION_PATHS = [
+    ("pretrain", "pretext=../preset/smoke", "rotation"),
+    ("fuse", "fusion=/etc/passwd", "concat"),
+    ("run", "dataset=../pretext/rotation", "fashion_mnist"),
+    ("cache", "encoder=..\\encoder\\small_cnn", "small_cnn"),
+    ("pretrain", "preset=../fusion/concat", "smoke"),
+]
+
+
+@pytest.mark.parametrize(("stage", "override", "valid"), OPTION_PATHS)
+def test_an_option_name_with_path_characters_is_found_listing_the_valid_ones(stage, override, valid):
+    group, _, name = override.partition("=")
+    problem = group_choice_problem(["preset=smoke", override])
+    assert f"{group}={name} is not a plain name" in problem and valid in problem
+    assert group_choice_problem(["preset=smoke", f"{group}={valid}", "pretexts=[rotation]"]) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "override", "valid"), OPTION_PATHS)
+def test_an_option_name_with_path_characters_is_refused_in_one_line(tmp_path, stage, override, valid):
+    line = one_line_refusal(sslfuse(stage, override, cwd=tmp_path, check=False))
+    group, _, name = override.partition("=")
+    assert f"{group}={name} is not a plain name" in line and valid in line
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_swept_option_name_with_path_characters_is_refused(tmp_path):
+    line = one_line_refusal(sslfuse("pretrain", "-m", "preset=smoke", "pretext=rotation,../preset/smoke",
+                                    cwd=tmp_path, check=False))
+    assert "pretext=../preset/smoke is not a plain name" in line
