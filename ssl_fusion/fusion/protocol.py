@@ -16,8 +16,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+from sklearn.preprocessing import LabelEncoder
 
-from ssl_fusion.config import LabelsConfig, as_plain, load_option
+from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
@@ -150,6 +151,24 @@ def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[s
     return {name: features[name] for name in wanted}
 
 
+def refuse_unseen_classes(train_labels: np.ndarray, test_labels: np.ndarray) -> None:
+    """A one-line UserError listing the test labels that no train label has (no head can predict them)."""
+    unseen = np.setdiff1d(test_labels, train_labels).tolist()
+    if unseen:
+        shown = ", ".join(map(str, unseen[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise UserError(f"test labels hold classes never seen in train: {shown}")
+
+
+def class_count(train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
+    """The number of classes when labels are class indices (a dataset's 0..K-1): a UserError for a negative id or for a
+    test class the train split lacks. ``fuse_arrays`` encodes any other labels first."""
+    lowest = min(int(train_labels.min()), int(test_labels.min()))
+    if lowest < 0:
+        raise UserError(f"class ids must be >= 0, got {lowest}; fuse_arrays takes labels of any kind")
+    refuse_unseen_classes(train_labels.numpy(), test_labels.numpy())
+    return int(train_labels.max()) + 1
+
+
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
     """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
     context."""
@@ -165,12 +184,12 @@ def fuse_result(
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
+    num_classes = class_count(train_labels, test_labels)
     labeled = labels_cfg.subset(train_labels, seed)
     labels = train_labels[labeled]
     check_folds(fusion, labels)
     train = [s.labeled_rows(labeled) for s in sets]
     test = [s.standardized(s.test) for s in sets]
-    num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
     used, extra = pretexts, {}
     if fusion.screen and len(pretexts) > 1:
@@ -184,6 +203,7 @@ def fuse_result(
     probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
     details = {
+        "classes": list(range(num_classes)),
         "head_parameters": parameters,
         "first_loss": losses[0],
         "final_loss": losses[-1],
@@ -219,6 +239,36 @@ def fuse_result(
     )
 
 
+def encoded_labels(train_labels: Any, test_labels: Any) -> tuple[LabelEncoder, torch.Tensor, torch.Tensor]:
+    """Labels of any kind scikit-learn accepts as class indices into their sorted distinct train values, as its
+    classifiers encode them; a one-line UserError for labels not one per row or a test class the train split lacks."""
+    train, test = np.asarray(train_labels), np.asarray(test_labels)
+    for key, labels in (("train_labels", train), ("test_labels", test)):
+        if labels.ndim != 1:
+            raise UserError(f"{key} must be one label per row (a 1-D array), got shape {labels.shape}")
+    encoder = LabelEncoder().fit(train)
+    refuse_unseen_classes(train, test)
+    return encoder, *(torch.as_tensor(encoder.transform(labels), dtype=torch.long) for labels in (train, test))
+
+
+def feature_set(name: str, train: Any, test: Any, train_labels: torch.Tensor, test_labels: torch.Tensor) -> FeatureSet:
+    """One pretext's arrays as a ``FeatureSet``; a UserError naming the pretext when the splits do not fit together."""
+    train, test = as_rows(name, train, len(train_labels), "train"), as_rows(name, test, len(test_labels), "test")
+    if train.shape[1] != test.shape[1]:
+        raise UserError(f"test features of '{name}' have {test.shape[1]} columns, train features {train.shape[1]}")
+    return FeatureSet(train, test, train_labels, test_labels)
+
+
+def named_classes(result: dict[str, Any], encoder: LabelEncoder) -> dict[str, Any]:
+    """``result`` with its classes as the labels given to ``fuse_arrays`` rather than their indices."""
+    classes = encoder.classes_.tolist()
+    named = {"classes": classes}
+    if "pretext_weights_per_class" in result:
+        per_class = result["pretext_weights_per_class"].items()
+        named["pretext_weights_per_class"] = {str(classes[int(c)]): weights for c, weights in per_class}
+    return {**result, **named}
+
+
 def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
     """``values`` as a float32 (rows, dim) tensor; a UserError naming the pretext and split when it is not one."""
     array = torch.as_tensor(np.asarray(values), dtype=torch.float32)
@@ -244,14 +294,14 @@ def fuse_arrays(
     with ``train_labels``) and test features (aligned with ``test_labels``); ``fusion`` names a head and
     ``options`` overrides its ``conf/fusion/<name>.yaml``; ``fraction`` or ``per_class`` the label regime.
     Returns the result record ``sslfuse fuse`` writes (``test_accuracy``, ``selected_l2``, ``folds``, ...).
-    Features are standardised by the train split's statistics, as cached features are."""
+    Features are standardised by the train split's statistics, as cached features are. Labels may be of any kind
+    (strings, any integers): they are encoded as scikit-learn encodes them, and ``classes`` lists them in the order
+    of the class indices."""
     if set(train) != set(test) or not train:
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
-    y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    y_test = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
-    sets = {
-        name: FeatureSet(as_rows(name, train[name], len(y_train), "train"), as_rows(name, test[name], len(y_test), "test"), y_train, y_test)
-        for name in train
-    }
+    check_seed("seed", seed)
+    encoder, y_train, y_test = encoded_labels(train_labels, test_labels)
+    sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")
-    return fuse_once(sets, config, LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class), seed)
+    labels_cfg = LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class)
+    return named_classes(fuse_once(sets, config, labels_cfg, seed), encoder)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.config import TrainOverrides, as_plain, check_seeds, load_option
 from ssl_fusion.data.datasets import (
     DATASETS,
     DatasetConfig,
@@ -88,6 +88,7 @@ def check_positive(name: str, value: float | None) -> None:
 def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
     ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
+    check_seeds(cfg)
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads", "checkpoint_every_steps"):
         check_positive(f"train.{key}", getattr(overrides, key))
