@@ -7,6 +7,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterable, List, Optional
@@ -24,6 +25,10 @@ from ssl_fusion.runtime.registry import Registry
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
+# Seeds are scaled before they seed a generator (e.g. ``seed * 100003 * 4099`` per epoch and rank in pretraining):
+# within this bound every derived seed stays inside torch's 64-bit range.
+MAX_SEED = 2**32 - 1
+SEED_KEYS = ("seed", "encoder_seed", "seeds", "encoder_seeds")
 
 
 @dataclass
@@ -173,6 +178,21 @@ def register_schemas() -> None:
         ("run_schema", RunStage),
     ]:
         store.store(name=name, node=node)
+
+
+def check_seed(key: str, seed: Any) -> None:
+    """Refuse a seed that is not an integer within ``MAX_SEED`` of zero, in one line naming ``key``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or abs(int(seed)) > MAX_SEED:
+        raise UserError(f"{key} must be an integer in [-{MAX_SEED}, {MAX_SEED}], got {seed!r}")
+
+
+def check_seeds(cfg: Any) -> None:
+    """Check every seed a stage config holds (``seed``, ``encoder_seed`` and the lists ``seeds``, ``encoder_seeds``)."""
+    for key in SEED_KEYS:
+        value = cfg.get(key)
+        seeds = list(value) if OmegaConf.is_list(value) else [] if value is None else [value]
+        for seed in seeds:
+            check_seed(key, seed)
 
 
 def load_option(registry: Registry, name: str) -> Any:

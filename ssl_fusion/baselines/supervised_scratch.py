@@ -15,7 +15,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from ssl_fusion.data.splits import split_validation
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.baselines import BASELINES
+from ssl_fusion.evaluation.result import FuseResult, titled
 from ssl_fusion.fusion import FusionMethod
+from ssl_fusion.fusion.protocol import changed_options
 from ssl_fusion.fusion.training import score
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
@@ -169,7 +171,7 @@ class SupervisedScratch(FusionMethod):
         """Same signature as a head's (dims are unused): the stages build every method before any work."""
         self.cfg = cfg
 
-    def evaluate(self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
+    def evaluate(self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int) -> FuseResult:
         """Train on the protocol's labeled subset for ``seed``, score on the test split: the same record as a head's."""
 
         data = ctx.data
@@ -180,21 +182,22 @@ class SupervisedScratch(FusionMethod):
         )
         probs = predict_proba(network, data.test_images, ctx.device, ctx.dtype)
         accuracy, nll = score(probs, data.test_labels)
-        return {
-            "method": f"{self.cfg.name}({ctx.encoder_cfg.name})",
-            "uses_all_labels": False,
-            "peeks_at_test": False,
-            "fusion": self.cfg.name,
-            "pretexts": [],
-            **labels_cfg.fields(labeled, seed, data.train_labels),
-            "test_accuracy": accuracy,
-            "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
-            "test_nll": nll,
-            "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
-            "selected_steps": selection.steps,
-            "val_accuracy": selection.val_accuracy,
-            "first_loss": losses[0],
-            "final_loss": losses[-1],
-            "fit_seconds": time.perf_counter() - started,
-            "fusion_config": as_plain(self.cfg),
-        }
+        options = changed_options(self.cfg, BASELINES)
+        return FuseResult(
+            method=f"{titled(self.cfg.name, options)}({ctx.encoder_cfg.name})",
+            title=titled(self.cfg.name, options),
+            family=self.cfg.name,
+            options=options,
+            pretexts=[],
+            labels=labels_cfg.fields(labeled, seed, data.train_labels),
+            metrics={"test_accuracy": accuracy, "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
+                     "test_nll": nll},
+            selection={
+                "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
+                "selected_steps": selection.steps,
+                "val_accuracy": selection.val_accuracy,
+                "selection": "validation split" if self.cfg.refit else "validation split, best checkpoint",
+            },
+            details={"first_loss": losses[0], "final_loss": losses[-1], "fit_seconds": time.perf_counter() - started,
+                     "fusion_config": as_plain(self.cfg)},
+        )

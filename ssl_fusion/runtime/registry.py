@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Generic, TypeVar
@@ -18,6 +19,18 @@ from omegaconf.errors import OmegaConfBaseException
 from ssl_fusion.runtime.errors import UserError
 
 T = TypeVar("T")
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` names an option and no path: no separator, not hidden, not ``.`` or ``..``."""
+    return not re.search(r"[/\\]", name) and not name.startswith(".")
+
+
+def check_plain_name(kind: str, name: str, valid: list[str]) -> None:
+    """Refuse an option name with path characters (``pretext=../preset/smoke``), which would read another group's
+    file: one line listing the ``valid`` names of ``kind``."""
+    if not is_plain_name(name):
+        raise UserError(f"{kind}={name} is not a plain name; valid {kind} options: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)

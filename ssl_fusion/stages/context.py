@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.config import TrainOverrides, as_plain, check_seeds, load_option
 from ssl_fusion.data.datasets import (
     DATASETS,
     DatasetConfig,
@@ -83,6 +83,7 @@ def open_dataset(node, data_dir: str | None, stream: bool, key: str = "dataset")
 def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
     ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
+    check_seeds(cfg)
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     OmegaConf.to_object(cfg.probe)  # refuses a probe option out of range before any work
     if overrides.num_threads:

@@ -21,7 +21,8 @@ from ssl_fusion.config import (
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.fusion import FusionConfig
-from ssl_fusion.fusion.protocol import check_folds, fuse_once, head_threads
+from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
@@ -107,14 +108,14 @@ def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache
 
 def evaluate_method(
     ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int, features: Callable[[], dict[str, FeatureSet]]
-) -> dict[str, Any]:
-    """One result of ``fusion``: a method that trains on the labeled images (``needs_images``, e.g.
-    ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
+) -> FuseResult:
+    """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
+    (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
     method = lookup_method(fusion.name)
     if method.needs_images:
-        return method(fusion).evaluate(ctx, labels_cfg, seed)
+        return method(fusion).evaluate(ctx, labels_cfg, seed).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
-        return fuse_once(features(), fusion, labels_cfg, seed)
+        return fuse_result(features(), fusion, labels_cfg, seed).in_context(run_context(ctx))
 
 
 def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
@@ -124,17 +125,23 @@ def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: F
         check_folds(fusion, train_labels[labeled])
 
 
-def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
-    """``results.json`` and a one-row ``results.csv``, each written atomically."""
-    record = {**result, **context}
+def write_result(folder: Path, result: FuseResult) -> None:
+    """``results.json`` (the result's record) and a one-row ``results.csv`` of its scalars, each written
+    atomically."""
+    record = result.to_record()
     atomic_write_json(folder / "results.json", record)
     flat = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
-    flat["pretexts"] = "+".join(result["pretexts"])
+    flat["pretexts"] = "+".join(result.pretexts)
     atomic_write_text(folder / "results.csv", pd.DataFrame([flat]).to_csv(index=False))
 
 
 def run_context(ctx: StageContext) -> dict[str, Any]:
-    return {"dataset": ctx.dataset_cfg.name, "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed}
+    """What a result ran on (``FuseResult``'s context fields): the data by name and by content, the encoders."""
+    fingerprints = ctx.fingerprints
+    return {"dataset": ctx.dataset_cfg.name, "pretraining_dataset": (ctx.pretrain_dataset_cfg or ctx.dataset_cfg).name,
+            "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed,
+            "data_fingerprint": f"{fingerprints['train']}/{fingerprints['test']}",
+            "pretraining_fingerprint": ctx.pretraining.fingerprints["train"]}
 
 
 def cache_command(pretexts: list[str]) -> str:
@@ -155,6 +162,6 @@ def main(cfg: DictConfig) -> None:
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     command = cache_command([p for p in used if p not in imported])
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command, imported, external))
-    write_result(Path(run_dir()), result, run_context(ctx))
-    print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
-          f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")
+    write_result(Path(run_dir()), result)
+    print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
+          f"test accuracy {result.accuracy:.4f}; results in {run_dir()}")

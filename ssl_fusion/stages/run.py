@@ -38,7 +38,6 @@ from ssl_fusion.stages.fuse import (
     evaluate_method,
     external_features,
     imported_features,
-    run_context,
     write_result,
 )
 from ssl_fusion.stages.methods import METHODS, lookup_method
@@ -119,9 +118,9 @@ def main(cfg: DictConfig) -> None:
         for fusion, used in heads:
             for seed in cfg.seeds:
                 result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
-                write_result(where / result["method"] / f"seed{seed}", result, run_context(ctx))
-                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result["method"], encoder_seed, seed,
-                         result["test_accuracy"])
+                write_result(where / result.method / f"seed{seed}", result)
+                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result.method, encoder_seed, seed,
+                         result.accuracy)
     table, md_path, _ = write_report(out)
     print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
