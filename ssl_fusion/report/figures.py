@@ -149,7 +149,7 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
                           elinewidth=2.5 if primary else 1.5)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(part)), labels, fontsize=8)
-        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval, Holm-adjusted "
-                       "for primary comparisons (green: above 0, red: below)", fontsize=9)
+        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval (primary: "
+                       "Holm-adjusted; green: above 0, red: below)", fontsize=9)
         axis.set_xlabel("accuracy points")
     save_figure(figure, path)
