@@ -14,6 +14,7 @@ STAGES = {
     "fuse": "train a fusion head on cached features, evaluate    (sslfuse fuse fusion=attention labels.fraction=0.01)",
     "run": "pretrain + cache what is missing, fuse, print table (sslfuse run, sslfuse run preset=smoke)",
     "report": "aggregate results under a folder into tables       (sslfuse report outputs/multirun/...)",
+    "study": "run what a declared study lacks, judge its claims   (sslfuse study study=smoke)",
 }
 
 USAGE = "usage: sslfuse <stage> [key=value ...] [--cfg job] [-m]\n\nstages:\n" + "\n".join(
@@ -32,14 +33,27 @@ def one_line(text: str) -> str:
     return folded
 
 
-def allowed_keys(stage: str, full_key: str) -> str:
-    """'; allowed keys under X: ...' for an unknown key, from the stage's config without overrides."""
+def allowed_keys(stage: str, full_key: str, choices: list[str], kind: object = None) -> str:
+    """'; allowed keys under X: ...' for an unknown key, from the stage's config with only the user's ``choices`` of
+    config groups (``study=smoke``: a group without a default must be chosen); for a key of an item of a typed list,
+    whose ``full_key`` OmegaConf gives without the list, the fields of the item's type ``kind``."""
+    import dataclasses
+
     from hydra import compose
+    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
 
+    from ssl_fusion.config import CONF_DIR
+
     parent = full_key.rpartition(".")[0]
-    node = compose(config_name=stage)
+    groups = [o for o in choices if "." not in o.partition("=")[0] and (CONF_DIR / o.partition("=")[0]).is_dir()]
+    try:
+        node = compose(config_name=stage, overrides=groups)
+    except HydraException:
+        return ""
     node = OmegaConf.select(node, parent) if parent else node
+    if dataclasses.is_dataclass(kind) and not (isinstance(node, DictConfig) and OmegaConf.get_type(node) is kind):
+        return f"; allowed keys of a {kind.__name__}: {', '.join(f.name for f in dataclasses.fields(kind))}"
     if not isinstance(node, DictConfig):
         return ""
     return f"; allowed keys under {parent or 'the top level'}: {', '.join(str(k) for k in node.keys())}"
@@ -106,7 +120,7 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
                 return one_line(str(err))
             message = one_line(str(err).split("To append to your config")[0]) + f" ({one_line(str(cause).split('full_key')[0])})"
             if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
-                message += allowed_keys(stage, cause.full_key)
+                message += allowed_keys(stage, cause.full_key, job, getattr(cause, "object_type", None))
             return message
     return None
 

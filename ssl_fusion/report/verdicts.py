@@ -1,0 +1,176 @@
+"""The verdicts of a declared study (``sslfuse study``, ``docs/studies.md``): each claim's estimate, its Holm-adjusted
+interval with the claims as the one primary family, P(improvement), and met / not met / inconclusive.
+
+No statistic is computed here: the paired rows come from ``paired.paired_differences`` (design-aware intervals) and
+the family's adjustment from ``paired.mark_primaries`` (Holm), as ``sslfuse report --primary`` gives them. This
+module picks each claim's rows, applies the verdict rule (``verdict``) and writes ``verdicts.md`` and
+``verdicts.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+from omegaconf import MISSING
+
+from ssl_fusion.report.paired import Primary, interval_text, mark_primaries, paired_differences
+from ssl_fusion.runtime.checks import Checked, Rule, one_of
+from ssl_fusion.store.files import atomic_write_text
+
+GREATER, LESS, EQUIVALENT = "greater", "less", "equivalent"
+DIRECTIONS = (GREATER, LESS, EQUIVALENT)
+CLAIM_KEYS = ("method", "reference", "regime", "direction", "margin")
+MET, NOT_MET, INCONCLUSIVE = "met", "not met", "inconclusive"
+RULE_TEXT = (
+    "A claim is **met** when its Holm-adjusted 95% interval of method − reference (accuracy points) lies entirely "
+    "on the claimed side of the margin: above it for `greater` (low > margin), below it for `less` (high < margin), "
+    "inside (−margin, +margin) for `equivalent`. It is **not met** when the interval lies entirely on the other side: "
+    "high ≤ margin for `greater`, low ≥ margin for `less`, wholly at or beyond ±margin for `equivalent`. Otherwise, "
+    "or when there is no interval (fewer than two pairs, or nothing varies), it is **inconclusive**.")
+
+
+@dataclass
+class ClaimConfig(Checked):
+    """One declared claim: ``method`` − ``reference`` on the ``regime`` (a table's name: ``1%``, ``5/class``) is
+    greater than / less than ``margin`` accuracy points, or within ±``margin`` of 0 (``equivalent``)."""
+
+    section: ClassVar[str] = "claim"
+    method: str = MISSING
+    reference: str = MISSING
+    regime: str = MISSING
+    margin: float = MISSING
+    direction: str = GREATER
+
+    def rules(self) -> dict[str, Rule]:
+        return {"margin": Rule(math.isfinite, "a finite number of accuracy points", math.nan),
+                "direction": one_of(DIRECTIONS)}
+
+    def text(self) -> str:
+        """The claim in words: ``attention − concat > 0 at 1%``, ``mean − concat within ±1 at 1%``."""
+        difference = f"{self.method} − {self.reference}"
+        claim = {GREATER: f"{difference} > {self.margin:g}", LESS: f"{difference} < {self.margin:g}",
+                 EQUIVALENT: f"{difference} within ±{self.margin:g}"}[self.direction]
+        return f"{claim} at {self.regime}"
+
+
+def verdict(direction: str, margin: float, low: float, high: float) -> str:
+    """Met / not met / inconclusive for an interval [low, high] (the rule of ``RULE_TEXT``)."""
+    if math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if direction == GREATER:
+        return MET if low > margin else NOT_MET if high <= margin else INCONCLUSIVE
+    if direction == LESS:
+        return MET if high < margin else NOT_MET if low >= margin else INCONCLUSIVE
+    if -margin < low and high < margin:
+        return MET
+    return NOT_MET if low >= margin or high <= -margin else INCONCLUSIVE
+
+
+def claim_rows(differences: pd.DataFrame, claim: ClaimConfig) -> pd.DataFrame:
+    """The paired rows a claim names: its method (a title or a label), reference and regime, on every dataset."""
+    if differences.empty:
+        return differences
+    method = (differences["method_title"] == claim.method) | (differences["method"] == claim.method)
+    return differences[method & (differences["reference_title"] == claim.reference)
+                       & (differences["regime"] == claim.regime)]
+
+
+def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
+    """One row per claim and dataset: the estimate, the interval Holm-adjusted over the claims' rows as one family,
+    P(improvement) with its interval, and the verdict; a claim without paired results gets one inconclusive row that
+    says so."""
+    differences = paired_differences(results, sorted({claim.reference for claim in claims}))
+    if not differences.empty:
+        # paired_differences rounds the estimate for its tables; the unadjusted interval is symmetric about it
+        exact = (differences["low"] + differences["high"]) / 2
+        differences = differences.assign(difference=exact.where(exact.notna(), differences["difference"]))
+    parts = [claim_rows(differences, claim).assign(claim=number) for number, claim in enumerate(claims, start=1)]
+    found = [part for part in parts if not part.empty]
+    family = pd.DataFrame()
+    if found:
+        primaries = [Primary(claim.method, claim.reference) for claim, part in zip(claims, parts) if not part.empty]
+        family = mark_primaries(pd.concat(found, ignore_index=True), primaries)
+    missing = pd.DataFrame([{"claim": number, "pairs": "0", "note": "no paired results"}
+                            for number, part in enumerate(parts, start=1) if part.empty])
+    return verdict_table(pd.concat([family, missing], ignore_index=True), claims)
+
+
+def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
+    """``judge``'s rows with the claim's fields and the verdict, in claim order (``verdicts.csv``)."""
+    blank = {"dataset": "", "encoder": "", "resampled": "", "note": ""}
+    for column in ("holm_low", "holm_high", "holm_confidence", "p (Holm)", "difference", "p_improvement",
+                   "p_improvement_low", "p_improvement_high", *blank):
+        if column not in table:
+            table[column] = blank.get(column, math.nan)
+    table = table.sort_values("claim", kind="stable").reset_index(drop=True).fillna(blank)
+    spec = [claims[number - 1] for number in table["claim"]]
+    low, high = table["holm_low"].astype(float), table["holm_high"].astype(float)
+    return pd.DataFrame({
+        "claim": table["claim"], "statement": [c.text() for c in spec], "dataset": table["dataset"],
+        "encoder": table["encoder"], "method": [c.method for c in spec], "reference": [c.reference for c in spec],
+        "regime": [c.regime for c in spec], "direction": [c.direction for c in spec],
+        "margin": [c.margin for c in spec], "pairs": table["pairs"], "estimate": table["difference"].astype(float),
+        "holm_low": low, "holm_high": high, "holm_confidence": table["holm_confidence"].astype(float),
+        "p_holm": table["p (Holm)"].astype(float), "p_improvement": table["p_improvement"].astype(float),
+        "p_improvement_low": table["p_improvement_low"].astype(float),
+        "p_improvement_high": table["p_improvement_high"].astype(float), "resampled": table["resampled"],
+        "verdict": [verdict(c.direction, c.margin, lo, hi) for c, lo, hi in zip(spec, low, high)],
+        "note": table["note"],
+    })
+
+
+def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts as the Markdown page and the terminal show them."""
+    improvement = [("–" if math.isnan(p) else f"{p:.2f}") + ("" if math.isnan(lo) else f" {interval_text(lo, hi)}")
+                   for p, lo, hi in zip(verdicts["p_improvement"], verdicts["p_improvement_low"],
+                                        verdicts["p_improvement_high"])]
+    view = pd.DataFrame({
+        "#": verdicts["claim"], "claim": verdicts["statement"], "dataset": verdicts["dataset"],
+        "pairs": verdicts["pairs"],
+        "estimate": verdicts["estimate"].map(lambda d: "–" if math.isnan(d) else f"{d:+.2f}"),
+        "Holm 95% interval": [interval_text(lo, hi) for lo, hi in zip(verdicts["holm_low"], verdicts["holm_high"])],
+        "p (Holm)": verdicts["p_holm"].map(lambda p: "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"),
+        "P(improvement)": [text.replace("+", "") for text in improvement],
+        "verdict": verdicts["verdict"] + verdicts["note"].map(lambda note: f" ({note})" if note else ""),
+    })
+    return view.drop(columns="dataset") if verdicts["dataset"].nunique() <= 1 else view
+
+
+def versions_markdown(versions: list[dict[str, Any]]) -> str:
+    """Each declared version of the claims, the first as declared and each amendment with its reason."""
+    text = ""
+    for number, version in enumerate(versions, start=1):
+        kind = "as first declared" if number == 1 else f"amendment: {version['amendment']}"
+        text += (f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
+                 f" with {version['results_before']} result(s) present.\n\n"
+                 + pd.DataFrame(version["claims"], columns=list(CLAIM_KEYS)).to_markdown(index=False) + "\n")
+    return text
+
+
+def write_verdicts(folder: Path, study: str, verdicts: pd.DataFrame, versions: list[dict[str, Any]],
+                   design: str) -> tuple[Path, Path]:
+    """``verdicts.md`` and ``verdicts.csv`` in ``folder``; ``versions``: the declared claims, oldest first (more than
+    one: the page says the claims were amended and shows every version); ``design``: the study in a sentence."""
+    current = versions[-1]
+    amended = len(versions) > 1
+    banner = (f"\n**Amended.** The claims were changed after results existed ({len(versions) - 1} amendment(s); "
+              f"latest reason: {current['amendment']}). The verdicts below judge the amended claims; every version "
+              "is shown at the end.\n" if amended else "")
+    markdown = (
+        f"# Study {study}: verdicts\n\n{design}\n\nClaims sha256 `{current['sha256']}`, declared "
+        f"{current['declared']}.\n{banner}\n"
+        "Estimate: mean paired difference method − reference in accuracy points, over results that share the encoder "
+        "seed and the label seed. The claims are the primary family: their intervals and p-values are Holm-adjusted "
+        "together (docs/statistics.md); P(improvement): the share of paired runs the method wins, with its "
+        "unadjusted 95% interval.\n\n" + RULE_TEXT + "\n\n" + shown(verdicts).to_markdown(index=False) + "\n"
+        + ("\nResampled: " + "; ".join(sorted(set(verdicts["resampled"]) - {""})) + ".\n"
+           if (verdicts["resampled"] != "").any() else "")
+        + f"\n## Declared claims\n{versions_markdown(versions)}")
+    md_path, csv_path = folder / "verdicts.md", folder / "verdicts.csv"
+    atomic_write_text(md_path, markdown)
+    atomic_write_text(csv_path, verdicts.to_csv(index=False))
+    return md_path, csv_path

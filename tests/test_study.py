@@ -1,0 +1,230 @@
+"""Declared studies (``sslfuse study``, docs/studies.md): a bad study file is refused in one line before any work;
+the claims are recorded before the first fuse and cannot change once results exist unless the change is declared an
+amendment; the verdict rule; the smoke study runs end to end through the CLI, and a rerun computes nothing new."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import sslfuse
+from hydra import compose, initialize_config_dir
+
+from ssl_fusion.cli import composition_problem
+from ssl_fusion.config import CONF_DIR
+from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.report.results import results_frame
+from ssl_fusion.report.verdicts import INCONCLUSIVE, MET, NOT_MET, ClaimConfig, judge, verdict, write_verdicts
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.declaration import CLAIMS_FILE, check_study, declare
+from ssl_fusion.stages.study import check_jobs
+
+
+def refusal(*overrides: str) -> str:
+    """What ``sslfuse study`` answers before any work, run in this process: the CLI's composition check, then the
+    study's own checks (``check_study``, ``check_jobs``)."""
+    problem = composition_problem("study", list(overrides))
+    if problem:
+        return problem
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="study", overrides=list(overrides))
+        try:
+            check_jobs(check_study(cfg.study), list(cfg.run))
+        except UserError as err:
+            return str(err)
+    raise AssertionError(f"not refused: {overrides}")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "You must specify 'study'"),
+    (["study=nope"], "smoke"),
+    (["study=smoke", "study.heads=[atention]"], "unknown fusion 'atention' in study.heads; valid fusions: attention"),
+    (["study=smoke", "study.pretexts=[rotaton]"], "unknown pretext 'rotaton' in study.pretexts"),
+    (["study=smoke", "study.datasets=[mnist2]"], "unknown dataset 'mnist2' in study.datasets"),
+    (["study=smoke", "study.references=[concat,attention]"], "study.references: attention is also a head"),
+    (["study=smoke", "study.claims.0.method=mean"], "study.claims[0].method: 'mean' never runs in this study"),
+    (["study=smoke", "study.claims.1.reference=ensemble"],
+     "study.claims[1].reference: 'ensemble' never runs in this study as a reference"),
+    (["study=smoke", "study.claims.0.reference=best-single"], "study.claims[0].reference: best-single needs single"),
+    (["study=smoke", "study.claims.0.margin=abc"], "study.claims.0.margin=abc (Value 'abc' of type 'str' could not be"),
+    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:big}]"],
+     "Value 'big' of type 'str' could not be converted to Float"),
+    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%'}]"],
+     "study.claims[0].margin is missing"),
+    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:1,by:2}]"],
+     "Key 'by' not in 'ClaimConfig'); allowed keys of a ClaimConfig: method, reference, regime, margin, direction"),
+    (["study=smoke", "study.heds=[attention]"], "allowed keys under study: datasets,"),
+    (["study=smoke", "study.claims.0.margin=nan"], "study.claims[0]: margin must be a finite number"),
+    (["study=smoke", "study.claims.0.direction=bigger"],
+     "study.claims[0]: direction: 'bigger' is not one of greater, less, equivalent"),
+    (["study=smoke", "study.claims.0.regime=5%"], "study.claims[0].regime: '5%' is not a regime of this study"),
+    (["study=smoke", "study.claims.1.margin=0"], "study.claims[1].margin must be > 0 for direction equivalent"),
+    (["study=smoke", "study.claims.1.reference=concat"], "study.claims[1]: attention against concat at 1% is claimed"),
+    (["study=smoke", "study.claims=[]"], "study.claims must be a non-empty list of claims"),
+    (["study=smoke", "study.label_seeds=[0,0]"], "study.label_seeds must be a non-empty list without repeats"),
+    (["study=smoke", "study.regimes=[{fraction:2}]"], "study.regimes[0]: fraction must be in (0, 1], got 2.0"),
+    (["study=smoke", "study.overrides=['train.epoch=1']"], "study: the run jobs of synthetic at 1% do not compose"),
+    (["study=smoke", "run=['labels.fractoin=0.1']"], "do not compose"),
+], ids=lambda value: value if isinstance(value, str) else " ".join(value) or "no study")
+def test_a_bad_study_is_refused_in_one_line_before_any_work(overrides, message):
+    refused = refusal(*overrides)
+    assert "\n" not in refused
+    assert message in refused, refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["study.claims.0.reference=ensemble", "study.claims.0.margin=abc"])
+def test_the_cli_refuses_a_bad_study_in_one_line_and_writes_nothing(tmp_path, override):
+    proc = sslfuse("study", "study=smoke", override, "hydra.run.dir=verdicts", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("sslfuse study: error:"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "verdicts" / "verdicts.md").exists()
+
+
+@pytest.mark.parametrize(("direction", "margin", "low", "high", "expected"), [
+    ("greater", 0.0, 0.5, 2.0, MET),
+    ("greater", 0.0, -1.0, 2.0, INCONCLUSIVE),
+    ("greater", 1.0, -2.0, 1.0, NOT_MET),
+    ("greater", -2.0, -1.5, 0.3, MET),  # non-inferiority: no worse than 2 points
+    ("less", 0.0, -3.0, -0.1, MET),
+    ("less", 0.0, 0.0, 1.0, NOT_MET),
+    ("less", 0.0, -1.0, 1.0, INCONCLUSIVE),
+    ("equivalent", 1.0, -0.5, 0.9, MET),
+    ("equivalent", 1.0, 1.0, 3.0, NOT_MET),
+    ("equivalent", 1.0, -4.0, -1.0, NOT_MET),
+    ("equivalent", 1.0, -0.5, 1.5, INCONCLUSIVE),
+    ("greater", 0.0, math.nan, math.nan, INCONCLUSIVE),
+])
+def test_the_verdict_rule(direction, margin, low, high, expected):
+    assert verdict(direction, margin, low, high) == expected
+
+
+def fake_result(title: str, encoder_seed: int, seed: int, accuracy: float, regime: str = "1%") -> FuseResult:
+    return FuseResult(method=f"{title}(a+b)", title=title, family=title, options={}, pretexts=["a", "b"],
+                      labels={"regime": regime, "seed": seed}, metrics={"test_accuracy": accuracy},
+                      dataset="synthetic", encoder="small_cnn", encoder_seed=encoder_seed)
+
+
+def fake_results() -> pd.DataFrame:
+    """3 encoder seeds × 4 label seeds: attention 5 points above concat, mean 5 below, each with some noise."""
+    noise = np.random.default_rng(0).normal(0, 0.5, (2, 3, 4))
+    results = []
+    for e in range(3):
+        for s in range(4):
+            base = 0.80 + 0.01 * e + 0.005 * s
+            results += [fake_result("concat", e, s, base), fake_result("attention", e, s, base + 0.05 + noise[0, e, s] / 100),
+                        fake_result("mean", e, s, base - 0.05 + noise[1, e, s] / 100)]
+    return results_frame(results)
+
+
+def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
+    claims = [ClaimConfig("attention", "concat", "1%", 1.0, "greater"), ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
+              ClaimConfig("attention", "concat", "5/class", 0.0, "greater")]
+    verdicts = judge(fake_results(), claims)
+    assert verdicts["verdict"].tolist() == [MET, NOT_MET, INCONCLUSIVE]
+    assert verdicts["note"].tolist() == ["", "", "no paired results"]
+    assert verdicts["estimate"].iloc[0] == pytest.approx(5.0, abs=0.5)
+    assert verdicts["estimate"].iloc[1] == pytest.approx(-5.0, abs=0.5)
+    paired = verdicts.iloc[:2]
+    assert (paired["holm_low"] < paired["estimate"]).all() and (paired["estimate"] < paired["holm_high"]).all()
+    assert paired["holm_confidence"].max() == 0.975  # Holm over the two claims with results: one family of two
+    assert paired["pairs"].tolist() == ["12 (3×4)", "12 (3×4)"]
+    assert paired["p_improvement"].tolist() == [1.0, 0.0]
+
+
+CLAIMS = [ClaimConfig("attention", "concat", "1%", 0.0, "greater")]
+
+
+def test_claims_are_recorded_and_changing_them_after_results_needs_an_amendment(tmp_path):
+    first = declare(tmp_path, CLAIMS, 0, None)
+    changed = [dataclasses.replace(CLAIMS[0], margin=1.0)]
+    assert declare(tmp_path, changed, 0, None)["versions"][0]["claims"][0]["margin"] == 1.0  # no results: replaced
+    declare(tmp_path, CLAIMS, 0, None)
+    assert declare(tmp_path, CLAIMS, 5, None) == first | {"versions": first["versions"]}  # unchanged: accepted
+    with pytest.raises(UserError, match=r"differ from the claims declared in .* and 5 result\(s\) exist; .* amend="):
+        declare(tmp_path, changed, 5, None)
+    assert len(json.loads((tmp_path / CLAIMS_FILE).read_text())["versions"]) == 1
+    amended = declare(tmp_path, changed, 5, "a margin of 1 point is what matters")
+    assert [v["amendment"] for v in amended["versions"]] == [None, "a margin of 1 point is what matters"]
+    assert amended["versions"][1]["results_before"] == 5
+    assert json.loads((tmp_path / CLAIMS_FILE).read_text()) == amended
+    (tmp_path / CLAIMS_FILE).unlink()
+    with pytest.raises(UserError, match="no declared claims"):
+        declare(tmp_path, CLAIMS, 5, None)
+
+
+def test_an_amended_verdict_page_says_so_and_shows_both_versions(tmp_path):
+    declare(tmp_path, CLAIMS, 0, None)
+    changed = [dataclasses.replace(CLAIMS[0], margin=1.0)]
+    versions = declare(tmp_path, changed, 12, "why")["versions"]
+    md_path, csv_path = write_verdicts(tmp_path, "demo", judge(fake_results(), changed), versions, "Design: a test.")
+    page = md_path.read_text()
+    assert "**Amended.**" in page and "latest reason: why" in page
+    assert "### Version 1 (as first declared)" in page and "### Version 2 (amendment: why)" in page
+    assert all(version["sha256"] in page for version in versions)
+    assert pd.read_csv(csv_path)["statement"].tolist() == ["attention − concat > 1 at 1%"]
+    unamended, _ = write_verdicts(tmp_path, "demo", judge(fake_results(), CLAIMS), versions[:1], "")
+    assert "Amended" not in unamended.read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory) -> tuple[Path, str]:
+    """A folder where ``sslfuse study study=smoke`` has run once, and what it printed."""
+    folder = tmp_path_factory.mktemp("study")
+    return folder, sslfuse("study", "study=smoke", "hydra.run.dir=first", cwd=folder).stdout
+
+
+def result_files(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in (folder / "outputs/studies/smoke/results").rglob("results.json")}
+
+
+@pytest.mark.slow
+def test_the_smoke_study_runs_end_to_end_and_writes_its_verdicts(smoke_study):
+    folder, printed = smoke_study
+    verdicts = pd.read_csv(folder / "first" / "verdicts.csv")
+    assert verdicts["statement"].tolist() == ["attention − concat > 0 at 1%", "attention − select[by=val] within ±5 at 1%"]
+    assert set(verdicts["verdict"]) <= {MET, NOT_MET, INCONCLUSIVE}
+    assert (verdicts["pairs"] == "4 (2×2)").all() and verdicts["holm_low"].notna().all()
+    assert "claim 1: attention − concat > 0 at 1%" in printed and "verdicts written to" in printed
+    page = (folder / "first" / "verdicts.md").read_text()
+    assert "Holm 95% interval" in page and "Amended" not in page
+    results = result_files(folder)
+    assert len(results) == 2 * 2 * 3  # encoder seeds × label seeds × methods
+    record = folder / "outputs/studies/smoke" / CLAIMS_FILE
+    assert json.loads(record.read_text())["versions"][0]["results_before"] == 0
+    assert record.stat().st_mtime_ns <= min(results.values())  # declared before the first fuse
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_study_computes_nothing_new(smoke_study):
+    folder, _ = smoke_study
+    before = result_files(folder)
+    printed = sslfuse("study", "study=smoke", "hydra.run.dir=again", cwd=folder).stdout
+    assert "nothing to run" in printed
+    assert result_files(folder) == before
+    assert pd.read_csv(folder / "again" / "verdicts.csv").equals(pd.read_csv(folder / "first" / "verdicts.csv"))
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_changed_claims_after_results_unless_amended(smoke_study, tmp_path):
+    shutil.copytree(smoke_study[0] / "outputs" / "studies", tmp_path / "outputs" / "studies")
+    record = tmp_path / "outputs/studies/smoke" / CLAIMS_FILE
+    declared = record.read_text()
+    refused = sslfuse("study", "study=smoke", "study.claims.0.margin=-2", "hydra.run.dir=refused", cwd=tmp_path,
+                      check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "amend=" in refused.stderr and record.read_text() == declared
+    amended = sslfuse("study", "study=smoke", "study.claims.0.margin=-2", "amend='non-inferiority is the claim'",
+                      "hydra.run.dir=amended", cwd=tmp_path)
+    assert "nothing to run" in amended.stdout
+    page = (tmp_path / "amended" / "verdicts.md").read_text()
+    assert "**Amended.**" in page and "### Version 2 (amendment: non-inferiority is the claim)" in page
+    assert "attention − concat > -2 at 1%" in page
