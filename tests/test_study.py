@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from ssl_fusion.cli import composition_problem
 from ssl_fusion.config import CONF_DIR
 from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.report.paired import Primary, paired_differences
 from ssl_fusion.report.results import results_frame
 from ssl_fusion.report.verdicts import INCONCLUSIVE, MET, NOT_MET, ClaimConfig, judge, verdict, write_verdicts
 from ssl_fusion.runtime.errors import UserError
@@ -78,6 +79,16 @@ def test_a_bad_study_is_refused_in_one_line_before_any_work(overrides, message):
     assert message in refused, refused
 
 
+@pytest.mark.parametrize("name", sorted(path.stem for path in (CONF_DIR / "study").glob("*.yaml")))
+def test_every_shipped_study_passes_its_checks(name):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="study", overrides=[f"study={name}"])
+        plan = check_study(cfg.study)
+        check_jobs(plan, [])
+    assert plan.claims and all(claim.reference in {*plan.fusions, "best-single", "select[by=val]"}
+                               for claim in plan.claims)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override", ["study.claims.0.reference=ensemble", "study.claims.0.margin=abc"])
 def test_the_cli_refuses_a_bad_study_in_one_line_and_writes_nothing(tmp_path, override):
@@ -120,13 +131,15 @@ def fake_results() -> pd.DataFrame:
     for e in range(3):
         for s in range(4):
             base = 0.80 + 0.01 * e + 0.005 * s
-            results += [fake_result("concat", e, s, base), fake_result("attention", e, s, base + 0.05 + noise[0, e, s] / 100),
+            results += [fake_result("concat", e, s, base),
+                        fake_result("attention", e, s, base + 0.05 + noise[0, e, s] / 100),
                         fake_result("mean", e, s, base - 0.05 + noise[1, e, s] / 100)]
     return results_frame(results)
 
 
 def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
-    claims = [ClaimConfig("attention", "concat", "1%", 1.0, "greater"), ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
+    claims = [ClaimConfig("attention", "concat", "1%", 1.0, "greater"),
+              ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
               ClaimConfig("attention", "concat", "5/class", 0.0, "greater")]
     verdicts = judge(fake_results(), claims)
     assert verdicts["verdict"].tolist() == [MET, NOT_MET, INCONCLUSIVE]
@@ -138,6 +151,29 @@ def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
     assert paired["holm_confidence"].max() == 0.975  # Holm over the two claims with results: one family of two
     assert paired["pairs"].tolist() == ["12 (3×4)", "12 (3×4)"]
     assert paired["p_improvement"].tolist() == [1.0, 0.0]
+
+
+def test_at_a_margin_of_0_the_verdict_intervals_are_the_reports_primary_ones():
+    """The claims' Holm adjustment is ``sslfuse report --primary``'s when every margin is 0."""
+    claims = [ClaimConfig("attention", "concat", "1%", 0.0, "greater"),
+              ClaimConfig("mean", "concat", "1%", 0.0, "less")]
+    verdicts = judge(fake_results(), claims)
+    report = paired_differences(fake_results(), ["concat"], [Primary("attention", "concat"), Primary("mean", "concat")])
+    report = report.set_index("method_title").loc[["attention", "mean"]]
+    assert verdicts["p_holm"].to_numpy() == pytest.approx(report["p (Holm)"].to_numpy(), rel=1e-9)
+    # the report's primary intervals centre on its estimate rounded to 0.01
+    assert verdicts["holm_low"].to_numpy() == pytest.approx(report["holm_low"].to_numpy(), abs=0.006)
+    assert verdicts["holm_high"].to_numpy() == pytest.approx(report["holm_high"].to_numpy(), abs=0.006)
+
+
+def test_a_claim_against_a_margin_is_tested_against_the_margin():
+    """The Holm level follows each claim's test of its margin: an effect of about 5 points claimed beyond 4.9 is not
+    adjusted as if tested against 0."""
+    verdicts = judge(fake_results(), [ClaimConfig("attention", "concat", "1%", 4.9, "greater"),
+                                      ClaimConfig("mean", "concat", "1%", 0.0, "less")])
+    near = verdicts.iloc[0]
+    assert near["p_margin"] > 0.05 and near["verdict"] == INCONCLUSIVE
+    assert near["holm_low"] < 4.9 < near["holm_high"]
 
 
 CLAIMS = [ClaimConfig("attention", "concat", "1%", 0.0, "greater")]
@@ -190,7 +226,8 @@ def result_files(folder: Path) -> dict[Path, int]:
 def test_the_smoke_study_runs_end_to_end_and_writes_its_verdicts(smoke_study):
     folder, printed = smoke_study
     verdicts = pd.read_csv(folder / "first" / "verdicts.csv")
-    assert verdicts["statement"].tolist() == ["attention − concat > 0 at 1%", "attention − select[by=val] within ±5 at 1%"]
+    assert verdicts["statement"].tolist() == ["attention − concat > 0 at 1%",
+                                              "attention − select[by=val] within ±5 at 1%"]
     assert set(verdicts["verdict"]) <= {MET, NOT_MET, INCONCLUSIVE}
     assert (verdicts["pairs"] == "4 (2×2)").all() and verdicts["holm_low"].notna().all()
     assert "claim 1: attention − concat > 0 at 1%" in printed and "verdicts written to" in printed

@@ -1,10 +1,12 @@
 """The verdicts of a declared study (``sslfuse study``, ``docs/studies.md``): each claim's estimate, its Holm-adjusted
 interval with the claims as the one primary family, P(improvement), and met / not met / inconclusive.
 
-No statistic is computed here: the paired rows come from ``paired.paired_differences`` (design-aware intervals) and
-the family's adjustment from ``paired.mark_primaries`` (Holm), as ``sslfuse report --primary`` gives them. This
-module picks each claim's rows, applies the verdict rule (``verdict``) and writes ``verdicts.md`` and
-``verdicts.csv``.
+The paired rows come from ``paired.paired_differences``: the estimate, its design-aware standard error and degrees
+of freedom, P(improvement) with its interval. The claims' rows form one family: each tests "the difference equals
+the claim's margin" with the report's t (``statistics.p_value``), Holm adjusts them together (``statistics.holm``),
+and each row's interval is taken at the level Holm tests it (``statistics.holm_confidence``, ``t_bounds``), so that
+it excludes the margin exactly when Holm rejects. At a margin of 0 these are ``sslfuse report --primary``'s adjusted
+p-values and intervals. The verdict reads the interval (``verdict``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, ClassVar
 import pandas as pd
 from omegaconf import MISSING
 
-from ssl_fusion.report.paired import Primary, interval_text, mark_primaries, paired_differences
+from ssl_fusion.report.paired import interval_text, paired_differences
+from ssl_fusion.report.statistics import CONFIDENCE, holm, holm_confidence, p_value, t_bounds
 from ssl_fusion.runtime.checks import Checked, Rule, one_of
 from ssl_fusion.store.files import atomic_write_text
 
@@ -79,10 +82,34 @@ def claim_rows(differences: pd.DataFrame, claim: ClaimConfig) -> pd.DataFrame:
                        & (differences["regime"] == claim.regime)]
 
 
+def boundary(claim: ClaimConfig, estimate: float) -> float:
+    """The value a claim's test compares the difference with: its margin, or for ``equivalent`` the end of
+    (−margin, +margin) nearer the estimate (the interval lies inside the band exactly when it excludes that end)."""
+    if claim.direction == EQUIVALENT:
+        return claim.margin if estimate >= 0 else -claim.margin
+    return claim.margin
+
+
+def adjust(family: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
+    """Holm over the claims' rows as one family, each row testing "the difference equals its claim's boundary"
+    (``boundary``) with the report's t on the design-aware standard error (``statistics.p_value``); each row's
+    interval at the level Holm tests it (``holm_confidence``), which excludes the boundary exactly when Holm rejects.
+    At a margin of 0 these are ``sslfuse report --primary``'s adjusted p-values and intervals."""
+    spec = [claims[number - 1] for number in family["claim"]]
+    tested = [p_value(d - boundary(c, d), se, df)
+              for c, d, se, df in zip(spec, family["difference"], family["standard_error"], family["df"])]
+    adjusted = holm(tested)
+    levels = holm_confidence(tested, adjusted, CONFIDENCE)
+    bounds = [t_bounds(d, se, df, level) if not math.isnan(level) else (math.nan, math.nan)
+              for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)]
+    return family.assign(p_margin=tested, p_holm=adjusted, holm_confidence=levels, holm_low=[b[0] for b in bounds],
+                         holm_high=[b[1] for b in bounds])
+
+
 def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
-    """One row per claim and dataset: the estimate, the interval Holm-adjusted over the claims' rows as one family,
-    P(improvement) with its interval, and the verdict; a claim without paired results gets one inconclusive row that
-    says so."""
+    """One row per claim and dataset: the estimate, its interval Holm-adjusted with the claims' rows as one family
+    (``adjust``), P(improvement) with its unadjusted interval, and the verdict; a claim without paired results gets
+    one inconclusive row that says so."""
     differences = paired_differences(results, sorted({claim.reference for claim in claims}))
     if not differences.empty:
         # paired_differences rounds the estimate for its tables; the unadjusted interval is symmetric about it
@@ -90,10 +117,7 @@ def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
         differences = differences.assign(difference=exact.where(exact.notna(), differences["difference"]))
     parts = [claim_rows(differences, claim).assign(claim=number) for number, claim in enumerate(claims, start=1)]
     found = [part for part in parts if not part.empty]
-    family = pd.DataFrame()
-    if found:
-        primaries = [Primary(claim.method, claim.reference) for claim, part in zip(claims, parts) if not part.empty]
-        family = mark_primaries(pd.concat(found, ignore_index=True), primaries)
+    family = adjust(pd.concat(found, ignore_index=True), claims) if found else pd.DataFrame()
     missing = pd.DataFrame([{"claim": number, "pairs": "0", "note": "no paired results"}
                             for number, part in enumerate(parts, start=1) if part.empty])
     return verdict_table(pd.concat([family, missing], ignore_index=True), claims)
@@ -102,7 +126,7 @@ def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
 def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     """``judge``'s rows with the claim's fields and the verdict, in claim order (``verdicts.csv``)."""
     blank = {"dataset": "", "encoder": "", "resampled": "", "note": ""}
-    for column in ("holm_low", "holm_high", "holm_confidence", "p (Holm)", "difference", "p_improvement",
+    for column in ("holm_low", "holm_high", "holm_confidence", "p_margin", "p_holm", "difference", "p_improvement",
                    "p_improvement_low", "p_improvement_high", *blank):
         if column not in table:
             table[column] = blank.get(column, math.nan)
@@ -115,12 +139,17 @@ def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFram
         "regime": [c.regime for c in spec], "direction": [c.direction for c in spec],
         "margin": [c.margin for c in spec], "pairs": table["pairs"], "estimate": table["difference"].astype(float),
         "holm_low": low, "holm_high": high, "holm_confidence": table["holm_confidence"].astype(float),
-        "p_holm": table["p (Holm)"].astype(float), "p_improvement": table["p_improvement"].astype(float),
+        "p_margin": table["p_margin"].astype(float), "p_holm": table["p_holm"].astype(float),
+        "p_improvement": table["p_improvement"].astype(float),
         "p_improvement_low": table["p_improvement_low"].astype(float),
         "p_improvement_high": table["p_improvement_high"].astype(float), "resampled": table["resampled"],
         "verdict": [verdict(c.direction, c.margin, lo, hi) for c, lo, hi in zip(spec, low, high)],
         "note": table["note"],
     })
+
+
+def p_text(p: float) -> str:
+    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -133,7 +162,7 @@ def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
         "pairs": verdicts["pairs"],
         "estimate": verdicts["estimate"].map(lambda d: "–" if math.isnan(d) else f"{d:+.2f}"),
         "Holm 95% interval": [interval_text(lo, hi) for lo, hi in zip(verdicts["holm_low"], verdicts["holm_high"])],
-        "p (Holm)": verdicts["p_holm"].map(lambda p: "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"),
+        "p vs margin (Holm)": verdicts["p_holm"].map(p_text),
         "P(improvement)": [text.replace("+", "") for text in improvement],
         "verdict": verdicts["verdict"] + verdicts["note"].map(lambda note: f" ({note})" if note else ""),
     })
@@ -164,9 +193,12 @@ def write_verdicts(folder: Path, study: str, verdicts: pd.DataFrame, versions: l
         f"# Study {study}: verdicts\n\n{design}\n\nClaims sha256 `{current['sha256']}`, declared "
         f"{current['declared']}.\n{banner}\n"
         "Estimate: mean paired difference method − reference in accuracy points, over results that share the encoder "
-        "seed and the label seed. The claims are the primary family: their intervals and p-values are Holm-adjusted "
-        "together (docs/statistics.md); P(improvement): the share of paired runs the method wins, with its "
-        "unadjusted 95% interval.\n\n" + RULE_TEXT + "\n\n" + shown(verdicts).to_markdown(index=False) + "\n"
+        "seed and the label seed. The claims are the primary family: each tests whether the difference equals its "
+        "margin (for `equivalent`, the end of ±margin nearer the estimate), and Holm adjusts the tests together; "
+        "each interval is the design-aware interval at the level Holm tests it, so it excludes the margin exactly "
+        "when Holm rejects (docs/studies.md, docs/statistics.md). P(improvement): the share of paired runs the method "
+        "wins, with its unadjusted 95% interval.\n\n" + RULE_TEXT + "\n\n"
+        + shown(verdicts).to_markdown(index=False) + "\n"
         + ("\nResampled: " + "; ".join(sorted(set(verdicts["resampled"]) - {""})) + ".\n"
            if (verdicts["resampled"] != "").any() else "")
         + f"\n## Declared claims\n{versions_markdown(versions)}")

@@ -26,7 +26,7 @@ from hydra import compose
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from ssl_fusion.cli import one_line
@@ -114,7 +114,8 @@ def planned_jobs(root: Path, plan: Plan) -> list[tuple[Cell, list[str], list[int
             fusions, seeds = missing_runs(plan, seed_folder(folder, encoder_seed))
             if fusions:
                 lacking[tuple(fusions), tuple(seeds)].append(encoder_seed)
-        jobs += [(cell, list(fusions), list(seeds), encoder_seeds) for (fusions, seeds), encoder_seeds in lacking.items()]
+        jobs += [(cell, list(fusions), list(seeds), seeds_of_encoders)
+                 for (fusions, seeds), seeds_of_encoders in lacking.items()]
     return jobs
 
 
