@@ -59,6 +59,22 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+def group_choice_problem(overrides: list[str]) -> str | None:
+    """An option of a config group given as a path (``pretext=../preset/smoke``), which Hydra would read as the
+    option, in one line listing the group's options."""
+    from ssl_fusion.config import CONF_DIR
+    from ssl_fusion.runtime.registry import check_plain_name, is_plain_name
+
+    for override in overrides:
+        group, _, name = override.lstrip("+~").partition("=")
+        if is_plain_name(group) and (CONF_DIR / group).is_dir():
+            try:
+                check_plain_name(group, name, sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")))
+            except UserError as err:
+                return str(err)
+    return None
+
+
 def composition_problem(stage: str, args: list[str]) -> str | None:
     """Compose the stage's config with the user's overrides the way Hydra will, and describe a failure in
     one line (a misspelled key, a wrong type, an unknown option); with ``-m``, every swept value is checked.
@@ -80,6 +96,9 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=stage):
         try:
             for job in sweep_jobs(overrides) if multirun & set(args) else [overrides]:
+                problem = group_choice_problem(job)
+                if problem:
+                    return problem
                 compose(config_name=stage, overrides=job)
         except (HydraException, OmegaConfBaseException) as err:
             cause = err.__cause__

@@ -54,7 +54,7 @@ def test_smoke_run_writes_results_and_table(smoke_workspace):
         for key in ("test_accuracy", "selected_l2", "selected_steps", "labeled_indices_sha256"):
             assert select[key] == single[key], (key, select[key], single[key])
     for r in results:
-        if r["fusion"] != "attention":
+        if r["family"] != "attention":
             continue
         weights, per_class = r["mean_pretext_weights"], r["pretext_weights_per_class"]
         # a pretext the screen left out gets weight exactly 0, a kept one a positive share
@@ -171,7 +171,8 @@ def test_run_over_two_encoder_seeds_pairs_and_pools_them_by_name(smoke_workspace
             "pretexts=[rotation,random]", "hydra.run.dir=two_encoder_seeds", cwd=smoke_workspace)
     run = smoke_workspace / "two_encoder_seeds"
     results = [json.loads(p.read_text()) for p in run.rglob("results.json")]
-    assert sorted((r["encoder_seed"], r["seed"]) for r in results if r["fusion"] == "concat") == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    concat = [(r["encoder_seed"], r["seed"]) for r in results if r["family"] == "concat"]
+    assert sorted(concat) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert len({r["labeled_indices_sha256"] for r in results if r["seed"] == 0}) == 1  # a label seed: one subset
     markdown = (run / "report.md").read_text()
     assert "encoder seed 0+1" in markdown and "(n=2×2)" in markdown

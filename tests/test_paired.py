@@ -24,13 +24,12 @@ from ssl_fusion.report.tables import (
     write_report,
 )
 from ssl_fusion.runtime.errors import UserError
+from test_report import result_record
 
 
 def result(method: str, pretexts: list[str], accuracy: float, seed: int, encoder_seed: int = 0,
            cv_accuracy: float | None = None, regime: str = "1%") -> dict:
-    return {"method": f"{method}({'+'.join(pretexts)})", "fusion": method.split("[")[0], "pretexts": pretexts,
-            "regime": regime, "seed": seed, "test_accuracy": accuracy, "cv_accuracy": cv_accuracy,
-            "dataset": "mnist", "encoder": "small_cnn", "encoder_seed": encoder_seed}
+    return result_record(method, pretexts, accuracy, seed, regime, cv_accuracy=cv_accuracy, encoder_seed=encoder_seed)
 
 
 def write(folder: Path, records: list[dict]) -> pd.DataFrame:

@@ -165,7 +165,7 @@ def test_pretext_matching_picks_the_informative_pretext(criterion):
     assert result["chosen_pretext"] == "good"
     assert result["selection_scores"]["good"] > result["selection_scores"]["noise"]
     assert result["method"].startswith("select[oracle: uses test]" if criterion == "oracle" else f"select[by={criterion}]")
-    assert result["peeks_at_test"] == (criterion == "oracle")
+    assert result["uses_test"] == (criterion == "oracle")
 
 
 def test_macro_f1_matches_scikit_learn():

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.report.results import results_frame
 from ssl_fusion.report.tables import (
     collect_results,
     negative_transfer,
@@ -19,10 +21,26 @@ from ssl_fusion.report.tables import (
 )
 
 
+def result_record(title: str, pretexts: list[str], accuracy: float, seed: int = 0, regime: str = "1%",
+                  **fields) -> dict:
+    """A results.json object of the method ``title`` (``select[by=knn]``: family select, options by=knn) in the
+    context mnist, small_cnn, encoder seed 0 on one data fingerprint; ``fields`` replace any field or add details."""
+    family, _, option = title.partition("[")
+    key, _, value = option.rstrip("]").partition("=")
+    result = FuseResult(
+        method=f"{title}({'+'.join(pretexts)})", title=title, family=family, options={key: value} if option else {},
+        pretexts=pretexts, labels={"regime": regime, "seed": seed, "labeled_indices_sha256": f"subset{seed}"},
+        metrics={"test_accuracy": accuracy}, dataset="mnist", pretraining_dataset="mnist", encoder="small_cnn",
+        encoder_seed=0, data_fingerprint="d" * 16, pretraining_fingerprint="p" * 16)
+    return {**result.to_record(), **fields}
+
+
 def record(method: str, pretexts: list[str], accuracy: float, seed: int, screened_out: list[str] | None = None) -> dict:
-    return {"method": f"{method}({'+'.join(pretexts)})", "fusion": method.split("[")[0], "pretexts": pretexts,
-            "pretext_set": "+".join(sorted(pretexts)), "regime": "1%", "seed": seed, "test_accuracy": accuracy,
-            "screened_out": screened_out}
+    return result_record(method, pretexts, accuracy, seed, screened_out=screened_out)
+
+
+def frame(records: list[dict]) -> pd.DataFrame:
+    return results_frame([FuseResult.from_record(r) for r in records])
 
 
 def test_each_variant_of_a_head_is_compared_with_itself():
@@ -36,7 +54,7 @@ def test_each_variant_of_a_head_is_compared_with_itself():
             record("concat", ["a", "b", "noise"], 0.81, seed, screened_out=["noise"] if seed == 0 else []),
             record("concat", ["a", "b"], 0.80, seed),
         ]
-    table = negative_transfer(summarize(pd.DataFrame(rows))).set_index(["fusion", "added"])
+    table = negative_transfer(summarize(frame(rows))).set_index(["fusion", "added"])
     assert len(table) == 3
     assert table.loc[("select[by=val]", "random"), "difference"] == -2.0
     assert table.loc[("select[by=knn]", "random"), "difference"] == 5.0
@@ -49,7 +67,7 @@ def test_results_from_before_the_screen_count_no_screened_seeds():
     rows = [record("mean", ["a", "noise"], 0.7, 0), record("mean", ["a"], 0.8, 0)]
     for row in rows:
         del row["screened_out"]
-    table = negative_transfer(summarize(pd.DataFrame(rows)))
+    table = negative_transfer(summarize(frame(rows)))
     assert table["screened out"].tolist() == ["0 of 1 seeds"]
 
 
@@ -66,9 +84,7 @@ def write_results(folder: Path, records: list[dict]) -> None:
 
 
 def fused(method: str, pretexts: list[str], accuracy: float, seed: int = 0, **fields) -> dict:
-    return {"method": f"{method}({'+'.join(pretexts)})", "fusion": method.split("[")[0], "pretexts": pretexts,
-            "regime": "1%", "seed": seed, "test_accuracy": accuracy, "dataset": "mnist", "encoder": "small_cnn",
-            "encoder_seed": 0, "uses_all_labels": False, "peeks_at_test": False, **fields}
+    return result_record(method, pretexts, accuracy, seed, **fields)
 
 
 def test_two_datasets_in_one_folder_are_never_averaged(tmp_path):
@@ -96,15 +112,15 @@ def test_two_datasets_in_one_folder_are_never_averaged(tmp_path):
 
 
 def test_two_encoder_seeds_are_kept_apart_and_unrecorded_seeds_form_one_group(tmp_path):
-    """Encoders pretrained with seeds 0 and 1 give two rows, not their mean; records from before the encoder seed
-    was written fall in one group of their own."""
+    """Encoders pretrained with seeds 0 and 1 give two rows, not their mean; results without an encoder seed (run
+    outside a stage) fall in one group of their own."""
     write_results(tmp_path, [
         fused("concat", ["a"], 0.90, seed=0, encoder_seed=0), fused("concat", ["a"], 0.70, seed=0, encoder_seed=1),
         fused("concat", ["a"], 0.60, seed=0), fused("concat", ["a"], 0.62, seed=1),
     ])
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("results.json"))]
     for row in records[2:]:
-        del row["encoder_seed"]
+        row["encoder_seed"] = None
     for path, row in zip(sorted(tmp_path.rglob("results.json")), records):
         path.write_text(json.dumps(row))
     stats = summarize(collect_results(tmp_path))
@@ -119,7 +135,7 @@ def test_rows_that_peek_at_the_test_set_or_use_all_labels_are_never_best(tmp_pat
     """The oracle selection and an encoder trained with all labels have the highest means, yet the bold best of
     the column is the best honest row; the two keep their place in the ranking, unbolded."""
     rows = [
-        fused("select[oracle: uses test]", ["a", "b"], 0.95, peeks_at_test=True),
+        fused("select[oracle: uses test]", ["a", "b"], 0.95, uses_test=True, options={"by": "oracle"}),
         fused("concat", ["a[all labels]", "b"], 0.97, uses_all_labels=True),
         fused("concat", ["a", "b"], 0.80),
         fused("mean", ["a", "b"], 0.70),

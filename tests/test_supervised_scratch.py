@@ -47,8 +47,11 @@ def synthetic_data() -> ImageData:
 
 def test_it_learns_from_few_labeled_images(tmp_path):
     ctx = synthetic_context(synthetic_data(), tmp_path)
-    result = SupervisedScratch(SHORT).evaluate(ctx, LabelsConfig(per_class=25), seed=0)
-    assert result["method"] == "supervised_scratch(small_cnn)" and result["pretexts"] == []
+    result = SupervisedScratch(SHORT).evaluate(ctx, LabelsConfig(per_class=25), seed=0).to_record()
+    assert result["method"] == "supervised_scratch[steps=60,eval_every=20,batch_size=64](small_cnn)"
+    assert result["family"] == "supervised_scratch"
+    assert result["options"] == {"steps": 60, "eval_every": 20, "batch_size": 64}
+    assert result["pretexts"] == [] and not result["uses_test"] and not result["uses_all_labels"]
     assert result["n_labeled"] == 100 and result["regime"] == "25/class"
     assert result["final_loss"] < result["first_loss"]
     assert result["test_accuracy"] > 0.6, result["test_accuracy"]  # 4 classes: chance is 0.25
@@ -58,7 +61,7 @@ def test_it_learns_from_few_labeled_images(tmp_path):
 def test_it_uses_exactly_the_labeled_images_of_the_protocol(tmp_path):
     data = synthetic_data()
     labels_cfg = LabelsConfig(fraction=0.2)
-    result = SupervisedScratch(SHORT).evaluate(synthetic_context(data, tmp_path), labels_cfg, seed=1)
+    result = SupervisedScratch(SHORT).evaluate(synthetic_context(data, tmp_path), labels_cfg, seed=1).to_record()
 
     features = FeatureSet(torch.randn(len(data.train_labels), 8), torch.randn(len(data.test_labels), 8), data.train_labels, data.test_labels)
     head = fuse_once({"any": features}, load_option(FUSIONS, "concat"), labels_cfg, seed=1)
@@ -67,7 +70,8 @@ def test_it_uses_exactly_the_labeled_images_of_the_protocol(tmp_path):
     labeled = torch.zeros(len(data.train_labels), dtype=torch.bool)
     labeled[stratified_subset(data.train_labels, labels_cfg.fraction, None, seed=1)] = True
     inverted_unlabeled = torch.where(labeled[:, None, None, None], data.train_images, 255 - data.train_images)
-    again = SupervisedScratch(SHORT).evaluate(synthetic_context(dataclasses.replace(data, train_images=inverted_unlabeled), tmp_path), labels_cfg, seed=1)
+    inverted = synthetic_context(dataclasses.replace(data, train_images=inverted_unlabeled), tmp_path)
+    again = SupervisedScratch(SHORT).evaluate(inverted, labels_cfg, seed=1).to_record()
     for key in ("test_accuracy", "first_loss", "final_loss", "selected_steps", "val_accuracy"):
         assert again[key] == result[key], key
 
@@ -105,12 +109,12 @@ def test_fuse_puts_it_in_the_report_beside_the_heads(tmp_path):
     # no cached features needed: an empty artifact store is enough
     sslfuse("fuse", *TINY_RUN, "fusion=supervised_scratch", "fusion.steps=40", "fusion.eval_every=20", "artifacts_dir=empty",
             "hydra.run.dir=run/fuse/scratch", cwd=tmp_path)
-    records = {r["fusion"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "run").rglob("results.json"))}
+    records = {r["family"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "run").rglob("results.json"))}
     assert records["supervised_scratch"]["labeled_indices_sha256"] == records["concat"]["labeled_indices_sha256"]
     assert records["supervised_scratch"]["selected_steps"] in (20, 40) and records["supervised_scratch"]["dataset"] == "synthetic"
     sslfuse("report", "run", cwd=tmp_path)
     report = pd.read_csv(tmp_path / "run" / "report.csv")
-    assert sorted(report["method"]) == ["concat(random)", "supervised_scratch(small_cnn)"]
+    assert sorted(report["method"]) == ["concat(random)", "supervised_scratch[steps=40,eval_every=20](small_cnn)"]
 
 
 def tiny_labeled() -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,15 +19,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 import ssl_fusion.stages  # noqa: F401  (registers the configs' schemas)
-from ssl_fusion.config import CONF_DIR, LabelsConfig, check_cache
+from ssl_fusion.config import CONF_DIR, CacheConfig, LabelsConfig
 from ssl_fusion.evaluation.metrics import macro_f1
+from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.evaluation.reference import concat_logistic_regression_cv
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import open_context
@@ -43,14 +44,14 @@ def fuse_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="fuse", overrides=overrides)
 
 
-def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> list[dict[str, Any]]:
-    """One record per seed: LogisticRegressionCV on the concatenated standardised cached features of ``cfg.pretexts``
-    for the labeled subset `sslfuse fuse` draws for that seed, scored on the test split, with the fields (context
-    included) of `sslfuse fuse`'s results.json."""
+def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> list[FuseResult]:
+    """One result per seed: LogisticRegressionCV on the concatenated standardised cached features of ``cfg.pretexts``
+    for the labeled subset `sslfuse fuse` draws for that seed, scored on the test split, with its context as
+    `sslfuse fuse` records it."""
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     ctx = open_context(cfg, cfg.encoder_seed)
     cached = ",".join(source.name for source in sources if source.made_by_cache)
     command = f"sslfuse cache pretexts=[{cached}] (and this run's dataset keys)"
@@ -63,27 +64,28 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
         started = time.perf_counter()
         with threadpool_limits(threads):
             fit = concat_logistic_regression_cv(sets, labeled)
-        result = {
-            "method": METHOD,
-            "fusion": "reference_logreg_cv",
-            "uses_all_labels": any(s.uses_labels for s in sets),
-            "peeks_at_test": False,
-            "pretexts": pretexts,
-            **labels_cfg.fields(labeled, seed),
-            "test_accuracy": fit.accuracy(test_labels),
-            "test_macro_f1": macro_f1(fit.predictions, test_labels),
-            "selected_c": fit.chosen_c,
-            "selection": "LogisticRegressionCV(cv=5)",
-            "fit_seconds": time.perf_counter() - started,
-        }
-        records.append({**result, **run_context(ctx)})
+        result = FuseResult(
+            method=METHOD,
+            title=METHOD,
+            family="reference_logreg_cv",
+            options={},
+            pretexts=pretexts,
+            labels=labels_cfg.fields(labeled, seed, ctx.data.train_labels),
+            metrics={"test_accuracy": fit.accuracy(test_labels),
+                     "test_macro_f1": macro_f1(fit.predictions, test_labels)},
+            selection={"selected_c": fit.chosen_c, "selection": "LogisticRegressionCV(cv=5)"},
+            uses_all_labels=any(s.uses_labels for s in sets),
+            details={"fit_seconds": time.perf_counter() - started},
+        )
+        records.append(result.in_context(run_context(ctx)))
     return records
 
 
-def folder_name(record: dict[str, Any]) -> str:
+def folder_name(result: FuseResult) -> str:
     """``<pretexts>_<regime>/seed_<seed>``, safe as a path."""
-    tag = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{'+'.join(record['pretexts'])}_{record['regime'].replace('%', 'pct')}")
-    return f"{tag}/seed_{record['seed']}"
+    regime = result.labels["regime"].replace("%", "pct")
+    tag = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{'+'.join(result.pretexts)}_{regime}")
+    return f"{tag}/seed_{result.labels['seed']}"
 
 
 def main(argv: Optional[list[str]] = None) -> list[Path]:
@@ -97,13 +99,12 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
     if any("fusion" == o.partition("=")[0].lstrip("+~") or o.startswith("seed=") for o in args.overrides):
         raise UserError("give seeds with --seeds; the method is fixed (LogisticRegressionCV on the concatenation)")
     written = []
-    for record in reference_results(fuse_config(args.overrides), seeds, args.threads):
-        folder = Path(args.out) / folder_name(record)
+    for result in reference_results(fuse_config(args.overrides), seeds, args.threads):
+        folder = Path(args.out) / folder_name(result)
         folder.mkdir(parents=True, exist_ok=True)
-        write_result(folder, {k: v for k, v in record.items() if k not in ("dataset", "encoder", "encoder_seed")},
-                     {k: record[k] for k in ("dataset", "encoder", "encoder_seed")})
-        print(f"{METHOD} with {record['regime']} labels ({record['n_labeled']}), seed {record['seed']}: "
-              f"test accuracy {record['test_accuracy']:.4f}; wrote {folder / 'results.json'}")
+        write_result(folder, result)
+        print(f"{METHOD} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed "
+              f"{result.labels['seed']}: test accuracy {result.accuracy:.4f}; wrote {folder / 'results.json'}")
         written.append(folder / "results.json")
     return written
 

@@ -3,14 +3,18 @@ file; its folds and validation parts."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ssl_fusion.runtime.errors import UserError
+
+log = logging.getLogger("sslfuse")
 
 
 def regime_name(fraction: Optional[float], per_class: Optional[int], indices_file: Optional[str] = None) -> str:
@@ -23,9 +27,12 @@ def regime_name(fraction: Optional[float], per_class: Optional[int], indices_fil
 
 
 def subset_fields(
-    fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int, indices_file: Optional[str] = None
+    fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int, train_labels: torch.Tensor,
+    indices_file: Optional[str] = None,
 ) -> dict[str, Any]:
-    """The fields of a result that name its labeled subset; equal ``labeled_indices_sha256``: the same images."""
+    """The fields of a result that name its labeled subset; equal ``labeled_indices_sha256``: the same images.
+    ``classes_without_labels``: the training split's classes the subset has no label of (an indices file can leave
+    some out; the heads then never predict them)."""
     by_file = indices_file is not None
     return {
         "regime": regime_name(fraction, per_class, indices_file),
@@ -34,8 +41,14 @@ def subset_fields(
         "labels_indices_file": indices_file,
         "n_labeled": len(labeled),
         "labeled_indices_sha256": hashlib.sha256(labeled.numpy().tobytes()).hexdigest()[:16],
+        "classes_without_labels": classes_without_labels(train_labels, labeled),
         "seed": seed,
     }
+
+
+def classes_without_labels(train_labels: torch.Tensor, labeled: torch.Tensor) -> list[int]:
+    """The classes of ``train_labels`` that none of the ``labeled`` indices has, ascending."""
+    return sorted(set(torch.unique(train_labels).tolist()) - set(torch.unique(train_labels[labeled]).tolist()))
 
 
 def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int], seed: int) -> torch.Tensor:
@@ -94,25 +107,37 @@ def split_validation(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 def read_indices_file(path: str, train_size: int) -> torch.Tensor:
     """The sorted training indices listed in ``path``: one per line, or a JSON list (as published label splits are).
-    A UserError naming the file when it is missing, empty, not integers, out of range or repeats an index."""
+    A UserError naming the file when it is missing, not text, empty, not integers, out of range or repeats an index."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"labels.indices_file: no file '{path}'")
-    text = file.read_text().strip()
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise UserError(f"labels.indices_file '{path}': not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         values = json.loads(text) if text.startswith("[") else [int(line) for line in text.split()]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise UserError(f"labels.indices_file '{path}': not a JSON list or one integer index per line") from None
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise UserError(f"labels.indices_file '{path}': needs at least one index, each an integer")
+    outside = [v for v in values if not 0 <= v < train_size]  # checked before torch.tensor, which overflows past int64
+    if outside:
+        raise UserError(f"labels.indices_file '{path}': index {outside[0]} is outside the training split "
+                        f"[0, {train_size})")
     indices = torch.tensor(values)
-    outside = indices[(indices < 0) | (indices >= train_size)]
-    if len(outside):
-        raise UserError(f"labels.indices_file '{path}': index {int(outside[0])} is outside the training split [0, {train_size})")
     repeated = torch.unique(indices, return_counts=True)
     if int(repeated[1].max()) > 1:
         raise UserError(f"labels.indices_file '{path}': index {int(repeated[0][repeated[1] > 1][0])} is listed more than once")
     return indices.sort().values
+
+
+@functools.lru_cache(maxsize=None)
+def warn_classes_without_labels(indices_file: str, missing: tuple[int, ...]) -> None:
+    """Warn, once per file and not once per head and seed, of the classes an indices file labels no image of."""
+    if missing:
+        log.warning("labels.indices_file '%s' labels no image of class(es) %s of the training split: the heads never "
+                    "predict them (results record classes_without_labels)", indices_file, list(missing))
 
 
 def labeled_subset(
@@ -121,5 +146,7 @@ def labeled_subset(
     """The labeled training indices of a regime: those of ``indices_file`` when given (the seed then only seeds the
     heads), else the stratified, seeded subset."""
     if indices_file is not None:
-        return read_indices_file(indices_file, len(labels))
+        indices = read_indices_file(indices_file, len(labels))
+        warn_classes_without_labels(indices_file, tuple(classes_without_labels(labels, indices)))
+        return indices
     return stratified_subset(labels, fraction, per_class, seed)

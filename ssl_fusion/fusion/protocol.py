@@ -4,8 +4,8 @@
 and a seed: it draws the stratified labeled subset, screens out pretexts without label information,
 chooses a pretext where the head matches pretexts, chooses the head's L2 strength and training length
 by k-fold cross-validation on the labeled set, refits it on all labels and scores it on the test split.
-It returns the result record that ``sslfuse fuse`` writes. ``fuse_arrays`` does the same from plain
-arrays, for a notebook.
+``fuse_result`` returns the typed result (``ssl_fusion.evaluation.result.FuseResult``), ``fuse_once`` its flat
+record as ``sslfuse fuse`` writes it. ``fuse_arrays`` does the same from plain arrays, for a notebook.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+from sklearn.preprocessing import LabelEncoder
 
-from ssl_fusion.config import LabelsConfig, as_plain, load_option
+from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
+from ssl_fusion.evaluation.result import FuseResult, titled
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
@@ -32,33 +34,35 @@ from ssl_fusion.fusion.training import (
     train_selected,
 )
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.registry import Registry
 
 
 def head_class(fusion: FusionConfig) -> type[FusionHead]:
     return FUSIONS.get(fusion.name).impl
 
 
-def changed_options(fusion: FusionConfig) -> dict[str, Any]:
-    """The options of ``fusion`` that differ from its ``conf/fusion/<name>.yaml``, so that a sweep over an option
-    gives each value its own row (options the head shows in its own way are left out)."""
-    default, current = as_plain(load_option(FUSIONS, fusion.name)), as_plain(fusion)
+def changed_options(fusion: FusionConfig, registry: Registry = FUSIONS) -> dict[str, Any]:
+    """The options of ``fusion`` (an option of ``registry``) that differ from its ``conf/fusion/<name>.yaml``, so
+    that a sweep over an option gives each value its own row."""
+    default, current = as_plain(load_option(registry, fusion.name)), as_plain(fusion)
+    return {key: value for key, value in current.items() if value != default.get(key)}
+
+
+def method_title(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
+    """E.g. ``attention``, ``select[by=knn]``, ``attention[combine=concat]`` (options changed from the YAML, but for
+    those the head shows in its own way), ``concat[4 views]``."""
     hidden = head_class(fusion).hidden_options
-    return {key: value for key, value in current.items() if key not in hidden and value != default.get(key)}
+    shown = {key: value for key, value in changed_options(fusion).items() if key not in hidden}
+    title = titled(head_class(fusion).title(fusion), shown)
+    views = next(iter(features.values())).train_views
+    return title if views is None else f"{title}[{len(views)} views]"
 
 
 def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
-    """E.g. ``attention(rotation+simclr)``, ``select[by=knn](...)``, ``attention[combine=concat](...)`` (options
-    changed from the YAML), ``concat[4 views](...)``; a pretext trained with all labels is
-    marked ``[all labels]`` and pretext matching that peeks at the test set ``[oracle: uses test]``."""
+    """``method_title`` with the pretexts: ``attention(rotation+simclr)``; a pretext trained with all labels is
+    marked ``[all labels]`` (for people: the result's ``uses_all_labels`` says it)."""
     names = [f"{name}[all labels]" if fs.uses_labels else name for name, fs in features.items()]
-    method = head_class(fusion).title(fusion)
-    changed = changed_options(fusion)
-    if changed:
-        method += f"[{','.join(f'{key}={value}' for key, value in changed.items())}]"
-    views = next(iter(features.values())).train_views
-    if views is not None:
-        method += f"[{len(views)} views]"
-    return f"{method}({'+'.join(names)})"
+    return f"{method_title(fusion, features)}({'+'.join(names)})"
 
 
 def weights_by_class(weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int) -> dict[str, dict[str, float]]:
@@ -148,19 +152,45 @@ def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[s
     return {name: features[name] for name in wanted}
 
 
+def refuse_unseen_classes(train_labels: np.ndarray, test_labels: np.ndarray) -> None:
+    """A one-line UserError listing the test labels that no train label has (no head can predict them)."""
+    unseen = np.setdiff1d(test_labels, train_labels).tolist()
+    if unseen:
+        shown = ", ".join(map(str, unseen[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise UserError(f"test labels hold classes never seen in train: {shown}")
+
+
+def class_count(train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
+    """The number of classes when labels are class indices (a dataset's 0..K-1): a UserError for a negative id or for a
+    test class the train split lacks. ``fuse_arrays`` encodes any other labels first."""
+    lowest = min(int(train_labels.min()), int(test_labels.min()))
+    if lowest < 0:
+        raise UserError(f"class ids must be >= 0, got {lowest}; fuse_arrays takes labels of any kind")
+    refuse_unseen_classes(train_labels.numpy(), test_labels.numpy())
+    return int(train_labels.max()) + 1
+
+
 def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
+    """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
+    context."""
+    return fuse_result(features, fusion, labels_cfg, seed).to_record()
+
+
+def fuse_result(
+    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int
+) -> FuseResult:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
     Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
     features = head_inputs(fusion, features)
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
+    num_classes = class_count(train_labels, test_labels)
     labeled = labels_cfg.subset(train_labels, seed)
     labels = train_labels[labeled]
     check_folds(fusion, labels)
     train = [s.labeled_rows(labeled) for s in sets]
     test = [s.standardized(s.test) for s in sets]
-    num_classes = int(train_labels.max()) + 1
     started = time.perf_counter()
     used, extra = pretexts, {}
     if fusion.screen and len(pretexts) > 1:
@@ -173,24 +203,9 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
     probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
-    result = {
-        "method": method_label(fusion, features),
-        "uses_all_labels": any(s.uses_labels for s in sets),
-        "peeks_at_test": head_class(fusion).peeks_at_test(fusion),
-        "fusion": fusion.name,
-        "pretexts": pretexts,
-        **labels_cfg.fields(labeled, seed),
-        "test_accuracy": accuracy,
-        "test_macro_f1": macro_f1(probs.argmax(1), test_labels),
-        "test_nll": nll,
-        "selected_l2": selection.l2,
-        "selected_steps": selection.steps,
-        "cv_accuracy": selection.accuracy,
-        "cv_nll": selection.nll,
-        "folds": selection.folds,
-        "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
+    details = {
+        "classes": list(range(num_classes)),
         "head_parameters": parameters,
-        "cached_views": len(train[0]) - 1,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "fit_seconds": time.perf_counter() - started,
@@ -200,9 +215,59 @@ def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg:
     }
     if weights is not None:
         weights = with_screened_columns(weights, used, pretexts)
-        result["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
-        result["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
-    return result
+        details["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
+        details["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
+    return FuseResult(
+        method=method_label(fusion, features),
+        title=method_title(fusion, features),
+        family=fusion.name,
+        options=changed_options(fusion),
+        pretexts=pretexts,
+        labels=labels_cfg.fields(labeled, seed, train_labels),
+        metrics={"test_accuracy": accuracy, "test_macro_f1": macro_f1(probs.argmax(1), test_labels), "test_nll": nll},
+        selection={
+            "selected_l2": selection.l2,
+            "selected_steps": selection.steps,
+            "cv_accuracy": selection.accuracy,
+            "cv_nll": selection.nll,
+            "folds": selection.folds,
+            "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
+        },
+        uses_test=head_class(fusion).peeks_at_test(fusion),
+        uses_all_labels=any(s.uses_labels for s in sets),
+        cached_views=len(train[0]) - 1,
+        details=details,
+    )
+
+
+def encoded_labels(train_labels: Any, test_labels: Any) -> tuple[LabelEncoder, torch.Tensor, torch.Tensor]:
+    """Labels of any kind scikit-learn accepts as class indices into their sorted distinct train values, as its
+    classifiers encode them; a one-line UserError for labels not one per row or a test class the train split lacks."""
+    train, test = np.asarray(train_labels), np.asarray(test_labels)
+    for key, labels in (("train_labels", train), ("test_labels", test)):
+        if labels.ndim != 1:
+            raise UserError(f"{key} must be one label per row (a 1-D array), got shape {labels.shape}")
+    encoder = LabelEncoder().fit(train)
+    refuse_unseen_classes(train, test)
+    return encoder, *(torch.as_tensor(encoder.transform(labels), dtype=torch.long) for labels in (train, test))
+
+
+def feature_set(name: str, train: Any, test: Any, train_labels: torch.Tensor, test_labels: torch.Tensor) -> FeatureSet:
+    """One pretext's arrays as a ``FeatureSet``; a UserError naming the pretext when the splits do not fit together."""
+    train, test = as_rows(name, train, len(train_labels), "train"), as_rows(name, test, len(test_labels), "test")
+    if train.shape[1] != test.shape[1]:
+        raise UserError(f"test features of '{name}' have {test.shape[1]} columns, train features {train.shape[1]}")
+    return FeatureSet(train, test, train_labels, test_labels)
+
+
+def named_classes(result: dict[str, Any], encoder: LabelEncoder) -> dict[str, Any]:
+    """``result`` with its classes as the labels given to ``fuse_arrays`` rather than their indices."""
+    classes = encoder.classes_.tolist()
+    named = {"classes": classes}
+    if "pretext_weights_per_class" in result:
+        per_class = result["pretext_weights_per_class"].items()
+        named["pretext_weights_per_class"] = {str(classes[int(c)]): weights for c, weights in per_class}
+    return {**result, **named}
 
 
 def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
@@ -230,14 +295,14 @@ def fuse_arrays(
     with ``train_labels``) and test features (aligned with ``test_labels``); ``fusion`` names a head and
     ``options`` overrides its ``conf/fusion/<name>.yaml``; ``fraction`` or ``per_class`` the label regime.
     Returns the result record ``sslfuse fuse`` writes (``test_accuracy``, ``selected_l2``, ``folds``, ...).
-    Features are standardised by the train split's statistics, as cached features are."""
+    Features are standardised by the train split's statistics, as cached features are. Labels may be of any kind
+    (strings, any integers): they are encoded as scikit-learn encodes them, and ``classes`` lists them in the order
+    of the class indices."""
     if set(train) != set(test) or not train:
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
-    y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    y_test = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
-    sets = {
-        name: FeatureSet(as_rows(name, train[name], len(y_train), "train"), as_rows(name, test[name], len(y_test), "test"), y_train, y_test)
-        for name in train
-    }
+    check_seed("seed", seed)
+    encoder, y_train, y_test = encoded_labels(train_labels, test_labels)
+    sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")
-    return fuse_once(sets, config, LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class), seed)
+    labels_cfg = LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class)
+    return named_classes(fuse_once(sets, config, labels_cfg, seed), encoder)

@@ -27,6 +27,7 @@ from torch.func import functional_call, stack_module_state
 
 from ssl_fusion.data.splits import fold_count, stratified_folds
 from ssl_fusion.fusion import FusionConfig, FusionHead
+from ssl_fusion.runtime.errors import UserError
 
 HeadFactory = Callable[[], FusionHead]
 
@@ -121,14 +122,24 @@ def fit_stack(
         member_weights = weights[:, index]
         per_sample = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         loss = (per_sample * member_weights).sum(1) / member_weights.sum(1).clamp_min(1)
-        total = (loss + l2 * stack.penalty() + regularization).sum()
+        objective = loss + l2 * stack.penalty() + regularization
+        check_finite(cfg, objective.detach(), step)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        objective.sum().backward()
         optimizer.step()
         losses[step - 1] = loss.detach()
         if on_eval is not None and step % cfg.eval_every == 0:
             on_eval(step, stack)
+    check_finite(cfg, torch.stack([p.detach().abs().max() for p in stack.params.values()]), steps, "a weight")
     return losses.T
+
+
+def check_finite(cfg: FusionConfig, values: torch.Tensor, step: int, what: str = "the training loss") -> None:
+    """Stop a head that diverged (NaN or inf), as pretraining does, before it scores or writes anything."""
+    if not torch.isfinite(values).all():
+        bad = values[~torch.isfinite(values)][0].item()
+        raise UserError(f"fusion head {cfg.name} diverged: {what} is {bad} at step {step}; "
+                        f"lower fusion.lr (now {cfg.lr:g})")
 
 
 def draw_batch(generator: torch.Generator, samples: int, batch_size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:

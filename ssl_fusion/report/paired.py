@@ -6,6 +6,7 @@ their difference. Results without such a partner are left out, never paired with
 
 The reference ``best-single`` is, for each encoder seed and regime, the ``single`` head whose pretext had the best
 mean cross-validation accuracy over the label seeds: chosen on the labeled training images, never on test.
+Other references are named by a method's ``title`` (``concat``, ``select[by=val]``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from ssl_fusion.report.results import VARIANT
 from ssl_fusion.runtime.errors import UserError
 
 BEST_SINGLE = "best-single"
 DEFAULT_REFERENCES = ("concat", "select[by=val]", BEST_SINGLE)
 PAIR_KEYS = ["encoder_seed", "seed"]
 GROUP_KEYS = ["dataset", "encoder", "regime"]
-
-
-def family(method: str) -> str:
-    """A method's name without its pretext list: ``select[by=val](a+b)`` -> ``select[by=val]``."""
-    return method.split("(", 1)[0]
 
 
 def t_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -37,8 +34,8 @@ def t_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float
 
 
 def check_references(results: pd.DataFrame, references: list[str]) -> None:
-    """Each reference must be a method family present in the results, or ``best-single``."""
-    present = sorted(set(results["method"].map(family)))
+    """Each reference must be a method's title present in the results, or ``best-single``."""
+    present = sorted(set(results["title"]))
     for reference in references:
         if reference != BEST_SINGLE and reference not in present:
             raise UserError(f"report: reference '{reference}' is not among the results' methods; "
@@ -48,7 +45,7 @@ def check_references(results: pd.DataFrame, references: list[str]) -> None:
 def best_single(group: pd.DataFrame, pretexts: list[str]) -> tuple[pd.DataFrame, str] | None:
     """Per encoder seed, the ``single`` results of the pretext (among ``pretexts``) with the best mean
     cross-validation accuracy over label seeds; None when no single head ran or none has a validation score."""
-    singles = group[(group["fusion"] == "single") & group["pretext_set"].isin(pretexts)]
+    singles = group[(group["family"] == "single") & group["pretext_set"].isin(pretexts)]
     if "cv_accuracy" not in singles or singles["cv_accuracy"].isna().all():
         return None
     chosen, names = [], set()
@@ -66,7 +63,7 @@ def reference_rows(group: pd.DataFrame, reference: str, mine: pd.Series) -> tupl
     if reference == BEST_SINGLE:
         found = best_single(group, mine["pretexts_list"])
         return None if found is None else (found[0], f"best single on validation ({found[1]})")
-    rows = group[(group["method"].map(family) == reference) & (group["pretext_set"] == mine["pretext_set"])]
+    rows = group[(group["title"] == reference) & (group["pretext_set"] == mine["pretext_set"])]
     return (rows, reference) if not rows.empty else None
 
 
@@ -102,7 +99,7 @@ def paired_stats(mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
 def paired_differences(results: pd.DataFrame, references: list[str] | None = None) -> pd.DataFrame:
     """One row per (dataset, encoder, regime, method, reference) with at least one pair: the number of pairs, the
     mean difference in accuracy points (method − reference), its 95% t-interval and wins/ties/losses.
-    ``references``: method families or ``best-single``, each refused unless present; None: the defaults, those
+    ``references``: method titles or ``best-single``, each refused unless present; None: the defaults, those
     that ran."""
     if references is None:
         references = list(DEFAULT_REFERENCES)
@@ -126,48 +123,16 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
 def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd.DataFrame:
     """Negative transfer, paired: each result over pretexts that include a control (``noise``, ``random``) minus the
     same method (options included) over the same pretexts without it, on the same labeled subset and encoders."""
-    results = results.assign(accuracy=results["test_accuracy"] * 100, family=results["method"].map(family))
-    keys = ["dataset", "encoder", "regime", "family"]
+    results = results.assign(accuracy=results["test_accuracy"] * 100)
+    keys = ["dataset", "encoder", "regime", *VARIANT]
     rows = []
-    for (dataset, encoder, regime, name), group in results.groupby(keys, sort=False):
+    for (dataset, encoder, regime, *_), group in results.groupby(keys, sort=False):
         for pretext_set, mine in group.groupby("pretext_set", sort=False):
             names = pretext_set.split("+")
             for control in (c for c in controls if c in names and len(names) > 1):
                 base_set = "+".join(n for n in names if n != control)
                 paired = paired_stats(mine, group[group["pretext_set"] == base_set])
                 if paired is not None:
-                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": name,
-                                 "pretexts": base_set, "added": control, **paired})
+                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime,
+                                 "method": mine["title"].iloc[0], "pretexts": base_set, "added": control, **paired})
     return pd.DataFrame(rows).drop(columns=["low", "high"], errors="ignore")
-
-
-def plot_paired_differences(table: pd.DataFrame, path) -> None:
-    """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ssl_fusion.report.tables import save_figure
-
-    references = list(dict.fromkeys(table["reference"].map(lambda r: r.split(" (")[0])))
-    several = table[["dataset", "encoder"]].drop_duplicates().shape[0] > 1
-    regimes = table["regime"].nunique() > 1
-    sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
-    figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
-                                squeeze=False, gridspec_kw={"height_ratios": sizes})
-    for axis, reference in zip(axes[:, 0], references):
-        part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
-        labels = [m + (f" @ {r}" if regimes else "") + (f", {d}" if several else "") + f" (n={n})"
-                  for m, r, d, n in zip(part["method"], part["regime"], part["dataset"], part["pairs"])]
-        low = (part["difference"] - part["low"]).fillna(0)
-        high = (part["high"] - part["difference"]).fillna(0)
-        colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
-        for row, (x, below, above, colour) in enumerate(zip(part["difference"], low, high, colours)):
-            axis.errorbar(x, row, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
-        axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_yticks(range(len(part)), labels, fontsize=8)
-        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval "
-                       "(green: above 0, red: below)", fontsize=9)
-        axis.set_xlabel("accuracy points")
-    save_figure(figure, path)

@@ -91,6 +91,15 @@ def broadcast(value: T) -> T:
     return holder[0]
 
 
+def all_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (any picklable object), in rank order."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def on_main(compute: Callable[[], T]) -> T:
     """``compute()`` run on rank 0 only, its result sent to every rank: one decision for all."""
     return broadcast(compute() if is_main() else None)

@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, check_cache
+from ssl_fusion.config import CacheConfig
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.data.convert import converter, describe
 from ssl_fusion.evaluation.probe import encode_batches
@@ -348,7 +348,7 @@ def main(cfg: DictConfig) -> None:
     from ssl_fusion.stages.sources import feature_sources
 
     sources = feature_sources(cfg)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     if cache.views and distributed.launched():
         raise UserError("cache.views is cached by one process; run it without torchrun")
     for source in sources:

@@ -11,13 +11,15 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import TrainOverrides, as_plain, load_option
+from ssl_fusion.config import TrainOverrides, as_plain, check_seeds, load_option
 from ssl_fusion.data.datasets import (
     DATASETS,
     DatasetConfig,
     ImageData,
     data_root,
     load_dataset,
+    location_key,
+    with_location,
 )
 from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
@@ -58,35 +60,32 @@ class StageContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool) -> tuple[DatasetConfig, ImageData]:
+def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool,
+                         key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
     """Jobs of one multirun share the process: decode each dataset once."""
-    return open_dataset(OmegaConf.create(dataset_yaml), data_dir, stream)
+    return open_dataset(OmegaConf.create(dataset_yaml), data_dir, stream, key)
 
 
-def open_dataset(node, data_dir: str | None, stream: bool) -> tuple[DatasetConfig, ImageData]:
+def open_dataset(node, data_dir: str | None, stream: bool, key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
     """``load_dataset``, except for an image folder: its files are listed, then left on disk for the stage to read
     batch by batch when ``stream``, else decoded (``FolderData.materialise``); either way its fingerprints hash the
-    files, so that streamed and decoded give the same artifact keys. In-memory datasets are tensors either way."""
-    cfg = DATASETS.typed_config(node, key="dataset")
-    if not isinstance(cfg, ImageFolderConfig):
-        return load_dataset(node, data_dir)
-    folder = stream_image_folder(cfg, data_root(data_dir))
+    files, so that streamed and decoded give the same artifact keys. In-memory datasets are tensors either way.
+    ``data_dir``: the folder used when the dataset's own ``data_dir`` is unset; ``key``: the config key named in
+    errors."""
+    given = DATASETS.typed_config(node, key=key)
+    if not isinstance(given, ImageFolderConfig):
+        return load_dataset(node, data_dir, key)
+    cfg = with_location(given, data_dir)
+    folder = stream_image_folder(cfg, data_root(cfg.data_dir, location_key(key, given, data_dir)))
     return cfg, folder if stream else folder.materialise()
-
-
-def check_positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise UserError(f"{name} must be > 0, got {value}")
 
 
 def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
     ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
+    check_seeds(cfg)
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
-    for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads"):
-        check_positive(f"train.{key}", getattr(overrides, key))
-    if overrides.num_workers < 0:
-        raise UserError(f"train.num_workers must be >= 0, got {overrides.num_workers}")
+    OmegaConf.to_object(cfg.probe)  # refuses a probe option out of range before any work
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
     if cfg.deterministic:
@@ -107,14 +106,38 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
 
 def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig, stream: bool = False) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
     """``pretrain_dataset`` (an option's name, or a dataset config) when it names other data than ``dataset``;
-    (None, None) when it is unset or the same."""
+    (None, None) when it is unset or the same. It is read from its own ``pretrain_dataset.data_dir``, else from
+    ``outputs/data``: the top-level ``data_dir`` is the downstream dataset's."""
     node = cfg.get("pretrain_dataset")
     if node is None:
         return None, None
-    typed = load_option(DATASETS, node) if isinstance(node, str) else DATASETS.typed_config(node, key="pretrain_dataset")
-    if as_plain(typed) == as_plain(dataset_cfg):
-        return None, None
-    pretrain_cfg, pretrain_data = _load_dataset_cached(OmegaConf.to_yaml(OmegaConf.structured(typed)), cfg.data_dir, stream)
+    try:
+        typed = pretraining_config(node)
+        if same_data(typed, dataset_cfg):
+            return None, None
+        yaml = OmegaConf.to_yaml(OmegaConf.structured(typed))
+        pretrain_cfg, pretrain_data = _load_dataset_cached(yaml, None, stream, "pretrain_dataset")
+    except UserError as err:
+        raise err if str(err).startswith("pretrain_dataset") else UserError(f"pretrain_dataset: {err}") from None
     log.info("pretraining dataset %s: %d train images, %dx%d px, %d channel(s)", pretrain_cfg.name,
              len(pretrain_data.train_labels), *pretrain_data.image_size, pretrain_data.channels)
     return pretrain_cfg, pretrain_data
+
+
+def pretraining_config(node) -> DatasetConfig:
+    """``pretrain_dataset`` as a typed dataset config: a dataset's name (its YAML as is) or a config with a name."""
+    if isinstance(node, str):
+        return load_option(DATASETS, node)
+    if OmegaConf.is_dict(node) or isinstance(node, dict):
+        return DATASETS.typed_config(node, key="pretrain_dataset")
+    raise UserError(f"pretrain_dataset must be a dataset's name ({', '.join(DATASETS.names())}) or a dataset config "
+                    f"such as {{name:fashion_mnist,data_dir:<folder>}}, got {node!r}")
+
+
+def same_data(pretrain_cfg: DatasetConfig, dataset_cfg: DatasetConfig) -> bool:
+    """Whether ``pretrain_dataset`` names the downstream dataset: the same config, where an unset ``data_dir`` means
+    the downstream dataset's folder."""
+    plain = as_plain(pretrain_cfg)
+    if pretrain_cfg.data_dir is None:
+        plain["data_dir"] = dataset_cfg.data_dir
+    return plain == as_plain(dataset_cfg)

@@ -10,12 +10,14 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, LabelsConfig, check_cache
+from ssl_fusion.config import CacheConfig, LabelsConfig
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.fusion import FUSIONS, FusionConfig
-from ssl_fusion.fusion.protocol import check_folds, fuse_once, head_threads
+from ssl_fusion.fusion import FusionConfig
+from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.sources import FeatureSource, declared_sources, sources_named
 from ssl_fusion.store.files import atomic_write_json, atomic_write_text
 
@@ -24,12 +26,12 @@ log = logging.getLogger("sslfuse")
 
 def fused_sources(fusion: FusionConfig, pretexts: list[str], declared: dict[str, FeatureSource]) -> list[FeatureSource]:
     """The sources a head reads (all, or ``single``'s one), checked against the known pretexts and the declared ones."""
-    return sources_named(FUSIONS.get(fusion.name).impl.inputs(fusion, pretexts), declared)
+    return sources_named(lookup_method(fusion.name).inputs(fusion, pretexts), declared)
 
 
 def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
     """Build the head once on dummy sizes so a bad head option is refused before any work."""
-    head = FUSIONS.get(fusion.name).impl
+    head = lookup_method(fusion.name)
     head(fusion, [8] * (1 if head.reads_one_pretext else n_pretexts), 2)
 
 
@@ -42,34 +44,40 @@ def cached_features(
 
 def evaluate_method(
     ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int, features: Callable[[], dict[str, FeatureSet]]
-) -> dict[str, Any]:
-    """One result of ``fusion``: a method that trains on the labeled images (``needs_images``, e.g.
-    ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
-    method = FUSIONS.get(fusion.name).impl
+) -> FuseResult:
+    """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
+    (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
+    method = lookup_method(fusion.name)
     if method.needs_images:
-        return method(fusion).evaluate(ctx, labels_cfg, seed)
+        return method(fusion).evaluate(ctx, labels_cfg, seed).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
-        return fuse_once(features(), fusion, labels_cfg, seed)
+        return fuse_result(features(), fusion, labels_cfg, seed).in_context(run_context(ctx))
 
 
 def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
     """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
     labeled = labels_cfg.subset(train_labels, seed)
-    if not FUSIONS.get(fusion.name).impl.needs_images:
+    if not lookup_method(fusion.name).needs_images:
         check_folds(fusion, train_labels[labeled])
 
 
-def write_result(folder: Path, result: dict[str, Any], context: dict[str, Any]) -> None:
-    """``results.json`` and a one-row ``results.csv``, each written atomically."""
-    record = {**result, **context}
+def write_result(folder: Path, result: FuseResult) -> None:
+    """``results.json`` (the result's record) and a one-row ``results.csv`` of its scalars, each written
+    atomically."""
+    record = result.to_record()
     atomic_write_json(folder / "results.json", record)
     flat = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
-    flat["pretexts"] = "+".join(result["pretexts"])
+    flat["pretexts"] = "+".join(result.pretexts)
     atomic_write_text(folder / "results.csv", pd.DataFrame([flat]).to_csv(index=False))
 
 
 def run_context(ctx: StageContext) -> dict[str, Any]:
-    return {"dataset": ctx.dataset_cfg.name, "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed}
+    """What a result ran on (``FuseResult``'s context fields): the data by name and by content, the encoders."""
+    fingerprints = ctx.fingerprints
+    return {"dataset": ctx.dataset_cfg.name, "pretraining_dataset": (ctx.pretrain_dataset_cfg or ctx.dataset_cfg).name,
+            "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed,
+            "data_fingerprint": f"{fingerprints['train']}/{fingerprints['test']}",
+            "pretraining_fingerprint": ctx.pretraining.fingerprints["train"]}
 
 
 def cache_command(pretexts: list[str]) -> str:
@@ -81,15 +89,15 @@ def cache_command(pretexts: list[str]) -> str:
 def main(cfg: DictConfig) -> None:
     declared = declared_sources(cfg)
     pretexts = [source.name for source in sources_named(cfg.pretexts, declared)]
-    fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
+    fusion = METHODS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     used = fused_sources(fusion, pretexts, declared)
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     command = cache_command([source.name for source in used if source.made_by_cache])
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command))
-    write_result(Path(run_dir()), result, run_context(ctx))
-    print(f"{result['method']} with {result['regime']} labels ({result['n_labeled']}), seed {cfg.seed}: "
-          f"test accuracy {result['test_accuracy']:.4f}; results in {run_dir()}")
+    write_result(Path(run_dir()), result)
+    print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
+          f"test accuracy {result.accuracy:.4f}; results in {run_dir()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,9 +20,10 @@ from ssl_fusion.evaluation.probe import (
 )
 from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.pretexts.trainer import TrainResult, train_pretext
+from ssl_fusion.pretexts.trainer import TrainResult, train_pretext, write_failure
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.device import prepare_model
+from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import stage_app
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.store.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
@@ -59,7 +61,8 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
     checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
     result = train_pretext(
         model, ctx.data.train_images, ctx.data.train_labels, recipe, ctx.device, ctx.dtype, ctx.seed, checkpoint,
-        ctx.overrides.max_steps_per_epoch, ctx.overrides.num_workers,
+        ctx.overrides.max_steps_per_epoch, ctx.overrides.num_workers, ctx.overrides.checkpoint_every_minutes,
+        ctx.overrides.checkpoint_every_steps,
     )
     return encoder, result
 
@@ -95,7 +98,7 @@ def publish_encoder(
         probes = probe_encoder(ctx, encoder, probe, pretext_cls.encoder_input)
         log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
     with ctx.store.staging(ENCODERS_KIND, name) as scratch:
-        torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, scratch / "encoder.pt")
+        save_weights(encoder, scratch / "encoder.pt", ctx.store.root / ENCODERS_KIND)
         manifest = ctx.store.publish(
             ENCODERS_KIND,
             name,
@@ -109,13 +112,24 @@ def publish_encoder(
                 "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
                             **probes, "probe": as_plain(probe)},
                 "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-                            "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch},
+                            "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch,
+                            "resumed_at_step": result.resumed_at_step},
                 "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
                             "torch": torch.__version__, "processes": distributed.world_size()},
             },
         )
     shutil.rmtree(ctx.store.root / "checkpoints" / name, ignore_errors=True)
     return manifest
+
+
+def save_weights(encoder: Encoder, path: Path, store: Path) -> None:
+    """The encoder's weights at ``path``, written through an open file: its failed write raises the OSError (a full
+    disk) that ``torch.save`` given a path turns into a bare RuntimeError; refused in one line naming ``store``."""
+    try:
+        with open(path, "wb") as handle:
+            torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, handle)
+    except OSError as err:
+        raise UserError(write_failure("the encoder", store, err)) from None
 
 
 def probe_summary(metrics: dict) -> str:

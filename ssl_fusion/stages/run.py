@@ -12,13 +12,12 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     ProbeConfig,
-    check_cache,
     check_names,
     load_option,
 )
 from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.fusion import FUSIONS, FusionConfig
+from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.report.tables import print_table, write_report
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
@@ -27,9 +26,9 @@ from ssl_fusion.stages.fuse import (
     check_head,
     check_labels,
     evaluate_method,
-    run_context,
     write_result,
 )
+from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.sources import FeatureSource, feature_sources
 
 log = logging.getLogger("sslfuse")
@@ -39,8 +38,8 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
     """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext)."""
     heads = []
     for name in fusions:
-        fusion = load_option(FUSIONS, name)
-        heads += FUSIONS.get(name).impl.variants(fusion, pretexts)
+        fusion = load_option(METHODS, name)
+        heads += lookup_method(name).variants(fusion, pretexts)
     return heads
 
 
@@ -68,12 +67,12 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
-    heads = planned_heads(check_names("fusions", list(cfg.fusions), FUSIONS), pretexts)
+    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts)
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     for source in sources:
         source.check_views(cache, "fuse")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
@@ -89,9 +88,9 @@ def main(cfg: DictConfig) -> None:
         for fusion, used in heads:
             for seed in cfg.seeds:
                 result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
-                write_result(where / result["method"] / f"seed{seed}", result, run_context(ctx))
-                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result["method"], encoder_seed, seed,
-                         result["test_accuracy"])
+                write_result(where / result.method / f"seed{seed}", result)
+                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result.method, encoder_seed, seed,
+                         result.accuracy)
     table, md_path, _ = write_report(out)
     print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")

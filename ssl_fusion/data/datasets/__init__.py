@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from omegaconf import MISSING
 
+from ssl_fusion.runtime.checks import Checked, Rule, above, optional
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
@@ -19,12 +21,17 @@ DEFAULT_DATA_ROOT = Path("outputs/data")
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Checked):
     """Fields every dataset accepts; datasets with more options subclass it."""
 
+    section: ClassVar[str] = "dataset"
     name: str = MISSING
+    data_dir: Optional[str] = None  # the folder this dataset is read from (only read); None: outputs/data
     max_train: Optional[int] = None
     max_test: Optional[int] = None
+
+    def rules(self) -> dict[str, Rule]:
+        return {"max_train": optional(above(0)), "max_test": optional(above(0))}
 
 
 @dataclass
@@ -74,13 +81,25 @@ Loader = Callable[[DatasetConfig, Path], ImageData]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
-def data_root(data_dir: Optional[str]) -> Path:
+def data_root(data_dir: Optional[str], key: str = "data_dir") -> Path:
+    """The folder a dataset is read from: ``data_dir`` (the user's, never written to), else ``outputs/data`` (sslfuse's
+    own, where downloads and unpacked files go); a one-line UserError naming ``key`` when it is no folder."""
     if data_dir is None:
         return DEFAULT_DATA_ROOT
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise UserError(f"data_dir: '{data_dir}' does not exist or is not a folder")
+        raise UserError(f"{key}: '{data_dir}' does not exist or is not a folder")
     return root
+
+
+def with_location(cfg: DatasetConfig, data_dir: Optional[str]) -> DatasetConfig:
+    """``cfg`` with its ``data_dir``, else ``data_dir`` (the top-level key: the downstream dataset's default folder)."""
+    return cfg if cfg.data_dir is not None or data_dir is None else dataclasses.replace(cfg, data_dir=data_dir)
+
+
+def location_key(key: str, cfg: DatasetConfig, data_dir: Optional[str]) -> str:
+    """The key a user set to give ``cfg``'s folder: ``<key>.data_dir``, or the top-level ``data_dir``."""
+    return f"{key}.data_dir" if cfg.data_dir is not None or data_dir is None else "data_dir"
 
 
 def to_nchw_uint8(images) -> torch.Tensor:
@@ -106,16 +125,16 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int]) ->
     """A fixed random subset (seed 0) so ``max_train`` keeps the class balance of the split."""
     if limit is None or limit >= len(labels):
         return images, labels
-    if limit <= 0:
-        raise UserError(f"dataset.max_train/max_test must be > 0, got {limit}")
     keep = sample_indices(len(labels), limit, seed=0)
     return images[keep], labels[keep]
 
 
-def load_dataset(node, data_dir: Optional[str]) -> tuple[DatasetConfig, ImageData]:
-    cfg = DATASETS.typed_config(node, key="dataset")
+def load_dataset(node, data_dir: Optional[str] = None, key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
+    """The dataset ``node`` names, read from its ``data_dir``, else from ``data_dir``, else from ``outputs/data``."""
+    given = DATASETS.typed_config(node, key=key)
+    cfg = with_location(given, data_dir)
     loader = DATASETS.get(cfg.name).impl
-    data = loader(cfg, data_root(data_dir))
+    data = loader(cfg, data_root(cfg.data_dir, location_key(key, given, data_dir)))
     train_images, train_labels = _subset(data.train_images, data.train_labels, cfg.max_train)
     test_images, test_labels = _subset(data.test_images, data.test_labels, cfg.max_test)
     return cfg, ImageData(train_images, train_labels.long(), test_images, test_labels.long(), data.classes)

@@ -1,4 +1,5 @@
-"""Fashion-MNIST: from ``data_dir``, else Debian's ``dataset-fashion-mnist``, else torchvision's download."""
+"""Fashion-MNIST: from ``data_dir`` (its gzipped IDX files, unpacked under ``outputs/data``, or torchvision's layout;
+only read), else Debian's ``dataset-fashion-mnist``, else torchvision's download into ``outputs/data``."""
 
 from __future__ import annotations
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
 
 from ssl_fusion.data.datasets import (
     DATASETS,
@@ -28,6 +28,7 @@ from ssl_fusion.data.datasets import (
     ImageData,
     _subset,
 )
+from ssl_fusion.runtime.checks import Rule, above, one_of, within
 from ssl_fusion.runtime.errors import UserError
 
 log = logging.getLogger("sslfuse")
@@ -41,6 +42,15 @@ class ImageFolderConfig(DatasetConfig):
     split_seed: int = 0
     on_unreadable: str = "refuse"  # refuse: stop naming the file; skip: leave it out and report how many
 
+    def rules(self) -> dict[str, Rule]:
+        return {
+            **super().rules(),
+            "image_size": above(0, " (pixels a side)"),
+            "channels": one_of((1, 3)),
+            "test_fraction": within(0, 1, "()"),
+            "on_unreadable": one_of(("refuse", "skip")),
+        }
+
 
 class FolderImages(Dataset):
     """The image files of one split, decoded and resized when read: item ``i`` is image ``i`` as uint8 (C, H, W).
@@ -48,8 +58,7 @@ class FolderImages(Dataset):
 
     def __init__(self, root: Path, files: list[str], image_size: int, channels: int) -> None:
         self.root, self.files, self.image_size, self.channels = root, files, image_size, channels
-        steps = [T.PILToTensor(), T.Resize((image_size, image_size), antialias=True)]
-        self.transform = T.Compose(steps + [T.Grayscale(1)] if channels == 1 else steps)
+        self.transform = T.Compose([T.PILToTensor(), T.Resize((image_size, image_size), antialias=True)])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -68,8 +77,8 @@ class FolderImages(Dataset):
         """One image as uint8 (C, H, W); a UserError naming the file when it cannot be read."""
         path = self.root / file
         try:
-            return self.transform(default_loader(str(path)))
-        except OSError as err:
+            return self.transform(load_image(path, "L" if self.channels == 1 else "RGB"))
+        except UNREADABLE as err:
             raise unreadable(path, err) from None
 
     def identify(self) -> None:
@@ -79,7 +88,7 @@ class FolderImages(Dataset):
             path = self.root / file
             try:
                 Image.open(path).close()
-            except OSError as err:
+            except UNREADABLE as err:
                 raise unreadable(path, err) from None
 
     def materialise(self) -> torch.Tensor:
@@ -98,7 +107,38 @@ class FolderImages(Dataset):
         return digest.digest()
 
 
-def unreadable(path: Path, err: OSError) -> UserError:
+class PixelRangeError(ValueError):
+    """Pixels of a wide mode outside the range sslfuse scales from (``eight_bit``)."""
+
+
+# what reading a file that is no usable image raises: broken or no image (OSError), one declaring more pixels than
+# twice Image.MAX_IMAGE_PIXELS (a decompression bomb, not an OSError), pixels of unknown scale
+UNREADABLE = (OSError, Image.DecompressionBombError, PixelRangeError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_image(path: Path, mode: str) -> Image.Image:
+    """The image at ``path`` in ``mode`` (``RGB``, or ``L``: gray by PIL's rounded ITU-R 601-2 luma), 8 bits a channel;
+    16-bit and float grayscale pixels are scaled to 8 bits (``eight_bit``), where PIL alone clips them to 255 or
+    truncates them to 0 and 1."""
+    with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_MODES + ("I", "F"):
+            return Image.fromarray(eight_bit(np.asarray(image), image.mode)).convert(mode)
+        return image.convert(mode)
+
+
+def eight_bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Grayscale pixels of a wide PIL mode as uint8, full range to full range: 16-bit integers (``I;16*``, and ``I``,
+    PIL's 32-bit integers, read as 16-bit) from [0, 65535], floats (``F``) from [0, 1]. A PixelRangeError for pixels
+    out of that range, whose scale is unknown."""
+    low, high = (0.0, 1.0) if mode == "F" else (0, 65535)
+    if not (np.isfinite(pixels).all() and pixels.min() >= low and pixels.max() <= high):
+        raise PixelRangeError(f"mode {mode} pixels in [{pixels.min()}, {pixels.max()}]: sslfuse reads this mode's "
+                              f"pixels from [{low}, {high}]")
+    return np.round(pixels.astype(np.float64) * (255 / high)).astype(np.uint8)
+
+
+def unreadable(path: Path, err: Exception) -> UserError:
     return UserError(f"dataset image_folder: cannot read image '{path}' ({err}); set dataset.on_unreadable=skip to leave such files out")
 
 
@@ -136,8 +176,6 @@ def list_folder(folder: Path, root: Path, cfg: ImageFolderConfig) -> tuple[Folde
         raise UserError(f"dataset image_folder: '{folder}' holds no class folders with images ({err})") from None
     if len(dataset.classes) < 2:
         raise UserError(f"dataset image_folder: '{folder}' has {len(dataset.classes)} class folder(s); at least 2 are needed")
-    if cfg.on_unreadable not in ("refuse", "skip"):
-        raise UserError(f"dataset.on_unreadable must be refuse or skip, got '{cfg.on_unreadable}'")
     images = FolderImages(root, [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples], cfg.image_size, cfg.channels)
     labels = torch.tensor([target for _, target in dataset.samples])
     if cfg.on_unreadable == "skip":
@@ -168,9 +206,7 @@ def readable(images: FolderImages) -> list[int]:
 def open_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:
     """The folder's splits, listed and not decoded (``max_train``/``max_test`` not applied)."""
     if root == DEFAULT_DATA_ROOT:
-        raise UserError("dataset image_folder needs data_dir=<folder of class sub-folders>")
-    if cfg.channels not in (1, 3):
-        raise UserError(f"dataset.channels must be 1 or 3, got {cfg.channels}")
+        raise UserError("dataset image_folder needs dataset.data_dir=<folder of class sub-folders> (or data_dir=...)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_images, train_labels, classes = list_folder(root / "train", root, cfg)
         test_images, test_labels, test_classes = list_folder(root / "test", root, cfg)
@@ -178,13 +214,31 @@ def open_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:
             raise UserError(f"dataset image_folder: '{root}/train' and '{root}/test' have different class folders")
         return FolderData(train_images, train_labels, test_images, test_labels, classes)
     images, labels, classes = list_folder(root, root, cfg)
-    if not 0 < cfg.test_fraction < 1:
-        raise UserError(f"dataset.test_fraction must be in (0, 1), got {cfg.test_fraction}")
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=cfg.test_fraction, stratify=labels.numpy(), random_state=cfg.split_seed
-    )
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    train_idx, test_idx = split_folder(labels, classes, root, cfg)
     return FolderData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], classes)
+
+
+def split_folder(labels: torch.Tensor, classes: list[str], root: Path,
+                 cfg: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train and test positions of a folder without train/ and test/: ``test_fraction`` of each class, drawn with
+    ``split_seed``; a one-line UserError when a class would be left without a train or a test image."""
+    counts = torch.bincount(labels, minlength=len(classes))
+    smallest = int(counts.argmin())
+    if counts[smallest] < 2:
+        raise UserError(f"dataset image_folder: class folder '{root / classes[smallest]}' has {int(counts[smallest])} "
+                        f"image(s); each class needs 2 or more to be split into train and test (or give '{root}/train' "
+                        f"and '{root}/test')")
+    try:
+        train_idx, test_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=cfg.test_fraction,
+                                               stratify=labels.numpy(), random_state=cfg.split_seed)
+    except ValueError:  # fewer test (or train) images than classes
+        train_idx = test_idx = np.array([], dtype=np.int64)
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    if any(len(torch.unique(labels[part])) < len(classes) for part in (train_idx, test_idx)):
+        raise UserError(f"dataset.test_fraction={cfg.test_fraction} leaves a class of '{root}' without a train or a "
+                        f"test image ({len(labels)} images, {len(classes)} classes, the smallest of "
+                        f"{int(counts[smallest])}); choose a fraction that gives each class both")
+    return train_idx, test_idx
 
 
 def stream_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:

@@ -1,4 +1,5 @@
-"""The torchvision datasets: read from ``data_dir`` (default ``outputs/data``), downloaded when allowed."""
+"""The torchvision datasets: read from ``data_dir``, which is never written to, else from ``outputs/data``, where they
+are downloaded when allowed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from pathlib import Path
 import torch
 import torchvision.datasets as tvd
 
-from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData, to_nchw_uint8
+from ssl_fusion.data.datasets import (
+    DATASETS,
+    DEFAULT_DATA_ROOT,
+    DatasetConfig,
+    ImageData,
+    to_nchw_uint8,
+)
 from ssl_fusion.runtime.errors import UserError
 
 
@@ -23,10 +30,19 @@ def _labels(dataset) -> torch.Tensor:
     return torch.as_tensor(dataset.labels if targets is None else targets)
 
 
+def owned(root: Path) -> bool:
+    """Whether ``root`` is sslfuse's own data folder (``outputs/data`` or below it), the only place it writes data to;
+    a user's ``data_dir`` is only read."""
+    return root == DEFAULT_DATA_ROOT or DEFAULT_DATA_ROOT in root.parents
+
+
 def _open(name: str, factory, root: Path, train: bool, download: bool):
     try:
         return factory(root, train, download)
     except RuntimeError as err:
+        if not owned(root):
+            raise UserError(f"dataset {name}: not found under data_dir '{root}', which sslfuse only reads: put the "
+                            "files there, or leave data_dir unset to read or download them in outputs/data") from None
         hint = "set dataset.download=true" if not download else "check the network or the folder"
         raise UserError(f"dataset {name}: cannot read it under '{root}' ({err}); pass data_dir=<folder> or {hint}") from None
     except OSError as err:
@@ -34,8 +50,10 @@ def _open(name: str, factory, root: Path, train: bool, download: bool):
 
 
 def load_torchvision(name: str, factory, cfg: TorchvisionConfig, root: Path) -> ImageData:
-    train = _open(name, factory, root, True, cfg.download)
-    test = _open(name, factory, root, False, cfg.download)
+    """The dataset read from ``root``; downloaded there only when allowed and ``root`` is sslfuse's own folder."""
+    download = cfg.download and owned(root)
+    train = _open(name, factory, root, True, download)
+    test = _open(name, factory, root, False, download)
     classes = list(getattr(train, "classes", [])) or [str(c) for c in sorted(set(_labels(train).tolist()))]
     return ImageData(to_nchw_uint8(train.data), _labels(train), to_nchw_uint8(test.data), _labels(test), classes)
 

@@ -1,0 +1,146 @@
+"""The report's plots, each written atomically as a PNG beside the tables."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from ssl_fusion.report.results import CONTEXT, context_heading, contexts, regime_order
+from ssl_fusion.store.files import atomic_write_bytes
+
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+
+
+def save_figure(figure, path: Path) -> None:
+    """Render the PNG in memory and write it atomically: a reader never sees half a plot."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy(stats: pd.DataFrame, path: Path) -> None:
+    """Accuracy of every method: with one label regime, the methods sorted along one axis, a dot and its spread
+    each; with several, a line per method over the regimes."""
+    if stats["regime"].nunique() == 1:
+        plot_methods_sorted(stats, path)
+    else:
+        plot_accuracy_vs_labels(stats, path)
+
+
+def plot_methods_sorted(stats: pd.DataFrame, path: Path) -> None:
+    """One panel per (dataset, encoder, encoder seed) combination: methods sorted by mean accuracy, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(stats.groupby(list(CONTEXT), sort=False))
+    rows = max(len(group) for _, group in groups)
+    figure, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 1.2 + 0.35 * rows), squeeze=False)
+    for axis, (context, group) in zip(axes[0], groups):
+        group = group.sort_values("mean")
+        honest = ~(group["uses_test"] | group["uses_all_labels"])
+        colours = ["tab:blue" if h else "tab:gray" for h in honest]
+        for row, (mean, spread, colour) in enumerate(zip(group["mean"], group["std"].fillna(0), colours)):
+            axis.errorbar(mean, row, xerr=spread, fmt="o", color=colour, capsize=3)
+        axis.set_yticks(range(len(group)), [f"{m} (n={n})" for m, n in zip(group["method"], group["seeds"])], fontsize=8)
+        axis.set_xlabel(f"test accuracy (%), {group['regime'].iloc[0]} labels, mean ± std over seeds")
+        axis.grid(axis="x", alpha=0.3)
+        if len(groups) > 1:
+            axis.set_title(context_heading(context), fontsize=9)
+    save_figure(figure, path)
+
+
+def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = sorted(stats["regime"].unique(), key=regime_order)
+    several = len(contexts(stats)) > 1
+    figure, axes = plt.subplots(figsize=(11, 5))
+    lines = list(stats.groupby([*CONTEXT, "method"]))
+    for number, ((*context, method), group) in enumerate(lines):
+        label = f"{method}, {context_heading(tuple(context))}" if several else method
+        group = group.set_index("regime").reindex(regimes)
+        # the colour cycle has 10 colours: each further ten methods get another line style and marker
+        style = {"linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)], "marker": MARKERS[number // 10 % len(MARKERS)]}
+        dodge = 0.3 * (number / max(len(lines) - 1, 1) - 0.5)  # side by side at each regime: error bars apart
+        axes.errorbar([x + dodge for x in range(len(regimes))], group["mean"], yerr=group["std"].fillna(0), capsize=3,
+                      label=label, **style)
+    axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("accuracy vs. labels (mean ± std over seeds)")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(figure, path)
+
+
+def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
+    """Heatmap of mean pretext weight per class for the first weighted method (smallest regime) of the first
+    (dataset, encoder, encoder seed) combination. False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "pretext_weights_per_class" not in results:
+        return False
+    weighted = results[results["pretext_weights_per_class"].notna()]
+    if weighted.empty:
+        return False
+    context = contexts(weighted)[0]
+    weighted = weighted[[tuple(r) == context for r in zip(*(weighted[c] for c in CONTEXT))]]
+    regime = sorted(weighted["regime"].unique(), key=regime_order)[0]
+    chosen = weighted[weighted["regime"] == regime]
+    method = sorted(chosen["method"].unique())[0]
+    per_class = [pd.DataFrame(r).T for r in chosen[chosen["method"] == method]["pretext_weights_per_class"]]
+    mean = sum(per_class) / len(per_class)
+    figure, axes = plt.subplots(figsize=(1.2 * mean.shape[1] + 3, 0.4 * mean.shape[0] + 2))
+    image = axes.imshow(mean.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    axes.set_xticks(range(mean.shape[1]), mean.columns)
+    axes.set_yticks(range(mean.shape[0]), [f"class {c}" for c in mean.index])
+    where = f" ({context_heading(context)})" if len(contexts(results)) > 1 else ""
+    axes.set_title(f"{method}, {regime} labels{where}: mean weight per class", fontsize=9)
+    figure.colorbar(image)
+    save_figure(figure, path)
+    return True
+
+
+
+def plot_paired_differences(table: pd.DataFrame, path) -> None:
+    """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    references = list(dict.fromkeys(table["reference"].map(lambda r: r.split(" (")[0])))
+    several = table[["dataset", "encoder"]].drop_duplicates().shape[0] > 1
+    regimes = table["regime"].nunique() > 1
+    sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
+    figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
+                                squeeze=False, gridspec_kw={"height_ratios": sizes})
+    for axis, reference in zip(axes[:, 0], references):
+        part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
+        labels = [m + (f" @ {r}" if regimes else "") + (f", {d}" if several else "") + f" (n={n})"
+                  for m, r, d, n in zip(part["method"], part["regime"], part["dataset"], part["pairs"])]
+        # the difference is rounded, its bounds are not: a zero-width interval may lie a rounding off the dot
+        low = (part["difference"] - part["low"]).fillna(0).clip(lower=0)
+        high = (part["high"] - part["difference"]).fillna(0).clip(lower=0)
+        colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
+        for row, (x, below, above, colour) in enumerate(zip(part["difference"], low, high, colours)):
+            axis.errorbar(x, row, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(part)), labels, fontsize=8)
+        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval "
+                       "(green: above 0, red: below)", fontsize=9)
+        axis.set_xlabel("accuracy points")
+    save_figure(figure, path)

@@ -1,0 +1,132 @@
+"""The results a report reads: every ``results.json`` under a folder, checked, each counted once, as one frame.
+
+Results are averaged only within one context (``CONTEXT``): the same dataset, encoder and encoder seed, where the
+dataset is told apart by its fingerprints, so that two synthetic settings, two image folders or two pretraining
+datasets behind one name never share a row (their tables are headed with the fingerprints). A method is its
+``VARIANT`` fields and its pretexts; its ``method`` label is only shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.runtime.errors import UserError
+
+log = logging.getLogger("sslfuse")
+
+# what results must share to be averaged, besides the method, regime and pretexts
+CONTEXT = ("dataset", "encoder", "encoder_seed")
+UNRECORDED = "unrecorded"  # a result run outside a stage (``fuse_arrays``) has no encoder seed: one group
+VARIANT = ("family", "options_key", "cached_views")  # what a method is, besides its pretexts
+FLAGS = ("uses_test", "uses_all_labels")  # rows that cannot be best
+FINGERPRINT_DIGITS = 8
+
+
+def load_result(path: Path) -> FuseResult:
+    """The result in ``path``; a UserError naming the file when it cannot be read as one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"report: cannot read '{path}': {err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"report: '{path}' is not JSON ({err.msg}, line {err.lineno}); delete it or run its fuse "
+                        "again") from None
+    try:
+        return FuseResult.from_record(record)
+    except ValueError as err:
+        raise UserError(f"report: '{path}' is not a result: {err}") from None
+
+
+def unique_results(paths: list[Path]) -> list[FuseResult]:
+    """The results of ``paths``, a result found more than once (a copied ``results.json``) counted once, with a
+    warning naming both files."""
+    first: dict[str, Path] = {}
+    results = []
+    for path in paths:
+        result = load_result(path)
+        content = json.dumps(result.to_record(), sort_keys=True, default=str)
+        if content in first:
+            log.warning("report: '%s' holds the same result as '%s'; counted once", path, first[content])
+            continue
+        first[content] = path
+        results.append(result)
+    return results
+
+
+def collect_results(folder: Path) -> pd.DataFrame:
+    """Every result under ``folder``, each once (``unique_results``), as ``results_frame``."""
+    if not folder.is_dir():
+        raise UserError(f"report: '{folder}' is not a folder")
+    paths = sorted(folder.rglob("results.json"))
+    if not paths:
+        raise UserError(f"report: no results.json under '{folder}'")
+    return results_frame(unique_results(paths))
+
+
+def results_frame(results: list[FuseResult]) -> pd.DataFrame:
+    """One row per result: its record's fields, ``pretext_set`` (sorted, joined by ``+``), ``options_key`` (the
+    options as canonical JSON), the context as text (``dataset`` named with its fingerprints where the name alone
+    does not tell the data apart, a missing encoder seed as ``unrecorded``)."""
+    frame = pd.DataFrame([result.to_record() for result in results])
+    frame["pretext_set"] = frame["pretexts"].map(lambda names: "+".join(sorted(names)))
+    frame["options_key"] = frame["options"].map(lambda options: json.dumps(options, sort_keys=True, default=str))
+    frame["dataset"] = dataset_labels(frame)
+    for column in CONTEXT:
+        frame[column] = frame[column].astype(object).map(context_value)
+    return frame
+
+
+def dataset_labels(frame: pd.DataFrame) -> list[str]:
+    """Each row's dataset name, with its data and pretraining fingerprints when another row has the same name
+    on other data: ``synthetic (data 1a2b3c4d, pretrained on synthetic 5e6f7a8b)``; the fingerprints in full should
+    their first digits coincide."""
+    data = list(zip(*(frame[c].map(context_value) for c in
+                      ("dataset", "data_fingerprint", "pretraining_dataset", "pretraining_fingerprint"))))
+    kinds = Counter(name for name, *_ in set(data))
+    ambiguous = {name for name, count in kinds.items() if count > 1}
+    for digits in (FINGERPRINT_DIGITS, None):
+        labels = [name if name not in ambiguous else
+                  f"{name} (data {fingerprint[:digits]}, pretrained on {pretraining} {pretrained[:digits]})"
+                  for name, fingerprint, pretraining, pretrained in data]
+        if len(set(labels)) == len(set(data)):
+            return labels
+    return labels
+
+
+def context_value(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return UNRECORDED
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def contexts(stats: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The (dataset, encoder, encoder seed) combinations present, sorted."""
+    return sorted(set(zip(*(stats[c] for c in CONTEXT))))
+
+
+def context_heading(context: tuple[str, str, str]) -> str:
+    dataset, encoder, encoder_seed = context
+    return f"dataset {dataset}, encoder {encoder}, encoder seed {encoder_seed}"
+
+
+def regime_order(regime: str) -> tuple[int, float, str]:
+    """Per-class regimes first, then fractions, each ascending, then published splits (an indices file's name)."""
+    kind = 0 if regime.endswith("/class") else 1 if regime.endswith("%") else 2
+    try:
+        size = float(regime.removesuffix("/class").removesuffix("%")) if kind < 2 else 0.0
+    except ValueError:
+        kind, size = 2, 0.0
+    return kind, size, regime
+
+
+def by_regime(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in ``regime_order``, each regime's rows in their order."""
+    if table.empty:
+        return table
+    return table.sort_values("regime", key=lambda regimes: regimes.map(regime_order), kind="stable").reset_index(drop=True)
