@@ -33,7 +33,7 @@ def small_context(store) -> StageContext:
 
 
 def config(tmp_path, **extra: Any):
-    """A stage config over one source of each kind: the own ``random`` pretext, an external resnet18 and imported arrays."""
+    """A stage config over a source of each kind: the own ``random`` pretext, an external resnet18, imported arrays."""
     arrays = {split: tmp_path / f"{split}.npy" for split in ("train", "test")}
     for (split, path), rows in zip(arrays.items(), (48, 16)):
         np.save(path, np.random.default_rng(rows).normal(size=(rows, 6)).astype(np.float32))
@@ -47,8 +47,8 @@ def config(tmp_path, **extra: Any):
 
 def same_features(a: FeatureSet, b: FeatureSet) -> bool:
     views = (a.train_views is None and b.train_views is None) or torch.equal(a.train_views, b.train_views)
-    return (views and a.uses_labels == b.uses_labels
-            and all(torch.equal(getattr(a, key), getattr(b, key)) for key in ("train", "test", "train_labels", "test_labels")))
+    splits = ("train", "test", "train_labels", "test_labels")
+    return views and a.uses_labels == b.uses_labels and all(torch.equal(getattr(a, k), getattr(b, k)) for k in splits)
 
 
 def test_the_config_gives_one_source_of_each_kind_in_the_order_of_pretexts(tmp_path):
