@@ -45,7 +45,7 @@ from ssl_fusion.runtime.device import (
     resolve_device,
     resolve_precision,
 )
-from ssl_fusion.stages.cache import ensure_features
+from ssl_fusion.stages.caching import ensure_features
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.pretrain import ensure_encoder
 from ssl_fusion.store.artifacts import ENCODERS_KIND, load_features, pretext_recipe

@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import CacheConfig, LabelsConfig
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context

@@ -14,13 +14,19 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 from omegaconf import DictConfig
 
-from ssl_fusion.config import CacheConfig, ProbeConfig, check_external, check_imported, check_names
+from ssl_fusion.config import (
+    CacheConfig,
+    ProbeConfig,
+    check_external,
+    check_imported,
+    check_names,
+)
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages.cache import (
+from ssl_fusion.stages.caching import (
     encoder_conversion,
     ensure_external_features,
     ensure_features,
