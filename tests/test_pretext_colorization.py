@@ -23,7 +23,7 @@ from ssl_fusion.pretexts.colorization import (
 from ssl_fusion.pretexts.trainer import train_pretext
 from ssl_fusion.runtime.device import resolve_precision
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages.cache import ensure_features, stored_pretext
+from ssl_fusion.stages.caching import ensure_features, stored_pretext
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_encoder
 from ssl_fusion.store.artifacts import (

@@ -13,7 +13,11 @@ from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import external_config
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages.cache import ensure_external_features, ensure_features, ensure_views
+from ssl_fusion.stages.caching import (
+    ensure_external_features,
+    ensure_features,
+    ensure_views,
+)
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.pretrain import ensure_encoder
 from ssl_fusion.store import artifacts
@@ -113,7 +117,7 @@ def test_encoder_sources_are_the_code_that_makes_an_encoder():
     assert PACKAGE / "data/datasets/image_folder.py" not in sources  # another dataset's loader makes none of these
     assert PACKAGE / "data/datasets/torchvision_sets.py" in set(artifacts.pretrain_sources("rotation", "fashion_mnist"))
     assert PACKAGE / "models/checkpoints.py" not in sources  # loads encoders made elsewhere; makes none of ours
-    assert {PACKAGE / "stages/cache.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources("synthetic"))
+    assert {PACKAGE / "stages/caching.py", PACKAGE / "evaluation/probe.py"} <= set(artifacts.cache_sources("synthetic"))
 
 
 def test_encoder_key_changes_with_the_code_of_its_pretext_only(tmp_path, monkeypatch):
@@ -139,7 +143,7 @@ def test_features_key_changes_with_the_cache_stage_code(tmp_path, monkeypatch):
     ctx = key_context(tmp_path / "store")
     encoder = encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None)
     before = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")
-    cache_stage = PACKAGE / "stages" / "cache.py"
+    cache_stage = PACKAGE / "stages" / "caching.py"
     listing = artifacts.cache_sources
     monkeypatch.setattr(artifacts, "cache_sources", replacing(listing, cache_stage, copy_of(cache_stage, tmp_path / "edited", edit=True)))
     after = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")

@@ -22,7 +22,7 @@ from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import Pretext
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
-from ssl_fusion.stages.cache import ensure_external_features, write_split, write_views
+from ssl_fusion.stages.caching import ensure_external_features, write_split, write_views
 from ssl_fusion.stages.context import StageContext, open_dataset
 from ssl_fusion.stages.pretrain import train_encoder
 from ssl_fusion.store.artifacts import pretext_recipe

@@ -62,7 +62,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 # What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py files, in the package).
 PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
                  "models/decoders.py", "data/augment.py", "data/batches.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
-CACHE_STAGE = "ssl_fusion.stages.cache"
+CACHE_STAGE = "ssl_fusion.stages.caching"
 # The modules the cache stage uses whose code is not in a cached artifact's key through ``cache_sources``: either it
 # does not shape the values written (configuration, registries, errors, progress bars, the store's files and the
 # stage's setup) or another part of the key holds it (pretexts and datasets: the encoder's key, ``dataset_modules``).

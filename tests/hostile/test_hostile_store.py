@@ -5,7 +5,6 @@ array) is served."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
-from ssl_fusion.stages import cache as cache_stage
+from ssl_fusion.stages import caching as cache_stage
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.store.artifacts import FEATURES_KIND, load_features
 from ssl_fusion.store.files import ArtifactStore, atomic_write_bytes
