@@ -18,11 +18,13 @@ from ssl_fusion.config import (
     check_external,
     check_imported,
     check_names,
+    check_seed,
 )
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
+from ssl_fusion.data.splits import EvaluationConfig
+from ssl_fusion.evaluation.result import PREDICTIONS_FILE, FuseResult
 from ssl_fusion.fusion import FUSIONS, FusionConfig
-from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
@@ -41,7 +43,11 @@ from ssl_fusion.store.artifacts import (
     pretext_recipe,
     views_artifact,
 )
-from ssl_fusion.store.files import atomic_write_json, atomic_write_text
+from ssl_fusion.store.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 log = logging.getLogger("sslfuse")
 
@@ -107,27 +113,43 @@ def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache
 
 
 def evaluate_method(
-    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int, features: Callable[[], dict[str, FeatureSet]]
+    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    features: Callable[[], dict[str, FeatureSet]], evaluation: EvaluationConfig | None = None,
 ) -> FuseResult:
     """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
     (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
     method = FUSIONS.get(fusion.name).impl
     if method.needs_images:
-        return method(fusion).evaluate(ctx, labels_cfg, seed).in_context(run_context(ctx))
+        return method(fusion).evaluate(ctx, labels_cfg, seed, evaluation).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
-        return fuse_result(features(), fusion, labels_cfg, seed).in_context(run_context(ctx))
+        return fuse_result(features(), fusion, labels_cfg, seed, evaluation).in_context(run_context(ctx))
 
 
-def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
-    """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
-    labeled = labels_cfg.subset(train_labels, seed)
+def check_evaluation(node: Any) -> EvaluationConfig:
+    """The ``evaluation`` options as a typed config; a one-line UserError naming the first one out of range."""
+    evaluation: EvaluationConfig = OmegaConf.to_object(node)
+    check_seed("evaluation.dev_seed", evaluation.dev_seed)
+    return evaluation.check()
+
+
+def check_labels(
+    train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int,
+    evaluation: EvaluationConfig | None = None,
+) -> None:
+    """Refuse, before any work, a label regime the dataset cannot give (outside the dev split, for ``split=dev``) or
+    the head cannot cross-validate."""
+    labeled = (evaluation or EvaluationConfig()).labeled(labels_cfg, train_labels, seed)
     if not FUSIONS.get(fusion.name).impl.needs_images:
         check_folds(fusion, train_labels[labeled])
 
 
 def write_result(folder: Path, result: FuseResult) -> None:
-    """``results.json`` (the result's record) and a one-row ``results.csv`` of its scalars, each written
-    atomically."""
+    """The evaluation split's predictions (``predictions.npz``, when the result has them), then ``results.json`` (the
+    result's record, naming that file) and a one-row ``results.csv`` of its scalars, each written atomically: a
+    ``results.json`` never names a file not yet written."""
+    if result.predictions is not None:
+        atomic_write_bytes(folder / PREDICTIONS_FILE, result.predictions.to_bytes())
+        result = dataclasses.replace(result, evaluation={**result.evaluation, "predictions_file": PREDICTIONS_FILE})
     record = result.to_record()
     atomic_write_json(folder / "results.json", record)
     flat = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
@@ -155,13 +177,15 @@ def main(cfg: DictConfig) -> None:
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
     fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
+    evaluation = check_evaluation(cfg.evaluation)
     used = fused_pretexts(fusion, pretexts, [*imported, *external])
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
-    check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
+    check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed, evaluation)
     cache = check_cache(cfg.cache)
     command = cache_command([p for p in used if p not in imported])
-    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command, imported, external))
+    features = lambda: cached_features(ctx, used, cache, command, imported, external)
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)
     write_result(Path(run_dir()), result)
     print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
-          f"test accuracy {result.accuracy:.4f}; results in {run_dir()}")
+          f"{result.split} accuracy {result.accuracy:.4f}; results in {run_dir()}")

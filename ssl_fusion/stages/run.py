@@ -21,6 +21,7 @@ from ssl_fusion.config import (
 from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.fusion import FUSIONS, FusionConfig
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
@@ -34,6 +35,7 @@ from ssl_fusion.stages.cache import (
 )
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.fuse import (
+    check_evaluation,
     check_head,
     check_labels,
     evaluate_method,
@@ -106,33 +108,36 @@ def main(cfg: DictConfig) -> None:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
     cache = check_cache(cfg.cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
+    evaluation = check_evaluation(cfg.evaluation)
     pretraining_seeds = encoder_seeds(cfg)
     out = Path(run_dir())
     for encoder_seed in pretraining_seeds:
         ctx = open_context(cfg, encoder_seed)
-        check_run(ctx, cfg, heads, labels_cfg, pretexts, imported, external)
+        check_run(ctx, cfg, heads, labels_cfg, pretexts, imported, external, evaluation)
         if len(pretraining_seeds) > 1:
             print(f"encoder seed {encoder_seed}:")
         features = prepare_features(ctx, cfg, cache, pretexts, imported, external)
         where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
         for fusion, used in heads:
             for seed in cfg.seeds:
-                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
+                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used},
+                                         evaluation)
                 write_result(where / result.method / f"seed{seed}", result)
-                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result.method, encoder_seed, seed,
-                         result.accuracy)
+                log.info("%s encoder seed %d seed %d: %s accuracy %.4f", result.method, encoder_seed, seed,
+                         result.split, result.accuracy)
     table, md_path, _ = write_report(out)
-    print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
+    print_table(table, f"{ctx.dataset_cfg.name}: {evaluation.split} accuracy (%) of fusion heads on frozen pretext "
+                       "features")
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
 
 
 def check_run(ctx: StageContext, cfg: DictConfig, heads: list, labels_cfg: LabelsConfig, pretexts: list[str],
-              imported: dict, external: dict) -> None:
+              imported: dict, external: dict, evaluation: EvaluationConfig) -> None:
     """Refuse, before any work, labels a head cannot use, a conversion that cannot be done, a pretext that cannot
     run on the pretraining data."""
     for seed in cfg.seeds:
         for fusion, _ in heads:
-            check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
+            check_labels(ctx.data.train_labels, labels_cfg, fusion, seed, evaluation)
     check_conversion(ctx.data.channels, ctx.pretraining.channels)
     for pretext in (p for p in pretexts if p not in imported and p not in external):
         PRETEXTS.get(pretext).impl.check(pretext_recipe(pretext, ctx.overrides), ctx.pretraining)
