@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, ClassVar, Dict, Iterable, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.data.splits import EvaluationConfig, labeled_subset, subset_fields
 from ssl_fusion.models.external import ExternalEncoderConfig, external_config
+from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, optional, within
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
 
@@ -31,9 +32,10 @@ SEED_KEYS = ("seed", "encoder_seed", "seeds", "encoder_seeds")
 
 
 @dataclass
-class TrainOverrides:
+class TrainOverrides(Checked):
     """Stage-wide overrides of every pretext's own recipe (``null`` keeps the recipe)."""
 
+    section: ClassVar[str] = "train"
     epochs: Optional[int] = None
     epochs_scale: Optional[float] = None  # multiplies each recipe's epochs (preset=full uses it)
     batch_size: Optional[int] = None
@@ -43,46 +45,60 @@ class TrainOverrides:
     checkpoint_every_minutes: Optional[float] = 5.0  # also checkpoint within an epoch (0 or null: at epoch ends only)
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every this many steps (null: by time only)
 
+    def rules(self) -> dict[str, Rule]:
+        positive = ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads",
+                    "checkpoint_every_steps")
+        return {
+            **{key: optional(above(0)) for key in positive},
+            "num_workers": at_least(0),
+            "checkpoint_every_minutes": optional(at_least(0, " (0 or null: at epoch ends only)")),
+        }
+
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Checked):
     """kNN and linear probes run on every encoder that pretraining stores (written to its manifest)."""
 
+    section: ClassVar[str] = "probe"
     k: int = 20
     linear_l2: float = 1e-3
     max_train: Optional[int] = 10000  # null: the whole split
     max_test: Optional[int] = 2000
 
+    def rules(self) -> dict[str, Rule]:
+        return {"k": at_least(1), "linear_l2": at_least(0), "max_train": optional(above(0)),
+                "max_test": optional(above(0))}
+
 
 @dataclass
-class CacheConfig:
+class CacheConfig(Checked):
+    section: ClassVar[str] = "cache"
     batch_size: int = 1024
     views: int = 0  # > 0: also cache features of this many augmented copies of every train image (heads train on them)
     views_max_shift: float = 0.1  # each view: a random shift by up to this fraction of the size; half of them mirrored
     num_workers: int = 2  # DataLoader processes that decode an image folder's batches (0: the stage's own process)
 
-
-def check_cache(node: Any) -> CacheConfig:
-    """The ``cache`` options as a typed config; a one-line UserError naming the first one out of range."""
-    cache: CacheConfig = OmegaConf.to_object(node)
-    if cache.batch_size <= 0:
-        raise UserError(f"cache.batch_size must be > 0, got {cache.batch_size}")
-    if cache.views < 0:
-        raise UserError(f"cache.views must be >= 0 (0: no augmented views), got {cache.views}")
-    if not 0 <= cache.views_max_shift < 0.5:
-        raise UserError(f"cache.views_max_shift must be in [0, 0.5), got {cache.views_max_shift}")
-    if cache.num_workers < 0:
-        raise UserError(f"cache.num_workers must be >= 0 (0: no worker processes), got {cache.num_workers}")
-    return cache
+    def rules(self) -> dict[str, Rule]:
+        return {
+            "batch_size": above(0),
+            "views": at_least(0, " (0: no augmented views)"),
+            "views_max_shift": within(0, 0.5, "[)"),
+            "num_workers": at_least(0, " (0: no worker processes)"),
+        }
 
 
 @dataclass
-class LabelsConfig:
+class LabelsConfig(Checked):
     """Which labeled training samples the fusion head sees: ``indices_file`` wins when set, then ``per_class``."""
 
+    section: ClassVar[str] = "labels"
     fraction: Optional[float] = 0.01
     per_class: Optional[int] = None
     indices_file: Optional[str] = None  # a published split: one training index per line, or a JSON list
+
+    def rules(self) -> dict[str, Rule]:
+        """``per_class`` at most the smallest class: checked with the labels (``labeled_subset``)."""
+        return {"fraction": optional(within(0, 1, "(]")), "per_class": optional(at_least(1))}
 
     def subset(self, train_labels: torch.Tensor, seed: int) -> torch.Tensor:
         """The labeled training indices for ``seed``."""

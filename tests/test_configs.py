@@ -7,16 +7,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import ssl_fusion.stages  # noqa: F401  (the stages register the image baselines beside the heads)
 from ssl_fusion.config import CONF_DIR, load_option
 from ssl_fusion.data.datasets import DATASETS
-from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import register_schemas  # noqa: F401  (registers the stage schemas)
+from ssl_fusion.stages.methods import METHODS
 
-REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": FUSIONS}
+REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": METHODS}
 STAGES = ["pretrain", "cache", "fuse", "run"]
 
 
@@ -52,7 +51,7 @@ def test_every_dataset_and_encoder_composes_in_run(group):
 def test_every_pretext_and_fusion_composes_in_its_stage():
     for name in PRETEXTS.names():
         assert compose_stage("pretrain", [f"pretext={name}"]).pretext.name == name
-    for name in FUSIONS.names():
+    for name in METHODS.names():
         assert compose_stage("fuse", [f"fusion={name}"]).fusion.name == name
 
 
@@ -67,7 +66,7 @@ def test_option_schema_rejects_wrong_type_with_the_key():
     with pytest.raises(UserError, match=r"pretext.temperature"):
         PRETEXTS.typed_config({"name": "simclr", "temperature": "warm"})
     with pytest.raises(UserError, match="unknown fusion 'attn'.*attention"):
-        load_option(FUSIONS, "attn")
+        load_option(METHODS, "attn")
 
 
 def test_train_overrides_change_the_recipe():

@@ -154,7 +154,7 @@ def test_fuse_arrays_scores_on_the_dev_split_when_asked():
             {n: fs.test.numpy() for n, fs in features.items()}, features["good"].test_labels.numpy())
     result = fuse_arrays(*args, fusion="concat", fraction=0.1, seed=0, split="dev")
     assert (result["split"], result["evaluation_size"], result["dev_fraction"]) == ("dev", 60, 0.1)
-    with pytest.raises(UserError, match="evaluation.split must be one of test, dev, got 'val'"):
+    with pytest.raises(UserError, match="evaluation.split: 'val' is not one of test, dev"):
         fuse_arrays(*args, fusion="concat", split="val")
 
 
@@ -276,3 +276,24 @@ def test_run_and_fuse_score_on_the_dev_split(tmp_path):
     assert results["split"].tolist() == ["dev", "dev"] and results["evaluation_sha256"].nunique() == 1
     assert all(load_predictions(row) is not None for _, row in results.iterrows())
     assert (tmp_path / "dev_run" / "report.md").read_text().startswith("# Dev split")
+
+
+def test_dev_results_on_other_dev_images_are_kept_apart(tmp_path):
+    """Dev results drawn with two dev fractions were scored on other images: two dev tables, never one."""
+    records = [r for r in split_records() if r["split"] == "dev"]
+    write_results(tmp_path, [*records, *({**r, "dev_fraction": 0.2} for r in records)])
+    markdown = write_report(tmp_path)[1].read_text()
+    assert "# Dev[fraction=0.1,seed=0] split" in markdown and "# Dev[fraction=0.2,seed=0] split" in markdown
+    assert "n=6" not in markdown and (tmp_path / "dev_fraction_0.2_seed_0_paired_differences.csv").is_file()
+
+
+def test_kept_predictions_give_the_paired_interval_its_image_level(tmp_path):
+    features = small_task()
+    for seed in (0, 1):
+        for name in ("concat", "mean"):
+            result = fuse_result(features, quick(name), LabelsConfig(fraction=0.1), seed, DEV).in_context(
+                {"dataset": "toy", "encoder": "none", "encoder_seed": 0})
+            write_result(tmp_path / f"{name}{seed}", result)
+    write_report(tmp_path, references=["concat[steps=60]"])
+    paired = pd.read_csv(tmp_path / "dev_paired_differences.csv").set_index("method")
+    assert paired.loc["mean[steps=60,restarts=1](good+noise)", "resampled"].endswith(", 60 test images")

@@ -170,17 +170,17 @@ def test_ensemble_returns_log_of_mean_member_probabilities():
 
 
 @pytest.mark.parametrize(
-    "cfg, key",
+    "name, options, key",
     [
-        (MoEConfig(name="moe", top_k=0), "fusion.top_k"),
-        (MoEConfig(name="moe", top_k=4), "fusion.top_k"),
-        (StaticConfig(name="static", mode="max"), "fusion.mode"),
-        (StaticConfig(name="static", weight_lr_scale=0.0), "fusion.weight_lr_scale"),
+        ("moe", {"top_k": 0}, "fusion.top_k"),
+        ("moe", {"top_k": 4}, "fusion.top_k"),  # more than the 3 pretexts: refused by the head, which knows them
+        ("static", {"mode": "max"}, "fusion.mode"),
+        ("static", {"weight_lr_scale": 0.0}, "fusion.weight_lr_scale"),
     ],
 )
-def test_bad_values_are_user_errors_naming_the_key(cfg, key):
+def test_bad_values_are_user_errors_naming_the_key(name, options, key):
     with pytest.raises(UserError, match=key):
-        FUSIONS.get(cfg.name).impl(cfg, DIMS, 5)
+        FUSIONS.get(name).impl(FUSIONS.get(name).config_cls(name=name, **options), DIMS, 5)
 
 
 def direct_logme(features: torch.Tensor, labels: torch.Tensor) -> float:

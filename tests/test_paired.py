@@ -1,5 +1,6 @@
-"""Paired differences: the interval is Student's, pairs share labeled subset, encoders and pretexts (never another
-seed's result), the best single pretext is chosen on validation, and encoder seeds are pooled only by name."""
+"""Paired differences: pairs share labeled subset, encoders and pretexts (never another seed's result), the best
+single pretext is chosen on validation, encoder seeds are pooled only by name, the interval says what it resampled,
+and primary comparisons are Holm-adjusted while the rest is exploratory."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 from scipy import stats
 
 from ssl_fusion.report.paired import (
+    Primary,
     paired_control_costs,
     paired_differences,
-    t_interval,
 )
+from ssl_fusion.report.statistics import holm
 from ssl_fusion.report.tables import (
     collect_results,
     parse_arguments,
@@ -37,16 +39,6 @@ def write(folder: Path, records: list[dict]) -> pd.DataFrame:
         (folder / f"run{number}").mkdir()
         (folder / f"run{number}" / "results.json").write_text(json.dumps(row))
     return collect_results(folder)
-
-
-def test_interval_is_students_t_on_known_numbers_and_equals_scipys_paired_test():
-    mean, low, high = t_interval(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
-    # sd = sqrt(2.5), se = sd / sqrt(5) = 0.70711, t(0.975, 4) = 2.77645 (tables)
-    assert (mean, low, high) == pytest.approx((3.0, 3.0 - 2.77645 * 0.70711, 3.0 + 2.77645 * 0.70711), abs=1e-4)
-    a, b = np.array([81.2, 80.1, 82.5, 79.9, 80.7, 81.6]), np.array([80.0, 80.3, 81.0, 79.1, 80.2, 80.9])
-    expected = stats.ttest_rel(a, b).confidence_interval(0.95)
-    assert t_interval(a - b)[1:] == pytest.approx((expected.low, expected.high))
-    assert np.isnan(t_interval(np.array([2.0]))[1])  # one pair: no interval
 
 
 def test_only_results_on_the_same_subset_encoders_and_pretexts_are_paired(tmp_path):
@@ -76,7 +68,12 @@ def test_best_single_is_chosen_on_validation_not_test(tmp_path):
     row = table.loc[("concat(a+b)", "best single on validation (b)")]
     assert row["difference"] == pytest.approx(6.0)
     assert (row["pairs"], row["W/T/L"]) == ("3", "3/0/0")
-    assert row["low"] == pytest.approx(6.0 - stats.t.ppf(0.975, 2) * stats.sem([5.0, 6.0, 7.0]), abs=0.01)
+    assert row["P(improvement)"] == "1.00 [1.00, 1.00]"
+    # one encoder seed: conditional on it, a t on the bootstrap SE over label seeds (plug-in: sd·sqrt(2/3)/sqrt(3))
+    assert row["resampled"] == "conditional on encoder seed 0: 3 label seeds, test images not kept"
+    assert row["df"] == pytest.approx(2)
+    assert row["standard_error"] == pytest.approx(stats.sem([5.0, 6.0, 7.0]) * np.sqrt(2 / 3), rel=0.1)
+    assert row["low"] == pytest.approx(6.0 - stats.t.ppf(0.975, 2) * row["standard_error"])
 
 
 def test_encoder_seeds_pool_only_under_their_names_with_n_as_a_product(tmp_path):
@@ -98,6 +95,8 @@ def test_encoder_seeds_pool_only_under_their_names_with_n_as_a_product(tmp_path)
     assert paired.loc[("mean(a+b)", "concat"), "difference"] == pytest.approx(-1.0)
     assert paired.loc[("mean(a+b)", "concat"), "W/T/L"] == "0/2/4"  # label seed 0 ties, up to float rounding
     assert "Paired differences" in markdown
+    assert "Every row resamples 2 encoder seeds × 3 label seeds, test images not kept." in markdown
+    assert "conditional on" not in markdown.split("Paired differences")[1].split("\n\n")[0]
     picture = matplotlib.image.imread(tmp_path / "paired_differences.png")
     assert picture.shape[0] > 100 and picture.shape[1] > 100
 
@@ -111,7 +110,7 @@ def test_unknown_reference_is_refused_in_one_line(tmp_path):
     write(tmp_path, [result("concat", ["a", "b"], 0.7, 0), result("mean", ["a", "b"], 0.6, 0)])
     with pytest.raises(UserError, match=r"reference 'attention' is not among the results' methods; valid: concat, mean, best-single"):
         write_report(tmp_path, references=["attention"])
-    assert parse_arguments([str(tmp_path), "--reference=mean,best-single"]) == (tmp_path, ["mean", "best-single"])
+    assert parse_arguments([str(tmp_path), "--reference=mean,best-single"]) == (tmp_path, ["mean", "best-single"], [])
     with pytest.raises(UserError, match="usage: sslfuse report"):
         parse_arguments([str(tmp_path), "--references", "mean"])
 
@@ -130,3 +129,69 @@ def test_the_cost_of_a_control_pretext_is_paired_within_one_method_and_its_optio
     assert (costs.loc["attention", "pairs"], costs.loc["attention", "W/T/L"]) == ("2", "0/0/2")
     assert costs.loc["attention", "added"] == "noise" and costs.loc["attention", "pretexts"] == "a+b"
     assert costs.loc["attention[screen=False]", "difference"] == pytest.approx(-10.0)
+
+
+def test_primary_is_parsed_with_options_and_refused_in_one_line_when_malformed(tmp_path):
+    folder, references, primaries = parse_arguments(
+        [str(tmp_path), "--primary=attention[combine=concat,screen=False]:concat,mean:best-single", "--primary=a:b"])
+    assert (folder, references) == (tmp_path, None)
+    assert primaries == [Primary("attention[combine=concat,screen=False]", "concat"), Primary("mean", "best-single"),
+                         Primary("a", "b")]
+    for bad in ("--primary=attention", "--primary=:concat", "--primary=attention:"):
+        with pytest.raises(UserError, match=r"report: --primary: '.*' is not method:reference; usage: sslfuse report"):
+            parse_arguments([str(tmp_path), bad])
+
+
+def two_encoder_study(tmp_path) -> pd.DataFrame:
+    """attention and mean beat concat by about 2 and 0.5 points, over 3 encoder seeds × 4 label seeds."""
+    rng = np.random.default_rng(0)
+    records = []
+    for encoder_seed in range(3):
+        for seed in range(4):
+            base = 0.80 + 0.01 * encoder_seed + 0.003 * seed
+            for title, gain in (("concat", 0.0), ("attention", 0.02), ("mean", 0.005)):
+                records.append(result(title, ["a", "b"], base + gain + rng.normal(0, 0.004), seed, encoder_seed))
+    return write(tmp_path, records)
+
+
+def test_primaries_are_holm_adjusted_as_one_family_and_the_rest_is_exploratory(tmp_path):
+    results = two_encoder_study(tmp_path)
+    table = paired_differences(results, ["concat"], [Primary("attention", "concat"), Primary("mean(a+b)", "concat")])
+    table = table.set_index("method")
+    assert list(table["role"]) == ["primary", "primary"]
+    adjusted = holm(table["p"].to_numpy())
+    assert table["p (Holm)"].to_numpy() == pytest.approx(adjusted)
+    for method, row in table.iterrows():
+        # the adjusted interval holds the unadjusted one, and excludes 0 exactly when Holm rejects at 5%
+        assert row["holm_low"] <= row["low"] and row["holm_high"] >= row["high"]
+        assert (row["holm_low"] > 0 or row["holm_high"] < 0) == (row["p (Holm)"] <= 0.05), method
+    assert table.loc["attention(a+b)", "resampled"] == "3 encoder seeds × 4 label seeds, test images not kept"
+    only_one = paired_differences(results, None, [Primary("attention", "concat")]).set_index(["method", "reference"])
+    assert only_one.loc[("attention(a+b)", "concat"), "role"] == "primary"
+    assert only_one.loc[("attention(a+b)", "concat"), "p (Holm)"] == pytest.approx(
+        only_one.loc[("attention(a+b)", "concat"), "p"])  # a family of one: nothing to adjust
+    assert set(only_one.drop(("attention(a+b)", "concat"))["role"]) == {"exploratory"}
+
+
+def test_a_primary_that_names_no_comparison_is_refused_and_the_report_draws_the_family(tmp_path):
+    two_encoder_study(tmp_path)
+    with pytest.raises(UserError, match=r"primary 'select:concat' names no paired comparison; compared: attention:"):
+        write_report(tmp_path, primaries=[Primary("select", "concat")])
+    assert not (tmp_path / "report.md").exists()
+    _, md_path, _ = write_report(tmp_path, primaries=[Primary("attention", "concat")])
+    markdown = md_path.read_text()
+    assert "Primary rows (1) are Holm-adjusted as one family" in markdown and "| exploratory |" in markdown
+    paired = pd.read_csv(tmp_path / "paired_differences.csv")
+    assert sorted(paired["role"].unique()) == ["exploratory", "primary"]
+    assert paired.loc[paired["role"] == "primary", ["holm_low", "holm_high", "p (Holm)"]].notna().all().all()
+    assert matplotlib.image.imread(tmp_path / "paired_differences.png").shape[0] > 100
+
+
+def test_one_encoder_seed_gives_an_interval_conditional_on_that_encoder(tmp_path):
+    records = [result(title, ["a", "b"], 0.8 + gain + 0.01 * seed * (title == "attention"), seed, encoder_seed=3)
+               for seed in range(4) for title, gain in (("concat", 0.0), ("attention", 0.01))]
+    write(tmp_path, records)
+    _, md_path, _ = write_report(tmp_path)
+    markdown = md_path.read_text()
+    assert "Every row resamples conditional on encoder seed 3: 4 label seeds, test images not kept." in markdown
+    assert "the interval is conditional on that encoder" in markdown

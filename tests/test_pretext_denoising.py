@@ -88,7 +88,7 @@ def test_check_refuses_an_unknown_noise_and_a_level_out_of_range():
     with pytest.raises(UserError, match="pretext.noise: 'poisson' is not one of gaussian, salt_pepper, masking"):
         check(DenoisingConfig(name="denoising", noise="poisson"), data)
     for level in (0.0, 1.0, -0.1, 2.0):
-        with pytest.raises(UserError, match=rf"pretext.level: {level} is not in \(0, 1\)"):
+        with pytest.raises(UserError, match=rf"pretext.level must be in \(0, 1\) .*, got {level}"):
             check(DenoisingConfig(name="denoising", level=level), data)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import sslfuse
 
+from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import Pretext, PretextConfig
 from ssl_fusion.pretexts.trainer import train_pretext
@@ -111,7 +112,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_a_crash_while_plotting_leaves_the_previous_plot_whole(tmp_path, monkeypatch):
     for seed in (0, 1):
-        record = {"method": "concat(a+b)", "fusion": "concat", "pretexts": ["a", "b"], "regime": "1%", "test_accuracy": 0.8 + seed / 100}
+        record = FuseResult(method="concat(a+b)", title="concat", family="concat", options={}, pretexts=["a", "b"],
+                            labels={"regime": "1%", "seed": seed}, metrics={"test_accuracy": 0.8 + seed / 100}).to_record()
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(record))
     write_report(tmp_path)

@@ -29,8 +29,8 @@ from threadpoolctl import threadpool_limits
 import ssl_fusion.stages  # noqa: F401  (registers the configs' schemas)
 from ssl_fusion.config import (
     CONF_DIR,
+    CacheConfig,
     LabelsConfig,
-    check_cache,
     check_external,
     check_imported,
     check_names,
@@ -60,7 +60,7 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
     imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     ctx = open_context(cfg, cfg.encoder_seed)
     command = f"sslfuse cache pretexts=[{','.join(p for p in pretexts if p not in imported)}] (and this run's dataset keys)"
     features = cached_features(ctx, pretexts, cache, command, imported, external)

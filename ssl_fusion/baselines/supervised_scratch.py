@@ -27,12 +27,14 @@ from ssl_fusion.data.augment import random_shift_flip
 from ssl_fusion.data.splits import EvaluationConfig, split_validation
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
+from ssl_fusion.baselines import BASELINES
 from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
-from ssl_fusion.fusion import FUSIONS, FusionMethod
+from ssl_fusion.fusion import FusionMethod
 from ssl_fusion.fusion.protocol import changed_options
 from ssl_fusion.fusion.training import score
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
+from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, within
 from ssl_fusion.runtime.errors import UserError
 
 if TYPE_CHECKING:  # the stages hand their context in; importing them here would be a cycle
@@ -42,7 +44,8 @@ log = logging.getLogger("sslfuse")
 
 
 @dataclass
-class SupervisedScratchConfig:
+class SupervisedScratchConfig(Checked):
+    section: ClassVar[str] = "fusion"
     name: str = MISSING
     steps: int = 1500  # optimizer steps of the selection run; the best count on validation is refit
     eval_every: int = 100
@@ -53,6 +56,18 @@ class SupervisedScratchConfig:
     val_fraction: float = 0.2
     refit: bool = True  # false: keep the best validation checkpoint (trained on the fit part only)
 
+    def rules(self) -> dict[str, Rule]:
+        return {
+            "steps": at_least(1),
+            "eval_every": Rule(lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]",
+                               self.steps + 1),
+            "batch_size": at_least(1),
+            "lr": above(0),
+            "weight_decay": at_least(0),
+            "max_shift": within(0, 0.5, "[)"),
+            "val_fraction": within(0, 1, "()"),
+        }
+
 
 @dataclass
 class Selection:
@@ -61,22 +76,6 @@ class Selection:
     steps: int
     val_accuracy: float
     val_nll: float
-
-
-def check_config(cfg: SupervisedScratchConfig) -> None:
-    """A one-line UserError naming the first option out of range."""
-    rules = [
-        ("steps", cfg.steps >= 1, ">= 1"),
-        ("eval_every", 1 <= cfg.eval_every <= cfg.steps, f"in [1, fusion.steps] = [1, {cfg.steps}]"),
-        ("batch_size", cfg.batch_size >= 1, ">= 1"),
-        ("lr", cfg.lr > 0, "> 0"),
-        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-        ("max_shift", 0 <= cfg.max_shift < 0.5, "in [0, 0.5)"),
-        ("val_fraction", 0 < cfg.val_fraction < 1, "in (0, 1)"),
-    ]
-    for key, valid, allowed in rules:
-        if not valid:
-            raise UserError(f"fusion.{key} must be {allowed}, got {getattr(cfg, key)}")
 
 
 EvalHook = Callable[[int, nn.Sequential], None]
@@ -162,15 +161,14 @@ def fit_selected(
     return network, best, losses
 
 
-@FUSIONS.register("supervised_scratch", SupervisedScratchConfig)
+@BASELINES.register("supervised_scratch", SupervisedScratchConfig)
 class SupervisedScratch(FusionMethod):
     """Not a head over features: ``evaluate`` trains on the stage's images and returns a fuse result record."""
 
     needs_images: ClassVar[bool] = True
 
     def __init__(self, cfg: SupervisedScratchConfig, feature_dims: Optional[list[int]] = None, num_classes: int = 0) -> None:
-        """Same signature as a head's, so the stages refuse a bad option before any work (dims are unused)."""
-        check_config(cfg)
+        """Same signature as a head's (dims are unused): the stages build every method before any work."""
         self.cfg = cfg
 
     def evaluate(
@@ -192,7 +190,7 @@ class SupervisedScratch(FusionMethod):
         probs = predict_proba(network, images, ctx.device, ctx.dtype)
         accuracy, nll = score(probs, eval_labels)
         split = evaluation.split
-        options = changed_options(self.cfg)
+        options = changed_options(self.cfg, BASELINES)
         return FuseResult(
             method=f"{titled(self.cfg.name, options)}({ctx.encoder_cfg.name})",
             title=titled(self.cfg.name, options),

@@ -9,10 +9,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 
+from ssl_fusion.runtime.checks import Checked, Rule, one_of, within
 from ssl_fusion.runtime.errors import UserError
 
 if TYPE_CHECKING:  # config.py imports this module
@@ -171,23 +172,19 @@ EVALUATION_SPLITS = ("test", "dev")
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(Checked):
     """The split a fuse scores: ``test``, the dataset's test split (for frozen choices), or ``dev``: a seeded,
     class-stratified part of the training split, ``dev_fraction`` of each class, drawn with ``dev_seed`` (not the label
     seed, so every label seed scores on the same images). The dev part is held out of every labeled subset, of the
     feature standardisation and of everything a head is selected or trained on: it plays the test split's role."""
 
+    section: ClassVar[str] = "evaluation"
     split: str = "test"
     dev_fraction: float = 0.1
-    dev_seed: int = 0
+    dev_seed: int = 0  # its range is checked with the other seeds' (``config.check_seed``)
 
-    def check(self) -> EvaluationConfig:
-        """This config; a one-line UserError naming the first key out of range."""
-        if self.split not in EVALUATION_SPLITS:
-            raise UserError(f"evaluation.split must be one of {', '.join(EVALUATION_SPLITS)}, got {self.split!r}")
-        if not 0 < self.dev_fraction < 1:
-            raise UserError(f"evaluation.dev_fraction must be in (0, 1), got {self.dev_fraction}")
-        return self
+    def rules(self) -> dict[str, Rule]:
+        return {"split": one_of(EVALUATION_SPLITS), "dev_fraction": within(0, 1, "()")}
 
     def dev_rows(self, train_labels: torch.Tensor) -> Optional[torch.Tensor]:
         """The sorted training indices of the dev part; None for ``split=test``."""

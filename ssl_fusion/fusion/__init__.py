@@ -10,14 +10,15 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, within
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(Checked):
     """How every head is trained (see ``ssl_fusion.fusion.training``); heads add their own fields."""
 
+    section: ClassVar[str] = "fusion"
     name: str = MISSING
     steps: int = 200  # the most steps; the best length is chosen by cross-validation
     eval_every: int = 20
@@ -29,24 +30,19 @@ class FusionConfig:
     feature_dropout: float = 0.2
     screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.fusion.screen)
 
-    def __post_init__(self) -> None:
-        """Refuse an option out of range in one line naming it, when the config is built (before any work)."""
-        for key, ok, allowed in self.rules():
-            if not ok:
-                raise UserError(f"fusion.{key} must be {allowed}, got {getattr(self, key)!r}")
-
-    def rules(self) -> list[tuple[str, bool, str]]:
-        """(option, whether its value is allowed, what is allowed); heads with options of their own extend it."""
-        return [
-            ("steps", self.steps >= 1, ">= 1"),
-            ("eval_every", 1 <= self.eval_every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("l2_grid", len(self.l2_grid) > 0 and min(self.l2_grid) >= 0, "a non-empty list of values >= 0"),
-            ("folds", self.folds >= 2, ">= 2"),
-            ("restarts", self.restarts >= 1, ">= 1"),
-            ("feature_dropout", 0 <= self.feature_dropout < 1, "in [0, 1)"),
-        ]
+    def rules(self) -> dict[str, Rule]:
+        """Heads with options of their own extend it (see ``ssl_fusion.runtime.checks``)."""
+        return {
+            "steps": at_least(1),
+            "eval_every": Rule(lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]",
+                               self.steps + 1),
+            "batch_size": at_least(1),
+            "lr": above(0),
+            "l2_grid": Rule(lambda grid: len(grid) > 0 and min(grid) >= 0, "a non-empty list of values >= 0", []),
+            "folds": at_least(2),
+            "restarts": at_least(1),
+            "feature_dropout": within(0, 1, "[)"),
+        }
 
 
 class FusionMethod:

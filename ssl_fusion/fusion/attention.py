@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+from ssl_fusion.runtime.checks import Rule, above, at_least, one_of, within
 
 
 @dataclass
@@ -31,14 +32,14 @@ class AttentionConfig(FusionConfig):
     restarts: int = 1  # from zero and without dropout every refit is the same
     scores_from: str = "features"  # features: all pretexts' features; logits: all pretexts' class logits
 
-    def rules(self) -> list[tuple[str, bool, str]]:
-        return [
-            *super().rules(),
-            ("scorer_hidden", self.scorer_hidden >= 0, ">= 0"),
-            ("temperature", self.temperature > 0, "> 0"),
-            ("pretext_dropout", 0 <= self.pretext_dropout < 1, "in [0, 1)"),
-            ("scores_from", self.scores_from in ("features", "logits"), "features or logits"),
-        ]
+    def rules(self) -> dict[str, Rule]:
+        return {
+            **super().rules(),
+            "scorer_hidden": at_least(0),
+            "temperature": above(0),
+            "pretext_dropout": within(0, 1, "[)"),
+            "scores_from": one_of(("features", "logits")),
+        }
 
 
 def softmax_dropping_pretexts(scores: torch.Tensor, dropout: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.mean import project, projections
+from ssl_fusion.runtime.checks import Rule, at_least
 from ssl_fusion.runtime.errors import UserError
 
 
@@ -29,6 +30,10 @@ class MoEConfig(FusionConfig):
     width: int = 256
     top_k: int = 2
     balance_weight: float = 0.01
+
+    def rules(self) -> dict[str, Rule]:
+        """``top_k`` at most the number of pretexts: checked by the head, which knows it."""
+        return {**super().rules(), "top_k": at_least(1)}
 
 
 @FUSIONS.register("moe", MoEConfig)

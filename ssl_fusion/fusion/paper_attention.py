@@ -18,7 +18,7 @@ from torch import nn
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.attention import softmax_dropping_pretexts
 from ssl_fusion.fusion.mean import project, projections
-from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.checks import Rule, one_of
 
 
 @dataclass
@@ -31,6 +31,9 @@ class PaperAttentionConfig(FusionConfig):
     pretext_dropout: float = 0.0
     combine: str = "sum"
 
+    def rules(self) -> dict[str, Rule]:
+        return {**super().rules(), "query": one_of(QUERIES), "combine": one_of(COMBINES)}
+
 
 QUERIES = ("sample", "task")
 COMBINES = ("sum", "concat")
@@ -40,10 +43,6 @@ COMBINES = ("sum", "concat")
 class PaperAttentionFusion(FusionHead):
     def __init__(self, cfg: PaperAttentionConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)
-        if cfg.query not in QUERIES:
-            raise UserError(f"fusion.query: '{cfg.query}' is not one of {', '.join(QUERIES)}")
-        if cfg.combine not in COMBINES:
-            raise UserError(f"fusion.combine: '{cfg.combine}' is not one of {', '.join(COMBINES)}")
         self.projections = projections(feature_dims, cfg.width)
         self.scorer = nn.Sequential(nn.Linear(cfg.width, cfg.scorer_hidden), nn.Tanh(), nn.Linear(cfg.scorer_hidden, 1))
         self.task_query = nn.Parameter(torch.zeros(cfg.width))

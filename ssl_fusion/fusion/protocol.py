@@ -35,16 +35,17 @@ from ssl_fusion.fusion.training import (
     train_selected,
 )
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.registry import Registry
 
 
 def head_class(fusion: FusionConfig) -> type[FusionHead]:
     return FUSIONS.get(fusion.name).impl
 
 
-def changed_options(fusion: FusionConfig) -> dict[str, Any]:
-    """The options of ``fusion`` that differ from its ``conf/fusion/<name>.yaml``, so that a sweep over an option
-    gives each value its own row."""
-    default, current = as_plain(load_option(FUSIONS, fusion.name)), as_plain(fusion)
+def changed_options(fusion: FusionConfig, registry: Registry = FUSIONS) -> dict[str, Any]:
+    """The options of ``fusion`` (an option of ``registry``) that differ from its ``conf/fusion/<name>.yaml``, so
+    that a sweep over an option gives each value its own row."""
+    default, current = as_plain(load_option(registry, fusion.name)), as_plain(fusion)
     return {key: value for key, value in current.items() if value != default.get(key)}
 
 
@@ -334,7 +335,7 @@ def fuse_arrays(
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
     check_seed("seed", seed)
     check_seed("dev_seed", dev_seed)
-    evaluation = EvaluationConfig(split, dev_fraction, dev_seed).check()
+    evaluation = EvaluationConfig(split, dev_fraction, dev_seed)
     encoder, y_train, y_test = encoded_labels(train_labels, test_labels)
     sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")

@@ -17,6 +17,7 @@ from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.evaluation.probe import cross_validated_knn
 from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.fusion.concat import ConcatConfig, LinearFusion
+from ssl_fusion.runtime.checks import Rule, at_least, one_of
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 
@@ -27,12 +28,8 @@ class SelectConfig(ConcatConfig):
     knn_k: int = 10
     knn_folds: int = 5
 
-    def rules(self) -> list[tuple[str, bool, str]]:
-        return super().rules() + [
-            ("by", self.by in CRITERIA, f"one of {', '.join(CRITERIA)}"),
-            ("knn_k", self.knn_k >= 1, ">= 1"),
-            ("knn_folds", self.knn_folds >= 2, ">= 2"),
-        ]
+    def rules(self) -> dict[str, Rule]:
+        return {**super().rules(), "by": one_of(CRITERIA), "knn_k": at_least(1), "knn_folds": at_least(2)}
 
 
 @FUSIONS.register("select", SelectConfig)

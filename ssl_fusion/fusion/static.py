@@ -16,7 +16,7 @@ from torch import nn
 
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.mean import project, projections
-from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.checks import Rule, above, one_of
 
 
 @dataclass
@@ -25,6 +25,9 @@ class StaticConfig(FusionConfig):
     mode: str = "softmax"
     l1_weight: float = 0.01
     weight_lr_scale: float = 10.0
+
+    def rules(self) -> dict[str, Rule]:
+        return {**super().rules(), "mode": one_of(MODES), "weight_lr_scale": above(0)}
 
 
 MODES = ("softmax", "l1")
@@ -38,10 +41,6 @@ class StaticFusion(FusionHead):
 
     def __init__(self, cfg: StaticConfig, feature_dims: list[int], num_classes: int) -> None:
         super().__init__(cfg, feature_dims, num_classes)
-        if cfg.mode not in MODES:
-            raise UserError(f"fusion.mode: '{cfg.mode}' is not one of {', '.join(MODES)}")
-        if cfg.weight_lr_scale <= 0:
-            raise UserError(f"fusion.weight_lr_scale must be > 0, got {cfg.weight_lr_scale}")
         count = len(feature_dims)
         # Both modes start from equal weights 1/pretexts.
         start = 0.0 if cfg.mode == "softmax" else 1 / (count * cfg.weight_lr_scale)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, ClassVar, List, Optional
 
 import torch
 import torchvision
@@ -12,13 +12,15 @@ from torch import nn
 
 from ssl_fusion.data.batches import Images, decoded
 from ssl_fusion.data.datasets import sample_indices
+from ssl_fusion.runtime.checks import Checked
 from ssl_fusion.runtime.registry import Registry
 
 STATISTICS_SAMPLE = 10000  # images whose pixels give the input statistics
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Checked):
+    section: ClassVar[str] = "encoder"
     name: str = MISSING
 
 

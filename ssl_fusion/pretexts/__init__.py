@@ -12,13 +12,15 @@ from torch import nn
 
 from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.models.encoders import Encoder
+from ssl_fusion.runtime.checks import Checked
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
 @dataclass
-class PretextConfig:
+class PretextConfig(Checked):
     """The training recipe every pretext has; pretexts add their own fields in a subclass."""
 
+    section: ClassVar[str] = "pretext"
     name: str = MISSING
     epochs: int = 5
     batch_size: int = 256
@@ -58,7 +60,8 @@ class Pretext(nn.Module):
 
     @classmethod
     def check(cls, cfg: PretextConfig, data: ImageData) -> None:
-        """Refuse, with a UserError, a dataset this pretext cannot run on. Default: any."""
+        """Refuse, with a UserError, a dataset this pretext cannot run on. Default: any. (The config's own
+        value ranges are its ``rules()``, checked when it is built.)"""
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

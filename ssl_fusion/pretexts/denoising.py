@@ -8,11 +8,10 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.models.decoders import VectorDecoder
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.checks import Rule, one_of, within
 
 
 @dataclass
@@ -20,6 +19,10 @@ class DenoisingConfig(PretextConfig):
     noise: str = "gaussian"
     level: float = 0.2
     decoder_widths: List[int] = field(default_factory=lambda: [128, 64, 32, 16])
+
+    def rules(self) -> dict[str, Rule]:
+        shares = " (the noise std for gaussian, the share of pixels hit otherwise)"
+        return {**super().rules(), "noise": one_of(NOISES), "level": within(0, 1, "()", shares)}
 
 
 def pixel_draw(images: torch.Tensor) -> torch.Tensor:
@@ -61,15 +64,6 @@ class Denoising(Pretext):
     def __init__(self, cfg: DenoisingConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         self.decoder = VectorDecoder(encoder.out_dim, encoder.channels, cfg.decoder_widths)
-
-    @classmethod
-    def check(cls, cfg: DenoisingConfig, data: ImageData) -> None:
-        if cfg.noise not in NOISES:
-            raise UserError(f"pretext.noise: '{cfg.noise}' is not one of {', '.join(NOISES)}")
-        if not 0 < cfg.level < 1:
-            raise UserError(
-                f"pretext.level: {cfg.level} is not in (0, 1) (the noise std for gaussian, the share of pixels hit otherwise)"
-            )
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         noisy = corrupt(images, self.cfg.noise, self.cfg.level).contiguous(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.models.decoders import VectorDecoder
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.checks import Rule, one_of
 from ssl_fusion.runtime.errors import UserError
 
 FILLS = ("zero", "mean")
@@ -26,6 +27,10 @@ class InpaintingConfig(PretextConfig):
     fill: str = "mean"
     loss_on: str = "masked"
     decoder_widths: List[int] = field(default_factory=lambda: [128, 64, 32, 16])
+
+    def rules(self) -> dict[str, Rule]:
+        """``patch_size`` and ``mask_ratio`` depend on the image size: checked with the data (``check``)."""
+        return {**super().rules(), "fill": one_of(FILLS), "loss_on": one_of(LOSS_ON)}
 
 
 def masked_patch_count(size: tuple[int, int], patch_size: int, mask_ratio: float) -> tuple[int, int]:
@@ -76,10 +81,6 @@ class Inpainting(Pretext):
                 f"pretext.patch_size: {cfg.patch_size} does not divide the {height}x{width} images; "
                 f"allowed: {', '.join(map(str, divisors))}"
             )
-        if cfg.fill not in FILLS:
-            raise UserError(f"pretext.fill: '{cfg.fill}' is not one of {', '.join(FILLS)}")
-        if cfg.loss_on not in LOSS_ON:
-            raise UserError(f"pretext.loss_on: '{cfg.loss_on}' is not one of {', '.join(LOSS_ON)}")
         masked, patches = masked_patch_count((height, width), cfg.patch_size, cfg.mask_ratio)
         if not 0 < cfg.mask_ratio < 1 or not 0 < masked < patches:
             raise UserError(

@@ -24,6 +24,7 @@ from torch import nn
 from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.checks import Rule, at_least
 from ssl_fusion.runtime.errors import UserError
 
 MIN_PATCH = 7  # the smallest input the encoders take
@@ -39,6 +40,10 @@ class RelativeLocationConfig(PretextConfig):
     flip: bool = True
     whole_image_statistics: bool = True
     head_hidden: int = 256
+
+    def rules(self) -> dict[str, Rule]:
+        """Whether the patches fit the images depends on their size: checked with the data (``check``)."""
+        return {**super().rules(), "gap": at_least(0), "jitter": at_least(0)}
 
 
 def patch_size(image_size: tuple[int, int], gap: int, jitter: int) -> tuple[int, int]:
@@ -108,8 +113,6 @@ class RelativeLocation(Pretext):
 
     @classmethod
     def check(cls, cfg: RelativeLocationConfig, data: ImageData) -> None:
-        if cfg.gap < 0 or cfg.jitter < 0:
-            raise UserError(f"pretext.gap={cfg.gap} and pretext.jitter={cfg.jitter} must be at least 0")
         height, width = data.image_size
         if min(patch_size((height, width), cfg.gap, cfg.jitter)) < MIN_PATCH:
             smallest = 3 * (MIN_PATCH + cfg.gap + cfg.jitter)

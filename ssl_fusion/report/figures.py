@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ssl_fusion.report.paired import PRIMARY
 from ssl_fusion.report.results import CONTEXT, context_heading, contexts, regime_order
 from ssl_fusion.store.files import atomic_write_bytes
 
@@ -116,7 +117,8 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
 
 
 def plot_paired_differences(table: pd.DataFrame, path) -> None:
-    """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0."""
+    """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0;
+    primary comparisons (``role``) drawn with their Holm-adjusted interval, as squares, and named so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,22 +127,29 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
     references = list(dict.fromkeys(table["reference"].map(lambda r: r.split(" (")[0])))
     several = table[["dataset", "encoder"]].drop_duplicates().shape[0] > 1
     regimes = table["regime"].nunique() > 1
+    primary = table["role"] == PRIMARY if "role" in table else pd.Series(False, index=table.index)
+    table = table.assign(primary=primary,
+                         low=table["holm_low"].where(primary, table["low"]) if primary.any() else table["low"],
+                         high=table["holm_high"].where(primary, table["high"]) if primary.any() else table["high"])
     sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
     figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
                                 squeeze=False, gridspec_kw={"height_ratios": sizes})
     for axis, reference in zip(axes[:, 0], references):
         part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
         labels = [m + (f" @ {r}" if regimes else "") + (f", {d}" if several else "") + f" (n={n})"
-                  for m, r, d, n in zip(part["method"], part["regime"], part["dataset"], part["pairs"])]
+                  + (", primary, Holm" if p else "")
+                  for m, r, d, n, p in zip(*(part[c] for c in ("method", "regime", "dataset", "pairs", "primary")))]
         # the difference is rounded, its bounds are not: a zero-width interval may lie a rounding off the dot
         low = (part["difference"] - part["low"]).fillna(0).clip(lower=0)
         high = (part["high"] - part["difference"]).fillna(0).clip(lower=0)
         colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
-        for row, (x, below, above, colour) in enumerate(zip(part["difference"], low, high, colours)):
-            axis.errorbar(x, row, xerr=[[below], [above]], fmt="o", color=colour, capsize=3)
+        for row, (x, below, above, colour, primary) in enumerate(
+                zip(part["difference"], low, high, colours, part["primary"])):
+            axis.errorbar(x, row, xerr=[[below], [above]], fmt="s" if primary else "o", color=colour, capsize=3,
+                          elinewidth=2.5 if primary else 1.5)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(part)), labels, fontsize=8)
-        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval "
-                       "(green: above 0, red: below)", fontsize=9)
+        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval (primary: "
+                       "Holm-adjusted; green: above 0, red: below)", fontsize=9)
         axis.set_xlabel("accuracy points")
     save_figure(figure, path)

@@ -7,30 +7,57 @@ their difference. Results without such a partner are left out, never paired with
 The reference ``best-single`` is, for each encoder seed and regime, the ``single`` head whose pretext had the best
 mean cross-validation accuracy over the label seeds: chosen on the labeled training images, never on test.
 Other references are named by a method's ``title`` (``concat``, ``select[by=val]``).
+
+Each row's interval and P(method > reference) resample what the study randomised: encoder seeds, label seeds and,
+where both methods' per-image correctness was kept (``CORRECT``), test images (``statistics.py``,
+``docs/statistics.md``). Comparisons named primary (``--primary=method:reference``) are Holm-adjusted as a family;
+every other row is exploratory.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
 from ssl_fusion.report.results import VARIANT
+from ssl_fusion.report.statistics import CONFIDENCE, compare, holm, holm_confidence, t_bounds
 from ssl_fusion.runtime.errors import UserError
 
 BEST_SINGLE = "best-single"
 DEFAULT_REFERENCES = ("concat", "select[by=val]", BEST_SINGLE)
 PAIR_KEYS = ["encoder_seed", "seed"]
 GROUP_KEYS = ["dataset", "encoder", "regime"]
+CORRECT = "test_correct"  # per result, where kept: 0/1 per test image, in the test split's order
+PRIMARY, EXPLORATORY = "primary", "exploratory"
+NUMBERS_ONLY = ("low", "high", "standard_error", "df", "p_improvement", "p_improvement_low", "p_improvement_high",
+                "holm_confidence", "holm_low", "holm_high", "method_title", "reference_title")  # CSV, not Markdown
 
 
-def t_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its two-sided Student-t confidence interval (NaN bounds for one pair)."""
-    mean = float(np.mean(differences))
-    if len(differences) < 2:
-        return mean, float("nan"), float("nan")
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * scipy_stats.sem(differences)
-    return mean, mean - half, mean + half
+@dataclass(frozen=True)
+class Primary:
+    """A primary comparison: a method (its title, ``attention``, or its label, ``attention(a+b)``) minus a
+    reference (a title or ``best-single``)."""
+
+    method: str
+    reference: str
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.reference}"
+
+
+def parse_primaries(text: str) -> list[Primary]:
+    """``method:reference[,method:reference...]``; commas and colons inside ``[...]`` (a method's options) belong
+    to the name. A ValueError when an item has no method or no reference."""
+    primaries = []
+    for item in re.split(r",(?![^\[]*\])", text):
+        method, _, reference = item.rpartition(":")
+        if not method or not reference:
+            raise ValueError(f"'{item}' is not method:reference")
+        primaries.append(Primary(method, reference))
+    return primaries
 
 
 def check_references(results: pd.DataFrame, references: list[str]) -> None:
@@ -80,31 +107,60 @@ def wins_ties_losses(differences: np.ndarray) -> str:
     return f"{(~tie & (differences > 0)).sum()}/{tie.sum()}/{(~tie & (differences < 0)).sum()}"
 
 
-def interval_text(low: float, high: float) -> str:
-    return "–" if np.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+def interval_text(low: float, high: float, digits: int = 2) -> str:
+    return "–" if np.isnan(low) else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def per_image_differences(pairs: pd.DataFrame) -> np.ndarray | None:
+    """Per pair, the per-image differences in points (method's correctness − reference's, × 100) on the same test
+    images; None unless every result of every pair kept its correctness on equally many images."""
+    if CORRECT not in pairs or f"{CORRECT}_theirs" not in pairs:
+        return None
+    mine, theirs = pairs[CORRECT].tolist(), pairs[f"{CORRECT}_theirs"].tolist()
+    if any(not isinstance(kept, (list, tuple, np.ndarray)) for kept in mine + theirs):
+        return None
+    if len({len(kept) for kept in mine + theirs}) != 1:
+        return None
+    return (np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)) * 100
 
 
 def paired_stats(mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     """``mine`` minus ``theirs`` over the results they share encoder seed and label seed with (``accuracy`` columns,
-    in points): the pair count, mean difference, its 95% t-interval and W/T/L; None when nothing pairs."""
-    pairs = mine.merge(theirs[[*PAIR_KEYS, "accuracy"]], on=PAIR_KEYS, suffixes=("", "_theirs"))
+    in points): the pair count, mean difference, its design-aware 95% interval (``statistics.compare``), the
+    p-value of no difference, P(method > reference) with its interval, W/T/L and what was resampled; None when
+    nothing pairs."""
+    kept = [CORRECT] if CORRECT in theirs else []
+    pairs = mine.merge(theirs[[*PAIR_KEYS, "accuracy", *kept]], on=PAIR_KEYS, suffixes=("", "_theirs"))
     if pairs.empty:
         return None
     differences = (pairs["accuracy"] - pairs["accuracy_theirs"]).to_numpy()
-    mean, low, high = t_interval(differences)
-    return {"pairs": pair_count(pairs), "difference": round(mean, 2), "low": low, "high": high,
-            "95% interval": interval_text(low, high), "W/T/L": wins_ties_losses(differences)}
+    result = compare(pairs["encoder_seed"].to_numpy(), pairs["seed"].to_numpy(), differences,
+                     per_image_differences(pairs))
+    improvement = f"{result.improvement:.2f}" + ("" if np.isnan(result.improvement_low) else
+                                                 f" {interval_text(result.improvement_low, result.improvement_high)}")
+    return {"pairs": pair_count(pairs), "difference": result.difference, "low": result.low, "high": result.high,
+            "95% interval": interval_text(result.low, result.high), "p": result.p_value,
+            "P(improvement)": improvement.replace("+", ""), "W/T/L": wins_ties_losses(differences),
+            "resampled": result.design.describe(str(pairs["encoder_seed"].iloc[0])),
+            "standard_error": result.standard_error, "df": result.df, "p_improvement": result.improvement,
+            "p_improvement_low": result.improvement_low, "p_improvement_high": result.improvement_high}
 
 
-def paired_differences(results: pd.DataFrame, references: list[str] | None = None) -> pd.DataFrame:
+def paired_differences(results: pd.DataFrame, references: list[str] | None = None,
+                       primaries: list[Primary] | None = None) -> pd.DataFrame:
     """One row per (dataset, encoder, regime, method, reference) with at least one pair: the number of pairs, the
-    mean difference in accuracy points (method − reference), its 95% t-interval and wins/ties/losses.
+    mean difference in accuracy points (method − reference, rounded to 0.01; the bounds are not), its design-aware
+    95% interval, p-value, P(improvement), wins/ties/losses and what the interval resampled; ``role`` primary
+    (Holm-adjusted as a family, ``mark_primaries``) or exploratory.
     ``references``: method titles or ``best-single``, each refused unless present; None: the defaults, those
-    that ran."""
+    that ran. The references of ``primaries`` are added."""
+    primaries = primaries or []
     if references is None:
         references = list(DEFAULT_REFERENCES)
     else:
         check_references(results, references)
+    check_references(results, [p.reference for p in primaries])
+    references = [*references, *(p.reference for p in primaries if p.reference not in references)]
     results = results.assign(accuracy=results["test_accuracy"] * 100, pretexts_list=results["pretext_set"].str.split("+"))
     rows = []
     for (dataset, encoder, regime), group in results.groupby(GROUP_KEYS, sort=False):
@@ -116,13 +172,56 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
                 paired = paired_stats(mine, found[0])
                 if paired is not None:
                     rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": method,
-                                 "reference": found[1], **paired})
-    return pd.DataFrame(rows)
+                                 "reference": found[1], **paired, "method_title": mine["title"].iloc[0],
+                                 "reference_title": reference})
+    table = mark_primaries(pd.DataFrame(rows), primaries)
+    return table.assign(difference=table["difference"].round(2)) if not table.empty else table
+
+
+def mark_primaries(table: pd.DataFrame, primaries: list[Primary]) -> pd.DataFrame:
+    """``role`` per row; the primary rows' Holm-adjusted p-values and intervals (``p (Holm)``, ``holm_low``,
+    ``holm_high`` at ``holm_confidence``), adjusted as one family. A primary that names no row is refused."""
+    if table.empty:
+        return table
+    chosen = np.zeros(len(table), dtype=bool)
+    for primary in primaries:
+        match = (((table["method_title"] == primary.method) | (table["method"] == primary.method))
+                 & (table["reference_title"] == primary.reference)).to_numpy()
+        if not match.any():
+            compared = sorted(set(table["method_title"] + ":" + table["reference_title"]))
+            raise UserError(f"report: primary '{primary}' names no paired comparison; compared: {', '.join(compared)}")
+        chosen |= match
+    table = table.assign(role=np.where(chosen, PRIMARY, EXPLORATORY))
+    if not chosen.any():
+        return table
+    family = table[chosen]
+    adjusted = holm(family["p"])
+    levels = holm_confidence(family["p"], adjusted, CONFIDENCE)
+    bounds = [t_bounds(d, se, df, level) if not np.isnan(level) else (np.nan, np.nan)
+              for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)]
+    table.loc[chosen, "p (Holm)"] = adjusted
+    table.loc[chosen, "holm_confidence"] = levels
+    table.loc[chosen, ["holm_low", "holm_high"]] = np.array(bounds, dtype=float).reshape(-1, 2)
+    table.loc[chosen, "Holm 95% interval"] = [interval_text(low, high) for low, high in bounds]
+    return table
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The paired table as the Markdown shows it: without the columns kept for the CSV only, p-values to three
+    digits; without ``resampled`` when every row resampled alike (the text above the table says it)."""
+    view = table.drop(columns=[c for c in NUMBERS_ONLY if c in table]).copy()
+    for column in ("p", "p (Holm)"):
+        if column in view:
+            view[column] = view[column].map(lambda p: "–" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}")
+    if "resampled" in view and view["resampled"].nunique() == 1:
+        view = view.drop(columns="resampled")
+    return view.fillna("–")
 
 
 def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd.DataFrame:
     """Negative transfer, paired: each result over pretexts that include a control (``noise``, ``random``) minus the
-    same method (options included) over the same pretexts without it, on the same labeled subset and encoders."""
+    same method (options included) over the same pretexts without it, on the same labeled subset and encoders.
+    Exploratory rows, the difference rounded to 0.01."""
     results = results.assign(accuracy=results["test_accuracy"] * 100)
     keys = ["dataset", "encoder", "regime", *VARIANT]
     rows = []
@@ -135,4 +234,5 @@ def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd
                 if paired is not None:
                     rows.append({"dataset": dataset, "encoder": encoder, "regime": regime,
                                  "method": mine["title"].iloc[0], "pretexts": base_set, "added": control, **paired})
-    return pd.DataFrame(rows).drop(columns=["low", "high"], errors="ignore")
+    costs = pd.DataFrame(rows)
+    return costs.assign(difference=costs["difference"].round(2)) if not costs.empty else costs

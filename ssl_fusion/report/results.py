@@ -84,6 +84,7 @@ def results_frame(results: list[FuseResult], folders: Optional[list[str]] = None
     as ``unrecorded``)."""
     frame = pd.DataFrame([result.to_record() for result in results])
     frame["result_dir"] = folders or None
+    frame["evaluated_on"] = evaluated_on(frame)
     frame["pretext_set"] = frame["pretexts"].map(lambda names: "+".join(sorted(names)))
     frame["options_key"] = frame["options"].map(lambda options: json.dumps(options, sort_keys=True, default=str))
     frame["dataset"] = dataset_labels(frame)
@@ -142,20 +143,44 @@ def by_regime(table: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("regime", key=lambda regimes: regimes.map(regime_order), kind="stable").reset_index(drop=True)
 
 
+def evaluated_on(frame: pd.DataFrame) -> list[str]:
+    """Each result's evaluation split as the report keeps splits apart: ``test``, ``dev``; where dev results were drawn
+    with more than one dev fraction or dev seed (other dev images), each draw apart: ``dev[fraction=0.2,seed=1]``."""
+    missing = pd.Series(None, index=frame.index, dtype=object)
+    fractions, seeds = frame.get("dev_fraction", missing), frame.get("dev_seed", missing)
+    is_dev = frame["split"].eq("dev")
+    several = len(set(zip(fractions[is_dev], seeds[is_dev]))) > 1
+    return [f"dev[fraction={fraction:g},seed={int(seed)}]" if split == "dev" and several else split
+            for split, fraction, seed in zip(frame["split"], fractions, seeds)]
+
+
 def splits_of(results: pd.DataFrame) -> list[str]:
-    """The evaluation splits of ``results``: ``test``, then ``dev``, then any other, each once."""
-    present = set(results["split"])
-    return [split for split in SPLITS if split in present] + sorted(present - set(SPLITS))
+    """The evaluation splits of ``results`` (``evaluated_on``): ``test``, then the dev ones, then any other."""
+    present = set(results["evaluated_on"])
+    order = {split: rank for rank, split in enumerate(SPLITS)}
+    return sorted(present, key=lambda name: (order.get(name.split("[")[0], len(SPLITS)), name))
 
 
-def scored_on(results: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The results scored on ``split``, with that split's metrics also under the ``test_*`` names the tables and the
-    paired differences read: a dev result is tabled as a test one is, but only ever beside other dev results."""
-    part = results[results["split"] == split].reset_index(drop=True)
+def scored_on(results: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The results evaluated on ``name`` (``evaluated_on``), with their split's metrics also under the ``test_*`` names
+    the tables and the paired differences read: a dev result is tabled as a test one is, but only ever beside
+    results on the same dev images."""
+    part = results[results["evaluated_on"] == name].reset_index(drop=True)
+    split = part["split"].iloc[0]
     if split == "test":
         return part
     return part.assign(**{f"test_{metric}": part[f"{split}_{metric}"] for metric in METRICS
                           if f"{split}_{metric}" in part})
+
+
+def correctness(results: pd.DataFrame) -> list[Optional[np.ndarray]]:
+    """Per result, 1/0 per evaluated image (right or wrong, in the split's order) where it kept its predictions; None
+    elsewhere, and for every result of a dataset whose results were not all scored on the same images."""
+    if "evaluation_sha256" not in results:
+        return [None] * len(results)
+    consistent = results.groupby("dataset")["evaluation_sha256"].transform(lambda hashes: hashes.nunique() <= 1)
+    kept = [kept_predictions(row) if same else None for same, (_, row) in zip(consistent, results.iterrows())]
+    return [None if k is None else (k.predicted == k.labels).astype(np.int8) for k in kept]
 
 
 def load_predictions(row: pd.Series) -> Optional[np.ndarray]:

@@ -9,7 +9,8 @@
   seeds get one table each, plus one pooled over them whose heading names them (``encoder seed 0+1``) and whose
   n reads encoder seeds × label seeds;
 - a paired-differences table (``paired.py``): each method minus reference methods on the same labeled subsets
-  and encoders, with a 95% interval and wins/ties/losses, and ``paired_differences.png``;
+  and encoders, with a design-aware 95% interval, P(improvement) and wins/ties/losses, primary comparisons
+  Holm-adjusted and the rest marked exploratory, and ``paired_differences.png``;
 - a negative-transfer table: each method with and without an added control pretext
   (``random``, ``noise``) and the difference;
 - ``accuracy_vs_labels.png`` (with one label regime: the methods sorted by accuracy) and, where attention-like
@@ -17,12 +18,15 @@
 - ``results_long.csv``: one row per result (``LONG_COLUMNS``), for statistics done elsewhere.
 
 Results scored on the dev split (``evaluation.split=dev``) are never pooled or paired with test results: each split
-gets all of the above on its own, under a heading naming it, its files prefixed by its name (``dev_report``...).
+(and each draw of a dev split) gets all of the above on its own, under a heading naming it, its files prefixed by its
+name (``dev_paired_differences.csv``, ...). Where results kept their predictions, the paired intervals resample the
+evaluated images too (``paired.CORRECT``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +35,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ssl_fusion.report.figures import (
-    plot_accuracy,
-    plot_paired_differences,
-    plot_pretext_weights,
+from ssl_fusion.report.figures import plot_accuracy, plot_paired_differences, plot_pretext_weights
+from ssl_fusion.report.paired import (
+    CORRECT,
+    Primary,
+    paired_control_costs,
+    paired_differences,
+    parse_primaries,
+    shown,
 )
-from ssl_fusion.report.paired import paired_control_costs, paired_differences
 from ssl_fusion.report.results import (
     CONTEXT,
     FLAGS,
@@ -47,6 +54,7 @@ from ssl_fusion.report.results import (
     collect_results,
     context_heading,
     contexts,
+    correctness,
     regime_order,
     scored_on,
     splits_of,
@@ -59,7 +67,7 @@ CONTROLS = ("random", "noise")
 LONG_COLUMNS = {
     "dataset": "dataset", "pretraining_dataset": "pretraining_dataset", "encoder": "encoder",
     "encoder_seed": "encoder_seed", "regime": "regime", "label_seed": "seed", "family": "family", "options": "options",
-    "pretexts": "pretext_set", "split": "split", "accuracy": "accuracy", "macro_f1": "macro_f1", "nll": "nll",
+    "pretexts": "pretext_set", "split": "evaluated_on", "accuracy": "accuracy", "macro_f1": "macro_f1", "nll": "nll",
     "selected_l2": "selected_l2", "selected_steps": "selected_steps", "head_parameters": "head_parameters",
     "fit_seconds": "fit_seconds", "commit": "commit", "method": "method", "n_labeled": "n_labeled",
     "labeled_indices_sha256": "labeled_indices_sha256", "data_fingerprint": "data_fingerprint",
@@ -187,10 +195,12 @@ class SplitReport:
     markdown: str
 
 
-def split_report(results: pd.DataFrame, split: str, references: list[str] | None, out_dir: Path) -> SplitReport:
+def split_report(results: pd.DataFrame, split: str, references: list[str] | None, primaries: list[Primary] | None,
+                 out_dir: Path) -> SplitReport:
     """Tables, plots and CSVs of ``results``, all scored on ``split`` (``scored_on``); the files of a split other than
     test are named with its prefix (``dev_paired_differences.csv``), so that no file holds two splits."""
-    prefix = "" if split == "test" else f"{split}_"
+    prefix = "" if split == "test" else re.sub(r"[^A-Za-z0-9.]+", "_", split).strip("_") + "_"
+    results = results.assign(**{CORRECT: correctness(results)})
     per_encoder_seed = summarize(results)
     pooled = pooled_over_encoder_seeds(results)
     stats = per_encoder_seed if pooled.empty else pd.concat([pooled, per_encoder_seed], ignore_index=True)
@@ -200,7 +210,7 @@ def split_report(results: pd.DataFrame, split: str, references: list[str] | None
     for heading, part in sections(pivot(stats)):
         markdown += f"\n## {heading}\n" if heading else ""
         markdown += "\n" + part.reset_index().to_markdown(index=False) + "\n"
-    markdown += paired_section(results, references, out_dir, prefix)
+    markdown += paired_section(results, references, primaries, out_dir, prefix)
     transfer = negative_transfer(stats)
     if not transfer.empty:
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
@@ -208,7 +218,8 @@ def split_report(results: pd.DataFrame, split: str, references: list[str] | None
         atomic_write_text(out_dir / f"{prefix}negative_transfer.csv", transfer.to_csv(index=False))
         costs = by_regime(paired_control_costs(results, CONTROLS))
         markdown += ("\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
-                     "encoders (accuracy points, 95% Student-t interval, W/T/L).\n\n" + costs.to_markdown(index=False) + "\n")
+                     "encoders (accuracy points, design-aware 95% interval as above, exploratory, W/T/L).\n\n"
+                     + shown(costs).to_markdown(index=False) + "\n")
         atomic_write_text(out_dir / f"{prefix}negative_transfer_paired.csv", costs.to_csv(index=False))
     plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / f"{prefix}accuracy_vs_labels.png", split)
     if plot_pretext_weights(results, out_dir / f"{prefix}pretext_weights.png"):
@@ -244,14 +255,16 @@ def long_results(results: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return pd.DataFrame({column: results.get(field) for column, field in LONG_COLUMNS.items()})
 
 
-def write_report(folder: Path, out_dir: Path | None = None,
-                 references: list[str] | None = None) -> tuple[pd.DataFrame, Path, Path]:
+def write_report(folder: Path, out_dir: Path | None = None, references: list[str] | None = None,
+                 primaries: list[Primary] | None = None) -> tuple[pd.DataFrame, Path, Path]:
     """Tables, plots and CSVs of every result under ``folder`` (see the module's docstring), each evaluation split
     apart; ``references``: the paired table's reference methods (None: ``paired.DEFAULT_REFERENCES``, those that
-    ran). Returns the wide table (``split_tables``) and the paths of report.md and report.csv."""
+    ran); ``primaries``: its comparisons adjusted as a family (None: every row exploratory). Returns the wide table
+    (``split_tables``) and the paths of report.md and report.csv."""
     out_dir = out_dir or folder
     results = collect_results(folder)
-    reports = [split_report(scored_on(results, split), split, references, out_dir) for split in splits_of(results)]
+    reports = [split_report(scored_on(results, split), split, references, primaries, out_dir)
+               for split in splits_of(results)]
     headed = [report.split for report in reports] != ["test"]
     markdown = "\n".join((f"# {report.split.capitalize()} split\n\n{SPLIT_NOTES.get(report.split, '')}\n\n"
                           if headed else "") + report.markdown for report in reports)
@@ -263,20 +276,33 @@ def write_report(folder: Path, out_dir: Path | None = None,
     return split_tables(reports), md_path, csv_path
 
 
-def paired_section(results: pd.DataFrame, references: list[str] | None, out_dir: Path, prefix: str = "") -> str:
+def paired_section(results: pd.DataFrame, references: list[str] | None, primaries: list[Primary] | None,
+                   out_dir: Path, prefix: str = "") -> str:
     """The paired-differences table (Markdown), its CSV and plot beside the report, their names prefixed by
     ``prefix``; empty when nothing pairs."""
-    differences = by_regime(paired_differences(results, references))
+    differences = by_regime(paired_differences(results, references, primaries))
     if differences.empty:
         return ""
     atomic_write_text(out_dir / f"{prefix}paired_differences.csv", differences.to_csv(index=False))
     plot_paired_differences(differences, out_dir / f"{prefix}paired_differences.png")
-    shown = differences.drop(columns=["low", "high"])
-    if shown[["dataset", "encoder"]].drop_duplicates().shape[0] == 1:
-        shown = shown.drop(columns=["dataset", "encoder"])
+    table = shown(differences)
+    if table[["dataset", "encoder"]].drop_duplicates().shape[0] == 1:
+        table = table.drop(columns=["dataset", "encoder"])
+    levels = differences["resampled"].unique()
+    resampled = f" Every row resamples {levels[0]}." if len(levels) == 1 else ""
+    conditional = (" With one encoder seed, the interval is conditional on that encoder: it resamples label seeds "
+                   "(and test images where kept) and says nothing of another pretraining run."
+                   if differences["resampled"].str.startswith("conditional").any() else "")
+    family = ("" if "p (Holm)" not in differences else
+              f" Primary rows ({(differences['role'] == 'primary').sum()}) are Holm-adjusted as one family: "
+              "p (Holm) and the Holm 95% interval, which excludes 0 exactly when Holm rejects; every other row is "
+              "exploratory.")
     return ("\nPaired differences (accuracy points, method − reference) over results on the same labeled subset "
-            "and the same encoders; pairs: n, or n (encoder seeds × label seeds); 95% Student-t interval; W/T/L: "
-            "pairs the method wins, ties, loses.\n\n" + shown.to_markdown(index=False)
+            "and the same encoders; pairs: n, or n (encoder seeds × label seeds). The 95% interval resamples encoder "
+            "seeds, label seeds and, where both methods kept their test predictions, test images (docs/statistics.md)"
+            "; where they were not kept it has no test-image level. p: of no difference; P(improvement): share of "
+            "paired runs the method wins, ties half, with its 95% interval; W/T/L: pairs the method wins, ties, loses."
+            + resampled + conditional + family + "\n\n" + table.to_markdown(index=False)
             + f"\n\n![paired differences]({prefix}paired_differences.png)\n")
 
 
@@ -293,25 +319,33 @@ def print_table(table: pd.DataFrame, title: str) -> None:
         Console().print(view)
 
 
-def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None]:
-    """``<folder> [--reference a,b,...]``."""
-    usage = ("usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single]  (a run or multirun "
-             "folder holding results.json files)")
+def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Primary]]:
+    """``<folder> [--reference=a,b,...] [--primary=method:reference,...]`` (``--primary`` may repeat)."""
+    usage = ("usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
+             "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json "
+             "files)")
     folders = [arg for arg in argv if not arg.startswith("-")]
     options = [arg for arg in argv if arg.startswith("-")]
-    references = None
+    references, primaries = None, []
     for option in options:
-        if not option.startswith("--reference="):
+        name, _, value = option.partition("=")
+        if name == "--reference":
+            references = [reference for reference in value.split(",") if reference]
+        elif name == "--primary":
+            try:
+                primaries += parse_primaries(value)
+            except ValueError as err:
+                raise UserError(f"report: --primary: {err}; {usage}") from None
+        else:
             raise UserError(usage)
-        references = [name for name in option.split("=", 1)[1].split(",") if name]
     if len(folders) != 1 or references == []:
         raise UserError(usage)
-    return Path(folders[0]), references
+    return Path(folders[0]), references, primaries
 
 
 def main(argv: list[str]) -> None:
-    folder, references = parse_arguments(argv)
-    table, md_path, csv_path = write_report(folder, references=references)
+    folder, references, primaries = parse_arguments(argv)
+    table, md_path, csv_path = write_report(folder, references=references, primaries=primaries)
     split = "" if table.index.names[0] == "split" else "test "
     print_table(table, f"{split}accuracy (%) under {folder}")
     print(f"wrote {md_path}, {csv_path}, results_long.csv and the plots beside them")

@@ -43,15 +43,31 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A named set of options of one kind (e.g. ``pretext``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, parts: tuple[Registry[T], ...] = ()) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry[T]] = {}
+        self._own: dict[str, Entry[T]] = {}
+        self._parts = parts
+
+    @classmethod
+    def union(cls, kind: str, *parts: Registry[T]) -> Registry[T]:
+        """The options of all ``parts`` under one ``kind``, as they are at each lookup (a name in two is refused)."""
+        return cls(kind, parts)
+
+    @property
+    def _entries(self) -> dict[str, Entry[T]]:
+        entries = dict(self._own)
+        for part in self._parts:
+            twice = set(entries) & set(part._entries)
+            if twice:
+                raise ValueError(f"{self.kind} '{min(twice)}' is registered twice")
+            entries.update(part._entries)
+        return entries
 
     def register(self, name: str, config_cls: type) -> Callable[[T], T]:
         def add(impl: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._entries[name] = Entry(name, config_cls, impl)
+            self._own[name] = Entry(name, config_cls, impl)
             return impl
 
         return add
@@ -60,16 +76,18 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def get(self, name: str) -> Entry[T]:
-        if name not in self._entries:
+        entries = self._entries
+        if name not in entries:
             raise UserError(
                 f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
             )
-        return self._entries[name]
+        return entries[name]
 
     def typed_config(self, node: DictConfig | dict, key: str | None = None) -> Any:
         """Check ``node`` against its option's dataclass and return an instance of it.
 
-        A misspelled key or a value of the wrong type becomes a one-line UserError naming the key.
+        A misspelled key or a value of the wrong type becomes a one-line UserError naming the key; a value out of
+        range, the one its dataclass's rules give (``ssl_fusion.runtime.checks``).
         """
         key = key or self.kind
         plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)

@@ -10,7 +10,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import ssl_fusion.baselines  # noqa: F401  (registers the baselines that train on images beside the fusion heads)
 from ssl_fusion.config import CONF_DIR, register_schemas
 from ssl_fusion.runtime.errors import UserError
 

@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, check_cache, check_external, check_names
+from ssl_fusion.config import CacheConfig, check_external, check_names
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.data.convert import converter, describe
 from ssl_fusion.evaluation.probe import encode_batches
@@ -345,7 +345,7 @@ def pretrain_command(pretext: str) -> str:
 def main(cfg: DictConfig) -> None:
     external = check_external(cfg.external, PRETEXTS)
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, external)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     if cache.views and distributed.launched():
         raise UserError("cache.views is cached by one process; run it without torchrun")
     if cache.views and any(p in external for p in pretexts):

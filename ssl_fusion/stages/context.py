@@ -80,23 +80,12 @@ def open_dataset(node, data_dir: str | None, stream: bool, key: str = "dataset")
     return cfg, folder if stream else folder.materialise()
 
 
-def check_positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise UserError(f"{name} must be > 0, got {value}")
-
-
 def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
     ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
     check_seeds(cfg)
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
-    for key in ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads", "checkpoint_every_steps"):
-        check_positive(f"train.{key}", getattr(overrides, key))
-    if overrides.num_workers < 0:
-        raise UserError(f"train.num_workers must be >= 0, got {overrides.num_workers}")
-    if not (overrides.checkpoint_every_minutes or 0) >= 0:
-        raise UserError(f"train.checkpoint_every_minutes must be >= 0 (0 or null: at epoch ends only), "
-                        f"got {overrides.checkpoint_every_minutes}")
+    OmegaConf.to_object(cfg.probe)  # refuses a probe option out of range before any work
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
     if cfg.deterministic:

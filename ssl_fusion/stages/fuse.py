@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
-    check_cache,
     check_external,
     check_imported,
     check_names,
@@ -24,13 +23,14 @@ from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.evaluation.result import PREDICTIONS_FILE, FuseResult
-from ssl_fusion.fusion import FUSIONS, FusionConfig
+from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.store.artifacts import (
     FEATURES_KIND,
     VIEWS_KIND,
@@ -54,12 +54,12 @@ log = logging.getLogger("sslfuse")
 
 def fused_pretexts(fusion: FusionConfig, pretexts: list[str], imported: Iterable[str]) -> list[str]:
     """The pretexts a head reads (all, or ``single``'s one), checked against the known and the imported ones."""
-    return check_names("pretexts", FUSIONS.get(fusion.name).impl.inputs(fusion, pretexts), PRETEXTS, imported)
+    return check_names("pretexts", lookup_method(fusion.name).inputs(fusion, pretexts), PRETEXTS, imported)
 
 
 def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
     """Build the head once on dummy sizes so a bad head option is refused before any work."""
-    head = FUSIONS.get(fusion.name).impl
+    head = lookup_method(fusion.name)
     head(fusion, [8] * (1 if head.reads_one_pretext else n_pretexts), 2)
 
 
@@ -118,7 +118,7 @@ def evaluate_method(
 ) -> FuseResult:
     """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
     (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
-    method = FUSIONS.get(fusion.name).impl
+    method = lookup_method(fusion.name)
     if method.needs_images:
         return method(fusion).evaluate(ctx, labels_cfg, seed, evaluation).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
@@ -126,10 +126,11 @@ def evaluate_method(
 
 
 def check_evaluation(node: Any) -> EvaluationConfig:
-    """The ``evaluation`` options as a typed config; a one-line UserError naming the first one out of range."""
+    """The ``evaluation`` options as a typed config (which checks its values); a one-line UserError for a dev seed
+    out of range."""
     evaluation: EvaluationConfig = OmegaConf.to_object(node)
     check_seed("evaluation.dev_seed", evaluation.dev_seed)
-    return evaluation.check()
+    return evaluation
 
 
 def check_labels(
@@ -139,7 +140,7 @@ def check_labels(
     """Refuse, before any work, a label regime the dataset cannot give (outside the dev split, for ``split=dev``) or
     the head cannot cross-validate."""
     labeled = (evaluation or EvaluationConfig()).labeled(labels_cfg, train_labels, seed)
-    if not FUSIONS.get(fusion.name).impl.needs_images:
+    if not lookup_method(fusion.name).needs_images:
         check_folds(fusion, train_labels[labeled])
 
 
@@ -175,14 +176,14 @@ def cache_command(pretexts: list[str]) -> str:
 def main(cfg: DictConfig) -> None:
     imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
-    fusion = FUSIONS.typed_config(cfg.fusion, key="fusion")
+    fusion = METHODS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     evaluation = check_evaluation(cfg.evaluation)
     used = fused_pretexts(fusion, pretexts, [*imported, *external])
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed, evaluation)
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     command = cache_command([p for p in used if p not in imported])
     features = lambda: cached_features(ctx, used, cache, command, imported, external)
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)

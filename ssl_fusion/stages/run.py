@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
-    check_cache,
     check_external,
     check_imported,
     check_names,
@@ -22,7 +21,7 @@ from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.data.splits import EvaluationConfig
-from ssl_fusion.fusion import FUSIONS, FusionConfig
+from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.report.tables import print_table, write_report
@@ -43,6 +42,7 @@ from ssl_fusion.stages.fuse import (
     imported_features,
     write_result,
 )
+from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
 from ssl_fusion.store.artifacts import load_features, load_views, pretext_recipe
 
@@ -53,8 +53,8 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
     """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext)."""
     heads = []
     for name in fusions:
-        fusion = load_option(FUSIONS, name)
-        heads += FUSIONS.get(name).impl.variants(fusion, pretexts)
+        fusion = load_option(METHODS, name)
+        heads += lookup_method(name).variants(fusion, pretexts)
     return heads
 
 
@@ -101,12 +101,12 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
     pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
-    heads = planned_heads(check_names("fusions", list(cfg.fusions), FUSIONS), pretexts)
+    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts)
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:
         raise UserError("seeds is empty; give at least one, e.g. seeds=[0,1,2]")
-    cache = check_cache(cfg.cache)
+    cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     evaluation = check_evaluation(cfg.evaluation)
     pretraining_seeds = encoder_seeds(cfg)

@@ -16,15 +16,15 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ssl_fusion.config import TrainOverrides, as_plain, load_option
-from ssl_fusion.data.datasets import DATASETS
+from ssl_fusion.data.datasets import DATASETS, DatasetConfig, ImageData
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.models.encoders import ENCODERS, Encoder, build_encoder
+from ssl_fusion.models.encoders import ENCODERS, Encoder, EncoderConfig, build_encoder
 from ssl_fusion.models.external import (
     ExternalEncoderConfig,
     checkpoint_sha256,
@@ -35,8 +35,23 @@ from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
 
-if TYPE_CHECKING:  # the stages hand their context in; importing them here would be a cycle
-    from ssl_fusion.stages.context import StageContext
+
+class StageData(Protocol):
+    """What an artifact's name reads of the stage's context (``ssl_fusion.stages.context.StageContext``), which the
+    stages hand in: the store imports nothing of theirs."""
+
+    dataset_cfg: DatasetConfig
+    encoder_cfg: EncoderConfig
+    seed: int
+
+    @property
+    def fingerprints(self) -> dict[str, str]: ...
+
+    @property
+    def pretraining(self) -> ImageData: ...
+
+    def for_pretraining(self) -> StageData: ...
+
 
 ENCODERS_KIND = "encoders"
 FEATURES_KIND = "features"
@@ -132,7 +147,7 @@ def pretext_recipe(name: str, overrides: TrainOverrides) -> PretextConfig:
     return with_overrides(load_option(PRETEXTS, name), overrides)
 
 
-def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epoch: int | None) -> str:
+def encoder_artifact(ctx: StageData, recipe: PretextConfig, max_steps_per_epoch: int | None) -> str:
     key = content_key(
         {
             "stage": "pretrain",
@@ -147,13 +162,13 @@ def encoder_artifact(ctx: StageContext, recipe: PretextConfig, max_steps_per_epo
     return f"{recipe.name}-{key}"
 
 
-def features_artifact(ctx: StageContext, encoder_name: str) -> str:
+def features_artifact(ctx: StageData, encoder_name: str) -> str:
     code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
     key = content_key({"stage": "cache", "code": code, "encoder": encoder_name, "data": ctx.fingerprints})
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
-def external_features_artifact(ctx: StageContext, name: str, cfg: ExternalEncoderConfig) -> str:
+def external_features_artifact(ctx: StageData, name: str, cfg: ExternalEncoderConfig) -> str:
     """The features of an encoder made elsewhere: keyed by its architecture, its checkpoint's content (not its
     path), the input conversion, the data and the code that builds and runs it."""
     cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config

@@ -19,8 +19,8 @@ from ssl_fusion.stages.fuse import check_evaluation
 SMOKE_TRAIN_LABELS = torch.arange(1024) % 4  # preset=smoke: synthetic, 1024 training images of 4 classes in turn
 
 BAD_KEYS = [
-    ("evaluation.split=val", "evaluation.split must be one of test, dev, got 'val'"),
-    ("evaluation.dev_fraction=0", "evaluation.dev_fraction must be in (0, 1), got 0"),
+    ("evaluation.split=val", "evaluation.split: 'val' is not one of test, dev"),
+    ("evaluation.dev_fraction=0", "evaluation.dev_fraction must be in (0, 1), got 0.0"),
     ("evaluation.dev_fraction=1.5", "evaluation.dev_fraction must be in (0, 1), got 1.5"),
     ("evaluation.dev_seed=99999999999", "evaluation.dev_seed must be an integer in [-4294967295, 4294967295]"),
 ]

@@ -8,11 +8,12 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from omegaconf import MISSING
 
+from ssl_fusion.runtime.checks import Checked, Rule, above, optional
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
@@ -20,13 +21,17 @@ DEFAULT_DATA_ROOT = Path("outputs/data")
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Checked):
     """Fields every dataset accepts; datasets with more options subclass it."""
 
+    section: ClassVar[str] = "dataset"
     name: str = MISSING
     data_dir: Optional[str] = None  # the folder this dataset is read from (only read); None: outputs/data
     max_train: Optional[int] = None
     max_test: Optional[int] = None
+
+    def rules(self) -> dict[str, Rule]:
+        return {"max_train": optional(above(0)), "max_test": optional(above(0))}
 
 
 @dataclass
@@ -120,8 +125,6 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, limit: Optional[int]) ->
     """A fixed random subset (seed 0) so ``max_train`` keeps the class balance of the split."""
     if limit is None or limit >= len(labels):
         return images, labels
-    if limit <= 0:
-        raise UserError(f"dataset.max_train/max_test must be > 0, got {limit}")
     keep = sample_indices(len(labels), limit, seed=0)
     return images[keep], labels[keep]
 

@@ -28,6 +28,7 @@ from ssl_fusion.data.datasets import (
     ImageData,
     _subset,
 )
+from ssl_fusion.runtime.checks import Rule, above, one_of, within
 from ssl_fusion.runtime.errors import UserError
 
 log = logging.getLogger("sslfuse")
@@ -40,6 +41,15 @@ class ImageFolderConfig(DatasetConfig):
     test_fraction: float = 0.2
     split_seed: int = 0
     on_unreadable: str = "refuse"  # refuse: stop naming the file; skip: leave it out and report how many
+
+    def rules(self) -> dict[str, Rule]:
+        return {
+            **super().rules(),
+            "image_size": above(0, " (pixels a side)"),
+            "channels": one_of((1, 3)),
+            "test_fraction": within(0, 1, "()"),
+            "on_unreadable": one_of(("refuse", "skip")),
+        }
 
 
 class FolderImages(Dataset):
@@ -166,8 +176,6 @@ def list_folder(folder: Path, root: Path, cfg: ImageFolderConfig) -> tuple[Folde
         raise UserError(f"dataset image_folder: '{folder}' holds no class folders with images ({err})") from None
     if len(dataset.classes) < 2:
         raise UserError(f"dataset image_folder: '{folder}' has {len(dataset.classes)} class folder(s); at least 2 are needed")
-    if cfg.on_unreadable not in ("refuse", "skip"):
-        raise UserError(f"dataset.on_unreadable must be refuse or skip, got '{cfg.on_unreadable}'")
     images = FolderImages(root, [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples], cfg.image_size, cfg.channels)
     labels = torch.tensor([target for _, target in dataset.samples])
     if cfg.on_unreadable == "skip":
@@ -199,10 +207,6 @@ def open_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:
     """The folder's splits, listed and not decoded (``max_train``/``max_test`` not applied)."""
     if root == DEFAULT_DATA_ROOT:
         raise UserError("dataset image_folder needs dataset.data_dir=<folder of class sub-folders> (or data_dir=...)")
-    if cfg.image_size <= 0:
-        raise UserError(f"dataset.image_size must be > 0 (pixels a side), got {cfg.image_size}")
-    if cfg.channels not in (1, 3):
-        raise UserError(f"dataset.channels must be 1 or 3, got {cfg.channels}")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_images, train_labels, classes = list_folder(root / "train", root, cfg)
         test_images, test_labels, test_classes = list_folder(root / "test", root, cfg)
@@ -218,8 +222,6 @@ def split_folder(labels: torch.Tensor, classes: list[str], root: Path,
                  cfg: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The train and test positions of a folder without train/ and test/: ``test_fraction`` of each class, drawn with
     ``split_seed``; a one-line UserError when a class would be left without a train or a test image."""
-    if not 0 < cfg.test_fraction < 1:
-        raise UserError(f"dataset.test_fraction must be in (0, 1), got {cfg.test_fraction}")
     counts = torch.bincount(labels, minlength=len(classes))
     smallest = int(counts.argmin())
     if counts[smallest] < 2:
