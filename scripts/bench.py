@@ -192,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--only", choices=["all", "heads"], default="all", help="heads: the head-protocol rows alone")
+    parser.add_argument("--only", choices=["all", "heads", "cache"], default="all",
+                        help="heads: the head-protocol rows alone; cache: the cache row alone")
     parser.add_argument("--artifacts-dir", default="outputs/artifacts", help="the store holding (or receiving) the encoders and caches")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -203,6 +204,12 @@ def main() -> None:
     ctx = StageContext(dataset_cfg, data, SmallCNNConfig(name="small_cnn"), device, dtype, store, TrainOverrides(), 0)
     workdir = Path(tempfile.mkdtemp(prefix="sslfuse-bench-"))
     every = args.only == "all"
+    if args.only == "cache":
+        encoder_name, _, _ = ensure_encoder(ctx, pretext_recipe("random", TrainOverrides(epochs=1)),
+                                            ProbeConfig(max_train=2000, max_test=500))
+        print_rows([bench_cache(ctx, encoder_name, 1024, workdir)], args, device, dtype)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
     rows = [bench_pretrain(ctx, p, preset["pretrain_steps"], workdir) for p in ("rotation", "simclr")] if every else []
     feature_names = {}
     for pretext in ("rotation", "simclr", "random"):
@@ -215,6 +222,12 @@ def main() -> None:
     if every:
         dataset_overrides = [f"dataset={dataset_cfg.name}", "train.epochs=1"] + (["dataset.n_train=1024", "dataset.n_test=512"] if args.preset == "smoke" else [])
         rows.append(bench_sweep(workdir, store.root.resolve(), dataset_overrides, preset["sweep_seeds"], sweep_launcher()))
+    print_rows(rows, args, device, dtype)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_rows(rows: list[dict], args: argparse.Namespace, device, dtype) -> None:
+    """The table on the terminal and as JSON in ``--out``."""
     table = Table(title=f"sslfuse benchmark ({args.preset}; device {device}, precision {str(dtype).removeprefix('torch.')})")
     for column in ("stage", "ours", "reference", "unit", "ratio", "target", "meets"):
         table.add_column(column)
@@ -222,7 +235,6 @@ def main() -> None:
         table.add_row(*(str(r[c]) for c in ("stage", "ours", "reference", "unit", "ratio", "target", "meets")))
     Console().print(table)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 import ssl_fusion.stages  # noqa: F401  (registers the configs' schemas)
-from ssl_fusion.config import (
-    CONF_DIR,
-    CacheConfig,
-    LabelsConfig,
-    check_external,
-    check_imported,
-    check_names,
-)
+from ssl_fusion.config import CONF_DIR, CacheConfig, LabelsConfig
 from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.reference import concat_logistic_regression_cv
 from ssl_fusion.evaluation.result import FuseResult, Predictions
-from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import open_context
 from ssl_fusion.stages.fuse import cached_features, run_context, write_result
+from ssl_fusion.stages.sources import feature_sources
 
 METHOD = "reference: logreg_cv(concat)"
 
@@ -57,13 +50,14 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
     """One result per seed: LogisticRegressionCV on the concatenated standardised cached features of ``cfg.pretexts``
     for the labeled subset `sslfuse fuse` draws for that seed, scored on the test split, with its context as
     `sslfuse fuse` records it."""
-    imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
+    sources = feature_sources(cfg)
+    pretexts = [source.name for source in sources]
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     ctx = open_context(cfg, cfg.encoder_seed)
-    command = f"sslfuse cache pretexts=[{','.join(p for p in pretexts if p not in imported)}] (and this run's dataset keys)"
-    features = cached_features(ctx, pretexts, cache, command, imported, external)
+    cached = ",".join(source.name for source in sources if source.made_by_cache)
+    command = f"sslfuse cache pretexts=[{cached}] (and this run's dataset keys)"
+    features = cached_features(ctx, sources, cache, command)
     sets = list(features.values())
     test_labels = sets[0].test_labels
     records = []

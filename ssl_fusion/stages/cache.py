@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, check_external, check_names
+from ssl_fusion.config import CacheConfig
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.data.convert import converter, describe
 from ssl_fusion.evaluation.probe import encode_batches
@@ -343,26 +343,25 @@ def pretrain_command(pretext: str) -> str:
 
 @stage_app("cache")
 def main(cfg: DictConfig) -> None:
-    external = check_external(cfg.external, PRETEXTS)
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, external)
+    # Not at the top: the sources call this module's functions. They choose what runs and shape no value written, so
+    # they stay out of the features key (``cache_sources`` follows this module's imports).
+    from ssl_fusion.stages.sources import feature_sources
+
+    sources = feature_sources(cfg)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     if cache.views and distributed.launched():
         raise UserError("cache.views is cached by one process; run it without torchrun")
-    if cache.views and any(p in external for p in pretexts):
-        raise UserError("cache.views: external encoders have no augmented views yet; cache them without cache.views")
+    for source in sources:
+        source.check_views(cache, "cache")
     ctx = open_context(cfg, cfg.encoder_seed, stream=True)
-    encoders = [stored_encoder(ctx, p, pretrain_command(p)) for p in pretexts if p not in external]
-    for encoder_name in encoders:
-        encoder_conversion(ctx, encoder_name)
-    for pretext in (p for p in pretexts if p in external):
-        name, _, reused = ensure_external_features(ctx, pretext, external[pretext], cache.batch_size, cache.num_workers)
-        print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
+    for source in sources:
+        source.check_cacheable(ctx)
+    for source in (s for s in sources if not s.cached_by_every_rank):
+        for line in source.cache(ctx, cache):
+            print(line)
     with distributed.process_group(ctx.device) as device:
         ctx.device = device
-        for encoder_name in encoders:
-            name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size, cache.num_workers)
-            if distributed.is_main():
-                print(f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}")
-            if cache.views:
-                name, reused = ensure_views(ctx, encoder_name, cache)
-                print(f"{cache.views} views {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(VIEWS_KIND, name)}")
+        for source in (s for s in sources if s.cached_by_every_rank):
+            for line in source.cache(ctx, cache):
+                if distributed.is_main():
+                    print(line)

@@ -5,56 +5,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import (
-    CacheConfig,
-    LabelsConfig,
-    check_external,
-    check_imported,
-    check_names,
-    check_seed,
-)
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_seed
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.evaluation.result import PREDICTIONS_FILE, FuseResult
 from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
-from ssl_fusion.models.external import ExternalEncoderConfig
-from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.methods import METHODS, lookup_method
-from ssl_fusion.store.artifacts import (
-    FEATURES_KIND,
-    VIEWS_KIND,
-    artifact_exists,
-    encoder_artifact,
-    external_features_artifact,
-    features_artifact,
-    load_features,
-    load_views,
-    pretext_recipe,
-    views_artifact,
-)
-from ssl_fusion.store.files import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-)
+from ssl_fusion.stages.sources import FeatureSource, declared_sources, sources_named
+from ssl_fusion.store.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sslfuse")
 
 
-def fused_pretexts(fusion: FusionConfig, pretexts: list[str], imported: Iterable[str]) -> list[str]:
-    """The pretexts a head reads (all, or ``single``'s one), checked against the known and the imported ones."""
-    return check_names("pretexts", lookup_method(fusion.name).inputs(fusion, pretexts), PRETEXTS, imported)
+def fused_sources(fusion: FusionConfig, pretexts: list[str], declared: dict[str, FeatureSource]) -> list[FeatureSource]:
+    """The sources a head reads (all, or ``single``'s one), checked against the known pretexts and the declared ones."""
+    return sources_named(lookup_method(fusion.name).inputs(fusion, pretexts), declared)
 
 
 def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
@@ -64,52 +38,10 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
 
 
 def cached_features(
-    ctx: StageContext, pretexts: list[str], cache: CacheConfig, cache_command: str, imported: dict[str, ImportedFeatures],
-    external: dict[str, ExternalEncoderConfig],
+    ctx: StageContext, sources: list[FeatureSource], cache: CacheConfig, cache_command: str,
 ) -> dict[str, FeatureSet]:
-    """Each pretext's cached features (sslfuse's own encoders, with their ``cache.views`` augmented views when asked
-    for, or ``external`` ones), or its ``imported`` arrays; a UserError naming the command that makes a missing one."""
-    features = {}
-    for pretext in pretexts:
-        if pretext in imported:
-            features[pretext] = imported_features(ctx, pretext, imported[pretext], cache)
-            continue
-        if pretext in external:
-            features[pretext] = external_features(ctx, pretext, external[pretext], cache, cache_command)
-            continue
-        encoder_name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
-        name = features_artifact(ctx, encoder_name)
-        if not artifact_exists(ctx.store, FEATURES_KIND, name):
-            raise UserError(f"no cached features for pretext '{pretext}' in '{ctx.store.root}'; make them with: {cache_command}")
-        features[pretext] = with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
-    return features
-
-
-def external_features(ctx: StageContext, name: str, cfg: ExternalEncoderConfig, cache: CacheConfig, cache_command: str) -> FeatureSet:
-    """The cached features of the external encoder ``name`` (they have no augmented views)."""
-    if cache.views:
-        raise UserError(f"cache.views={cache.views}: the external encoder '{name}' has no augmented views; fuse it without cache.views")
-    artifact = external_features_artifact(ctx, name, cfg)
-    if not artifact_exists(ctx.store, FEATURES_KIND, artifact):
-        raise UserError(f"no cached features for external encoder '{name}' in '{ctx.store.root}'; make them with: {cache_command}")
-    return load_features(ctx.store, artifact)
-
-
-def imported_features(ctx: StageContext, name: str, spec: ImportedFeatures, cache: CacheConfig) -> FeatureSet:
-    """The imported arrays of ``name`` with the dataset's labels (they have no augmented views)."""
-    if cache.views:
-        raise UserError(f"cache.views={cache.views}: the imported features '{name}' have no augmented views; fuse them without cache.views")
-    return load_imported(name, spec, ctx.data.train_labels, ctx.data.test_labels)
-
-
-def with_views(ctx: StageContext, features: FeatureSet, encoder_name: str, cache: CacheConfig, cache_command: str) -> FeatureSet:
-    """``features`` with the encoder's ``cache.views`` stored augmented views attached (unchanged when 0)."""
-    if not cache.views:
-        return features
-    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
-    if not artifact_exists(ctx.store, VIEWS_KIND, name):
-        raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; make them with: {cache_command}")
-    return dataclasses.replace(features, train_views=load_views(ctx.store, name))
+    """Each source's features (``FeatureSource.load``); a UserError naming ``cache_command`` for a missing one."""
+    return {source.name: source.load(ctx, cache, cache_command) for source in sources}
 
 
 def evaluate_method(
@@ -174,18 +106,18 @@ def cache_command(pretexts: list[str]) -> str:
 
 @stage_app("fuse")
 def main(cfg: DictConfig) -> None:
-    imported, external = check_imported(cfg.imported, PRETEXTS), check_external(cfg.external, PRETEXTS)
-    pretexts = check_names("pretexts", list(cfg.pretexts), PRETEXTS, [*imported, *external])
+    declared = declared_sources(cfg)
+    pretexts = [source.name for source in sources_named(cfg.pretexts, declared)]
     fusion = METHODS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
     evaluation = check_evaluation(cfg.evaluation)
-    used = fused_pretexts(fusion, pretexts, [*imported, *external])
+    used = fused_sources(fusion, pretexts, declared)
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed, evaluation)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
-    command = cache_command([p for p in used if p not in imported])
-    features = lambda: cached_features(ctx, used, cache, command, imported, external)
+    command = cache_command([source.name for source in used if source.made_by_cache])
+    features = lambda: cached_features(ctx, used, cache, command)
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)
     write_result(Path(run_dir()), result)
     print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "

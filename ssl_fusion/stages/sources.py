@@ -1,0 +1,237 @@
+"""Where the features a head reads come from: sslfuse's own pretext encoders, encoders made elsewhere
+(``+external.<name>``) and arrays made elsewhere (``+imported.<name>``).
+
+Each kind of source says what it supports and how its features are checked, made and loaded; the stages loop over
+the sources and never ask which kind one is. A new kind is a ``FeatureSource`` subclass here; one the config
+declares by name (a ``Declared`` kind) is listed in ``DECLARED``, and its key needs a field in the stages' schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterable, Iterator
+
+from omegaconf import DictConfig
+
+from ssl_fusion.config import CacheConfig, ProbeConfig, check_external, check_imported, check_names
+from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.imported import ImportedFeatures, load_imported
+from ssl_fusion.models.external import ExternalEncoderConfig
+from ssl_fusion.pretexts import PRETEXTS, PretextConfig
+from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages.cache import (
+    encoder_conversion,
+    ensure_external_features,
+    ensure_features,
+    ensure_views,
+    pretrain_command,
+    stored_encoder,
+)
+from ssl_fusion.stages.context import StageContext
+from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
+from ssl_fusion.store.artifacts import (
+    FEATURES_KIND,
+    VIEWS_KIND,
+    artifact_exists,
+    encoder_artifact,
+    external_features_artifact,
+    features_artifact,
+    load_features,
+    load_views,
+    pretext_recipe,
+    views_artifact,
+)
+
+
+class FeatureSource(ABC):
+    """One named source of features. ``run`` calls ``check_views``, ``check`` then ``ensure``; ``sslfuse cache``
+    calls ``check_views``, ``check_cacheable`` then ``cache``; ``fuse`` calls ``load``, which checks views itself."""
+
+    has_views: ClassVar[bool] = False  # it can give features of ``cache.views`` augmented train images
+    made_by_cache: ClassVar[bool] = True  # ``sslfuse cache`` makes its features: fuse's suggested command names it
+    cached_by_every_rank: ClassVar[bool] = False  # under torchrun ``sslfuse cache`` runs it on every rank
+    no_views: ClassVar[str] = ""  # without views: the refusal of ``cache.views``, with {name} and {verb}
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def check_views(self, cache: CacheConfig, verb: str) -> None:
+        """Refuse ``cache.views`` for a source without views; ``verb``: what the user should do without them."""
+        if cache.views and not self.has_views:
+            raise UserError(f"cache.views={cache.views}: {self.no_views.format(name=self.name, verb=verb)}")
+
+    def check(self, ctx: StageContext) -> None:
+        """Refuse, before ``run`` does any work, what cannot run."""
+
+    def check_cacheable(self, ctx: StageContext) -> None:
+        """Refuse, before ``sslfuse cache`` does any work, what it cannot cache."""
+
+    @abstractmethod
+    def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
+        """Make what the store lacks (``run``); the features, and what was done in words."""
+
+    def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
+        """Cache the features (``sslfuse cache``), a line for each artifact as it is reused or computed; none for a
+        source that ``sslfuse cache`` does not make (``made_by_cache``)."""
+        return iter(())
+
+    @abstractmethod
+    def load(self, ctx: StageContext, cache: CacheConfig, cache_command: str) -> FeatureSet:
+        """The features (``fuse``); a UserError naming ``cache_command`` when they are not cached."""
+
+
+class OwnPretext(FeatureSource):
+    """An encoder sslfuse pretrains on a pretext task (``conf/pretext/<name>.yaml``), with augmented views on demand."""
+
+    has_views = True
+    cached_by_every_rank = True
+
+    def recipe(self, ctx: StageContext) -> PretextConfig:
+        return pretext_recipe(self.name, ctx.overrides)
+
+    def encoder_name(self, ctx: StageContext) -> str:
+        return encoder_artifact(ctx, self.recipe(ctx), ctx.overrides.max_steps_per_epoch)
+
+    def check(self, ctx: StageContext) -> None:
+        """The pretext must be able to run on the pretraining data."""
+        PRETEXTS.get(self.name).impl.check(self.recipe(ctx), ctx.pretraining)
+
+    def check_cacheable(self, ctx: StageContext) -> None:
+        """The encoder must be stored, and the downstream images convertible to its input."""
+        encoder_conversion(ctx, stored_encoder(ctx, self.name, pretrain_command(self.name)))
+
+    def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
+        encoder_name, manifest, reused = ensure_encoder(ctx.for_pretraining(), self.recipe(ctx), probe)
+        _, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
+        views = ""
+        if cache.views:
+            _, views_reused = ensure_views(ctx, encoder_name, cache)
+            views = f", {cache.views} views {'reused' if views_reused else 'cached'}"
+        done = (f"encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
+                f"features {'reused' if cached else 'cached'}{views}")
+        return self.load(ctx, cache, ""), done
+
+    def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
+        encoder_name = self.encoder_name(ctx)  # stored: ``check_cacheable`` made sure
+        name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size, cache.num_workers)
+        yield f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}"
+        if cache.views:
+            name, reused = ensure_views(ctx, encoder_name, cache)
+            folder = ctx.store.folder(VIEWS_KIND, name)
+            yield f"{cache.views} views {name} ({'reused' if reused else 'computed'}): {folder}"
+
+    def load(self, ctx: StageContext, cache: CacheConfig, cache_command: str) -> FeatureSet:
+        encoder_name = self.encoder_name(ctx)
+        name = features_artifact(ctx, encoder_name)
+        if not artifact_exists(ctx.store, FEATURES_KIND, name):
+            raise UserError(f"no cached features for pretext '{self.name}' in '{ctx.store.root}'; "
+                            f"make them with: {cache_command}")
+        return with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
+
+
+def with_views(
+    ctx: StageContext, features: FeatureSet, encoder_name: str, cache: CacheConfig, cache_command: str,
+) -> FeatureSet:
+    """``features`` with the encoder's ``cache.views`` stored augmented views attached (unchanged when 0)."""
+    if not cache.views:
+        return features
+    name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
+    if not artifact_exists(ctx.store, VIEWS_KIND, name):
+        raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; "
+                        f"make them with: {cache_command}")
+    return dataclasses.replace(features, train_views=load_views(ctx.store, name))
+
+
+class Declared(FeatureSource):
+    """A kind of source the config declares by name under its own ``key`` (``+<key>.<name>...``)."""
+
+    key: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
+        """The sources of this kind under ``node`` (the config's ``key``), each checked."""
+
+
+class External(Declared):
+    """An encoder made elsewhere (``+external.<name>.arch=...``), run by one process on the converted images."""
+
+    key = "external"
+    no_views = "the external encoder '{name}' has no augmented views; {verb} it without cache.views"
+
+    def __init__(self, name: str, cfg: ExternalEncoderConfig) -> None:
+        super().__init__(name)
+        self.cfg = cfg
+
+    @classmethod
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
+        return {name: cls(name, cfg) for name, cfg in check_external(node, PRETEXTS).items()}
+
+    def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
+        _, _, cached = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size)
+        return self.load(ctx, cache, ""), f"external encoder, features {'reused' if cached else 'cached'}"
+
+    def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
+        name, _, reused = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size, cache.num_workers)
+        yield f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}"
+
+    def load(self, ctx: StageContext, cache: CacheConfig, cache_command: str) -> FeatureSet:
+        self.check_views(cache, "fuse")
+        artifact = external_features_artifact(ctx, self.name, self.cfg)
+        if not artifact_exists(ctx.store, FEATURES_KIND, artifact):
+            raise UserError(f"no cached features for external encoder '{self.name}' in '{ctx.store.root}'; "
+                            f"make them with: {cache_command}")
+        return load_features(ctx.store, artifact)
+
+
+class Imported(Declared):
+    """Arrays made elsewhere (``+imported.<name>.train=... .test=...``), read afresh and checked by every stage."""
+
+    key = "imported"
+    made_by_cache = False
+    no_views = "the imported features '{name}' have no augmented views; {verb} them without cache.views"
+
+    def __init__(self, name: str, spec: ImportedFeatures) -> None:
+        super().__init__(name)
+        self.spec = spec
+
+    @classmethod
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
+        return {name: cls(name, spec) for name, spec in check_imported(node, PRETEXTS).items()}
+
+    def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
+        features = self.load(ctx, cache, "")
+        return features, f"imported ({features.train.shape[1]} features)"
+
+    def load(self, ctx: StageContext, cache: CacheConfig, cache_command: str) -> FeatureSet:
+        self.check_views(cache, "fuse")
+        return load_imported(self.name, self.spec, ctx.data.train_labels, ctx.data.test_labels)
+
+
+# The kinds a config declares by name, in the order their keys are checked: a name two kinds declare is the first's.
+DECLARED: tuple[type[Declared], ...] = (Imported, External)
+
+
+def declared_sources(cfg: DictConfig) -> dict[str, FeatureSource]:
+    """The sources declared under the config's keys of ``DECLARED`` (a stage without a key declares none of it)."""
+    declared: dict[str, FeatureSource] = {}
+    for kind in DECLARED:
+        for name, source in kind.declared(cfg.get(kind.key) or {}).items():
+            declared.setdefault(name, source)
+    return declared
+
+
+def sources_named(
+    names: Iterable[str], declared: dict[str, FeatureSource], key: str = "pretexts",
+) -> list[FeatureSource]:
+    """The sources of ``names``, checked (``check_names`` under ``key``): a declared one, else sslfuse's own pretext."""
+    return [declared.get(name) or OwnPretext(name) for name in check_names(key, list(names), PRETEXTS, declared)]
+
+
+def feature_sources(cfg: DictConfig) -> list[FeatureSource]:
+    """The sources of the config's ``pretexts``."""
+    return sources_named(cfg.pretexts, declared_sources(cfg))
