@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from ssl_fusion.data.imported import ImportedFeatures
-from ssl_fusion.data.splits import labeled_subset, subset_fields
+from ssl_fusion.data.splits import EvaluationConfig, labeled_subset, subset_fields
 from ssl_fusion.models.external import ExternalEncoderConfig, external_config
 from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, optional, within
 from ssl_fusion.runtime.errors import UserError
@@ -153,6 +153,7 @@ class FuseStage(UsesEncoders):
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # cache.views: train on that many cached views
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # split=dev: score on held-out training images
 
 
 @dataclass
@@ -167,6 +168,7 @@ class RunStage(UsesEncoders):
     encoder_seeds: List[int] = field(default_factory=list)  # pretraining seeds to fuse each label seed with; empty: [encoder_seed]
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # split=dev: score on held-out training images
 
 
 def register_schemas() -> None:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from ssl_fusion.config import CacheConfig, LabelsConfig, ProbeConfig, TrainOverrides, as_plain, check_names, load_option
 from ssl_fusion.data.datasets import DATASETS
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.checks import Checked, Rule
@@ -23,7 +24,7 @@ from ssl_fusion.stages.methods import METHODS
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ssl_fusion"
 REGISTRIES: list[Registry] = [DATASETS, ENCODERS, PRETEXTS, METHODS]
-SECTIONS: list[type[Checked]] = [CacheConfig, TrainOverrides, LabelsConfig, ProbeConfig]
+SECTIONS: list[type[Checked]] = [CacheConfig, TrainOverrides, LabelsConfig, ProbeConfig, EvaluationConfig]
 BELOW_THE_STAGES = ["fusion", "evaluation", "data", "models", "store", "runtime", "pretexts", "report", "config.py"]
 
 

@@ -21,15 +21,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 import ssl_fusion.stages  # noqa: F401  (registers the configs' schemas)
 from ssl_fusion.config import CONF_DIR, CacheConfig, LabelsConfig
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.evaluation.metrics import macro_f1
-from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.evaluation.reference import concat_logistic_regression_cv
+from ssl_fusion.evaluation.result import FuseResult, Predictions
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import open_context
 from ssl_fusion.stages.fuse import cached_features, run_context, write_result
@@ -75,7 +77,9 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
                      "test_macro_f1": macro_f1(fit.predictions, test_labels)},
             selection={"selected_c": fit.chosen_c, "selection": "LogisticRegressionCV(cv=5)"},
             uses_all_labels=any(s.uses_labels for s in sets),
+            evaluation=EvaluationConfig().record(torch.arange(len(test_labels)), test_labels),
             details={"fit_seconds": time.perf_counter() - started},
+            predictions=Predictions(fit.predictions.numpy(), test_labels.numpy()),
         )
         records.append(result.in_context(run_context(ctx)))
     return records

@@ -24,11 +24,11 @@ from torch import nn
 
 from ssl_fusion.config import LabelsConfig, as_plain
 from ssl_fusion.data.augment import random_shift_flip
-from ssl_fusion.data.splits import split_validation
+from ssl_fusion.data.splits import EvaluationConfig, split_validation
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.baselines import BASELINES
-from ssl_fusion.evaluation.result import FuseResult, titled
+from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
 from ssl_fusion.fusion import FusionMethod
 from ssl_fusion.fusion.protocol import changed_options
 from ssl_fusion.fusion.training import score
@@ -171,17 +171,25 @@ class SupervisedScratch(FusionMethod):
         """Same signature as a head's (dims are unused): the stages build every method before any work."""
         self.cfg = cfg
 
-    def evaluate(self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int) -> FuseResult:
-        """Train on the protocol's labeled subset for ``seed``, score on the test split: the same record as a head's."""
-
+    def evaluate(
+        self, ctx: StageContext, labels_cfg: LabelsConfig, seed: int, evaluation: Optional[EvaluationConfig] = None
+    ) -> FuseResult:
+        """Train on the protocol's labeled subset for ``seed``, score on the evaluation split (default: test): the
+        same record as a head's."""
+        evaluation = evaluation or EvaluationConfig()
         data = ctx.data
-        labeled = labels_cfg.subset(data.train_labels, seed)
+        labeled = evaluation.labeled(labels_cfg, data.train_labels, seed)
+        dev = evaluation.dev_rows(data.train_labels)
+        evaluated = torch.arange(len(data.test_labels)) if dev is None else dev
+        images, eval_labels = ((data.test_images, data.test_labels) if dev is None
+                               else (data.train_images[dev], data.train_labels[dev]))
         started = time.perf_counter()
         network, selection, losses = fit_selected(
             self.cfg, ctx.encoder_cfg, data.train_images[labeled], data.train_labels[labeled], data.num_classes, ctx.device, ctx.dtype, seed
         )
-        probs = predict_proba(network, data.test_images, ctx.device, ctx.dtype)
-        accuracy, nll = score(probs, data.test_labels)
+        probs = predict_proba(network, images, ctx.device, ctx.dtype)
+        accuracy, nll = score(probs, eval_labels)
+        split = evaluation.split
         options = changed_options(self.cfg, BASELINES)
         return FuseResult(
             method=f"{titled(self.cfg.name, options)}({ctx.encoder_cfg.name})",
@@ -190,14 +198,17 @@ class SupervisedScratch(FusionMethod):
             options=options,
             pretexts=[],
             labels=labels_cfg.fields(labeled, seed, data.train_labels),
-            metrics={"test_accuracy": accuracy, "test_macro_f1": macro_f1(probs.argmax(1), data.test_labels),
-                     "test_nll": nll},
+            metrics={f"{split}_accuracy": accuracy, f"{split}_macro_f1": macro_f1(probs.argmax(1), eval_labels),
+                     f"{split}_nll": nll},
             selection={
                 "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
                 "selected_steps": selection.steps,
                 "val_accuracy": selection.val_accuracy,
                 "selection": "validation split" if self.cfg.refit else "validation split, best checkpoint",
             },
+            split=split,
+            evaluation=evaluation.record(evaluated, eval_labels),
             details={"first_loss": losses[0], "final_loss": losses[-1], "fit_seconds": time.perf_counter() - started,
                      "fusion_config": as_plain(self.cfg)},
+            predictions=Predictions(probs.argmax(1).numpy(), eval_labels.numpy()),
         )

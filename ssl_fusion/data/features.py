@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ssl_fusion.data.splits import complement
 
 
 @dataclass(eq=False)
@@ -38,3 +41,12 @@ class FeatureSet:
         """``features`` (rows of either split) scaled to zero mean, unit variance by the train split's statistics."""
         mean, std = self.scale
         return (features - mean) / std
+
+    def held_out(self, dev: torch.Tensor) -> FeatureSet:
+        """These features with the ``dev`` train rows as the split to score: the train split (rows, labels, views,
+        and so the standardisation's statistics) is what is left of it; the test split is not read."""
+        rest = complement(dev, len(self.train))
+        views = None if self.train_views is None else self.train_views[:, rest]
+        return dataclasses.replace(self, train=self.train[rest], test=self.train[dev],
+                                   train_labels=self.train_labels[rest], test_labels=self.train_labels[dev],
+                                   train_views=views)

@@ -7,12 +7,17 @@ import functools
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 
+from ssl_fusion.runtime.checks import Checked, Rule, one_of, within
 from ssl_fusion.runtime.errors import UserError
+
+if TYPE_CHECKING:  # config.py imports this module
+    from ssl_fusion.config import LabelsConfig
 
 log = logging.getLogger("sslfuse")
 
@@ -56,6 +61,12 @@ def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class
 
     With ``fraction`` each class keeps ``round(fraction * its size)`` samples, at least one.
     """
+    return draw_per_class(labels, class_takes(labels, fraction, per_class), seed)
+
+
+def class_takes(labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int]) -> dict[int, int]:
+    """How many samples of each class present (ascending) a stratified subset takes; a UserError for a regime out of
+    range."""
     counts = torch.bincount(labels)
     present = counts[counts > 0]
     if per_class is not None:
@@ -63,11 +74,16 @@ def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class
             raise UserError(f"labels.per_class must be in [1, {int(present.min())}] (the smallest class), got {per_class}")
     elif fraction is None or not 0 < fraction <= 1:
         raise UserError(f"labels.fraction must be in (0, 1], got {fraction}")
+    return {cls: per_class if per_class is not None else max(1, round(fraction * int(counts[cls])))
+            for cls in torch.nonzero(counts).flatten().tolist()}
+
+
+def draw_per_class(labels: torch.Tensor, takes: dict[int, int], seed: int) -> torch.Tensor:
+    """Sorted indices of ``takes[c]`` samples of each class ``c``, drawn in class order from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     chosen = []
-    for cls in torch.nonzero(counts).flatten().tolist():
+    for cls, take in takes.items():
         members = torch.nonzero(labels == cls).flatten()
-        take = per_class if per_class is not None else max(1, round(fraction * len(members)))
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     return torch.cat(chosen).sort().values
 
@@ -150,3 +166,93 @@ def labeled_subset(
         warn_classes_without_labels(indices_file, tuple(classes_without_labels(labels, indices)))
         return indices
     return stratified_subset(labels, fraction, per_class, seed)
+
+
+EVALUATION_SPLITS = ("test", "dev")
+
+
+@dataclass
+class EvaluationConfig(Checked):
+    """The split a fuse scores: ``test``, the dataset's test split (for frozen choices), or ``dev``: a seeded,
+    class-stratified part of the training split, ``dev_fraction`` of each class, drawn with ``dev_seed`` (not the label
+    seed, so every label seed scores on the same images). The dev part is held out of every labeled subset, of the
+    feature standardisation and of everything a head is selected or trained on: it plays the test split's role."""
+
+    section: ClassVar[str] = "evaluation"
+    split: str = "test"
+    dev_fraction: float = 0.1
+    dev_seed: int = 0  # its range is checked with the other seeds' (``config.check_seed``)
+
+    def rules(self) -> dict[str, Rule]:
+        return {"split": one_of(EVALUATION_SPLITS), "dev_fraction": within(0, 1, "()")}
+
+    def dev_rows(self, train_labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sorted training indices of the dev part; None for ``split=test``."""
+        return dev_part(train_labels, self.dev_fraction, self.dev_seed) if self.split == "dev" else None
+
+    def labeled(self, labels_cfg: LabelsConfig, train_labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """The labeled training indices for ``seed``: the regime's subset (``split=test``: exactly as without this
+        config), drawn outside the dev part for ``split=dev``."""
+        dev = self.dev_rows(train_labels)
+        if dev is None:
+            return labels_cfg.subset(train_labels, seed)
+        return labeled_outside(train_labels, dev, labels_cfg.fraction, labels_cfg.per_class, labels_cfg.indices_file,
+                               seed)
+
+    def record(self, indices: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The result fields of the evaluated images (``indices`` into their split, with their ``labels``): their
+        number, ``evaluation_sha256``, and for ``split=dev`` how the dev part was drawn."""
+        dev = {"dev_fraction": self.dev_fraction, "dev_seed": self.dev_seed} if self.split == "dev" else {}
+        return {"evaluation_size": len(indices), "evaluation_sha256": evaluation_sha256(self.split, indices, labels),
+                **dev}
+
+
+def complement(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """The sorted indices in ``[0, size)`` that ``rows`` does not hold."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[rows] = False
+    return torch.nonzero(keep).flatten()
+
+
+def dev_part(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """The sorted training indices of the dev part: ``round(fraction * class size)`` images of each class (at least
+    one), seeded by ``seed``; a UserError when it would take every image of a class."""
+    dev = stratified_subset(labels, fraction, None, seed)
+    left = torch.bincount(labels[complement(dev, len(labels))], minlength=int(labels.max()) + 1)
+    emptied = [c for c in torch.unique(labels).tolist() if left[c] == 0]
+    if emptied:
+        raise UserError(f"evaluation.dev_fraction={fraction} leaves class {emptied[0]} no training image outside the "
+                        "dev split; give a smaller evaluation.dev_fraction")
+    return dev
+
+
+def labeled_outside(
+    labels: torch.Tensor, dev: torch.Tensor, fraction: Optional[float], per_class: Optional[int],
+    indices_file: Optional[str], seed: int,
+) -> torch.Tensor:
+    """``labeled_subset`` drawn from the training indices outside ``dev``: as many of each class as the regime labels
+    on the whole training split (a fraction: at most what is left of the class), so that a dev result labels as many
+    images as a test one; an indices file that lists a dev image is refused in one line."""
+    if indices_file is None:
+        rest = complement(dev, len(labels))
+        left = torch.bincount(labels[rest])
+        takes = class_takes(labels[rest], None, per_class) if per_class is not None else {
+            cls: min(take, int(left[cls])) for cls, take in class_takes(labels, fraction, None).items()}
+        return rest[draw_per_class(labels[rest], takes, seed)]
+    indices = labeled_subset(labels, fraction, per_class, indices_file, seed)
+    inside = indices[torch.isin(indices, dev)]
+    if len(inside):
+        raise UserError(f"labels.indices_file '{indices_file}': index {int(inside[0])} lies in the dev split "
+                        f"({len(inside)} of its indices do); with evaluation.split=dev label only images outside it, "
+                        "or use evaluation.split=test")
+    return indices
+
+
+def evaluation_sha256(split: str, indices: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short hash of the evaluated images (their indices into their split, and their labels): two results with the
+    same split and hash were scored on the same images, in the same order, so their predictions pair image by
+    image."""
+    digest = hashlib.sha256(split.encode())
+    for values in (indices, labels):
+        digest.update(values.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -8,22 +8,82 @@ ran on (dataset and pretraining data, with their fingerprints, encoder and encod
 and decides on the fields, never on a label.
 
 ``results.json`` is one flat JSON object: the scalar fields, ``options`` as an object, and the keys of ``labels``,
-``metrics``, ``selection`` and ``details`` side by side, so that ``results.csv`` is one row of the same keys.
+``metrics``, ``selection``, ``evaluation`` and ``details`` side by side, so that ``results.csv`` is one row of the
+same keys. The evaluation split's predictions (``predictions``) are not in it: the stages write them beside it
+(``predictions.npz``, named by ``predictions_file``), and ``evaluation_sha256`` says which images they are of.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
 
 RESULT_VERSION = 2  # 1: results without the fields below (before the contract); the report refuses them
 SELECTION_KEYS = ("selected_l2", "selected_steps", "selected_c", "cv_accuracy", "cv_nll", "val_accuracy", "folds",
                   "selection")
 LABEL_KEYS = ("regime", "labels_fraction", "labels_per_class", "labels_indices_file", "n_labeled",
               "labeled_indices_sha256", "seed")
+# the evaluated images (``data.splits.evaluation_sha256``), how a dev split was drawn, the predictions' file
+EVALUATION_KEYS = ("evaluation_size", "evaluation_sha256", "dev_fraction", "dev_seed", "predictions_file")
+GROUPS = ("labels", "metrics", "selection", "evaluation", "details")
+PREDICTIONS_FILE = "predictions.npz"
 CONTEXT_KEYS = ("dataset", "pretraining_dataset", "encoder", "encoder_seed", "data_fingerprint",
                 "pretraining_fingerprint")
+
+
+@functools.lru_cache(maxsize=1)
+def code_commit() -> Optional[str]:
+    """The git commit of the sslfuse checkout this process runs, with ``-dirty`` when its files differ from it (an
+    untracked file the checkout does not ignore counts); None when the package is not a git checkout (installed, or
+    git missing). Asked once per process."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package.parent), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:  # a venv inside another repository
+            return None
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The evaluation split's predicted class indices and true ones, in the split's order (as ``evaluation_sha256``
+    hashes it), kept beside ``results.json`` so that two results on the same images pair image by image."""
+
+    predicted: np.ndarray
+    labels: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file: both arrays as int16 (int32 past 32767 classes)."""
+        largest = max(int(self.predicted.max(initial=0)), int(self.labels.max(initial=0)))
+        kind = np.int16 if largest <= np.iinfo(np.int16).max else np.int32
+        buffer = io.BytesIO()
+        np.savez(buffer, predicted=self.predicted.astype(kind), labels=self.labels.astype(kind))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_file(cls, path: Path) -> Predictions:
+        """The predictions ``to_bytes`` wrote to ``path``; OSError or ValueError when it holds no such arrays."""
+        with np.load(path, allow_pickle=False) as arrays:
+            if set(arrays.files) != {"predicted", "labels"}:
+                raise ValueError(f"holds {sorted(arrays.files)}, not the arrays predicted and labels")
+            predicted, labels = arrays["predicted"], arrays["labels"]
+        integers = predicted.dtype.kind == labels.dtype.kind == "i"
+        if predicted.ndim != 1 or predicted.shape != labels.shape or not integers:
+            raise ValueError(f"holds arrays of shapes {predicted.shape} and {labels.shape}, not two integer vectors")
+        return cls(predicted, labels)
 
 
 def titled(name: str, options: dict[str, Any]) -> str:
@@ -51,7 +111,11 @@ class FuseResult:
     encoder_seed: Optional[int] = None
     data_fingerprint: Optional[str] = None  # the downstream data's train and test splits
     pretraining_fingerprint: Optional[str] = None  # the images sslfuse's own encoders are pretrained on
+    commit: Optional[str] = field(default_factory=code_commit)  # the code that made it (``code_commit``)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # EVALUATION_KEYS: the images ``metrics`` are on
     details: dict[str, Any] = field(default_factory=dict)  # timings, losses, screen, pretext weights, config, ...
+    # not in the record: the stages write them beside it (``predictions_file``)
+    predictions: Optional[Predictions] = field(default=None, repr=False, compare=False)
 
     @property
     def accuracy(self) -> float:
@@ -63,10 +127,10 @@ class FuseResult:
 
     def to_record(self) -> dict[str, Any]:
         """The flat JSON object of ``results.json`` (see the module's docstring)."""
-        groups = ("labels", "metrics", "selection", "details")
-        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in groups}
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name not in (*GROUPS, "predictions")}
         record = {"result_version": RESULT_VERSION, **scalars}
-        for group in groups:
+        for group in GROUPS:
             clash = set(getattr(self, group)) & set(record)
             if clash:
                 raise ValueError(f"result {group} key(s) {sorted(clash)} clash with other fields")
@@ -84,9 +148,9 @@ class FuseResult:
             raise ValueError(f"result_version is {version!r}, this sslfuse reads {RESULT_VERSION} (written by another "
                              "sslfuse: run its fuse again)")
         split = check_type(record, "split", str)
-        metrics = {k: v for k, v in record.items() if k.startswith(f"{split}_")}
+        metrics = {k: v for k, v in record.items() if k.startswith(f"{split}_") and k not in EVALUATION_KEYS}
         check_type(metrics, f"{split}_accuracy", (int, float))
-        scalars = {f.name for f in dataclasses.fields(cls)} - {"labels", "metrics", "selection", "details"}
+        scalars = {f.name for f in dataclasses.fields(cls)} - {*GROUPS, "predictions"}
         for name, kind in (("method", str), ("title", str), ("family", str), ("options", dict), ("pretexts", list),
                            ("uses_test", bool), ("uses_all_labels", bool), ("cached_views", int), ("regime", str),
                            ("seed", int)):
@@ -99,7 +163,9 @@ class FuseResult:
             labels={k: record[k] for k in LABEL_KEYS if k in record},
             metrics=metrics,
             selection={k: record[k] for k in SELECTION_KEYS if k in record},
-            details={k: v for k, v in record.items() if k not in taken | set(LABEL_KEYS) | set(SELECTION_KEYS)},
+            evaluation={k: record[k] for k in EVALUATION_KEYS if k in record},
+            details={k: v for k, v in record.items()
+                     if k not in taken | set(LABEL_KEYS) | set(SELECTION_KEYS) | set(EVALUATION_KEYS)},
         )
 
 

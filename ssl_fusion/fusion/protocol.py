@@ -3,7 +3,8 @@
 ``fuse_once`` takes each pretext's features (``FeatureSet``), a typed fusion config, a label regime
 and a seed: it draws the stratified labeled subset, screens out pretexts without label information,
 chooses a pretext where the head matches pretexts, chooses the head's L2 strength and training length
-by k-fold cross-validation on the labeled set, refits it on all labels and scores it on the test split.
+by k-fold cross-validation on the labeled set, refits it on all labels and scores it on the evaluation split: the
+test split, or with ``evaluation.split=dev`` a held-out part of the training split (``data.splits.EvaluationConfig``).
 ``fuse_result`` returns the typed result (``ssl_fusion.evaluation.result.FuseResult``), ``fuse_once`` its flat
 record as ``sslfuse fuse`` writes it. ``fuse_arrays`` does the same from plain arrays, for a notebook.
 """
@@ -20,9 +21,9 @@ from sklearn.preprocessing import LabelEncoder
 
 from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.data.splits import fold_count
+from ssl_fusion.data.splits import EvaluationConfig, complement, fold_count
 from ssl_fusion.evaluation.metrics import macro_f1
-from ssl_fusion.evaluation.result import FuseResult, titled
+from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
@@ -170,26 +171,48 @@ def class_count(train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
     return int(train_labels.max()) + 1
 
 
-def fuse_once(features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int) -> dict[str, Any]:
+def fuse_once(
+    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    evaluation: Optional[EvaluationConfig] = None,
+) -> dict[str, Any]:
     """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
     context."""
-    return fuse_result(features, fusion, labels_cfg, seed).to_record()
+    return fuse_result(features, fusion, labels_cfg, seed, evaluation).to_record()
+
+
+def evaluated_features(
+    features: dict[str, FeatureSet], evaluation: EvaluationConfig, labeled: torch.Tensor
+) -> tuple[dict[str, FeatureSet], torch.Tensor, torch.Tensor]:
+    """The feature sets as the head reads them (for ``split=dev``: the dev rows as their test split, the rest as their
+    train split), the ``labeled`` training indices as positions in that train split, and the evaluated images'
+    indices (into the test split, or for ``split=dev`` into the training split)."""
+    first = next(iter(features.values()))
+    dev = evaluation.dev_rows(first.train_labels)
+    if dev is None:
+        return features, labeled, torch.arange(len(first.test_labels))
+    rest = complement(dev, len(first.train_labels))
+    return {name: fs.held_out(dev) for name, fs in features.items()}, torch.searchsorted(rest, labeled), dev
 
 
 def fuse_result(
-    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int
+    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    evaluation: Optional[EvaluationConfig] = None,
 ) -> FuseResult:
-    """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the test split.
-    Where the feature sets carry cached augmented views, heads train on them too (selection scores plain features)."""
+    """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the evaluation split
+    (``evaluation``; default: the test split). Where the feature sets carry cached augmented views, heads train on them
+    too (selection scores plain features)."""
+    evaluation = evaluation or EvaluationConfig()
     features = head_inputs(fusion, features)
+    full = next(iter(features.values()))
+    num_classes = class_count(full.train_labels, full.test_labels)
+    labeled = evaluation.labeled(labels_cfg, full.train_labels, seed)
+    features, rows, evaluated = evaluated_features(features, evaluation, labeled)
     sets = list(features.values())
     pretexts = list(features)
     train_labels, test_labels = sets[0].train_labels, sets[0].test_labels
-    num_classes = class_count(train_labels, test_labels)
-    labeled = labels_cfg.subset(train_labels, seed)
-    labels = train_labels[labeled]
+    labels = train_labels[rows]
     check_folds(fusion, labels)
-    train = [s.labeled_rows(labeled) for s in sets]
+    train = [s.labeled_rows(rows) for s in sets]
     test = [s.standardized(s.test) for s in sets]
     started = time.perf_counter()
     used, extra = pretexts, {}
@@ -203,6 +226,7 @@ def fuse_result(
     fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
     probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     accuracy, nll = score(probs, test_labels)
+    split = evaluation.split
     details = {
         "classes": list(range(num_classes)),
         "head_parameters": parameters,
@@ -223,8 +247,9 @@ def fuse_result(
         family=fusion.name,
         options=changed_options(fusion),
         pretexts=pretexts,
-        labels=labels_cfg.fields(labeled, seed, train_labels),
-        metrics={"test_accuracy": accuracy, "test_macro_f1": macro_f1(probs.argmax(1), test_labels), "test_nll": nll},
+        labels=labels_cfg.fields(labeled, seed, full.train_labels),
+        metrics={f"{split}_accuracy": accuracy, f"{split}_macro_f1": macro_f1(probs.argmax(1), test_labels),
+                 f"{split}_nll": nll},
         selection={
             "selected_l2": selection.l2,
             "selected_steps": selection.steps,
@@ -236,7 +261,10 @@ def fuse_result(
         uses_test=head_class(fusion).peeks_at_test(fusion),
         uses_all_labels=any(s.uses_labels for s in sets),
         cached_views=len(train[0]) - 1,
+        split=split,
+        evaluation=evaluation.record(evaluated, test_labels),
         details=details,
+        predictions=Predictions(probs.argmax(1).numpy(), test_labels.numpy()),
     )
 
 
@@ -290,19 +318,26 @@ def fuse_arrays(
     fraction: Optional[float] = 0.01,
     per_class: Optional[int] = None,
     seed: int = 0,
+    split: str = "test",
+    dev_fraction: float = 0.1,
+    dev_seed: int = 0,
 ) -> dict[str, Any]:
     """The whole few-label protocol on plain arrays (numpy or torch): per pretext, train features (rows aligned
     with ``train_labels``) and test features (aligned with ``test_labels``); ``fusion`` names a head and
     ``options`` overrides its ``conf/fusion/<name>.yaml``; ``fraction`` or ``per_class`` the label regime.
-    Returns the result record ``sslfuse fuse`` writes (``test_accuracy``, ``selected_l2``, ``folds``, ...).
+    ``split="dev"`` scores on a held-out ``dev_fraction`` of the train rows (drawn with ``dev_seed``, outside every
+    labeled subset) instead of the test arrays, as ``evaluation.split=dev`` does.
+    Returns the result record ``sslfuse fuse`` writes (``test_accuracy`` or ``dev_accuracy``, ``selected_l2``, ...).
     Features are standardised by the train split's statistics, as cached features are. Labels may be of any kind
     (strings, any integers): they are encoded as scikit-learn encodes them, and ``classes`` lists them in the order
     of the class indices."""
     if set(train) != set(test) or not train:
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
     check_seed("seed", seed)
+    check_seed("dev_seed", dev_seed)
+    evaluation = EvaluationConfig(split, dev_fraction, dev_seed)
     encoder, y_train, y_test = encoded_labels(train_labels, test_labels)
     sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")
     labels_cfg = LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class)
-    return named_classes(fuse_once(sets, config, labels_cfg, seed), encoder)
+    return named_classes(fuse_once(sets, config, labels_cfg, seed, evaluation), encoder)

@@ -26,16 +26,16 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_accuracy(stats: pd.DataFrame, path: Path) -> None:
-    """Accuracy of every method: with one label regime, the methods sorted along one axis, a dot and its spread
-    each; with several, a line per method over the regimes."""
+def plot_accuracy(stats: pd.DataFrame, path: Path, split: str = "test") -> None:
+    """Accuracy of every method on the evaluation ``split``: with one label regime, the methods sorted along one
+    axis, a dot and its spread each; with several, a line per method over the regimes."""
     if stats["regime"].nunique() == 1:
-        plot_methods_sorted(stats, path)
+        plot_methods_sorted(stats, path, split)
     else:
-        plot_accuracy_vs_labels(stats, path)
+        plot_accuracy_vs_labels(stats, path, split)
 
 
-def plot_methods_sorted(stats: pd.DataFrame, path: Path) -> None:
+def plot_methods_sorted(stats: pd.DataFrame, path: Path, split: str) -> None:
     """One panel per (dataset, encoder, encoder seed) combination: methods sorted by mean accuracy, mean ± std."""
     import matplotlib
 
@@ -52,14 +52,14 @@ def plot_methods_sorted(stats: pd.DataFrame, path: Path) -> None:
         for row, (mean, spread, colour) in enumerate(zip(group["mean"], group["std"].fillna(0), colours)):
             axis.errorbar(mean, row, xerr=spread, fmt="o", color=colour, capsize=3)
         axis.set_yticks(range(len(group)), [f"{m} (n={n})" for m, n in zip(group["method"], group["seeds"])], fontsize=8)
-        axis.set_xlabel(f"test accuracy (%), {group['regime'].iloc[0]} labels, mean ± std over seeds")
+        axis.set_xlabel(f"{split} accuracy (%), {group['regime'].iloc[0]} labels, mean ± std over seeds")
         axis.grid(axis="x", alpha=0.3)
         if len(groups) > 1:
             axis.set_title(context_heading(context), fontsize=9)
     save_figure(figure, path)
 
 
-def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
+def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path, split: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,7 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path) -> None:
         axes.errorbar([x + dodge for x in range(len(regimes))], group["mean"], yerr=group["std"].fillna(0), capsize=3,
                       label=label, **style)
     axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
-    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylabel(f"{split} accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(figure, path)

@@ -14,11 +14,20 @@
 - a negative-transfer table: each method with and without an added control pretext
   (``random``, ``noise``) and the difference;
 - ``accuracy_vs_labels.png`` (with one label regime: the methods sorted by accuracy) and, where attention-like
-  heads ran, ``pretext_weights.png`` (mean weight per class and pretext), drawn by ``figures.py``.
+  heads ran, ``pretext_weights.png`` (mean weight per class and pretext), drawn by ``figures.py``;
+- ``results_long.csv``: one row per result (``LONG_COLUMNS``), for statistics done elsewhere.
+
+Results scored on the dev split (``evaluation.split=dev``) are never pooled or paired with test results: each split
+(and each draw of a dev split) gets all of the above on its own, under a heading naming it, its files prefixed by its
+name (``dev_paired_differences.csv``, ...). Where results kept their predictions, the paired intervals resample the
+evaluated images too (``paired.CORRECT``).
 """
 
 from __future__ import annotations
 
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,22 +36,48 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssl_fusion.report.figures import plot_accuracy, plot_paired_differences, plot_pretext_weights
-from ssl_fusion.report.paired import Primary, paired_control_costs, paired_differences, parse_primaries, shown
+from ssl_fusion.report.paired import (
+    CORRECT,
+    Primary,
+    paired_control_costs,
+    paired_differences,
+    parse_primaries,
+    shown,
+)
 from ssl_fusion.report.results import (
     CONTEXT,
     FLAGS,
+    METRICS,
     UNRECORDED,
     VARIANT,
     by_regime,
     collect_results,
     context_heading,
     contexts,
+    correctness,
     regime_order,
+    scored_on,
+    splits_of,
 )
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import atomic_write_text
 
 CONTROLS = ("random", "noise")
+# results_long.csv: its columns, each from a field of the results frame (``accuracy`` etc.: of the row's split)
+LONG_COLUMNS = {
+    "dataset": "dataset", "pretraining_dataset": "pretraining_dataset", "encoder": "encoder",
+    "encoder_seed": "encoder_seed", "regime": "regime", "label_seed": "seed", "family": "family", "options": "options",
+    "pretexts": "pretext_set", "split": "evaluated_on", "accuracy": "accuracy", "macro_f1": "macro_f1", "nll": "nll",
+    "selected_l2": "selected_l2", "selected_steps": "selected_steps", "head_parameters": "head_parameters",
+    "fit_seconds": "fit_seconds", "commit": "commit", "method": "method", "n_labeled": "n_labeled",
+    "labeled_indices_sha256": "labeled_indices_sha256", "data_fingerprint": "data_fingerprint",
+    "evaluation_size": "evaluation_size", "evaluation_sha256": "evaluation_sha256", "predictions": "predictions",
+}
+SPLIT_NOTES = {
+    "test": "Scored on the test split: read these only for choices frozen beforehand.",
+    "dev": "Scored on the dev split (held out of the training split and of every labeled subset): for choosing "
+           "designs and defaults; never compared with test scores.",
+}
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -99,11 +134,11 @@ def pivot_one(stats: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order, regimes].fillna("–")
 
 
-def pivot(stats: pd.DataFrame) -> pd.DataFrame:
+def pivot(stats: pd.DataFrame, by_context: bool = False) -> pd.DataFrame:
     """Wide table: methods × regimes (see ``pivot_one``). With more than one (dataset, encoder, encoder seed)
-    combination, one such table per combination, stacked under an index (dataset, encoder, encoder_seed, method);
-    ``sections`` splits it back."""
-    if len(contexts(stats)) == 1:
+    combination, or ``by_context``, one such table per combination, stacked under an index (dataset, encoder,
+    encoder_seed, method); ``sections`` splits it back."""
+    if len(contexts(stats)) == 1 and not by_context:
         return pivot_one(stats)
     keys = list(CONTEXT)
     tables = {context: pivot_one(group) for context, group in stats.groupby(keys, sort=False)}
@@ -113,7 +148,11 @@ def pivot(stats: pd.DataFrame) -> pd.DataFrame:
 
 def sections(table: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     """(heading, table indexed by method) per combination of ``pivot``'s result; no heading when there is one.
-    A combination's table leaves out the regimes only other combinations have."""
+    A combination's table leaves out the regimes only other combinations have. A table stacked by evaluation split
+    (``split_tables``) gives each split's combinations apart, headed with the split."""
+    if table.index.names[0] == "split":
+        return [(f"{split} split, {heading}", part) for split, group in table.groupby(level=0, sort=False)
+                for heading, part in sections(group.droplevel(0))]
     if table.index.nlevels == 1:
         return [(None, table)]
     parts = []
@@ -147,52 +186,105 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
     return transfer.drop(columns=["dataset", "encoder", "encoder seed"], errors="ignore") if len(contexts(stats)) == 1 else transfer
 
 
-def write_report(folder: Path, out_dir: Path | None = None, references: list[str] | None = None,
-                 primaries: list[Primary] | None = None) -> tuple[pd.DataFrame, Path, Path]:
-    """Tables, plots and CSVs of every result under ``folder`` (see the module's docstring); ``references``: the
-    paired table's reference methods (None: ``paired.DEFAULT_REFERENCES``, those that ran); ``primaries``: its
-    comparisons adjusted as a family (None: every row exploratory)."""
-    out_dir = out_dir or folder
-    results = collect_results(folder)
+@dataclass
+class SplitReport:
+    """The report of the results scored on one evaluation split."""
+
+    split: str
+    stats: pd.DataFrame  # ``summarize``'s rows, pooled over encoder seeds first where there are several
+    markdown: str
+
+
+def split_report(results: pd.DataFrame, split: str, references: list[str] | None, primaries: list[Primary] | None,
+                 out_dir: Path) -> SplitReport:
+    """Tables, plots and CSVs of ``results``, all scored on ``split`` (``scored_on``); the files of a split other than
+    test are named with its prefix (``dev_paired_differences.csv``), so that no file holds two splits."""
+    prefix = "" if split == "test" else re.sub(r"[^A-Za-z0-9.]+", "_", split).strip("_") + "_"
+    results = results.assign(**{CORRECT: correctness(results)})
     per_encoder_seed = summarize(results)
     pooled = pooled_over_encoder_seeds(results)
     stats = per_encoder_seed if pooled.empty else pd.concat([pooled, per_encoder_seed], ignore_index=True)
-    table = pivot(stats)
-    markdown = ("Test accuracy (%), mean ± std over seeds (n: label seeds, or encoder seeds × label seeds where "
-                "encoder seeds are pooled); best per column in bold, among rows that neither peek at the test set nor "
-                "use all labels.\n")
-    for heading, part in sections(table):
+    markdown = (f"{split.capitalize()} accuracy (%), mean ± std over seeds (n: label seeds, or encoder seeds × label "
+                "seeds where encoder seeds are pooled); best per column in bold, among rows that neither peek at the "
+                f"{'test set' if split == 'test' else 'evaluation split'} nor use all labels.\n")
+    for heading, part in sections(pivot(stats)):
         markdown += f"\n## {heading}\n" if heading else ""
         markdown += "\n" + part.reset_index().to_markdown(index=False) + "\n"
-    markdown += paired_section(results, references, primaries, out_dir)
+    markdown += paired_section(results, references, primaries, out_dir, prefix)
     transfer = negative_transfer(stats)
     if not transfer.empty:
         markdown += "\nNegative transfer: accuracy without and with a control pretext added.\n\n"
         markdown += transfer.to_markdown(index=False) + "\n"
-        atomic_write_text(out_dir / "negative_transfer.csv", transfer.to_csv(index=False))
+        atomic_write_text(out_dir / f"{prefix}negative_transfer.csv", transfer.to_csv(index=False))
         costs = by_regime(paired_control_costs(results, CONTROLS))
         markdown += ("\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
                      "encoders (accuracy points, design-aware 95% interval as above, exploratory, W/T/L).\n\n"
                      + shown(costs).to_markdown(index=False) + "\n")
-        atomic_write_text(out_dir / "negative_transfer_paired.csv", costs.to_csv(index=False))
-    plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / "accuracy_vs_labels.png")
-    if plot_pretext_weights(results, out_dir / "pretext_weights.png"):
-        markdown += "\n![pretext weights](pretext_weights.png)\n"
-    markdown += "\n![accuracy vs labels](accuracy_vs_labels.png)\n"
+        atomic_write_text(out_dir / f"{prefix}negative_transfer_paired.csv", costs.to_csv(index=False))
+    plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / f"{prefix}accuracy_vs_labels.png", split)
+    if plot_pretext_weights(results, out_dir / f"{prefix}pretext_weights.png"):
+        markdown += f"\n![pretext weights]({prefix}pretext_weights.png)\n"
+    markdown += f"\n![accuracy vs labels]({prefix}accuracy_vs_labels.png)\n"
+    return SplitReport(split, stats, markdown)
+
+
+def split_tables(reports: list[SplitReport]) -> pd.DataFrame:
+    """The wide table of the reports (``pivot``): test results alone as before; otherwise each split's tables
+    stacked under a first index level ``split``, which ``sections`` heads them with."""
+    if [report.split for report in reports] == ["test"]:
+        return pivot(reports[0].stats)
+    tables = {report.split: pivot(report.stats, by_context=True) for report in reports}
+    return pd.concat(tables, names=["split"]).fillna("–")
+
+
+def predictions_path(row: pd.Series, out_dir: Path) -> str | None:
+    """The file of a result's kept predictions, relative to ``out_dir``; None when it kept none."""
+    name, folder = row.get("predictions_file"), row.get("result_dir")
+    if not isinstance(name, str) or not isinstance(folder, str):
+        return None
+    return os.path.relpath(Path(folder) / name, out_dir)
+
+
+def long_results(results: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    """``results_long.csv``: one row per result, the ``LONG_COLUMNS`` (a field a result lacks is empty); the
+    metrics of the row's own split; ``predictions``: its predictions' file, relative to ``out_dir``."""
+    rows = [row for _, row in results.iterrows()]
+    results = results.assign(
+        options=results["options_key"], predictions=[predictions_path(row, out_dir) for row in rows],
+        **{metric: [row.get(f"{row['split']}_{metric}") for row in rows] for metric in METRICS})
+    return pd.DataFrame({column: results.get(field) for column, field in LONG_COLUMNS.items()})
+
+
+def write_report(folder: Path, out_dir: Path | None = None, references: list[str] | None = None,
+                 primaries: list[Primary] | None = None) -> tuple[pd.DataFrame, Path, Path]:
+    """Tables, plots and CSVs of every result under ``folder`` (see the module's docstring), each evaluation split
+    apart; ``references``: the paired table's reference methods (None: ``paired.DEFAULT_REFERENCES``, those that
+    ran); ``primaries``: its comparisons adjusted as a family (None: every row exploratory). Returns the wide table
+    (``split_tables``) and the paths of report.md and report.csv."""
+    out_dir = out_dir or folder
+    results = collect_results(folder)
+    reports = [split_report(scored_on(results, split), split, references, primaries, out_dir)
+               for split in splits_of(results)]
+    headed = [report.split for report in reports] != ["test"]
+    markdown = "\n".join((f"# {report.split.capitalize()} split\n\n{SPLIT_NOTES.get(report.split, '')}\n\n"
+                          if headed else "") + report.markdown for report in reports)
+    stats = pd.concat([report.stats.assign(split=report.split) for report in reports], ignore_index=True)
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    atomic_write_text(out_dir / "results_long.csv", long_results(results, out_dir).to_csv(index=False))
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, stats.to_csv(index=False))
-    return table, md_path, csv_path
+    return split_tables(reports), md_path, csv_path
 
 
 def paired_section(results: pd.DataFrame, references: list[str] | None, primaries: list[Primary] | None,
-                   out_dir: Path) -> str:
-    """The paired-differences table (Markdown), its CSV and plot beside the report; empty when nothing pairs."""
+                   out_dir: Path, prefix: str = "") -> str:
+    """The paired-differences table (Markdown), its CSV and plot beside the report, their names prefixed by
+    ``prefix``; empty when nothing pairs."""
     differences = by_regime(paired_differences(results, references, primaries))
     if differences.empty:
         return ""
-    atomic_write_text(out_dir / "paired_differences.csv", differences.to_csv(index=False))
-    plot_paired_differences(differences, out_dir / "paired_differences.png")
+    atomic_write_text(out_dir / f"{prefix}paired_differences.csv", differences.to_csv(index=False))
+    plot_paired_differences(differences, out_dir / f"{prefix}paired_differences.png")
     table = shown(differences)
     if table[["dataset", "encoder"]].drop_duplicates().shape[0] == 1:
         table = table.drop(columns=["dataset", "encoder"])
@@ -211,7 +303,7 @@ def paired_section(results: pd.DataFrame, references: list[str] | None, primarie
             "; where they were not kept it has no test-image level. p: of no difference; P(improvement): share of "
             "paired runs the method wins, ties half, with its 95% interval; W/T/L: pairs the method wins, ties, loses."
             + resampled + conditional + family + "\n\n" + table.to_markdown(index=False)
-            + "\n\n![paired differences](paired_differences.png)\n")
+            + f"\n\n![paired differences]({prefix}paired_differences.png)\n")
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
@@ -254,5 +346,6 @@ def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Prima
 def main(argv: list[str]) -> None:
     folder, references, primaries = parse_arguments(argv)
     table, md_path, csv_path = write_report(folder, references=references, primaries=primaries)
-    print_table(table, f"test accuracy (%) under {folder}")
-    print(f"wrote {md_path}, {csv_path} and the plots beside them")
+    split = "" if table.index.names[0] == "split" else "test "
+    print_table(table, f"{split}accuracy (%) under {folder}")
+    print(f"wrote {md_path}, {csv_path}, results_long.csv and the plots beside them")

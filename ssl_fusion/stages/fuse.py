@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -10,16 +11,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_fusion.config import CacheConfig, LabelsConfig
+from ssl_fusion.config import CacheConfig, LabelsConfig, check_seed
 from ssl_fusion.data.features import FeatureSet
-from ssl_fusion.evaluation.result import FuseResult
+from ssl_fusion.data.splits import EvaluationConfig
+from ssl_fusion.evaluation.result import PREDICTIONS_FILE, FuseResult
 from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.fusion.protocol import check_folds, fuse_result, head_threads
 from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.sources import FeatureSource, declared_sources, sources_named
-from ssl_fusion.store.files import atomic_write_json, atomic_write_text
+from ssl_fusion.store.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sslfuse")
 
@@ -43,27 +45,44 @@ def cached_features(
 
 
 def evaluate_method(
-    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int, features: Callable[[], dict[str, FeatureSet]]
+    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    features: Callable[[], dict[str, FeatureSet]], evaluation: EvaluationConfig | None = None,
 ) -> FuseResult:
     """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
     (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
     method = lookup_method(fusion.name)
     if method.needs_images:
-        return method(fusion).evaluate(ctx, labels_cfg, seed).in_context(run_context(ctx))
+        return method(fusion).evaluate(ctx, labels_cfg, seed, evaluation).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
-        return fuse_result(features(), fusion, labels_cfg, seed).in_context(run_context(ctx))
+        return fuse_result(features(), fusion, labels_cfg, seed, evaluation).in_context(run_context(ctx))
 
 
-def check_labels(train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int) -> None:
-    """Refuse, before any work, a label regime the dataset cannot give or the head cannot cross-validate."""
-    labeled = labels_cfg.subset(train_labels, seed)
+def check_evaluation(node: Any) -> EvaluationConfig:
+    """The ``evaluation`` options as a typed config (which checks its values); a one-line UserError for a dev seed
+    out of range."""
+    evaluation: EvaluationConfig = OmegaConf.to_object(node)
+    check_seed("evaluation.dev_seed", evaluation.dev_seed)
+    return evaluation
+
+
+def check_labels(
+    train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int,
+    evaluation: EvaluationConfig | None = None,
+) -> None:
+    """Refuse, before any work, a label regime the dataset cannot give (outside the dev split, for ``split=dev``) or
+    the head cannot cross-validate."""
+    labeled = (evaluation or EvaluationConfig()).labeled(labels_cfg, train_labels, seed)
     if not lookup_method(fusion.name).needs_images:
         check_folds(fusion, train_labels[labeled])
 
 
 def write_result(folder: Path, result: FuseResult) -> None:
-    """``results.json`` (the result's record) and a one-row ``results.csv`` of its scalars, each written
-    atomically."""
+    """The evaluation split's predictions (``predictions.npz``, when the result has them), then ``results.json`` (the
+    result's record, naming that file) and a one-row ``results.csv`` of its scalars, each written atomically: a
+    ``results.json`` never names a file not yet written."""
+    if result.predictions is not None:
+        atomic_write_bytes(folder / PREDICTIONS_FILE, result.predictions.to_bytes())
+        result = dataclasses.replace(result, evaluation={**result.evaluation, "predictions_file": PREDICTIONS_FILE})
     record = result.to_record()
     atomic_write_json(folder / "results.json", record)
     flat = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
@@ -91,13 +110,15 @@ def main(cfg: DictConfig) -> None:
     pretexts = [source.name for source in sources_named(cfg.pretexts, declared)]
     fusion = METHODS.typed_config(cfg.fusion, key="fusion")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
+    evaluation = check_evaluation(cfg.evaluation)
     used = fused_sources(fusion, pretexts, declared)
     check_head(fusion, len(used))
     ctx = open_context(cfg, cfg.encoder_seed)
-    check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed)
+    check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed, evaluation)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     command = cache_command([source.name for source in used if source.made_by_cache])
-    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, lambda: cached_features(ctx, used, cache, command))
+    features = lambda: cached_features(ctx, used, cache, command)
+    result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)
     write_result(Path(run_dir()), result)
     print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
-          f"test accuracy {result.accuracy:.4f}; results in {run_dir()}")
+          f"{result.split} accuracy {result.accuracy:.4f}; results in {run_dir()}")

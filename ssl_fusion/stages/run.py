@@ -17,12 +17,14 @@ from ssl_fusion.config import (
 )
 from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.fusion import FusionConfig
 from ssl_fusion.report.tables import print_table, write_report
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.fuse import (
+    check_evaluation,
     check_head,
     check_labels,
     evaluate_method,
@@ -76,33 +78,37 @@ def main(cfg: DictConfig) -> None:
     for source in sources:
         source.check_views(cache, "fuse")
     labels_cfg: LabelsConfig = OmegaConf.to_object(cfg.labels)
+    evaluation = check_evaluation(cfg.evaluation)
     pretraining_seeds = encoder_seeds(cfg)
     out = Path(run_dir())
     for encoder_seed in pretraining_seeds:
         ctx = open_context(cfg, encoder_seed)
-        check_run(ctx, cfg, heads, labels_cfg, sources)
+        check_run(ctx, cfg, heads, labels_cfg, sources, evaluation)
         if len(pretraining_seeds) > 1:
             print(f"encoder seed {encoder_seed}:")
         features = prepare_features(ctx, cfg.probe, cache, sources)
         where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
         for fusion, used in heads:
             for seed in cfg.seeds:
-                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used})
+                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used},
+                                         evaluation)
                 write_result(where / result.method / f"seed{seed}", result)
-                log.info("%s encoder seed %d seed %d: test accuracy %.4f", result.method, encoder_seed, seed,
-                         result.accuracy)
+                log.info("%s encoder seed %d seed %d: %s accuracy %.4f", result.method, encoder_seed, seed,
+                         result.split, result.accuracy)
     table, md_path, _ = write_report(out)
-    print_table(table, f"{ctx.dataset_cfg.name}: test accuracy (%) of fusion heads on frozen pretext features")
+    print_table(table, f"{ctx.dataset_cfg.name}: {evaluation.split} accuracy (%) of fusion heads on frozen pretext "
+                       "features")
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
 
 
 def check_run(ctx: StageContext, cfg: DictConfig, heads: list, labels_cfg: LabelsConfig,
-              sources: list[FeatureSource]) -> None:
-    """Refuse, before any work, labels a head cannot use, a conversion that cannot be done, a source that cannot
-    run (``FeatureSource.check``: e.g. a pretext on the pretraining data)."""
+              sources: list[FeatureSource], evaluation: EvaluationConfig) -> None:
+    """Refuse, before any work, labels a head cannot use (outside the dev split, for ``evaluation.split=dev``), a
+    conversion that cannot be done, a source that cannot run (``FeatureSource.check``: e.g. a pretext on the
+    pretraining data)."""
     for seed in cfg.seeds:
         for fusion, _ in heads:
-            check_labels(ctx.data.train_labels, labels_cfg, fusion, seed)
+            check_labels(ctx.data.train_labels, labels_cfg, fusion, seed, evaluation)
     check_conversion(ctx.data.channels, ctx.pretraining.channels)
     for source in sources:
         source.check(ctx)
