@@ -72,6 +72,8 @@ def refusal(*overrides: str) -> str:
     (["study=smoke", "study.regimes=[{fraction:2}]"], "study.regimes[0]: fraction must be in (0, 1], got 2.0"),
     (["study=smoke", "study.overrides=['train.epoch=1']"], "study: the run jobs of synthetic at 1% do not compose"),
     (["study=smoke", "run=['labels.fractoin=0.1']"], "do not compose"),
+    (["study=smoke", "study.overrides=['preset=smoke','evaluation.split=dev']"],
+     "study: evaluation.split=dev: a study's claims are judged on the test split"),
 ], ids=lambda value: value if isinstance(value, str) else " ".join(value) or "no study")
 def test_a_bad_study_is_refused_in_one_line_before_any_work(overrides, message):
     refused = refusal(*overrides)
@@ -230,6 +232,7 @@ def test_the_smoke_study_runs_end_to_end_and_writes_its_verdicts(smoke_study):
                                               "attention − select[by=val] within ±5 at 1%"]
     assert set(verdicts["verdict"]) <= {MET, NOT_MET, INCONCLUSIVE}
     assert (verdicts["pairs"] == "4 (2×2)").all() and verdicts["holm_low"].notna().all()
+    assert (verdicts["resampled"] == "2 encoder seeds × 2 label seeds, 256 test images").all()  # predictions kept
     assert "claim 1: attention − concat > 0 at 1%" in printed and "verdicts written to" in printed
     page = (folder / "first" / "verdicts.md").read_text()
     assert "Holm 95% interval" in page and "Amended" not in page

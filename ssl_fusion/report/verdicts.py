@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import pandas as pd
 from omegaconf import MISSING
 
-from ssl_fusion.report.paired import interval_text, paired_differences
+from ssl_fusion.report.paired import CORRECT, interval_text, paired_differences
+from ssl_fusion.report.results import correctness
 from ssl_fusion.report.statistics import CONFIDENCE, holm, holm_confidence, p_value, t_bounds
 from ssl_fusion.runtime.checks import Checked, Rule, one_of
 from ssl_fusion.store.files import atomic_write_text
@@ -109,7 +110,10 @@ def adjust(family: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
 def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     """One row per claim and dataset: the estimate, its interval Holm-adjusted with the claims' rows as one family
     (``adjust``), P(improvement) with its unadjusted interval, and the verdict; a claim without paired results gets
-    one inconclusive row that says so."""
+    one inconclusive row that says so. ``results``: the report's frame (``results_frame``), scored on test; where
+    its rows name their folders, the kept predictions give the intervals their test-image level."""
+    if CORRECT not in results:
+        results = results.assign(**{CORRECT: correctness(results)})
     differences = paired_differences(results, sorted({claim.reference for claim in claims}))
     if not differences.empty:
         # paired_differences rounds the estimate for its tables; the unadjusted interval is symmetric about it

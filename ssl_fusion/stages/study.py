@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
 from hydra import compose
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -84,18 +85,20 @@ def seed_folder(folder: Path, encoder_seed: int) -> Path:
     return folder / f"encoder_seed{encoder_seed}"
 
 
-def kept_results(folder: Path, plan: Plan) -> list[FuseResult]:
-    """The results under ``folder`` that the study declares: scored on test, with a declared label seed, by a method
-    over the pretexts it runs on (results of heads or seeds the study no longer lists are left out)."""
+def kept_results(folder: Path, plan: Plan) -> list[tuple[Path, FuseResult]]:
+    """The results under ``folder`` that the study declares, each with its file: scored on test, with a declared
+    label seed, by a method over the pretexts it runs on (results of heads or seeds the study no longer lists are
+    left out)."""
     seeds = set(plan.study.label_seeds)
-    found = [load_result(path) for path in sorted(folder.rglob("results.json"))] if folder.is_dir() else []
-    return [result for result in found if result.split == "test" and result.labels.get("seed") in seeds
+    found = [(path, load_result(path)) for path in sorted(folder.rglob("results.json"))] if folder.is_dir() else []
+    return [(path, result) for path, result in found if result.split == "test" and result.labels.get("seed") in seeds
             and (result.family, frozenset(result.pretexts)) in plan.expected]
 
 
 def missing_runs(plan: Plan, folder: Path) -> tuple[list[str], list[int]]:
     """The fusions and label seeds one encoder seed's folder lacks a result of (every variant, every seed)."""
-    done = {(result.family, frozenset(result.pretexts), result.labels["seed"]) for result in kept_results(folder, plan)}
+    done = {(result.family, frozenset(result.pretexts), result.labels["seed"])
+            for _, result in kept_results(folder, plan)}
     missing = {(family, seed) for family, pretexts in plan.expected for seed in plan.study.label_seeds
                if (family, pretexts, seed) not in done}
     fusions = [fusion for fusion in plan.fusions if any(family == fusion for family, _ in missing)]
@@ -132,17 +135,21 @@ def job_arguments(root: Path, plan: Plan, job: tuple[Cell, list[str], list[int],
 
 def check_jobs(plan: Plan, extra: list[str]) -> None:
     """Compose every cell's run config as its jobs will, so that an override the run stage refuses (a misspelled
-    key in ``overrides``, an unknown dataset option) is refused before any work, in one line."""
+    key in ``overrides``, an unknown dataset option) is refused before any work, in one line; and a study scored on
+    another split than test."""
     for cell in plan.cells:
         overrides = [*cell_overrides(plan, cell), f"fusions={hydra_value(plan.fusions)}",
                      f"seeds={hydra_value(plan.study.label_seeds)}", f"encoder_seed={plan.study.encoder_seeds[0]}",
                      *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
         try:
-            compose(config_name="run", overrides=overrides)
+            composed = compose(config_name="run", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as err:
             cause = f" ({one_line(str(err.__cause__))})" if err.__cause__ else ""
             raise UserError(f"study: the run jobs of {cell.dataset} at {cell.regime_name} do not compose: "
                             f"{one_line(str(err))}{cause}") from None
+        if composed.evaluation.split != "test":
+            raise UserError(f"study: evaluation.split={composed.evaluation.split}: a study's claims are judged on the "
+                            "test split; choose designs on dev with sslfuse run before declaring them")
 
 
 def launcher_overrides() -> list[str]:
@@ -172,10 +179,14 @@ def describe(plan: Plan) -> str:
             f"methods {', '.join(plan.fusions)}.")
 
 
-def study_results(root: Path, plan: Plan) -> list[FuseResult]:
-    """Every declared result of every cell and encoder seed."""
-    return [result for cell in plan.cells for encoder_seed in plan.study.encoder_seeds
-            for result in kept_results(seed_folder(cell_folder(root, plan, cell), encoder_seed), plan)]
+def study_results(root: Path, plan: Plan) -> pd.DataFrame:
+    """Every declared result of every cell and encoder seed, as the report's frame (each row with its folder, where
+    its kept predictions are read from)."""
+    found = [item for cell in plan.cells for encoder_seed in plan.study.encoder_seeds
+             for item in kept_results(seed_folder(cell_folder(root, plan, cell), encoder_seed), plan)]
+    if not found:
+        return pd.DataFrame()
+    return results_frame([result for _, result in found], [str(path.parent) for path, _ in found])
 
 
 def count_results(root: Path) -> int:
@@ -209,9 +220,9 @@ def main(cfg: DictConfig) -> None:
               f"{encoder_seeds}, label seeds {seeds}, {', '.join(fusions)}")
         launch(job_arguments(root, plan, job, extra))
     results = study_results(root, plan)
-    if not results:
+    if results.empty:
         raise UserError(f"study {name}: no results in {root / 'results'} after its runs")
-    verdicts = judge(results_frame(results), plan.claims)
+    verdicts = judge(results, plan.claims)
     md_path, csv_path = write_verdicts(Path(run_dir()), name, verdicts, record["versions"], describe(plan))
     print(f"study {name}: verdicts ({len(results)} results; claims Holm-adjusted as one family):")
     print_verdicts(shown(verdicts).to_dict("records"))
