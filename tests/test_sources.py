@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from ssl_fusion.config import CacheConfig, ProbeConfig, TrainOverrides
 from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.fusion.single import SingleConfig
 from ssl_fusion.models.encoders import SmallCNNConfig
@@ -116,7 +117,7 @@ def test_a_kind_declared_outside_the_stages_works_through_run_and_fuse(tmp_path,
     listed = sources.feature_sources(cfg)
     assert [type(s) for s in listed] == [sources.OwnPretext, Seeded]
     ctx, cache = small_context(tmp_path / "store"), CacheConfig(batch_size=16, num_workers=0)
-    check_run(ctx, cfg, [], None, listed)
+    check_run(ctx, cfg, [], None, listed, EvaluationConfig())
     assert listed[1].checked
     made = prepare_features(ctx, PROBE, cache, listed)
     assert "           noise4: seeded (4 features)" in capsys.readouterr().out.splitlines()
