@@ -52,21 +52,43 @@ from ssl_fusion.store.artifacts import ENCODERS_KIND, load_features, pretext_rec
 from ssl_fusion.store.files import ArtifactStore
 
 PRESETS = {
-    "default": {"dataset": {"name": "fashion_mnist"}, "pretrain_steps": 60, "head_seeds": [0, 1, 2], "head_fraction": 0.01, "sweep_seeds": "0,1,2"},
-    "smoke": {"dataset": {"name": "synthetic", "n_train": 1024, "n_test": 512}, "pretrain_steps": 4, "head_seeds": [0], "head_fraction": 0.1, "sweep_seeds": "0"},
+    "default": {
+        "dataset": {"name": "fashion_mnist"},
+        "pretrain_steps": 60,
+        "head_seeds": [0, 1, 2],
+        "head_fraction": 0.01,
+        "sweep_seeds": "0,1,2",
+    },
+    "smoke": {
+        "dataset": {"name": "synthetic", "n_train": 1024, "n_test": 512},
+        "pretrain_steps": 4,
+        "head_seeds": [0],
+        "head_fraction": 0.1,
+        "sweep_seeds": "0",
+    },
 }
 
 
 def row(stage: str, ours: float, reference: float, unit: str, target: float, higher_is_better: bool = True) -> dict:
     ratio = ours / reference if higher_is_better else reference / ours
-    return {"stage": stage, "ours": round(ours, 2), "reference": round(reference, 2), "unit": unit,
-            "ratio": round(ratio, 3), "target": target, "meets": bool(ratio >= target)}
+    return {
+        "stage": stage,
+        "ours": round(ours, 2),
+        "reference": round(reference, 2),
+        "unit": unit,
+        "ratio": round(ratio, 3),
+        "target": target,
+        "meets": bool(ratio >= target),
+    }
 
 
 def bare_inference(encoder, images: torch.Tensor, batch_size: int, device, dtype) -> float:
-    """images/s of model(x) over float tensors already in memory (the cache stage's ceiling), after one warm-up batch."""
-    batches = [(images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
-               for i in range(0, len(images), batch_size)]
+    """images/s of model(x) over float tensors already in memory (the cache stage's ceiling), after one warm-up
+    batch."""
+    batches = [
+        (images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
+        for i in range(0, len(images), batch_size)
+    ]
     encoder.eval()
     with torch.inference_mode(), autocast(device, dtype):
         encoder(batches[0])
@@ -89,7 +111,9 @@ def bench_cache(ctx: StageContext, encoder_name: str, batch_size: int, workdir: 
     return row("cache", manifest["timings"]["images_per_second"], max(before, after), "img/s", 0.9)
 
 
-def bare_training(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, lr: float, device, dtype) -> float:
+def bare_training(
+    model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, lr: float, device, dtype
+) -> float:
     """images/s of forward + backward + step over the pretext's loss on tensors in memory."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -113,12 +137,18 @@ def bench_pretrain(ctx: StageContext, pretext: str, steps: int, workdir: Path) -
     batch = min(recipe.batch_size, len(images))
     steps = min(steps, len(images) // batch)
     torch.manual_seed(0)
-    reference_model = prepare_model(pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device)
+    reference_model = prepare_model(
+        pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device
+    )
     bare_training(reference_model, images, labels, batch, 2, recipe.lr, ctx.device, ctx.dtype)  # warm-up
     before = bare_training(reference_model, images, labels, batch, steps, recipe.lr, ctx.device, ctx.dtype)
     torch.manual_seed(0)
-    model = prepare_model(pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device)
-    result = train_pretext(model, images, labels, recipe, ctx.device, ctx.dtype, 0, workdir / f"{pretext}.pt", max_steps_per_epoch=steps)
+    model = prepare_model(
+        pretext_cls(recipe, build_encoder(SmallCNNConfig(name="small_cnn"), ctx.data.channels)), ctx.device
+    )
+    result = train_pretext(
+        model, images, labels, recipe, ctx.device, ctx.dtype, 0, workdir / f"{pretext}.pt", max_steps_per_epoch=steps
+    )
     after = bare_training(reference_model, images, labels, batch, steps, recipe.lr, ctx.device, ctx.dtype)
     return row(f"pretrain {pretext}", result.images_per_second, max(before, after), "img/s", 0.9)
 
@@ -132,7 +162,9 @@ def bench_head_protocol(features: dict[str, FeatureSet], seeds: list[int], fract
     cases.append((load_option(FUSIONS, "concat"), features))
     totals: dict[str, dict[str, float]] = {}
     for fusion, sets in cases:
-        total = totals.setdefault(fusion.name, {"ours": 0.0, "reference": 0.0, "ours_s": 0.0, "reference_s": 0.0, "n": 0})
+        total = totals.setdefault(
+            fusion.name, {"ours": 0.0, "reference": 0.0, "ours_s": 0.0, "reference_s": 0.0, "n": 0}
+        )
         for seed in seeds:
             started = time.perf_counter()
             with head_threads(1):
@@ -149,15 +181,32 @@ def bench_head_protocol(features: dict[str, FeatureSet], seeds: list[int], fract
             total["n"] += 1
     rows = []
     for name, total in totals.items():
-        rows.append(row(f"{name} accuracy vs LogisticRegressionCV ({total['n']} fits)", 100 * total["ours"] / total["n"],
-                        100 * total["reference"] / total["n"], "% test accuracy", 1.0))
-        rows.append(row(f"{name} time vs LogisticRegressionCV ({total['n']} fits)", total["ours_s"], total["reference_s"], "s",
-                        1.0, higher_is_better=False))
+        rows.append(
+            row(
+                f"{name} accuracy vs LogisticRegressionCV ({total['n']} fits)",
+                100 * total["ours"] / total["n"],
+                100 * total["reference"] / total["n"],
+                "% test accuracy",
+                1.0,
+            )
+        )
+        rows.append(
+            row(
+                f"{name} time vs LogisticRegressionCV ({total['n']} fits)",
+                total["ours_s"],
+                total["reference_s"],
+                "s",
+                1.0,
+                higher_is_better=False,
+            )
+        )
     return rows
 
 
 SWEEP_LIMIT_PER_RUN = 180.0 / 48  # the target: a 48-run sweep within 3 minutes
-ENCODER_RAN = re.compile(r"pretraining encoder|cached features \S+: \d+ images")  # what pretrain / cache log when they compute
+ENCODER_RAN = re.compile(
+    r"pretraining encoder|cached features \S+: \d+ images"
+)  # what pretrain / cache log when they compute
 
 
 def sweep_launcher() -> list[str]:
@@ -173,9 +222,21 @@ def bench_sweep(workdir: Path, artifacts: Path, dataset_overrides: list[str], se
     three seeds) on cached features, against the target pace of 180 s per 48 runs. Fails if a run is missing or if
     any encoder ran (pretraining or feature caching) during the sweep."""
     sweep_dir = workdir / "sweep"
-    command = [sys.executable, "-m", "ssl_fusion.cli", "fuse", "-m", *launcher, f"artifacts_dir={artifacts}", *dataset_overrides,
-               "fusion=attention,concat,mean,select", "labels.fraction=0.01,0.1", f"seed={seeds}",
-               "pretexts=[rotation,simclr],[rotation,simclr,random]", f"hydra.sweep.dir={sweep_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "ssl_fusion.cli",
+        "fuse",
+        "-m",
+        *launcher,
+        f"artifacts_dir={artifacts}",
+        *dataset_overrides,
+        "fusion=attention,concat,mean,select",
+        "labels.fraction=0.01,0.1",
+        f"seed={seeds}",
+        "pretexts=[rotation,simclr],[rotation,simclr,random]",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -183,18 +244,33 @@ def bench_sweep(workdir: Path, artifacts: Path, dataset_overrides: list[str], se
     runs = len(list(sweep_dir.rglob("results.json")))
     expected = 4 * 2 * len(seeds.split(",")) * 2
     if proc.returncode != 0 or runs != expected or ENCODER_RAN.search(log):
-        raise SystemExit(f"sweep failed ({runs} of {expected} runs) or ran an encoder:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"sweep failed ({runs} of {expected} runs) or ran an encoder:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     jobs = launcher[-1].partition("=")[2] + " at a time" if launcher else "one at a time"
-    return row(f"sweep ({runs} runs, {jobs})", seconds, SWEEP_LIMIT_PER_RUN * runs, "s (reference: limit)", 1.0, higher_is_better=False)
+    return row(
+        f"sweep ({runs} runs, {jobs})",
+        seconds,
+        SWEEP_LIMIT_PER_RUN * runs,
+        "s (reference: limit)",
+        1.0,
+        higher_is_better=False,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--only", choices=["all", "heads", "cache"], default="all",
-                        help="heads: the head-protocol rows alone; cache: the cache row alone")
-    parser.add_argument("--artifacts-dir", default="outputs/artifacts", help="the store holding (or receiving) the encoders and caches")
+    parser.add_argument(
+        "--only",
+        choices=["all", "heads", "cache"],
+        default="all",
+        help="heads: the head-protocol rows alone; cache: the cache row alone",
+    )
+    parser.add_argument(
+        "--artifacts-dir", default="outputs/artifacts", help="the store holding (or receiving) the encoders and caches"
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     device = resolve_device("auto")
@@ -205,30 +281,39 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sslfuse-bench-"))
     every = args.only == "all"
     if args.only == "cache":
-        encoder_name, _, _ = ensure_encoder(ctx, pretext_recipe("random", TrainOverrides(epochs=1)),
-                                            ProbeConfig(max_train=2000, max_test=500))
+        encoder_name, _, _ = ensure_encoder(
+            ctx, pretext_recipe("random", TrainOverrides(epochs=1)), ProbeConfig(max_train=2000, max_test=500)
+        )
         print_rows([bench_cache(ctx, encoder_name, 1024, workdir)], args, device, dtype)
         shutil.rmtree(workdir, ignore_errors=True)
         return
     rows = [bench_pretrain(ctx, p, preset["pretrain_steps"], workdir) for p in ("rotation", "simclr")] if every else []
     feature_names = {}
     for pretext in ("rotation", "simclr", "random"):
-        encoder_name, _, _ = ensure_encoder(ctx, pretext_recipe(pretext, TrainOverrides(epochs=1)), ProbeConfig(max_train=2000, max_test=500))
+        encoder_name, _, _ = ensure_encoder(
+            ctx, pretext_recipe(pretext, TrainOverrides(epochs=1)), ProbeConfig(max_train=2000, max_test=500)
+        )
         if pretext == "random" and every:
             rows.insert(0, bench_cache(ctx, encoder_name, 1024, workdir))
         feature_names[pretext] = ensure_features(ctx, encoder_name, 1024)[0]
     features = {p: load_features(store, n) for p, n in feature_names.items()}
     rows += bench_head_protocol(features, preset["head_seeds"], preset["head_fraction"])
     if every:
-        dataset_overrides = [f"dataset={dataset_cfg.name}", "train.epochs=1"] + (["dataset.n_train=1024", "dataset.n_test=512"] if args.preset == "smoke" else [])
-        rows.append(bench_sweep(workdir, store.root.resolve(), dataset_overrides, preset["sweep_seeds"], sweep_launcher()))
+        dataset_overrides = [f"dataset={dataset_cfg.name}", "train.epochs=1"] + (
+            ["dataset.n_train=1024", "dataset.n_test=512"] if args.preset == "smoke" else []
+        )
+        rows.append(
+            bench_sweep(workdir, store.root.resolve(), dataset_overrides, preset["sweep_seeds"], sweep_launcher())
+        )
     print_rows(rows, args, device, dtype)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
 def print_rows(rows: list[dict], args: argparse.Namespace, device, dtype) -> None:
     """The table on the terminal and as JSON in ``--out``."""
-    table = Table(title=f"sslfuse benchmark ({args.preset}; device {device}, precision {str(dtype).removeprefix('torch.')})")
+    table = Table(
+        title=f"sslfuse benchmark ({args.preset}; device {device}, precision {str(dtype).removeprefix('torch.')})"
+    )
     for column in ("stage", "ours", "reference", "unit", "ratio", "target", "meets"):
         table.add_column(column)
     for r in rows:

@@ -59,22 +59,26 @@ def simulate_study(rng: np.random.Generator, encoders: int, labels: int, truth: 
     return encoder_seeds.ravel(), label_seeds.ravel(), cube.reshape(encoders * labels, truth.images)
 
 
-def intervals(encoder_seeds: np.ndarray, label_seeds: np.ndarray, per_image: np.ndarray,
-              resamples: int) -> dict[str, tuple[float, float]]:
+def intervals(
+    encoder_seeds: np.ndarray, label_seeds: np.ndarray, per_image: np.ndarray, resamples: int
+) -> dict[str, tuple[float, float]]:
     """Each method's 95% interval on one study."""
     per_pair = per_image.mean(axis=1)
     with_images = compare(encoder_seeds, label_seeds, per_pair, per_image, resamples=resamples)
     without = compare(encoder_seeds, label_seeds, per_pair, resamples=resamples)
     encoder_means = pd.Series(per_pair).groupby(encoder_seeds).mean().to_numpy()
     half = scipy_stats.t.ppf(0.975, len(encoder_means) - 1) * scipy_stats.sem(encoder_means)
-    return {"design-aware": (with_images.low, with_images.high),
-            "design-aware, images not kept": (without.low, without.high),
-            "encoder-blind t": encoder_blind_t(per_pair)[1:],
-            "t on encoder means": (encoder_means.mean() - half, encoder_means.mean() + half)}
+    return {
+        "design-aware": (with_images.low, with_images.high),
+        "design-aware, images not kept": (without.low, without.high),
+        "encoder-blind t": encoder_blind_t(per_pair)[1:],
+        "t on encoder means": (encoder_means.mean() - half, encoder_means.mean() + half),
+    }
 
 
-def coverage(encoders: int, labels: int, studies: int, seed: int = 0, truth: Truth = Truth(),
-             resamples: int = 1000) -> pd.DataFrame:
+def coverage(
+    encoders: int, labels: int, studies: int, seed: int = 0, truth: Truth = Truth(), resamples: int = 1000
+) -> pd.DataFrame:
     """Per method: the share of ``studies`` simulated studies whose interval holds the true difference, and the
     mean width. Seeded: the same arguments give the same table."""
     rng = np.random.default_rng(seed)
@@ -94,7 +98,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     arguments = parser.parse_args()
     designs = [tuple(int(n) for n in design.split("x")) for design in arguments.designs.split(",")]
-    table = pd.concat([coverage(e, l, arguments.studies, arguments.seed) for e, l in designs], ignore_index=True)
+    table = pd.concat(
+        [coverage(encoders, labels, arguments.studies, arguments.seed) for encoders, labels in designs],
+        ignore_index=True,
+    )
     arguments.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(arguments.out / "coverage.csv", index=False)
     print(table.to_markdown(index=False, floatfmt=".3f"))

@@ -28,30 +28,57 @@ from ssl_fusion.runtime.device import autocast, resolve_device, resolve_precisio
 
 def external_overrides(checkpoint: Path, size: int) -> list[str]:
     """The `+external.r50.*` declaration of the ResNet-50 checkpoint read at ``size`` px."""
-    return ["+external.r50.arch=torchvision:resnet50", f"+external.r50.checkpoint={checkpoint}", f"+external.r50.image_size={size}"]
+    return [
+        "+external.r50.arch=torchvision:resnet50",
+        f"+external.r50.checkpoint={checkpoint}",
+        f"+external.r50.image_size={size}",
+    ]
 
 
-def cached_images_per_second(workdir: Path, checkpoint: Path, train: int, test: int, size: int, extra: Sequence[str] = ()) -> float:
+def cached_images_per_second(
+    workdir: Path, checkpoint: Path, train: int, test: int, size: int, extra: Sequence[str] = ()
+) -> float:
     """images/s that `sslfuse cache` records in the features' manifest (encoding, conversion and writing); ``extra``
     overrides go to the command too (dataset, device, precision)."""
     subprocess.run(
-        [sys.executable, "-m", "ssl_fusion.cli", "cache", f"dataset.max_train={train}", f"dataset.max_test={test}",
-         "pretexts=[r50]", *external_overrides(checkpoint, size), *extra, "hydra.run.dir=cache"],
-        cwd=workdir, check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ssl_fusion.cli",
+            "cache",
+            f"dataset.max_train={train}",
+            f"dataset.max_test={test}",
+            "pretexts=[r50]",
+            *external_overrides(checkpoint, size),
+            *extra,
+            "hydra.run.dir=cache",
+        ],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (manifest,) = (workdir / "outputs/artifacts/features").glob("r50-*/manifest.json")
     return json.loads(manifest.read_text())["timings"]["images_per_second"]
 
 
-def bare_images_per_second(model: torch.nn.Module, images: torch.Tensor, size: int, batch_size: int,
-                           device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> float:
+def bare_images_per_second(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    size: int,
+    batch_size: int,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> float:
     """images/s of model(x) over the same images already converted (gray to RGB, resized, normalised) in memory, on
     ``device`` in ``dtype`` (by default those `precision=auto` picks)."""
     device = device or resolve_device("auto")
     dtype = dtype or resolve_precision("auto", device)
     convert = ExternalEncoder(torch.nn.Identity(), 0, ExternalEncoderConfig(arch="", image_size=size))
-    inputs = [convert(images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
-              for i in range(0, len(images), batch_size)]
+    inputs = [
+        convert(images[i : i + batch_size].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
+        for i in range(0, len(images), batch_size)
+    ]
     model = model.to(device, memory_format=torch.channels_last).eval()
     with torch.inference_mode(), autocast(device, dtype):
         model(inputs[0][:8])
@@ -76,8 +103,11 @@ def main() -> None:
     _, data = load_dataset({"name": "fashion_mnist", "max_train": args.train, "max_test": args.test}, None)
     model.fc = torch.nn.Identity()
     bare = bare_images_per_second(model, torch.cat([data.train_images, data.test_images]), args.size, 250)
-    print(f"sslfuse cache: {ours:.1f} img/s; bare loop: {bare:.1f} img/s; ratio {ours / bare:.2f} "
-          f"(ResNet-50 at {args.size} px, {args.train + args.test} images, precision {str(resolve_precision('auto', resolve_device('auto'))).removeprefix('torch.')})")
+    print(
+        f"sslfuse cache: {ours:.1f} img/s; bare loop: {bare:.1f} img/s; ratio {ours / bare:.2f} "
+        f"(ResNet-50 at {args.size} px, {args.train + args.test} images, precision "
+        f"{str(resolve_precision('auto', resolve_device('auto'))).removeprefix('torch.')})"
+    )
 
 
 if __name__ == "__main__":

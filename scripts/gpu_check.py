@@ -43,13 +43,31 @@ from ssl_fusion.store.artifacts import pretext_recipe  # noqa: E402
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SIZES = {
     # GPU: the whole of Fashion-MNIST (or 20,000 synthetic images), one full SimCLR epoch, ResNet-50 at 224 px
-    "cuda": {"train": 60000, "test": 10000, "synthetic": {"n_train": 20000, "n_test": 4000}, "precision": "bf16",
-             "train_overrides": {}, "bare_steps": 40, "size": 224, "external_batch": 256, "external_bare_images": 2048,
-             "per_class": 10},
+    "cuda": {
+        "train": 60000,
+        "test": 10000,
+        "synthetic": {"n_train": 20000, "n_test": 4000},
+        "precision": "bf16",
+        "train_overrides": {},
+        "bare_steps": 40,
+        "size": 224,
+        "external_batch": 256,
+        "external_bare_images": 2048,
+        "per_class": 10,
+    },
     # CPU dry run: seconds, every code path once
-    "cpu": {"train": 256, "test": 128, "synthetic": {"n_train": 256, "n_test": 128}, "precision": "fp32",
-            "train_overrides": {"batch_size": 32, "max_steps_per_epoch": 2}, "bare_steps": 2, "size": 32,
-            "external_batch": 32, "external_bare_images": 64, "per_class": 10},
+    "cpu": {
+        "train": 256,
+        "test": 128,
+        "synthetic": {"n_train": 256, "n_test": 128},
+        "precision": "fp32",
+        "train_overrides": {"batch_size": 32, "max_steps_per_epoch": 2},
+        "bare_steps": 2,
+        "size": 32,
+        "external_batch": 32,
+        "external_bare_images": 64,
+        "per_class": 10,
+    },
 }
 
 
@@ -59,9 +77,16 @@ def dataset_overrides(sizes: dict) -> tuple[list[str], dict]:
     if all((FASHION_MNIST / f).is_file() for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")):
         node = {"name": "fashion_mnist", "download": False, "max_train": sizes["train"], "max_test": sizes["test"]}
     else:
-        node = {"name": "synthetic", "image_size": 28, **sizes["synthetic"], "max_train": sizes["train"], "max_test": sizes["test"]}
-    overrides = [f"dataset={node['name']}"] + [f"dataset.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                               for k, v in node.items() if k != "name"]
+        node = {
+            "name": "synthetic",
+            "image_size": 28,
+            **sizes["synthetic"],
+            "max_train": sizes["train"],
+            "max_test": sizes["test"],
+        }
+    overrides = [f"dataset={node['name']}"] + [
+        f"dataset.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in node.items() if k != "name"
+    ]
     return overrides, node
 
 
@@ -69,7 +94,9 @@ def sslfuse(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """`sslfuse <args>` in ``workdir`` (its store under outputs/artifacts there); its output shown if it fails."""
     proc = subprocess.run([sys.executable, "-m", "ssl_fusion.cli", *args], cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"sslfuse {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"sslfuse {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -79,7 +106,12 @@ def manifest(workdir: Path, kind: str, prefix: str) -> dict:
 
 
 def row(stage: str, ours: float, bare: float) -> dict:
-    return {"stage": stage, "sslfuse_img_s": round(ours, 1), "bare_img_s": round(bare, 1), "ratio": round(ours / bare, 3)}
+    return {
+        "stage": stage,
+        "sslfuse_img_s": round(ours, 1),
+        "bare_img_s": round(bare, 1),
+        "ratio": round(ours / bare, 3),
+    }
 
 
 def check(device_name: str, out: Path) -> None:
@@ -87,8 +119,13 @@ def check(device_name: str, out: Path) -> None:
     device = resolve_device(device_name)
     dtype = resolve_precision(sizes["precision"], device)
     data_args, node = dataset_overrides(sizes)
-    common = [*data_args, "encoder=resnet18", f"device={device_name}", f"precision={sizes['precision']}",
-              *(f"train.{k}={v}" for k, v in sizes["train_overrides"].items())]
+    common = [
+        *data_args,
+        "encoder=resnet18",
+        f"device={device_name}",
+        f"precision={sizes['precision']}",
+        *(f"train.{k}={v}" for k, v in sizes["train_overrides"].items()),
+    ]
     _, data = load_dataset(node, None)
     encoder_cfg = load_option(ENCODERS, "resnet18")
     recipe = pretext_recipe("simclr", TrainOverrides(**sizes["train_overrides"]))
@@ -105,8 +142,13 @@ def check(device_name: str, out: Path) -> None:
     before = bare_training(reference, images, labels, batch, steps, recipe.lr, device, dtype)
     sslfuse(workdir, "pretrain", "pretext=simclr", *common, "hydra.run.dir=pretrain")
     after = bare_training(reference, images, labels, batch, steps, recipe.lr, device, dtype)
-    rows.append(row(f"pretrain simclr (resnet18, batch {batch})", manifest(workdir, "encoders", "simclr")["timings"]["images_per_second"],
-                    max(before, after)))
+    rows.append(
+        row(
+            f"pretrain simclr (resnet18, batch {batch})",
+            manifest(workdir, "encoders", "simclr")["timings"]["images_per_second"],
+            max(before, after),
+        )
+    )
     del reference
 
     # cache the ResNet-18's features, against model(x) over the same images in memory
@@ -115,8 +157,13 @@ def check(device_name: str, out: Path) -> None:
     before = bare_inference(encoder, every, 1024, device, dtype)
     sslfuse(workdir, "cache", "pretexts=[simclr]", *common, "cache.batch_size=1024", "hydra.run.dir=cache")
     after = bare_inference(encoder, every, 1024, device, dtype)
-    rows.append(row("cache simclr (resnet18, batch 1024)", manifest(workdir, "features", "simclr")["timings"]["images_per_second"],
-                    max(before, after)))
+    rows.append(
+        row(
+            "cache simclr (resnet18, batch 1024)",
+            manifest(workdir, "features", "simclr")["timings"]["images_per_second"],
+            max(before, after),
+        )
+    )
     del encoder
 
     # (b) cache an external torchvision ResNet-50 at 224 px, against model(x) over images converted up front
@@ -127,34 +174,66 @@ def check(device_name: str, out: Path) -> None:
     subset = every[: sizes["external_bare_images"]]
     batch = sizes["external_batch"]
     before = bare_images_per_second(resnet50, subset, sizes["size"], batch, device, dtype)
-    ours = cached_images_per_second(workdir, workdir / "r50.pth", sizes["train"], sizes["test"], sizes["size"],
-                                    [*common, f"cache.batch_size={batch}"])
+    ours = cached_images_per_second(
+        workdir,
+        workdir / "r50.pth",
+        sizes["train"],
+        sizes["test"],
+        sizes["size"],
+        [*common, f"cache.batch_size={batch}"],
+    )
     after = bare_images_per_second(resnet50, subset, sizes["size"], batch, device, dtype)
     rows.append(row(f"cache external resnet50 at {sizes['size']} px (batch {batch})", ours, max(before, after)))
     del resnet50
 
     # (c) fuse both
     fuse_started = time.perf_counter()
-    sslfuse(workdir, "fuse", "pretexts=[simclr,r50]", "fusion=concat", f"labels.per_class={sizes['per_class']}", *common,
-            *external_overrides(workdir / "r50.pth", sizes["size"]), "hydra.run.dir=fuse")
+    sslfuse(
+        workdir,
+        "fuse",
+        "pretexts=[simclr,r50]",
+        "fusion=concat",
+        f"labels.per_class={sizes['per_class']}",
+        *common,
+        *external_overrides(workdir / "r50.pth", sizes["size"]),
+        "hydra.run.dir=fuse",
+    )
     fuse_seconds = time.perf_counter() - fuse_started
     fused = json.loads((workdir / "fuse/results.json").read_text())
 
     precision = str(dtype).removeprefix("torch.")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"sslfuse GPU check on {name} ({device}, precision {precision}; dataset {node['name']}, "
-             f"{len(data.train_labels)} train + {len(data.test_labels)} test images; {time.perf_counter() - started:.0f} s in all)", "",
-             "| stage | sslfuse img/s | bare loop img/s | ratio |", "|---|--:|--:|--:|"]
+    lines = [
+        f"sslfuse GPU check on {name} ({device}, precision {precision}; dataset {node['name']}, "
+        f"{len(data.train_labels)} train + {len(data.test_labels)} test images; {time.perf_counter() - started:.0f} "
+        "s in all)",
+        "",
+        "| stage | sslfuse img/s | bare loop img/s | ratio |",
+        "|---|--:|--:|--:|",
+    ]
     lines += [f"| {r['stage']} | {r['sslfuse_img_s']:.1f} | {r['bare_img_s']:.1f} | {r['ratio']:.2f} |" for r in rows]
-    lines += ["", f"fuse {fused['method']} at {fused['regime']} labels: {fuse_seconds:.1f} s for the command, "
-                  f"test accuracy {100 * fused['test_accuracy']:.2f}% (heads read cached features: no bare image loop)"]
+    lines += [
+        "",
+        f"fuse {fused['method']} at {fused['regime']} labels: {fuse_seconds:.1f} s for the command, "
+        f"test accuracy {100 * fused['test_accuracy']:.2f}% (heads read cached features: no bare image loop)",
+    ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.md").write_text(text)
-    (out / "gpu_check.json").write_text(json.dumps({"device": name, "precision": precision, "dataset": node, "rows": rows,
-                                                    "fuse": {"seconds": fuse_seconds, **{k: fused[k] for k in ("method", "regime", "test_accuracy")}}},
-                                                   indent=2) + "\n")
+    (out / "gpu_check.json").write_text(
+        json.dumps(
+            {
+                "device": name,
+                "precision": precision,
+                "dataset": node,
+                "rows": rows,
+                "fuse": {"seconds": fuse_seconds, **{k: fused[k] for k in ("method", "regime", "test_accuracy")}},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -47,8 +47,10 @@ def digits_splits(seed: int = 0) -> dict[str, dict[str, FeatureSet]]:
     projection = torch.tanh(pixels @ torch.randn(64, 48, generator=generator) / 32)
     pool, parts = slice(0, 1000), {"dev": slice(1000, 1398), "test": slice(1398, None)}
     return {
-        split: {name: FeatureSet(features[pool], features[part], labels[pool], labels[part])
-                for name, features in (("pixels", pixels), ("projection", projection))}
+        split: {
+            name: FeatureSet(features[pool], features[part], labels[pool], labels[part])
+            for name, features in (("pixels", pixels), ("projection", projection))
+        }
         for split, part in parts.items()
     }
 
@@ -82,30 +84,36 @@ def runs(seeds: list[int], per_class: list[int]) -> pd.DataFrame:
                     sets = {name: all_sets[name] for name in pretexts}
                     fits = {f"grid {name}": ours(sets, head, grid, labels, seed) for name, grid in GRIDS.items()}
                     fits["LogisticRegressionCV"] = reference(sets, labels, seed)
-                    rows += [{"per_class": count, "seed": seed, "head": head, "fit": fit, "split": split, **values}
-                             for fit, values in fits.items()]
+                    rows += [
+                        {"per_class": count, "seed": seed, "head": head, "fit": fit, "split": split, **values}
+                        for fit, values in fits.items()
+                    ]
     return pd.DataFrame(rows)
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per regime, head and split: each grid's mean accuracy gap to LogisticRegressionCV in points (paired by seed),
     the 13-value grid's gain over the 4-value one, and fit-time ratios."""
-    wide = table.pivot_table(index=["per_class", "head", "split", "seed"], columns="fit",
-                             values=["accuracy", "seconds"])
+    wide = table.pivot_table(
+        index=["per_class", "head", "split", "seed"], columns="fit", values=["accuracy", "seconds"]
+    )
     accuracy, seconds = wide["accuracy"], wide["seconds"]
-    per_seed = pd.DataFrame({
-        "gap grid 4 (points)": 100 * (accuracy["grid 4"] - accuracy["LogisticRegressionCV"]),
-        "gap grid 13 (points)": 100 * (accuracy["grid 13"] - accuracy["LogisticRegressionCV"]),
-        "grid 13 - grid 4 (points)": 100 * (accuracy["grid 13"] - accuracy["grid 4"]),
-        "seconds grid 4": seconds["grid 4"],
-        "seconds grid 13": seconds["grid 13"],
-        "seconds LogisticRegressionCV": seconds["LogisticRegressionCV"],
-    })
+    per_seed = pd.DataFrame(
+        {
+            "gap grid 4 (points)": 100 * (accuracy["grid 4"] - accuracy["LogisticRegressionCV"]),
+            "gap grid 13 (points)": 100 * (accuracy["grid 13"] - accuracy["LogisticRegressionCV"]),
+            "grid 13 - grid 4 (points)": 100 * (accuracy["grid 13"] - accuracy["grid 4"]),
+            "seconds grid 4": seconds["grid 4"],
+            "seconds grid 13": seconds["grid 13"],
+            "seconds LogisticRegressionCV": seconds["LogisticRegressionCV"],
+        }
+    )
     grouped = per_seed.groupby(level=["per_class", "head", "split"])
     result = grouped.mean()
     result["seeds"] = grouped.size()
     result["grid 13 better / worse / same"] = grouped["grid 13 - grid 4 (points)"].agg(
-        lambda d: f"{(d > 0).sum()} / {(d < 0).sum()} / {(d == 0).sum()}")
+        lambda d: f"{(d > 0).sum()} / {(d < 0).sum()} / {(d == 0).sum()}"
+    )
     result["time grid 13 / grid 4"] = result["seconds grid 13"] / result["seconds grid 4"]
     result["time grid 4 / LogisticRegressionCV"] = result["seconds grid 4"] / result["seconds LogisticRegressionCV"]
     return result.round(3).reset_index()

@@ -21,7 +21,9 @@ from ssl_fusion.runtime.device import autocast, cpu_has_native_bf16, prepare_mod
 def images_per_second(dtype: torch.dtype, steps: int) -> float:
     """Rotation steps (batch 256, all four rotations) on random images: rotated images per second."""
     torch.manual_seed(0)
-    model = prepare_model(Rotation(RotationConfig(name="rotation"), small_cnn(SmallCNNConfig(name="small_cnn"), 1)), torch.device("cpu"))
+    model = prepare_model(
+        Rotation(RotationConfig(name="rotation"), small_cnn(SmallCNNConfig(name="small_cnn"), 1)), torch.device("cpu")
+    )
     optimizer = torch.optim.AdamW(model.parameters())
     images = torch.rand(256, 1, 28, 28)
     for step in range(steps + 1):

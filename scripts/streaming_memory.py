@@ -73,10 +73,23 @@ def measured(command: list[str], cwd: Path) -> dict:
 
 def cache_folder(workdir: Path, folder: Path, checkpoint: Path, size: int, workers: int, batch_size: int) -> dict:
     """`sslfuse cache` of the folder, streamed; images/s as the features' manifest records it."""
-    command = [sys.executable, "-m", "ssl_fusion.cli", "cache", "dataset=image_folder", f"data_dir={folder}",
-               f"dataset.image_size={size}", "pretexts=[r18]", "+external.r18.arch=torchvision:resnet18",
-               f"+external.r18.checkpoint={checkpoint}", f"cache.num_workers={workers}", f"cache.batch_size={batch_size}",
-               "train.num_threads=1", "precision=fp32", "hydra.run.dir=cache"]
+    command = [
+        sys.executable,
+        "-m",
+        "ssl_fusion.cli",
+        "cache",
+        "dataset=image_folder",
+        f"data_dir={folder}",
+        f"dataset.image_size={size}",
+        "pretexts=[r18]",
+        "+external.r18.arch=torchvision:resnet18",
+        f"+external.r18.checkpoint={checkpoint}",
+        f"cache.num_workers={workers}",
+        f"cache.batch_size={batch_size}",
+        "train.num_threads=1",
+        "precision=fp32",
+        "hydra.run.dir=cache",
+    ]
     memory = measured(command, workdir)
     (manifest,) = (workdir / "outputs/artifacts/features").glob("r18-*/manifest.json")
     return {**memory, "images_per_second": json.loads(manifest.read_text())["timings"]["images_per_second"]}
@@ -108,7 +121,9 @@ def encode_all(splits: list, checkpoint: Path, channels: int, batch_size: int, w
     from ssl_fusion.evaluation.probe import encode_batches
     from ssl_fusion.models.external import ExternalEncoderConfig, build_external
 
-    encoder, _ = build_external(ExternalEncoderConfig(arch="torchvision:resnet18", checkpoint=str(checkpoint)), channels)
+    encoder, _ = build_external(
+        ExternalEncoderConfig(arch="torchvision:resnet18", checkpoint=str(checkpoint)), channels
+    )
     started = time.perf_counter()
     for images in splits:
         features = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(images), encoder.out_dim))
@@ -135,7 +150,9 @@ def child(args: argparse.Namespace) -> None:
         loader = args.child == "fashion-mnist-loader"
         splits, channels = [TensorImages(data.train_images) if loader else data.train_images], 1
     rate = encode_all(splits, Path(args.checkpoint), channels, args.batch_size, args.workers, out)
-    Path(args.report).write_text(json.dumps({"images": sum(len(images) for images in splits), "images_per_second": rate}))
+    Path(args.report).write_text(
+        json.dumps({"images": sum(len(images) for images in splits), "images_per_second": rate})
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -161,8 +178,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, workers in (("fashion-mnist-memory", 0), ("fashion-mnist-loader", args.workers)):
             workdir = scratch / name
             workdir.mkdir()
-            row = child_run([name, "--fashion-mnist", str(args.fashion_mnist), "--workers", str(workers), *common], workdir)
-            rows.append({"data": f"Fashion-MNIST, {args.fashion_mnist:,} x 28 px", "path": name.removeprefix("fashion-mnist-"), **row})
+            row = child_run(
+                [name, "--fashion-mnist", str(args.fashion_mnist), "--workers", str(workers), *common], workdir
+            )
+            rows.append(
+                {
+                    "data": f"Fashion-MNIST, {args.fashion_mnist:,} x 28 px",
+                    "path": name.removeprefix("fashion-mnist-"),
+                    **row,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -185,8 +210,10 @@ def main() -> None:
     print(f"batch size {args.batch_size}, {args.workers} workers on the streamed runs")
     print("| data | path | peak RSS (MiB) | median RSS (MiB) | images/s | wall (s) |\n|---|---|--:|--:|--:|--:|")
     for row in run(args):
-        print(f"| {row['data']} | {row['path']} | {row['peak_mib']:.0f} | {row['median_mib']:.0f} | "
-              f"{row['images_per_second']:.0f} | {row['wall_s']:.1f} |")
+        print(
+            f"| {row['data']} | {row['path']} | {row['peak_mib']:.0f} | {row['median_mib']:.0f} | "
+            f"{row['images_per_second']:.0f} | {row['wall_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

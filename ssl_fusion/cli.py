@@ -17,9 +17,11 @@ STAGES = {
     "study": "run what a declared study lacks, judge its claims   (sslfuse study study=smoke)",
 }
 
-USAGE = "usage: sslfuse <stage> [key=value ...] [--cfg job] [-m]\n\nstages:\n" + "\n".join(
-    f"  {name:<9} {text}" for name, text in STAGES.items()
-) + "\n\n`sslfuse <stage> --help` shows a stage's config and options; `-m` runs a Hydra multirun sweep."
+USAGE = (
+    "usage: sslfuse <stage> [key=value ...] [--cfg job] [-m]\n\nstages:\n"
+    + "\n".join(f"  {name:<9} {text}" for name, text in STAGES.items())
+    + "\n\n`sslfuse <stage> --help` shows a stage's config and options; `-m` runs a Hydra multirun sweep."
+)
 
 
 def one_line(text: str) -> str:
@@ -118,7 +120,10 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
             cause = err.__cause__
             if cause is None:
                 return one_line(str(err))
-            message = one_line(str(err).split("To append to your config")[0]) + f" ({one_line(str(cause).split('full_key')[0])})"
+            message = (
+                one_line(str(err).split("To append to your config")[0])
+                + f" ({one_line(str(cause).split('full_key')[0])})"
+            )
             if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
                 message += allowed_keys(stage, cause.full_key, job, getattr(cause, "object_type", None))
             return message
@@ -127,7 +132,13 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
 
 JOBLIB, SUBMITIT = "hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher"
 # hydra/launcher options (conf/hydra/launcher/ and the plugins' own) and the plugin each needs
-LAUNCHER_PLUGINS = {"local": JOBLIB, "joblib": JOBLIB, "slurm": SUBMITIT, "submitit_slurm": SUBMITIT, "submitit_local": SUBMITIT}
+LAUNCHER_PLUGINS = {
+    "local": JOBLIB,
+    "joblib": JOBLIB,
+    "slurm": SUBMITIT,
+    "submitit_slurm": SUBMITIT,
+    "submitit_local": SUBMITIT,
+}
 
 
 def installed(module: str) -> bool:

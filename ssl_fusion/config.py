@@ -46,8 +46,14 @@ class TrainOverrides(Checked):
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every this many steps (null: by time only)
 
     def rules(self) -> dict[str, Rule]:
-        positive = ("epochs", "epochs_scale", "batch_size", "max_steps_per_epoch", "num_threads",
-                    "checkpoint_every_steps")
+        positive = (
+            "epochs",
+            "epochs_scale",
+            "batch_size",
+            "max_steps_per_epoch",
+            "num_threads",
+            "checkpoint_every_steps",
+        )
         return {
             **{key: optional(above(0)) for key in positive},
             "num_workers": at_least(0),
@@ -66,8 +72,12 @@ class ProbeConfig(Checked):
     max_test: Optional[int] = 2000
 
     def rules(self) -> dict[str, Rule]:
-        return {"k": at_least(1), "linear_l2": at_least(0), "max_train": optional(above(0)),
-                "max_test": optional(above(0))}
+        return {
+            "k": at_least(1),
+            "linear_l2": at_least(0),
+            "max_train": optional(above(0)),
+            "max_test": optional(above(0)),
+        }
 
 
 @dataclass
@@ -153,7 +163,9 @@ class FuseStage(UsesEncoders):
     fusion: Any = MISSING
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # cache.views: train on that many cached views
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # split=dev: score on held-out training images
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig
+    )  # split=dev: score on held-out training images
 
 
 @dataclass
@@ -165,10 +177,14 @@ class RunStage(UsesEncoders):
     external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    encoder_seeds: List[int] = field(default_factory=list)  # pretraining seeds to fuse each label seed with; empty: [encoder_seed]
+    encoder_seeds: List[int] = field(
+        default_factory=list
+    )  # pretraining seeds to fuse each label seed with; empty: [encoder_seed]
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # split=dev: score on held-out training images
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig
+    )  # split=dev: score on held-out training images
 
 
 def register_schemas() -> None:
@@ -219,15 +235,20 @@ def check_names(key: str, names: list[str], registry: Registry, also: Iterable[s
     for name in names:
         if name not in also and name not in registry.names():
             imported = f"; imported: {', '.join(also)}" if also else ""
-            raise UserError(f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: {', '.join(registry.names())}{imported}")
+            raise UserError(
+                f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: "
+                f"{', '.join(registry.names())}{imported}"
+            )
     return list(names)
 
 
 def check_external(node: Any, registry: Registry) -> dict[str, ExternalEncoderConfig]:
     """The ``external`` encoders (``+external.<name>.arch=... [+external.<name>.checkpoint=...]``) as typed configs,
     each under a name no built-in pretext has; a one-line UserError naming the key otherwise."""
-    external = {name: external_config(name, OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
-                for name, spec in node.items()}
+    external = {
+        name: external_config(name, OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
+        for name, spec in node.items()
+    }
     clashes = sorted(set(external) & set(registry.names()))
     if clashes:
         raise UserError(f"external.{clashes[0]}: the name of a built-in pretext; give the encoder another name")
@@ -241,11 +262,15 @@ def check_imported(node: Any, registry: Registry) -> dict[str, ImportedFeatures]
     for name, spec in node.items():
         plain = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
         if not isinstance(plain, dict) or set(plain) != {"train", "test"}:
-            raise UserError(f"imported.{name}: give exactly imported.{name}.train and imported.{name}.test, got {plain}")
+            raise UserError(
+                f"imported.{name}: give exactly imported.{name}.train and imported.{name}.test, got {plain}"
+            )
         imported[name] = ImportedFeatures(str(plain["train"]), str(plain["test"]))
     clashes = sorted(set(imported) & set(registry.names()))
     if clashes:
-        raise UserError(f"imported.{clashes[0]}: the name of a built-in pretext; give the imported features another name")
+        raise UserError(
+            f"imported.{clashes[0]}: the name of a built-in pretext; give the imported features another name"
+        )
     return imported
 
 

@@ -12,7 +12,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def in_ci() -> bool:
@@ -26,8 +31,10 @@ def check_fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> None:
     missing = [name for name in FASHION_MNIST_FILES if not (folder / name).is_file()]
     if not missing:
         return
-    message = (f"Debian's Fashion-MNIST is missing ({', '.join(missing)} not in {folder}): install dataset-fashion-mnist "
-               "(apt-get install dataset-fashion-mnist; scripts/setup.sh does it when run as root)")
+    message = (
+        f"Debian's Fashion-MNIST is missing ({', '.join(missing)} not in {folder}): install dataset-fashion-mnist "
+        "(apt-get install dataset-fashion-mnist; scripts/setup.sh does it when run as root)"
+    )
     if in_ci():
         pytest.fail(f"CI=true and the real-data tests cannot run. {message}", pytrace=False)
     pytest.skip(message)
@@ -35,7 +42,8 @@ def check_fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> None:
 
 @pytest.fixture
 def fashion_mnist_files() -> Path:
-    """The folder of Debian's Fashion-MNIST; skips the test without it, or fails it under CI (``check_fashion_mnist``)."""
+    """The folder of Debian's Fashion-MNIST; skips the test without it, or fails it under CI
+    (``check_fashion_mnist``)."""
     check_fashion_mnist(FASHION_MNIST_DIR)
     return FASHION_MNIST_DIR
 

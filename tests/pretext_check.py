@@ -30,7 +30,9 @@ def prototype_images(size: int = 16, n: int = 64, classes: int = 4) -> tuple[tor
     return (prototypes[labels] + 0.1 * torch.rand(n, 1, size, size, generator=generator)).clamp(0, 1), labels
 
 
-def assert_loss_falls(model: Pretext, images: torch.Tensor, labels: torch.Tensor, factor: float, steps: int = 40, bf16: bool = False) -> None:
+def assert_loss_falls(
+    model: Pretext, images: torch.Tensor, labels: torch.Tensor, factor: float, steps: int = 40, bf16: bool = False
+) -> None:
     """Adam on one fixed batch for ``steps`` steps: the mean of the last five losses is below ``factor`` times the
     mean of the first five. With ``bf16`` every step runs under bf16 autocast and must give a float32 scalar."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -81,7 +83,9 @@ def knn_of(encoder, data: ImageData) -> float:
     return knn_accuracy(bank, data.train_labels, queries, data.test_labels, k=20, num_classes=data.num_classes)
 
 
-def short_pretraining(recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0) -> tuple[Pretext, Encoder, list[float]]:
+def short_pretraining(
+    recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0
+) -> tuple[Pretext, Encoder, list[float]]:
     """The pretext model after pretraining with ``recipe`` on ``data``, a copy of its encoder from before, and the
     epoch losses."""
     torch.manual_seed(seed)
@@ -92,13 +96,23 @@ def short_pretraining(recipe: PretextConfig, data: ImageData, checkpoint_dir: Pa
     recipe = pretext_cls.adapt(recipe, data)
     model = pretext_cls(recipe, encoder).to(memory_format=torch.channels_last)
     result = train_pretext(
-        model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), seed, checkpoint_dir / "ckpt.pt"
+        model,
+        data.train_images,
+        data.train_labels,
+        recipe,
+        CPU,
+        resolve_precision("auto", CPU),
+        seed,
+        checkpoint_dir / "ckpt.pt",
     )
     return model, untrained, result.epoch_losses
 
 
-def short_pretraining_knn(recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0) -> tuple[float, float, list[float]]:
-    """kNN accuracy after pretraining with ``recipe`` on ``data``, of the same encoder before it, and the epoch losses."""
+def short_pretraining_knn(
+    recipe: PretextConfig, data: ImageData, checkpoint_dir: Path, seed: int = 0
+) -> tuple[float, float, list[float]]:
+    """kNN accuracy after pretraining with ``recipe`` on ``data``, of the same encoder before it, and the epoch
+    losses."""
     model, untrained, losses = short_pretraining(recipe, data, checkpoint_dir, seed)
     return knn_of(model.encoder, data), knn_of(untrained, data), losses
 

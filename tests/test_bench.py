@@ -28,7 +28,15 @@ def bench():
 
 def test_row_ratio_is_ours_over_reference_or_its_inverse_and_meets_compares_it_to_the_target(bench):
     faster = bench.row("cache", 1800.0, 1000.0, "img/s", 0.9)
-    assert faster == {"stage": "cache", "ours": 1800.0, "reference": 1000.0, "unit": "img/s", "ratio": 1.8, "target": 0.9, "meets": True}
+    assert faster == {
+        "stage": "cache",
+        "ours": 1800.0,
+        "reference": 1000.0,
+        "unit": "img/s",
+        "ratio": 1.8,
+        "target": 0.9,
+        "meets": True,
+    }
     assert bench.row("cache", 850.0, 1000.0, "img/s", 0.9)["ratio"] == 0.85
     assert bench.row("cache", 850.0, 1000.0, "img/s", 0.9)["meets"] is False
     # Lower is better (seconds): the ratio is reference / ours, so taking 4x the reference's time gives 0.25.
@@ -71,8 +79,21 @@ def test_smoke_bench_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "smoke", "--out", str(out), "--artifacts-dir", str(tmp_path / "store")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--artifacts-dir",
+            str(tmp_path / "store"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -82,8 +103,11 @@ def test_smoke_bench_writes_every_row(tmp_path):
     assert stages[-1] == f"sweep (16 runs, {os.cpu_count()} at a time)", stages
     # Between them, the head protocol against LogisticRegressionCV: accuracy and time of single (one fit per pretext
     # of the preset's one seed) and concat (one fit).
-    assert stages[3:-1] == [f"{head} {what} vs LogisticRegressionCV ({fits} fits)"
-                            for head, fits in (("single", 3), ("concat", 1)) for what in ("accuracy", "time")], stages
+    assert stages[3:-1] == [
+        f"{head} {what} vs LogisticRegressionCV ({fits} fits)"
+        for head, fits in (("single", 3), ("concat", 1))
+        for what in ("accuracy", "time")
+    ], stages
     targets = {**FIRST_ROWS, stages[-1]: 1.0}
     for r in rows:
         assert set(r) == COLUMNS, r
@@ -92,6 +116,7 @@ def test_smoke_bench_writes_every_row(tmp_path):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["stage"], key, r[key])
         if r["stage"] in targets:
             assert r["target"] == targets[r["stage"]], r
-        # Seconds: lower is better, ratio = reference / ours; any other unit (img/s, % accuracy): ratio = ours / reference.
+        # Seconds: lower is better, ratio = reference / ours; any other unit (img/s, % accuracy): ratio = ours /
+        # reference.
         low, high = ratio_bounds(r["ours"], r["reference"], higher_is_better=not r["unit"].startswith("s"))
         assert low <= r["ratio"] <= high, (r, low, high)

@@ -76,14 +76,36 @@ def write_lightning(model: nn.Module, path: Path) -> Path:
     """solo-learn through Lightning: ``backbone.`` (classifier removed), momentum backbone, projector and online
     classifier in ``state_dict``; the run's OmegaConf config in ``hyper_parameters``."""
     backbone = headless(model).state_dict()
-    state = {**prefixed(backbone, "backbone."), **prefixed(backbone, "momentum_backbone."),
-             **prefixed(mlp(512).state_dict(), "projector."),
-             **prefixed(nn.Linear(512, 10).state_dict(), "classifier.")}
-    cfg = OmegaConf.create({"method": "byol", "backbone": {"name": "resnet18", "kwargs": {}}, "max_epochs": 400,
-                            "optimizer": {"lr": 1.0, "betas": [0.9, 0.999]}, "auto_resume": None})
-    torch.save({"epoch": 399, "global_step": 1000, "pytorch-lightning_version": "2.2.0", "state_dict": state,
-                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
-                "hparams_name": "kwargs", "hyper_parameters": {"cfg": cfg}}, path / "last.ckpt")
+    state = {
+        **prefixed(backbone, "backbone."),
+        **prefixed(backbone, "momentum_backbone."),
+        **prefixed(mlp(512).state_dict(), "projector."),
+        **prefixed(nn.Linear(512, 10).state_dict(), "classifier."),
+    }
+    cfg = OmegaConf.create(
+        {
+            "method": "byol",
+            "backbone": {"name": "resnet18", "kwargs": {}},
+            "max_epochs": 400,
+            "optimizer": {"lr": 1.0, "betas": [0.9, 0.999]},
+            "auto_resume": None,
+        }
+    )
+    torch.save(
+        {
+            "epoch": 399,
+            "global_step": 1000,
+            "pytorch-lightning_version": "2.2.0",
+            "state_dict": state,
+            "loops": {},
+            "callbacks": {},
+            "optimizer_states": [],
+            "lr_schedulers": [],
+            "hparams_name": "kwargs",
+            "hyper_parameters": {"cfg": cfg},
+        },
+        path / "last.ckpt",
+    )
     return path / "last.ckpt"
 
 
@@ -91,11 +113,15 @@ def write_moco_v2(model: nn.Module, path: Path) -> Path:
     """MoCo v2: DataParallel ``module.`` query and key encoders (``fc`` an MLP projector) and the queue."""
     encoder = copy.deepcopy(model)
     encoder.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
-    state = {**prefixed(encoder.state_dict(), "module.encoder_q."),
-             **prefixed(encoder.state_dict(), "module.encoder_k."),
-             "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}},
-               path / "checkpoint_0199.pth.tar")
+    state = {
+        **prefixed(encoder.state_dict(), "module.encoder_q."),
+        **prefixed(encoder.state_dict(), "module.encoder_k."),
+        "module.queue": torch.randn(128, 64),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+    torch.save(
+        {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, path / "checkpoint_0199.pth.tar"
+    )
     return path / "checkpoint_0199.pth.tar"
 
 
@@ -103,23 +129,34 @@ def write_moco_v3(model: nn.Module, path: Path) -> Path:
     """MoCo v3: base and momentum encoders (``fc`` the projector) and the predictor."""
     encoder = copy.deepcopy(model)
     encoder.fc = mlp(512, 256)
-    state = {**prefixed(encoder.state_dict(), "module.base_encoder."),
-             **prefixed(encoder.state_dict(), "module.momentum_encoder."),
-             **prefixed(mlp(256).state_dict(), "module.predictor.")}
-    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": state, "optimizer": {}, "scaler": {}},
-               path / "checkpoint_0099.pth.tar")
+    state = {
+        **prefixed(encoder.state_dict(), "module.base_encoder."),
+        **prefixed(encoder.state_dict(), "module.momentum_encoder."),
+        **prefixed(mlp(256).state_dict(), "module.predictor."),
+    }
+    torch.save(
+        {"epoch": 100, "arch": "resnet18", "state_dict": state, "optimizer": {}, "scaler": {}},
+        path / "checkpoint_0099.pth.tar",
+    )
     return path / "checkpoint_0099.pth.tar"
 
 
 def dino_checkpoint(teacher: nn.Module, student: nn.Module) -> dict:
     """DINO: a MultiCropWrapper (backbone without classifier, projection head) as teacher and, DDP-wrapped, as student,
     with the run's argparse ``Namespace``."""
+
     def wrapper(model: nn.Module) -> dict[str, torch.Tensor]:
         return {**prefixed(headless(model).state_dict(), "backbone."), **prefixed(mlp(512).state_dict(), "head.mlp.")}
 
     args = argparse.Namespace(arch="resnet18", out_dim=65536, lr=0.0005, output_dir=".", local_crops_scale=(0.05, 0.4))
-    return {"student": prefixed(wrapper(student), "module."), "teacher": wrapper(teacher), "epoch": 100, "args": args,
-            "optimizer": {}, "dino_loss": {"center": torch.zeros(1, 65536)}}
+    return {
+        "student": prefixed(wrapper(student), "module."),
+        "teacher": wrapper(teacher),
+        "epoch": 100,
+        "args": args,
+        "optimizer": {},
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+    }
 
 
 def write_dino(model: nn.Module, path: Path) -> Path:
@@ -131,16 +168,26 @@ def write_vissl(model: nn.Module, path: Path) -> Path:
     """VISSL: the trunk's ``_feature_blocks.`` under classy_state_dict/base_model/model, beside the heads."""
     trunk = prefixed(headless(model).state_dict(), "_feature_blocks.")
     model_state = {"trunk": trunk, "heads": prefixed(mlp(512).state_dict(), "0.clf.0.")}
-    torch.save({"phase_idx": 3, "iteration": 500, "type": "consolidated",
-                "classy_state_dict": {"base_model": {"model": model_state, "meta": {}}, "train_phase_idx": 3}},
-               path / "model_final_checkpoint_phase3.torch")
+    torch.save(
+        {
+            "phase_idx": 3,
+            "iteration": 500,
+            "type": "consolidated",
+            "classy_state_dict": {"base_model": {"model": model_state, "meta": {}}, "train_phase_idx": 3},
+        },
+        path / "model_final_checkpoint_phase3.torch",
+    )
     return path / "model_final_checkpoint_phase3.torch"
 
 
 WRITERS: dict[str, tuple[Callable[[nn.Module, Path], Path], str]] = {
-    "plain": (write_plain, "state dict"), "safetensors": (write_safetensors, "state dict"),
-    "lightning": (write_lightning, "lightning/solo-learn"), "moco_v2": (write_moco_v2, "moco v2"),
-    "moco_v3": (write_moco_v3, "moco v3"), "dino": (write_dino, "dino teacher"), "vissl": (write_vissl, "vissl"),
+    "plain": (write_plain, "state dict"),
+    "safetensors": (write_safetensors, "state dict"),
+    "lightning": (write_lightning, "lightning/solo-learn"),
+    "moco_v2": (write_moco_v2, "moco v2"),
+    "moco_v3": (write_moco_v3, "moco v3"),
+    "dino": (write_dino, "dino teacher"),
+    "vissl": (write_vissl, "vissl"),
 }
 
 
@@ -207,8 +254,10 @@ def test_foreign_class_is_refused_without_running_it(tmp_path: Path) -> None:
     assert REBUILT == []
 
 
-@pytest.mark.parametrize("other, problem, key", [("resnet34", "unexpected", "layer1.2.conv1.weight"),
-                                                 ("resnet50", "wrongly shaped", "conv1.weight")])
+@pytest.mark.parametrize(
+    "other, problem, key",
+    [("resnet34", "unexpected", "layer1.2.conv1.weight"), ("resnet50", "wrongly shaped", "conv1.weight")],
+)
 def test_other_architecture_is_refused(other: str, problem: str, key: str, tmp_path: Path) -> None:
     """Weights of another architecture are refused in one line that counts and names the keys that do not fit."""
     torch.save(torchvision.models.get_model(other, weights=None).state_dict(), tmp_path / f"{other}.pth")

@@ -83,6 +83,7 @@ def test_second_run_recomputes_nothing(smoke_workspace):
     pd.testing.assert_frame_equal(first, second)
 
 
+@pytest.mark.slow
 def test_cache_without_encoder_names_the_pretrain_command(tmp_path):
     proc = sslfuse("cache", "preset=smoke", "pretexts=[rotation]", "encoder_seed=7", cwd=tmp_path, check=False)
     assert proc.returncode == 2
@@ -99,8 +100,15 @@ def test_stages_one_by_one_then_report_of_a_multirun(tmp_path):
     manifests = list((tmp_path / "outputs" / "artifacts" / "features").glob("*/manifest.json"))
     assert len(manifests) == 2
     sslfuse(
-        "fuse", "-m", "preset=smoke", "pretexts=[rotation,random]", "fusion=attention,concat", "seed=0,1",
-        "labels.per_class=5", "hydra.sweep.dir=sweep", cwd=tmp_path,
+        "fuse",
+        "-m",
+        "preset=smoke",
+        "pretexts=[rotation,random]",
+        "fusion=attention,concat",
+        "seed=0,1",
+        "labels.per_class=5",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
     )
     results = list((tmp_path / "sweep").rglob("results.json"))
     assert len(results) == 4
@@ -113,11 +121,13 @@ def test_stages_one_by_one_then_report_of_a_multirun(tmp_path):
     assert (table["seeds"] == 2).all() and (table["regime"] == "5/class").all()
 
 
+@pytest.mark.slow
 def test_fuse_single_needs_its_pretext(tmp_path):
     proc = sslfuse("fuse", "preset=smoke", "fusion=single", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "fusion.pretext" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_composed_config(tmp_path):
     out = sslfuse("fuse", "fusion=concat", "labels.fraction=0.1", "--cfg", "job", cwd=tmp_path).stdout
     assert "name: concat" in out and "fraction: 0.1" in out and "name: fashion_mnist" in out
@@ -148,16 +158,31 @@ def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_a_f
     hold out: the result records 0 folds and the fixed setting; pretext matching by cross-validation is refused in one
     line naming the keys, before any work, writing no result."""
     for per_class, folds in ((1, 0), (2, 2), (5, 5)):
-        sslfuse("fuse", "preset=smoke", "fusion=concat", f"labels.per_class={per_class}", f"hydra.run.dir=pc{per_class}",
-                cwd=smoke_workspace)
+        sslfuse(
+            "fuse",
+            "preset=smoke",
+            "fusion=concat",
+            f"labels.per_class={per_class}",
+            f"hydra.run.dir=pc{per_class}",
+            cwd=smoke_workspace,
+        )
         result = json.loads((smoke_workspace / f"pc{per_class}" / "results.json").read_text())
         assert result["folds"] == folds and result["n_labeled"] == 4 * per_class
         if folds:
-            assert round(result["cv_accuracy"] * result["n_labeled"], 6) == round(result["cv_accuracy"] * result["n_labeled"])
+            assert round(result["cv_accuracy"] * result["n_labeled"], 6) == round(
+                result["cv_accuracy"] * result["n_labeled"]
+            )
         else:
             assert result["cv_accuracy"] is None and result["selection"].startswith("fixed")
-    refused = sslfuse("fuse", "preset=smoke", "fusion=select", "labels.per_class=1", "hydra.run.dir=sel1", cwd=smoke_workspace,
-                      check=False)
+    refused = sslfuse(
+        "fuse",
+        "preset=smoke",
+        "fusion=select",
+        "labels.per_class=1",
+        "hydra.run.dir=sel1",
+        cwd=smoke_workspace,
+        check=False,
+    )
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "labels.per_class >= 2" in refused.stderr, refused.stderr
     assert not (smoke_workspace / "sel1" / "results.json").exists()
@@ -167,8 +192,16 @@ def test_few_labels_per_class_give_cross_validated_results_and_one_per_class_a_f
 def test_run_over_two_encoder_seeds_pairs_and_pools_them_by_name(smoke_workspace):
     """Encoder seed 1 is pretrained beside the stored seed 0; every result records its encoder seed, and the report
     pools the two only under a heading that names them, with n as encoder seeds × label seeds."""
-    sslfuse("run", "preset=smoke", "encoder_seeds=[0,1]", "seeds=[0,1]", "fusions=[concat,mean]",
-            "pretexts=[rotation,random]", "hydra.run.dir=two_encoder_seeds", cwd=smoke_workspace)
+    sslfuse(
+        "run",
+        "preset=smoke",
+        "encoder_seeds=[0,1]",
+        "seeds=[0,1]",
+        "fusions=[concat,mean]",
+        "pretexts=[rotation,random]",
+        "hydra.run.dir=two_encoder_seeds",
+        cwd=smoke_workspace,
+    )
     run = smoke_workspace / "two_encoder_seeds"
     results = [json.loads(p.read_text()) for p in run.rglob("results.json")]
     concat = [(r["encoder_seed"], r["seed"]) for r in results if r["family"] == "concat"]
@@ -179,5 +212,7 @@ def test_run_over_two_encoder_seeds_pairs_and_pools_them_by_name(smoke_workspace
     assert "encoder seed 0\n" in markdown and "encoder seed 1\n" in markdown
     paired = pd.read_csv(run / "paired_differences.csv").set_index(["method", "reference"])
     assert paired.loc[("mean(rotation+random)", "concat"), "pairs"] == "4 (2×2)"
-    stored = {p.parent.name for p in (smoke_workspace / "outputs" / "artifacts" / "encoders").glob("rotation-*/manifest.json")}
+    stored = {
+        p.parent.name for p in (smoke_workspace / "outputs" / "artifacts" / "encoders").glob("rotation-*/manifest.json")
+    }
     assert len(stored) >= 2  # seed 1 is another encoder, not seed 0's reused

@@ -66,7 +66,9 @@ def test_image_folder_refuses_one_class_and_unreadable_files(tmp_path):
     (tmp_path / "broken" / "a" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="bad.png"):
         load_dataset({"name": "image_folder"}, str(tmp_path / "broken"))
-    _, data = load_dataset({"name": "image_folder", "on_unreadable": "skip", "test_fraction": 0.5}, str(tmp_path / "broken"))
+    _, data = load_dataset(
+        {"name": "image_folder", "on_unreadable": "skip", "test_fraction": 0.5}, str(tmp_path / "broken")
+    )
     assert len(data.train_labels) + len(data.test_labels) == 4  # the broken file is left out
 
 
@@ -100,7 +102,9 @@ def test_encoder_statistics_come_from_a_seeded_sample_of_every_class(tmp_path):
     sample = sample_indices(len(data.train_labels), 12, seed=0)
     assert len(sample) == 12 and set(data.train_labels[sample].tolist()) == {0, 1, 2, 3}
     assert torch.equal(sample, sample_indices(len(data.train_labels), 12, seed=0))
-    assert torch.equal(sample_indices(40, None), torch.arange(40)) and torch.equal(sample_indices(40, 100), torch.arange(40))
+    assert torch.equal(sample_indices(40, None), torch.arange(40)) and torch.equal(
+        sample_indices(40, 100), torch.arange(40)
+    )
 
     encoder = build_encoder(SmallCNNConfig(name="small_cnn", widths=[8, 16]), 3)
     encoder.set_statistics(data.train_images, sample_size=12)

@@ -24,11 +24,14 @@ def test_explicit_precisions_are_kept_on_cpu(monkeypatch):
     assert resolve_precision("fp32", CPU) == torch.float32
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: resolve_precision("fp16", CPU), "needs device=cuda"),
-    (lambda: resolve_precision("half", CPU), "auto, bf16, fp16, fp32"),
-    (lambda: resolve_device("tpu"), "auto, cpu, cuda"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: resolve_precision("fp16", CPU), "needs device=cuda"),
+        (lambda: resolve_precision("half", CPU), "auto, bf16, fp16, fp32"),
+        (lambda: resolve_device("tpu"), "auto, cpu, cuda"),
+    ],
+)
 def test_bad_choices_name_what_is_allowed(call, words):
     with pytest.raises(UserError, match=words):
         call()

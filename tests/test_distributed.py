@@ -48,7 +48,9 @@ def first_step(name: str) -> tuple[float, dict[str, torch.Tensor]]:
     torch.set_num_threads(1)
     images = torch.rand(N_IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     model = build_model(name)
-    local = distributed.local_order(epoch_order(N_IMAGES, seed=0, epoch=0))[: distributed.local_batch_size(GLOBAL_BATCH)]
+    local = distributed.local_order(epoch_order(N_IMAGES, seed=0, epoch=0))[
+        : distributed.local_batch_size(GLOBAL_BATCH)
+    ]
     distributed.prepare_training(model, torch.device("cpu"), type(model).sync_batchnorm)
     loss = model.loss(images[local], torch.zeros(len(local)))
     loss.backward()
@@ -91,7 +93,9 @@ def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path, monkeypatch,
         assert rank_grads.keys() == grads.keys()
         for key, grad in grads.items():
             atol = max(1e-4 * float(grad.abs().max()), 1e-5)
-            torch.testing.assert_close(rank_grads[key], grad, rtol=1e-4, atol=atol, msg=f"rank {rank}: gradient of {key}")
+            torch.testing.assert_close(
+                rank_grads[key], grad, rtol=1e-4, atol=atol, msg=f"rank {rank}: gradient of {key}"
+            )
 
 
 def test_outside_torchrun_the_helpers_are_the_identity():
@@ -105,7 +109,16 @@ def test_outside_torchrun_the_helpers_are_the_identity():
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 -m ssl_fusion.cli <args>`` on the CPU."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssl_fusion.cli", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ssl_fusion.cli",
+        *args,
+    ]
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -150,7 +163,11 @@ def test_two_rank_cache_equals_one_process_cache(ddp_workspace):
     assert two.name == one.name, "the same artifact key"
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (two, one)]
     assert [m["runtime"]["processes"] for m in manifests] == [2, 1]
-    assert manifests[0]["files"].keys() == manifests[1]["files"].keys() == {"train.npy", "test.npy", "train_labels.npy", "test_labels.npy"}
+    assert (
+        manifests[0]["files"].keys()
+        == manifests[1]["files"].keys()
+        == {"train.npy", "test.npy", "train_labels.npy", "test_labels.npy"}
+    )
     for stem in ("train", "test"):
         merged, reference = np.load(two / f"{stem}.npy"), np.load(one / f"{stem}.npy")
         assert merged.dtype == reference.dtype == np.float16 and merged.shape == reference.shape

@@ -29,7 +29,8 @@ def test_the_fuse_arrays_example_of_the_protocol_page_runs_and_learns():
 
 
 def test_the_checkpoint_example_of_the_own_encoders_page_runs_and_loads_every_weight(tmp_path, monkeypatch):
-    """The Python block of docs/own_encoders.md runs unchanged (in a scratch folder): the checkpoint it writes loads into
+    """The Python block of docs/own_encoders.md runs unchanged (in a scratch folder): the checkpoint it writes loads
+    into
     the backbone, and the saved features have the backbone's width."""
     monkeypatch.chdir(tmp_path)
     (example,) = python_blocks((REPO / "docs" / "own_encoders.md").read_text())

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DEV = EvaluationConfig(split="dev")
 # classes of unequal sizes (13 to 200 images), in no particular order
 UNEVEN = torch.cat([torch.full((size,), cls) for cls, size in enumerate([30, 57, 200, 13, 88])])[
-    torch.randperm(388, generator=torch.Generator().manual_seed(5))]
+    torch.randperm(388, generator=torch.Generator().manual_seed(5))
+]
 
 
 def small_task() -> dict:
@@ -52,8 +53,11 @@ def quick(name: str):
 
 # labeled_indices_sha256 of LabelsConfig(...).subset(torch.arange(1000) % 10, seed), computed on main at commit 09eec40
 # (before evaluation.split existed) with: cfg.fields(cfg.subset(labels, seed), seed, labels)["labeled_indices_sha256"]
-BEFORE = [(LabelsConfig(fraction=0.01), 0, "7f129f97f2be671a"), (LabelsConfig(fraction=0.05), 7, "4d848548c5e08227"),
-          (LabelsConfig(fraction=None, per_class=4), 3, "c368c20f1d933005")]
+BEFORE = [
+    (LabelsConfig(fraction=0.01), 0, "7f129f97f2be671a"),
+    (LabelsConfig(fraction=0.05), 7, "4d848548c5e08227"),
+    (LabelsConfig(fraction=None, per_class=4), 3, "c368c20f1d933005"),
+]
 
 
 @pytest.mark.parametrize(("labels_cfg", "seed", "expected"), BEFORE)
@@ -68,16 +72,26 @@ def test_fuse_arrays_on_the_test_split_draws_the_subset_it_drew_before():
     rng = np.random.default_rng(0)
     y, y_test = np.arange(300) % 3, np.arange(90) % 3
     x, x_test = rng.normal(size=(300, 6)) + y[:, None], rng.normal(size=(90, 6)) + y_test[:, None]
-    result = fuse_arrays({"a": x}, y, {"a": x_test}, y_test, fusion="concat", options={"steps": 20, "eval_every": 10},
-                         fraction=0.1, seed=2)
+    result = fuse_arrays(
+        {"a": x},
+        y,
+        {"a": x_test},
+        y_test,
+        fusion="concat",
+        options={"steps": 20, "eval_every": 10},
+        fraction=0.1,
+        seed=2,
+    )
     assert (result["labeled_indices_sha256"], result["n_labeled"], result["split"]) == ("683e1390e2594780", 30, "test")
     assert result["evaluation_size"] == 90 and "dev_fraction" not in result
 
 
 # The dev split lies outside every labeled subset.
 
-REGIMES = [*(LabelsConfig(fraction=fraction) for fraction in (0.01, 0.1, 0.5, 1.0)),
-           *(LabelsConfig(fraction=None, per_class=per_class) for per_class in (1, 10))]
+REGIMES = [
+    *(LabelsConfig(fraction=fraction) for fraction in (0.01, 0.1, 0.5, 1.0)),
+    *(LabelsConfig(fraction=None, per_class=per_class) for per_class in (1, 10)),
+]
 
 
 @pytest.mark.parametrize("labels_cfg", REGIMES, ids=lambda c: f"fraction={c.fraction},per_class={c.per_class}")
@@ -139,8 +153,13 @@ def test_nothing_a_head_is_selected_or_trained_on_reads_the_dev_rows():
 
 
 def test_a_dev_result_says_so():
-    result = fuse_result(small_task(), quick("concat"), LabelsConfig(fraction=0.1), 0,
-                         EvaluationConfig(split="dev", dev_fraction=0.2, dev_seed=4))
+    result = fuse_result(
+        small_task(),
+        quick("concat"),
+        LabelsConfig(fraction=0.1),
+        0,
+        EvaluationConfig(split="dev", dev_fraction=0.2, dev_seed=4),
+    )
     record = result.to_record()
     described = (record["split"], record["dev_fraction"], record["dev_seed"], record["evaluation_size"])
     assert described == ("dev", 0.2, 4, 120)
@@ -150,8 +169,12 @@ def test_a_dev_result_says_so():
 
 def test_fuse_arrays_scores_on_the_dev_split_when_asked():
     features = small_task()
-    args = ({n: fs.train.numpy() for n, fs in features.items()}, features["good"].train_labels.numpy(),
-            {n: fs.test.numpy() for n, fs in features.items()}, features["good"].test_labels.numpy())
+    args = (
+        {n: fs.train.numpy() for n, fs in features.items()},
+        features["good"].train_labels.numpy(),
+        {n: fs.test.numpy() for n, fs in features.items()},
+        features["good"].test_labels.numpy(),
+    )
     result = fuse_arrays(*args, fusion="concat", fraction=0.1, seed=0, split="dev")
     assert (result["split"], result["evaluation_size"], result["dev_fraction"]) == ("dev", 60, 0.1)
     with pytest.raises(UserError, match="evaluation.split: 'val' is not one of test, dev"):
@@ -165,8 +188,7 @@ def test_fuse_arrays_scores_on_the_dev_split_when_asked():
 def test_predictions_round_trip_and_give_the_recorded_accuracy(tmp_path, evaluation):
     features = small_task()
     for name in ("concat", "mean"):
-        write_result(tmp_path / name, fuse_result(features, quick(name), LabelsConfig(fraction=0.1), 0,
-                                                  evaluation))
+        write_result(tmp_path / name, fuse_result(features, quick(name), LabelsConfig(fraction=0.1), 0, evaluation))
     results = collect_results(tmp_path)
     split = evaluation.split
     for _, row in results.iterrows():
@@ -175,8 +197,11 @@ def test_predictions_round_trip_and_give_the_recorded_accuracy(tmp_path, evaluat
         correct = int((predicted == labels).sum())
         assert correct == round(row[f"{split}_accuracy"] * len(labels))
         assert float(np.float32(correct) / np.float32(len(labels))) == row[f"{split}_accuracy"]
-    expected = features["good"].test_labels if split == "test" else features["good"].train_labels[DEV.dev_rows(
-        features["good"].train_labels)]
+    expected = (
+        features["good"].test_labels
+        if split == "test"
+        else features["good"].train_labels[DEV.dev_rows(features["good"].train_labels)]
+    )
     assert np.array_equal(load_evaluation_labels(results.iloc[0]), expected.numpy())
     assert same_images(results.iloc[0], results.iloc[1])
     record = json.loads((tmp_path / "concat" / "results.json").read_text())
@@ -192,9 +217,13 @@ def test_results_on_other_images_do_not_pair_and_old_results_have_no_predictions
         write_result(tmp_path / evaluation.split, fuse_result(features, cfg, LabelsConfig(fraction=0.1), 0, evaluation))
     write_results(tmp_path, [result_record("concat", ["a"], 0.9)])  # a result from before predictions were kept
     results = collect_results(tmp_path)
-    old, test, dev = (results[results["evaluation_sha256"].isna()].iloc[0],
-                      *(results[results["split"].eq(split) & results["evaluation_sha256"].notna()].iloc[0]
-                        for split in ("test", "dev")))
+    old, test, dev = (
+        results[results["evaluation_sha256"].isna()].iloc[0],
+        *(
+            results[results["split"].eq(split) & results["evaluation_sha256"].notna()].iloc[0]
+            for split in ("test", "dev")
+        ),
+    )
     assert load_predictions(old) is None and not same_images(old, old) and not same_images(old, test)
     assert same_images(test, test) and not same_images(test, dev)
 
@@ -209,8 +238,19 @@ def split_records() -> list[dict]:
     for seed in range(3):
         for method, test, dev in (("concat", 0.90, 0.50), ("mean", 0.80, 0.60)):
             records.append(result_record(method, ["a", "b"], test, seed))
-            records.append(result_record(method, ["a", "b"], dev, seed, split="dev", dev_accuracy=dev,
-                                         test_accuracy=None, dev_fraction=0.1, dev_seed=0))
+            records.append(
+                result_record(
+                    method,
+                    ["a", "b"],
+                    dev,
+                    seed,
+                    split="dev",
+                    dev_accuracy=dev,
+                    test_accuracy=None,
+                    dev_fraction=0.1,
+                    dev_seed=0,
+                )
+            )
     return [{k: v for k, v in r.items() if v is not None or k != "test_accuracy"} for r in records]
 
 
@@ -218,8 +258,14 @@ def test_a_dev_result_is_never_pooled_or_paired_with_a_test_result(tmp_path):
     write_results(tmp_path, split_records())
     table, md_path, csv_path = write_report(tmp_path)
     stats = pd.read_csv(csv_path).set_index(["split", "method"])["mean"]
-    assert stats.to_dict() == pytest.approx({("test", "concat(a+b)"): 90.0, ("test", "mean(a+b)"): 80.0,
-                                             ("dev", "concat(a+b)"): 50.0, ("dev", "mean(a+b)"): 60.0})
+    assert stats.to_dict() == pytest.approx(
+        {
+            ("test", "concat(a+b)"): 90.0,
+            ("test", "mean(a+b)"): 80.0,
+            ("dev", "concat(a+b)"): 50.0,
+            ("dev", "mean(a+b)"): 60.0,
+        }
+    )
     markdown = md_path.read_text()
     assert "# Test split" in markdown and "# Dev split" in markdown
     assert "70.00" not in markdown and "Dev accuracy (%)" in markdown
@@ -241,13 +287,29 @@ def test_dev_results_alone_are_headed_as_dev(tmp_path):
 def test_the_long_csv_has_one_row_per_result_with_the_listed_columns(tmp_path):
     records = split_records()
     write_results(tmp_path, records)
-    write_result(tmp_path / "fused", fuse_result(small_task(), quick("concat"), LabelsConfig(fraction=0.1),
-                                                 0, DEV))
+    write_result(tmp_path / "fused", fuse_result(small_task(), quick("concat"), LabelsConfig(fraction=0.1), 0, DEV))
     write_report(tmp_path)
     long = pd.read_csv(tmp_path / "results_long.csv")
-    listed = ["dataset", "pretraining_dataset", "encoder", "encoder_seed", "regime", "label_seed", "family", "options",
-              "pretexts", "split", "accuracy", "macro_f1", "nll", "selected_l2", "selected_steps", "head_parameters",
-              "fit_seconds", "commit"]
+    listed = [
+        "dataset",
+        "pretraining_dataset",
+        "encoder",
+        "encoder_seed",
+        "regime",
+        "label_seed",
+        "family",
+        "options",
+        "pretexts",
+        "split",
+        "accuracy",
+        "macro_f1",
+        "nll",
+        "selected_l2",
+        "selected_steps",
+        "head_parameters",
+        "fit_seconds",
+        "commit",
+    ]
     assert list(long.columns[: len(listed)]) == listed and list(long.columns) == list(LONG_COLUMNS)
     assert len(long) == len(records) + 1
     fused = long[long["family"].eq("concat") & long["predictions"].notna()].iloc[0]
@@ -260,7 +322,7 @@ def test_every_result_records_the_code_commit():
     """The package's checkout commit (this repository's HEAD, ``-dirty`` with changes), or null outside a git
     checkout."""
     commit = fuse_result(small_task(), quick("mean"), LabelsConfig(fraction=0.1), 0).commit
-    head = (Path(__file__).resolve().parent.parent / ".git")
+    head = Path(__file__).resolve().parent.parent / ".git"
     assert commit is None if not head.exists() else len(commit.removesuffix("-dirty")) == 40
 
 
@@ -268,10 +330,25 @@ def test_every_result_records_the_code_commit():
 def test_run_and_fuse_score_on_the_dev_split(tmp_path):
     """``sslfuse run`` and ``sslfuse fuse`` with ``evaluation.split=dev`` write dev results with their predictions,
     and a report of them heads its tables with the split."""
-    sslfuse("run", "preset=smoke", "evaluation.split=dev", "fusions=[concat]", "seeds=[0]", "hydra.run.dir=dev_run",
-            cwd=tmp_path)
-    sslfuse("fuse", "preset=smoke", "evaluation.split=dev", "fusion=supervised_scratch", "fusion.steps=10",
-            "fusion.eval_every=5", "hydra.run.dir=dev_run/scratch", cwd=tmp_path)
+    sslfuse(
+        "run",
+        "preset=smoke",
+        "evaluation.split=dev",
+        "fusions=[concat]",
+        "seeds=[0]",
+        "hydra.run.dir=dev_run",
+        cwd=tmp_path,
+    )
+    sslfuse(
+        "fuse",
+        "preset=smoke",
+        "evaluation.split=dev",
+        "fusion=supervised_scratch",
+        "fusion.steps=10",
+        "fusion.eval_every=5",
+        "hydra.run.dir=dev_run/scratch",
+        cwd=tmp_path,
+    )
     results = collect_results(tmp_path / "dev_run")
     assert results["split"].tolist() == ["dev", "dev"] and results["evaluation_sha256"].nunique() == 1
     assert all(load_predictions(row) is not None for _, row in results.iterrows())
@@ -292,7 +369,8 @@ def test_kept_predictions_give_the_paired_interval_its_image_level(tmp_path):
     for seed in (0, 1):
         for name in ("concat", "mean"):
             result = fuse_result(features, quick(name), LabelsConfig(fraction=0.1), seed, DEV).in_context(
-                {"dataset": "toy", "encoder": "none", "encoder_seed": 0})
+                {"dataset": "toy", "encoder": "none", "encoder_seed": 0}
+            )
             write_result(tmp_path / f"{name}{seed}", result)
     write_report(tmp_path, references=["concat[steps=60]"])
     paired = pd.read_csv(tmp_path / "dev_paired_differences.csv").set_index("method")

@@ -40,8 +40,12 @@ def test_gray_images_are_repeated_resized_and_normalised():
     cfg = ExternalEncoderConfig(arch="torchvision:resnet18", image_size=32, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5])
     encoder = ExternalEncoder(torch.nn.Identity(), 3, cfg)
     images = torch.rand(2, 1, 28, 28)
-    resized = F.interpolate(images.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-    expected = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    resized = F.interpolate(
+        images.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True, align_corners=False
+    )
+    expected = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(encoder(images), expected)
 
 
@@ -58,18 +62,33 @@ def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
     shutil.copy(first, copy)
     torch.save(torchvision.models.resnet18().state_dict(), other)
     ctx = key_context()
-    key = {path: external_features_artifact(ctx, "r18", ExternalEncoderConfig("torchvision:resnet18", str(path))) for path in (first, copy, other)}
+    key = {
+        path: external_features_artifact(ctx, "r18", ExternalEncoderConfig("torchvision:resnet18", str(path)))
+        for path in (first, copy, other)
+    }
     assert key[first] == key[copy] != key[other]
     assert key[first].startswith("r18-")
 
 
-@pytest.mark.parametrize(("node", "message"), [
-    ({"r18": {"checkpoint": "x.pth"}}, r"external\.r18: give external\.r18\.arch"),
-    ({"r18": {"arch": "torchvision:resnet18", "size": 32}}, r"external\.r18\.size: not a key of an external encoder"),
-    ({"r18": {"arch": "torchvision:resnet18", "checkpoint": "/absent.pth"}}, r"external\.r18\.checkpoint: no file '/absent\.pth'"),
-    ({"rotation": {"arch": "torchvision:resnet18"}}, r"external\.rotation: the name of a built-in pretext"),
-    ({"r18": {"arch": "torchvision:resnet18", "std": [1.0, 0.0, 1.0]}}, "mean and std need three values each, std > 0"),
-])
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"r18": {"checkpoint": "x.pth"}}, r"external\.r18: give external\.r18\.arch"),
+        (
+            {"r18": {"arch": "torchvision:resnet18", "size": 32}},
+            r"external\.r18\.size: not a key of an external encoder",
+        ),
+        (
+            {"r18": {"arch": "torchvision:resnet18", "checkpoint": "/absent.pth"}},
+            r"external\.r18\.checkpoint: no file '/absent\.pth'",
+        ),
+        ({"rotation": {"arch": "torchvision:resnet18"}}, r"external\.rotation: the name of a built-in pretext"),
+        (
+            {"r18": {"arch": "torchvision:resnet18", "std": [1.0, 0.0, 1.0]}},
+            "mean and std need three values each, std > 0",
+        ),
+    ],
+)
 def test_bad_declarations_are_refused_in_one_line_naming_the_key(node, message):
     with pytest.raises(UserError, match=message):
         check_external(node, PRETEXTS)
@@ -83,8 +102,11 @@ def test_cache_runs_a_checkpoint_on_converted_images_then_reuses_it_and_fuse_rea
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     torch.save(model.state_dict(), tmp_path / "r18.pth")
-    declared = ["+external.r18.arch=torchvision:resnet18", f"+external.r18.checkpoint={tmp_path / 'r18.pth'}",
-                "+external.r18.image_size=32"]
+    declared = [
+        "+external.r18.arch=torchvision:resnet18",
+        f"+external.r18.checkpoint={tmp_path / 'r18.pth'}",
+        "+external.r18.image_size=32",
+    ]
     first = sslfuse("cache", *SMALL, "pretexts=[r18]", *declared, "hydra.run.dir=c1", cwd=tmp_path)
     assert "(computed)" in first.stdout
     (folder,) = (tmp_path / "outputs/artifacts/features").glob("r18-*")
@@ -103,7 +125,16 @@ def test_cache_runs_a_checkpoint_on_converted_images_then_reuses_it_and_fuse_rea
 
     again = sslfuse("cache", *SMALL, "pretexts=[r18]", *declared, "hydra.run.dir=c2", cwd=tmp_path)
     assert "(reused)" in again.stdout
-    sslfuse("fuse", *SMALL, "pretexts=[r18]", *declared, "fusion=concat", "labels.per_class=5", "hydra.run.dir=f", cwd=tmp_path)
+    sslfuse(
+        "fuse",
+        *SMALL,
+        "pretexts=[r18]",
+        *declared,
+        "fusion=concat",
+        "labels.per_class=5",
+        "hydra.run.dir=f",
+        cwd=tmp_path,
+    )
     assert json.loads((tmp_path / "f/results.json").read_text())["method"] == "concat(r18)"
 
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
@@ -141,7 +172,9 @@ def test_torchvision_models_keep_imagenets_normalisation_and_the_datasets_size()
 def test_the_encoder_reads_its_pretrained_size_and_normalisation():
     encoder = ExternalEncoder(FakeTimmModel(), 3, ExternalEncoderConfig("timm:fake"))
     images = torch.rand(2, 1, 28, 28)
-    resized = F.interpolate(images.expand(-1, 3, -1, -1), size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(
+        images.expand(-1, 3, -1, -1), size=(40, 40), mode="bilinear", antialias=True, align_corners=False
+    )
     torch.testing.assert_close(encoder(images), (resized - 0.5) / 0.25)
 
 
@@ -152,8 +185,12 @@ def test_resolved_values_reach_the_manifests_conversion_and_the_features_key(mon
     monkeypatch.setattr(external_module, "timm_pretrained_cfg", lambda name: pretrained["model"])
     ctx = key_context()
     cfg = external_config("vit", {"arch": "timm:fake"})
-    assert conversion(cfg, 1, (28, 28)) == {"channels": "1 -> 3 (gray repeated)", "size": "28x28 -> 40x40",
-                                            "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert conversion(cfg, 1, (28, 28)) == {
+        "channels": "1 -> 3 (gray repeated)",
+        "size": "28x28 -> 40x40",
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     key = external_features_artifact(ctx, "vit", cfg)
     spelled_out = external_config("vit", {"arch": "timm:fake", "image_size": 40, "mean": [0.5] * 3, "std": [0.25] * 3})
     assert external_features_artifact(ctx, "vit", spelled_out) == key
@@ -177,7 +214,11 @@ def test_a_real_timm_model_takes_its_pretrained_input():
 
     cfg = check_external({"vit": {"arch": "timm:vit_small_patch16_224"}}, PRETEXTS)["vit"]
     expected = resolve_data_config({}, model=timm.create_model("vit_small_patch16_224", pretrained=False))
-    assert (cfg.image_size, cfg.mean, cfg.std) == (expected["input_size"][-1], list(expected["mean"]), list(expected["std"]))
+    assert (cfg.image_size, cfg.mean, cfg.std) == (
+        expected["input_size"][-1],
+        list(expected["mean"]),
+        list(expected["std"]),
+    )
     assert cfg.mean == [0.5] * 3  # not ImageNet's
     encoder, _ = build_external(ExternalEncoderConfig("timm:resnet18", mean=[0.1, 0.2, 0.3]), 1)
     assert encoder.image_size == 224 and encoder.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])

@@ -29,8 +29,23 @@ from ssl_fusion.fusion.protocol import fuse_once, head_threads, method_label
 N_TRAIN, N_TEST, CLASSES = 600, 2000, 5
 CHANCE = 1 / CLASSES
 LABELS = LabelsConfig(fraction=0.2)  # 120 labels, 24 a class: the regime of the shared results (``fused``)
-MIXING_HEADS = ["attention", "paper_attention", "concat", "gate", "static", "moe", "mean", "ensemble"]  # heads that read every pretext
-WEIGHTED_HEADS = ["attention", "paper_attention", "gate", "static", "moe"]  # those of them that report a weight per pretext
+MIXING_HEADS = [
+    "attention",
+    "paper_attention",
+    "concat",
+    "gate",
+    "static",
+    "moe",
+    "mean",
+    "ensemble",
+]  # heads that read every pretext
+WEIGHTED_HEADS = [
+    "attention",
+    "paper_attention",
+    "gate",
+    "static",
+    "moe",
+]  # those of them that report a weight per pretext
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,6 +141,7 @@ def test_the_task_ranks_heads():
     assert mean < alone - 3 * paired_standard_error(mean, alone), (mean, alone)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MIXING_HEADS)
 def test_every_head_learns_from_the_informative_pretext_among_noise(name):
     """With the screen off (the noise pretext read too), each head trains (its loss falls) and is above 0.5 on the
@@ -152,7 +168,9 @@ def test_paper_attention_weights_are_per_sample_and_sharpen_as_the_temperature_f
     before renormalising, a check that fails if the temperature is ignored or applied after the softmax."""
     torch.manual_seed(0)
     head = PaperAttentionFusion(PaperAttentionConfig(name="paper_attention"), [32, 48, 16], num_classes=5).eval()
-    colder = PaperAttentionFusion(PaperAttentionConfig(name="paper_attention", temperature=0.5), [32, 48, 16], num_classes=5).eval()
+    colder = PaperAttentionFusion(
+        PaperAttentionConfig(name="paper_attention", temperature=0.5), [32, 48, 16], num_classes=5
+    ).eval()
     colder.load_state_dict(head.state_dict())
     features = [torch.randn(10, 32), torch.randn(10, 48), torch.randn(10, 16)]
     with torch.no_grad():
@@ -240,7 +258,10 @@ def test_attention_shifts_weight_to_the_informative_pretext():
 def test_method_names_show_the_options_changed_from_the_yaml():
     features = shared_task()
     assert method_label(load_option(FUSIONS, "attention"), features) == "attention(good+noise)"
-    assert method_label(AttentionConfig(name="attention", pretext_dropout=0.0), features) == "attention[pretext_dropout=0.0](good+noise)"
+    assert (
+        method_label(AttentionConfig(name="attention", pretext_dropout=0.0), features)
+        == "attention[pretext_dropout=0.0](good+noise)"
+    )
     assert method_label(PaperAttentionConfig(name="paper_attention", combine="concat", temperature=0.5), features) == (
         "paper_attention[temperature=0.5,combine=concat](good+noise)"
     )

@@ -143,6 +143,7 @@ def test_moe_balance_term_is_the_squared_variation_of_mean_gates(top_k, penalty)
     assert head.regularization().item() == pytest.approx(0.5 * penalty, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_moe_routes_to_the_informative_pretext_among_three():
     """The good pretext comes last: the zero-initialised router's ties pick the first two, so an untrained router
     gives it gate 0 everywhere and only learned routing reaches it. Trained with the screen off, it gets more than
@@ -218,7 +219,9 @@ def test_logme_matches_a_direct_maximisation_of_the_evidence(n, d, seed):
     # alpha runs off to infinity, where LogME's 1e-5 guards stop it early; these seeds have none).
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3
-    features = 3 * F.one_hot(labels).float() @ torch.randn(3, d, generator=generator) + torch.randn(n, d, generator=generator)
+    features = 3 * F.one_hot(labels).float() @ torch.randn(3, d, generator=generator) + torch.randn(
+        n, d, generator=generator
+    )
     assert logme_evidence(features, labels) == pytest.approx(direct_logme(features, labels), abs=1e-4)
 
 
@@ -231,6 +234,8 @@ def test_logme_prefers_informative_features_to_random_ones():
 def test_logme_prefers_true_labels_to_shuffled_ones():
     generator = torch.Generator().manual_seed(3)
     labels = torch.arange(500) % 10
-    features = F.one_hot(labels).float() @ torch.randn(10, 64, generator=generator) + 0.1 * torch.randn(500, 64, generator=generator)
+    features = F.one_hot(labels).float() @ torch.randn(10, 64, generator=generator) + 0.1 * torch.randn(
+        500, 64, generator=generator
+    )
     shuffled = labels[torch.randperm(500, generator=generator)]
     assert logme_evidence(features, labels) > logme_evidence(features, shuffled)

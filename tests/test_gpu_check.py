@@ -13,9 +13,16 @@ from conftest import REPO
 
 
 def run(tmp_path, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "OPENBLAS_NUM_THREADS": "1", **env}
-    return subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh")], env=environment, capture_output=True, text=True,
-                          timeout=900)
+    environment = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+        "OPENBLAS_NUM_THREADS": "1",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(REPO / "scripts/gpu_check.sh")], env=environment, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -38,6 +45,14 @@ def test_the_cpu_dry_run_writes_one_row_per_stage(tmp_path):
     table = (tmp_path / "out/gpu_check.md").read_text()
     assert "| stage | sslfuse img/s | bare loop img/s | ratio |" in table and table in proc.stdout
     rows = json.loads((tmp_path / "out/gpu_check.json").read_text())["rows"]
-    assert [r["stage"].split(" (")[0] for r in rows] == ["pretrain simclr", "cache simclr", "cache external resnet50 at 32 px"]
+    assert [r["stage"].split(" (")[0] for r in rows] == [
+        "pretrain simclr",
+        "cache simclr",
+        "cache external resnet50 at 32 px",
+    ]
     for r in rows:
-        assert r["sslfuse_img_s"] > 0 and r["bare_img_s"] > 0 and r["ratio"] == pytest.approx(r["sslfuse_img_s"] / r["bare_img_s"], rel=0.01)
+        assert (
+            r["sslfuse_img_s"] > 0
+            and r["bare_img_s"] > 0
+            and r["ratio"] == pytest.approx(r["sslfuse_img_s"] / r["bare_img_s"], rel=0.01)
+        )

@@ -27,7 +27,10 @@ def write(path, array) -> str:
 
 
 def test_npy_and_pt_files_give_float_features_with_the_dataset_labels(tmp_path):
-    train, test = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float16), torch.randn(12, 5, dtype=torch.float64)
+    train, test = (
+        np.random.default_rng(0).normal(size=(30, 5)).astype(np.float16),
+        torch.randn(12, 5, dtype=torch.float64),
+    )
     spec = ImportedFeatures(write(tmp_path / "train.npy", train), write(tmp_path / "test.pt", test))
     features = load_imported("clip", spec, TRAIN_LABELS, TEST_LABELS)
     assert features.train.dtype == features.test.dtype == torch.float32
@@ -35,16 +38,19 @@ def test_npy_and_pt_files_give_float_features_with_the_dataset_labels(tmp_path):
     assert torch.equal(features.train_labels, TRAIN_LABELS) and torch.equal(features.test_labels, TEST_LABELS)
 
 
-@pytest.mark.parametrize(("name", "array", "message"), [
-    ("train.npy", np.zeros((29, 5), np.float32), r"shape \(29, 5\), needs \(30, dim\)"),
-    ("train.npy", np.zeros((30,), np.float32), r"shape \(30,\), needs \(30, dim\)"),
-    ("train.npy", np.zeros((30, 5), np.int64), "dtype int64, a float dtype is needed"),
-    ("train.npy", np.full((30, 5), np.nan, np.float32), "holds NaN or inf"),
-    ("train.npy", np.array([{"a": 1}] * 30, dtype=object), "not readable as an array"),
-    ("train.pt", {"features": torch.zeros(30, 5)}, "holds a dict, not one array"),
-    ("train.csv", None, r"give a \.npy, \.pt, \.pth file"),
-    ("absent.npy", None, "no such file"),
-])
+@pytest.mark.parametrize(
+    ("name", "array", "message"),
+    [
+        ("train.npy", np.zeros((29, 5), np.float32), r"shape \(29, 5\), needs \(30, dim\)"),
+        ("train.npy", np.zeros((30,), np.float32), r"shape \(30,\), needs \(30, dim\)"),
+        ("train.npy", np.zeros((30, 5), np.int64), "dtype int64, a float dtype is needed"),
+        ("train.npy", np.full((30, 5), np.nan, np.float32), "holds NaN or inf"),
+        ("train.npy", np.array([{"a": 1}] * 30, dtype=object), "not readable as an array"),
+        ("train.pt", {"features": torch.zeros(30, 5)}, "holds a dict, not one array"),
+        ("train.csv", None, r"give a \.npy, \.pt, \.pth file"),
+        ("absent.npy", None, "no such file"),
+    ],
+)
 def test_each_bad_file_is_refused_in_one_line_naming_it(tmp_path, name, array, message):
     path = tmp_path / name
     if path.suffix == ".csv":
@@ -58,7 +64,10 @@ def test_each_bad_file_is_refused_in_one_line_naming_it(tmp_path, name, array, m
 
 
 def test_splits_of_two_widths_and_names_of_built_in_pretexts_are_refused(tmp_path):
-    spec = ImportedFeatures(write(tmp_path / "a.npy", np.zeros((30, 5), np.float32)), write(tmp_path / "b.npy", np.zeros((12, 4), np.float32)))
+    spec = ImportedFeatures(
+        write(tmp_path / "a.npy", np.zeros((30, 5), np.float32)),
+        write(tmp_path / "b.npy", np.zeros((12, 4), np.float32)),
+    )
     with pytest.raises(UserError, match="train has 5 columns and test 4"):
         load_imported("clip", spec, TRAIN_LABELS, TEST_LABELS)
     with pytest.raises(UserError, match="imported.rotation: the name of a built-in pretext"):
@@ -82,8 +91,17 @@ def test_a_fuse_over_imported_arrays_equals_the_fuse_over_the_same_arrays_cached
     common = ["preset=smoke", "fusion=attention", "seed=1"]
     sslfuse("fuse", *common, "pretexts=[rotation,simclr]", "hydra.run.dir=cached", cwd=smoke_workspace)
     sslfuse("fuse", *common, "pretexts=[rot_copy,simclr]", *imported, "hydra.run.dir=imported", cwd=smoke_workspace)
-    cached, copied = (json.loads((smoke_workspace / run / "results.json").read_text()) for run in ("cached", "imported"))
+    cached, copied = (
+        json.loads((smoke_workspace / run / "results.json").read_text()) for run in ("cached", "imported")
+    )
     assert copied["method"] == "attention(rot_copy+simclr)"
-    for key in ("test_accuracy", "selected_l2", "selected_steps", "cv_accuracy", "labeled_indices_sha256", "screened_out"):
+    for key in (
+        "test_accuracy",
+        "selected_l2",
+        "selected_steps",
+        "cv_accuracy",
+        "labeled_indices_sha256",
+        "screened_out",
+    ):
         assert copied[key] == cached[key], key
     assert list(copied["mean_pretext_weights"].values()) == list(cached["mean_pretext_weights"].values())

@@ -13,7 +13,9 @@ from ssl_fusion.fusion import FUSIONS
 from ssl_fusion.fusion.protocol import fuse_once
 from ssl_fusion.runtime.errors import UserError
 
-LABELS = torch.cat([torch.full((n,), c) for c, n in enumerate([1000, 500, 200])])[torch.randperm(1700, generator=torch.Generator().manual_seed(3))]
+LABELS = torch.cat([torch.full((n,), c) for c, n in enumerate([1000, 500, 200])])[
+    torch.randperm(1700, generator=torch.Generator().manual_seed(3))
+]
 
 
 def test_fraction_keeps_each_class_share():
@@ -64,20 +66,25 @@ def test_a_published_split_file_gives_exactly_its_images(tmp_path):
     expected = torch.tensor(sorted(chosen))
     assert torch.equal(LabelsConfig(indices_file=str(lines)).subset(LABELS, seed=0), expected)
     assert torch.equal(LabelsConfig(indices_file=str(listed)).subset(LABELS, seed=5), expected)
-    result = fuse_once(informative_and_noise(), load_option(FUSIONS, "concat"), LabelsConfig(indices_file=str(lines)), seed=1)
+    result = fuse_once(
+        informative_and_noise(), load_option(FUSIONS, "concat"), LabelsConfig(indices_file=str(lines)), seed=1
+    )
     assert result["n_labeled"] == 40 and result["regime"] == "split.txt" and result["labels_indices_file"] == str(lines)
     assert result["labeled_indices_sha256"] == hashlib.sha256(expected.numpy().tobytes()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (None, "no file"),
-    ("", "needs at least one index"),
-    ("3\nseven\n", "not a JSON list or one integer index per line"),
-    ("[1, 2.5]", "each an integer"),
-    ("0\n1700\n", "index 1700 is outside the training split"),
-    ("-1\n", "index -1 is outside the training split"),
-    ("4\n9\n4\n", "index 4 is listed more than once"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no file"),
+        ("", "needs at least one index"),
+        ("3\nseven\n", "not a JSON list or one integer index per line"),
+        ("[1, 2.5]", "each an integer"),
+        ("0\n1700\n", "index 1700 is outside the training split"),
+        ("-1\n", "index -1 is outside the training split"),
+        ("4\n9\n4\n", "index 4 is listed more than once"),
+    ],
+)
 def test_a_bad_split_file_is_refused_in_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "split.txt"
     if content is not None:

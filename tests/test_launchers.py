@@ -19,10 +19,12 @@ def plugin_installed(module: str) -> bool:
 
 
 needs_joblib = pytest.mark.skipif(
-    not plugin_installed("hydra_plugins.hydra_joblib_launcher"), reason="hydra-joblib-launcher is not installed (pip install 'sslfuse[launchers]')"
+    not plugin_installed("hydra_plugins.hydra_joblib_launcher"),
+    reason="hydra-joblib-launcher is not installed (pip install 'sslfuse[launchers]')",
 )
 needs_submitit = pytest.mark.skipif(
-    not plugin_installed("hydra_plugins.hydra_submitit_launcher"), reason="hydra-submitit-launcher is not installed (pip install 'sslfuse[launchers]')"
+    not plugin_installed("hydra_plugins.hydra_submitit_launcher"),
+    reason="hydra-submitit-launcher is not installed (pip install 'sslfuse[launchers]')",
 )
 PRETEXTS = "pretexts=[rotation,random]"
 
@@ -35,8 +37,18 @@ def job_logs(sweep: Path) -> str:
 @needs_joblib
 def test_parallel_jobs_share_the_store_and_a_joblib_sweep_is_reported(tmp_path):
     # two concurrent jobs that need the same encoders and features: one builds each, the other reuses it
-    sslfuse("run", "-m", "preset=smoke", PRETEXTS, "fusions=[concat]", "seeds=[0],[1]", "hydra/launcher=local",
-            "hydra.launcher.n_jobs=2", "hydra.sweep.dir=prep", cwd=tmp_path)
+    sslfuse(
+        "run",
+        "-m",
+        "preset=smoke",
+        PRETEXTS,
+        "fusions=[concat]",
+        "seeds=[0],[1]",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweep.dir=prep",
+        cwd=tmp_path,
+    )
     logs = job_logs(tmp_path / "prep")
     for pretext in ("rotation", "random"):
         assert logs.count(f"pretraining encoder {pretext}-") == 1, logs
@@ -45,11 +57,25 @@ def test_parallel_jobs_share_the_store_and_a_joblib_sweep_is_reported(tmp_path):
     assert len(list(artifacts.glob("encoders/*/manifest.json"))) == 2
     assert len(list(artifacts.glob("features/*/manifest.json"))) == 2
 
-    sslfuse("fuse", "-m", "preset=smoke", PRETEXTS, "fusion=concat,mean", "seed=0,1", "labels.per_class=5",
-            "hydra/launcher=local", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    sslfuse(
+        "fuse",
+        "-m",
+        "preset=smoke",
+        PRETEXTS,
+        "fusion=concat,mean",
+        "seed=0,1",
+        "labels.per_class=5",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     results = sorted((tmp_path / "sweep").glob("*/results.json"))
     assert [path.parent.name for path in results] == ["0", "1", "2", "3"], "every job wrote its results"
-    assert {json.loads(path.read_text())["method"] for path in results} == {"concat(rotation+random)", "mean(rotation+random)"}
+    assert {json.loads(path.read_text())["method"] for path in results} == {
+        "concat(rotation+random)",
+        "mean(rotation+random)",
+    }
     sslfuse("report", "sweep", cwd=tmp_path)
     table = pd.read_csv(tmp_path / "sweep" / "report.csv")
     assert sorted(table["method"]) == ["concat(rotation+random)", "mean(rotation+random)"]
@@ -59,7 +85,8 @@ def test_parallel_jobs_share_the_store_and_a_joblib_sweep_is_reported(tmp_path):
 @needs_submitit
 @pytest.mark.parametrize("launcher", ["slurm", pytest.param("submitit_slurm", marks=pytest.mark.slow)])
 def test_slurm_launcher_config_composes(tmp_path, launcher):
-    """The project's SLURM launcher config (fast tier) and the plugin's own (slow: a second ~5 s CLI start that adds little)."""
+    """The project's SLURM launcher config (fast tier) and the plugin's own (slow: a second ~5 s CLI start that adds
+    little)."""
     out = sslfuse("fuse", f"hydra/launcher={launcher}", "--cfg", "hydra", cwd=tmp_path).stdout
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
     assert f"hydra/launcher: {launcher}" in out

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from test_report import result_record
 
 from ssl_fusion.report.paired import (
     Primary,
@@ -26,11 +27,17 @@ from ssl_fusion.report.tables import (
     write_report,
 )
 from ssl_fusion.runtime.errors import UserError
-from test_report import result_record
 
 
-def result(method: str, pretexts: list[str], accuracy: float, seed: int, encoder_seed: int = 0,
-           cv_accuracy: float | None = None, regime: str = "1%") -> dict:
+def result(
+    method: str,
+    pretexts: list[str],
+    accuracy: float,
+    seed: int,
+    encoder_seed: int = 0,
+    cv_accuracy: float | None = None,
+    regime: str = "1%",
+) -> dict:
     return result_record(method, pretexts, accuracy, seed, regime, cv_accuracy=cv_accuracy, encoder_seed=encoder_seed)
 
 
@@ -45,11 +52,19 @@ def test_only_results_on_the_same_subset_encoders_and_pretexts_are_paired(tmp_pa
     """attention ran on label seeds 0, 1, 2 and concat on 0, 1, 5: two pairs. concat of encoder seed 1 and concat
     over other pretexts share label seeds with attention but are never its pair."""
     pretexts = ["a", "b"]
-    results = write(tmp_path, [
-        result("attention", pretexts, 0.82, 0), result("attention", pretexts, 0.80, 1), result("attention", pretexts, 0.90, 2),
-        result("concat", pretexts, 0.80, 0), result("concat", pretexts, 0.81, 1), result("concat", pretexts, 0.10, 5),
-        result("concat", pretexts, 0.10, 0, encoder_seed=1), result("concat", ["a", "b", "noise"], 0.10, 1),
-    ])
+    results = write(
+        tmp_path,
+        [
+            result("attention", pretexts, 0.82, 0),
+            result("attention", pretexts, 0.80, 1),
+            result("attention", pretexts, 0.90, 2),
+            result("concat", pretexts, 0.80, 0),
+            result("concat", pretexts, 0.81, 1),
+            result("concat", pretexts, 0.10, 5),
+            result("concat", pretexts, 0.10, 0, encoder_seed=1),
+            result("concat", ["a", "b", "noise"], 0.10, 1),
+        ],
+    )
     table = paired_differences(results, ["concat"]).set_index(["method", "reference"])
     row = table.loc[("attention(a+b)", "concat")]
     assert row["pairs"] == "2"
@@ -62,8 +77,11 @@ def test_best_single_is_chosen_on_validation_not_test(tmp_path):
     """single(a) has the better test accuracy, single(b) the better cross-validation accuracy: the reference is b."""
     records = []
     for seed in range(3):
-        records += [result("single", ["a"], 0.90, seed, cv_accuracy=0.60), result("single", ["b"], 0.70, seed, cv_accuracy=0.80),
-                    result("concat", ["a", "b"], 0.75 + 0.01 * seed, seed)]
+        records += [
+            result("single", ["a"], 0.90, seed, cv_accuracy=0.60),
+            result("single", ["b"], 0.70, seed, cv_accuracy=0.80),
+            result("concat", ["a", "b"], 0.75 + 0.01 * seed, seed),
+        ]
     table = paired_differences(write(tmp_path, records)).set_index(["method", "reference"])
     row = table.loc[("concat(a+b)", "best single on validation (b)")]
     assert row["difference"] == pytest.approx(6.0)
@@ -77,9 +95,16 @@ def test_best_single_is_chosen_on_validation_not_test(tmp_path):
 
 
 def test_encoder_seeds_pool_only_under_their_names_with_n_as_a_product(tmp_path):
-    records = [result("concat", ["a", "b"], 0.70 + 0.1 * encoder_seed + 0.01 * seed, seed, encoder_seed)
-               for encoder_seed in (0, 1) for seed in range(3)]
-    records += [result("mean", ["a", "b"], 0.70 + 0.1 * encoder_seed, seed, encoder_seed) for encoder_seed in (0, 1) for seed in range(3)]
+    records = [
+        result("concat", ["a", "b"], 0.70 + 0.1 * encoder_seed + 0.01 * seed, seed, encoder_seed)
+        for encoder_seed in (0, 1)
+        for seed in range(3)
+    ]
+    records += [
+        result("mean", ["a", "b"], 0.70 + 0.1 * encoder_seed, seed, encoder_seed)
+        for encoder_seed in (0, 1)
+        for seed in range(3)
+    ]
     results = write(tmp_path, records)
     pooled = pooled_over_encoder_seeds(results).set_index("method")
     assert pooled.loc["concat(a+b)", "encoder_seed"] == "0+1"
@@ -108,7 +133,9 @@ def test_one_pooled_row_per_method_is_not_made_from_one_encoder_seed(tmp_path):
 
 def test_unknown_reference_is_refused_in_one_line(tmp_path):
     write(tmp_path, [result("concat", ["a", "b"], 0.7, 0), result("mean", ["a", "b"], 0.6, 0)])
-    with pytest.raises(UserError, match=r"reference 'attention' is not among the results' methods; valid: concat, mean, best-single"):
+    with pytest.raises(
+        UserError, match=r"reference 'attention' is not among the results' methods; valid: concat, mean, best-single"
+    ):
         write_report(tmp_path, references=["attention"])
     assert parse_arguments([str(tmp_path), "--reference=mean,best-single"]) == (tmp_path, ["mean", "best-single"], [])
     with pytest.raises(UserError, match="usage: sslfuse report"):
@@ -119,11 +146,18 @@ def test_the_cost_of_a_control_pretext_is_paired_within_one_method_and_its_optio
     """attention loses 1 and 3 points when noise is added (label seeds 0 and 1); seed 2 has no result without noise
     and is not paired; attention with other options is another method, compared only with itself."""
     with_noise, without = ["a", "b", "noise"], ["a", "b"]
-    results = write(tmp_path, [
-        result("attention", with_noise, 0.79, 0), result("attention", with_noise, 0.77, 1), result("attention", with_noise, 0.10, 2),
-        result("attention", without, 0.80, 0), result("attention", without, 0.80, 1),
-        result("attention[screen=False]", with_noise, 0.70, 0), result("attention[screen=False]", without, 0.80, 0),
-    ])
+    results = write(
+        tmp_path,
+        [
+            result("attention", with_noise, 0.79, 0),
+            result("attention", with_noise, 0.77, 1),
+            result("attention", with_noise, 0.10, 2),
+            result("attention", without, 0.80, 0),
+            result("attention", without, 0.80, 1),
+            result("attention[screen=False]", with_noise, 0.70, 0),
+            result("attention[screen=False]", without, 0.80, 0),
+        ],
+    )
     costs = paired_control_costs(results, ("noise", "random")).set_index("method")
     assert costs.loc["attention", "difference"] == pytest.approx(-2.0)
     assert (costs.loc["attention", "pairs"], costs.loc["attention", "W/T/L"]) == ("2", "0/0/2")
@@ -133,10 +167,14 @@ def test_the_cost_of_a_control_pretext_is_paired_within_one_method_and_its_optio
 
 def test_primary_is_parsed_with_options_and_refused_in_one_line_when_malformed(tmp_path):
     folder, references, primaries = parse_arguments(
-        [str(tmp_path), "--primary=attention[combine=concat,screen=False]:concat,mean:best-single", "--primary=a:b"])
+        [str(tmp_path), "--primary=attention[combine=concat,screen=False]:concat,mean:best-single", "--primary=a:b"]
+    )
     assert (folder, references) == (tmp_path, None)
-    assert primaries == [Primary("attention[combine=concat,screen=False]", "concat"), Primary("mean", "best-single"),
-                         Primary("a", "b")]
+    assert primaries == [
+        Primary("attention[combine=concat,screen=False]", "concat"),
+        Primary("mean", "best-single"),
+        Primary("a", "b"),
+    ]
     for bad in ("--primary=attention", "--primary=:concat", "--primary=attention:"):
         with pytest.raises(UserError, match=r"report: --primary: '.*' is not method:reference; usage: sslfuse report"):
             parse_arguments([str(tmp_path), bad])
@@ -169,7 +207,8 @@ def test_primaries_are_holm_adjusted_as_one_family_and_the_rest_is_exploratory(t
     only_one = paired_differences(results, None, [Primary("attention", "concat")]).set_index(["method", "reference"])
     assert only_one.loc[("attention(a+b)", "concat"), "role"] == "primary"
     assert only_one.loc[("attention(a+b)", "concat"), "p (Holm)"] == pytest.approx(
-        only_one.loc[("attention(a+b)", "concat"), "p"])  # a family of one: nothing to adjust
+        only_one.loc[("attention(a+b)", "concat"), "p"]
+    )  # a family of one: nothing to adjust
     assert set(only_one.drop(("attention(a+b)", "concat"))["role"]) == {"exploratory"}
 
 
@@ -188,8 +227,11 @@ def test_a_primary_that_names_no_comparison_is_refused_and_the_report_draws_the_
 
 
 def test_one_encoder_seed_gives_an_interval_conditional_on_that_encoder(tmp_path):
-    records = [result(title, ["a", "b"], 0.8 + gain + 0.01 * seed * (title == "attention"), seed, encoder_seed=3)
-               for seed in range(4) for title, gain in (("concat", 0.0), ("attention", 0.01))]
+    records = [
+        result(title, ["a", "b"], 0.8 + gain + 0.01 * seed * (title == "attention"), seed, encoder_seed=3)
+        for seed in range(4)
+        for title, gain in (("concat", 0.0), ("attention", 0.01))
+    ]
     write(tmp_path, records)
     _, md_path, _ = write_report(tmp_path)
     markdown = md_path.read_text()

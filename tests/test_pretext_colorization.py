@@ -95,15 +95,27 @@ def test_check_refuses_a_grayscale_dataset():
     _, rgb = load_dataset({"name": "synthetic", "channels": 3, "n_train": 8, "n_test": 8}, None)
     check(ColorizationConfig(name="colorization"), rgb)
     _, gray = load_dataset({"name": "synthetic", "channels": 1, "n_train": 8, "n_test": 8}, None)
-    with pytest.raises(UserError, match=r"^pretext colorization needs RGB images \(3 channels\), but the dataset has 1 channel") as err:
+    with pytest.raises(
+        UserError, match=r"^pretext colorization needs RGB images \(3 channels\), but the dataset has 1 channel"
+    ) as err:
         check(ColorizationConfig(name="colorization"), gray)
     assert "\n" not in str(err.value)
 
 
 def coloured_classes() -> ImageData:
-    """40 synthetic RGB classes: each class prototype is its own colour pattern, so colour follows the class (and its lightness)."""
+    """40 synthetic RGB classes: each class prototype is its own colour pattern, so colour follows the class (and its
+    lightness)."""
     _, data = load_dataset(
-        {"name": "synthetic", "channels": 3, "num_classes": 40, "n_train": 2000, "n_test": 500, "image_size": 16, "noise": 0.4}, None
+        {
+            "name": "synthetic",
+            "channels": 3,
+            "num_classes": 40,
+            "n_train": 2000,
+            "n_test": 500,
+            "image_size": 16,
+            "noise": 0.4,
+        },
+        None,
     )
     return data
 
@@ -114,12 +126,22 @@ def as_lightness(data: ImageData) -> ImageData:
     def lightness(images: torch.Tensor) -> torch.Tensor:
         return (colorization_pairs(images.float() / 255)[0] * 255).round().to(torch.uint8).contiguous()
 
-    return ImageData(lightness(data.train_images), data.train_labels, lightness(data.test_images), data.test_labels, data.classes)
+    return ImageData(
+        lightness(data.train_images), data.train_labels, lightness(data.test_images), data.test_labels, data.classes
+    )
 
 
 def probe_context(data: ImageData) -> StageContext:
-    return StageContext(SyntheticConfig(name="synthetic"), data, SmallCNNConfig(name="small_cnn"), CPU,
-                        resolve_precision("auto", CPU), None, TrainOverrides(), 0)
+    return StageContext(
+        SyntheticConfig(name="synthetic"),
+        data,
+        SmallCNNConfig(name="small_cnn"),
+        CPU,
+        resolve_precision("auto", CPU),
+        None,
+        TrainOverrides(),
+        0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +157,15 @@ def coloured_knn(tmp_path_factory) -> dict:
     recipe = ColorizationConfig(name="colorization", epochs=6, batch_size=64, lr=0.005)
     model = PRETEXTS.get("colorization").impl(recipe, encoder).to(memory_format=torch.channels_last)
     checkpoint = tmp_path_factory.mktemp("colorization") / "ckpt.pt"
-    result = train_pretext(model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), 0, checkpoint)
+    result = train_pretext(
+        model, data.train_images, data.train_labels, recipe, CPU, resolve_precision("auto", CPU), 0, checkpoint
+    )
     lightness = as_lightness(data)
     whole = ProbeConfig(max_train=None, max_test=None)
-    probe = [probe_encoder(probe_context(data), e, whole, Colorization.encoder_input)["knn_accuracy"] for e in (encoder, untrained)]
+    probe = [
+        probe_encoder(probe_context(data), e, whole, Colorization.encoder_input)["knn_accuracy"]
+        for e in (encoder, untrained)
+    ]
     return {
         "losses": result.epoch_losses,
         "lightness": (knn_of(encoder, lightness), knn_of(untrained, lightness)),
@@ -176,8 +203,16 @@ def test_the_stored_encoder_is_cached_on_lightness_of_the_rgb_images(tmp_path):
     """Pretraining stores a colorization encoder whose statistics are those of lightness and whose manifest records
     it; the cache stage, given the RGB dataset, stores the features of the lightness images."""
     _, data = load_dataset({"name": "synthetic", "channels": 3, "n_train": 64, "n_test": 32, "image_size": 16}, None)
-    ctx = StageContext(SyntheticConfig(name="synthetic"), data, SmallCNNConfig(name="small_cnn", widths=[8, 16]), CPU,
-                       torch.float32, ArtifactStore(tmp_path), TrainOverrides(epochs=1, batch_size=32, max_steps_per_epoch=2), 0)
+    ctx = StageContext(
+        SyntheticConfig(name="synthetic"),
+        data,
+        SmallCNNConfig(name="small_cnn", widths=[8, 16]),
+        CPU,
+        torch.float32,
+        ArtifactStore(tmp_path),
+        TrainOverrides(epochs=1, batch_size=32, max_steps_per_epoch=2),
+        0,
+    )
     name, manifest, _ = ensure_encoder(ctx, pretext_recipe("colorization", ctx.overrides), ProbeConfig())
     assert manifest["config"]["input"] == "lightness" and manifest["data"]["channels"] == 3
     features_name, _, _ = ensure_features(ctx, name, 16)
@@ -189,11 +224,15 @@ def test_the_stored_encoder_is_cached_on_lightness_of_the_rgb_images(tmp_path):
         with torch.no_grad():
             expected = encoder(colorization_pairs(images.float() / 255)[0])
         rgb = extract_features(encoder, images, 16, CPU, torch.float32)
-        assert torch.allclose(features, expected, rtol=2e-3, atol=2e-3), (features - expected).abs().max()  # stored as float16
+        assert torch.allclose(features, expected, rtol=2e-3, atol=2e-3), (
+            (features - expected).abs().max()
+        )  # stored as float16
         assert (features - rgb).abs().max() > 0.1 * rgb.abs().max()
 
 
 def test_the_cache_refuses_an_encoder_recorded_as_trained_on_another_input():
     assert stored_pretext({"pretext": {"name": "colorization"}, "input": "lightness"}, "colorization-0") is Colorization
-    with pytest.raises(UserError, match=r"^encoder 'colorization-0' was trained on images, but pretext 'colorization' feeds"):
+    with pytest.raises(
+        UserError, match=r"^encoder 'colorization-0' was trained on images, but pretext 'colorization' feeds"
+    ):
         stored_pretext({"pretext": {"name": "colorization"}, "input": "images"}, "colorization-0")

@@ -65,7 +65,9 @@ def test_the_target_is_the_clean_original():
     model.decoder.forward = lambda features, size: torch.logit(images)
     assert model.loss(images, torch.zeros(4, dtype=torch.long)) < 1e-10
     assert not torch.equal(seen[0], images)
-    model.decoder.forward = lambda features, size: torch.logit(seen[-1].clamp(1e-4, 1 - 1e-4))  # echoing the input is wrong
+    model.decoder.forward = lambda features, size: torch.logit(
+        seen[-1].clamp(1e-4, 1 - 1e-4)
+    )  # echoing the input is wrong
     assert model.loss(images, torch.zeros(4, dtype=torch.long)) > 0.01
 
 

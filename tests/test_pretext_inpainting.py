@@ -63,9 +63,14 @@ def test_masked_loss_ignores_the_visible_pixels_and_all_does_not():
     _, mask = mask_patches(images, 4, 0.5, "zero")
     wrong_outside = torch.where(mask, images, 1 - images)
     assert reconstruction_loss(wrong_outside, images, mask, "masked") == 0
-    assert torch.allclose(reconstruction_loss(wrong_outside, images, mask, "all"), ((1 - 2 * images) ** 2 * ~mask).mean())
+    assert torch.allclose(
+        reconstruction_loss(wrong_outside, images, mask, "all"), ((1 - 2 * images) ** 2 * ~mask).mean()
+    )
     wrong_inside = torch.where(mask, 1 - images, images)
-    assert torch.allclose(reconstruction_loss(wrong_inside, images, mask, "masked"), ((1 - 2 * images)[mask.expand_as(images)] ** 2).mean())
+    assert torch.allclose(
+        reconstruction_loss(wrong_inside, images, mask, "masked"),
+        ((1 - 2 * images)[mask.expand_as(images)] ** 2).mean(),
+    )
 
 
 def test_a_few_steps_lower_the_loss_under_bf16_channels_last():
@@ -73,7 +78,11 @@ def test_a_few_steps_lower_the_loss_under_bf16_channels_last():
     _, data = load_dataset({"name": "synthetic", "n_train": 64, "n_test": 8, "image_size": 16}, None)
     images = data.train_images.float() / 255
     encoder = tiny_encoder()
-    model = PRETEXTS.get("inpainting").impl(InpaintingConfig(name="inpainting"), encoder).to(memory_format=torch.channels_last)
+    model = (
+        PRETEXTS.get("inpainting")
+        .impl(InpaintingConfig(name="inpainting"), encoder)
+        .to(memory_format=torch.channels_last)
+    )
     assert_loss_falls(model, images, data.train_labels, 0.5, bf16=True)
 
 
@@ -81,7 +90,9 @@ def test_check_refuses_a_patch_size_that_does_not_divide_the_image_and_a_bad_rat
     _, data = load_dataset({"name": "synthetic", "n_train": 8, "n_test": 8, "image_size": 28}, None)
     check = PRETEXTS.get("inpainting").impl.check
     check(InpaintingConfig(name="inpainting", patch_size=7), data)
-    with pytest.raises(UserError, match=r"pretext.patch_size: 5 does not divide the 28x28 images; allowed: 1, 2, 4, 7, 14, 28"):
+    with pytest.raises(
+        UserError, match=r"pretext.patch_size: 5 does not divide the 28x28 images; allowed: 1, 2, 4, 7, 14, 28"
+    ):
         check(InpaintingConfig(name="inpainting", patch_size=5), data)
     for ratio in (0.0, 1.0, -0.2, 1.5):
         with pytest.raises(UserError, match=rf"pretext.mask_ratio: {ratio} must be in \(0, 1\)"):

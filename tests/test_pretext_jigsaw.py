@@ -50,7 +50,9 @@ def test_inverse_of_the_labeled_permutation_restores_the_image(shape):
         for position, source in enumerate(permutations[label].tolist()):
             (row, col), (src_row, src_col) = divmod(position, grid), divmod(source, grid)
             got = image[:, row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
-            assert torch.equal(got, original[:, src_row * tile : (src_row + 1) * tile, src_col * tile : (src_col + 1) * tile])
+            assert torch.equal(
+                got, original[:, src_row * tile : (src_row + 1) * tile, src_col * tile : (src_col + 1) * tile]
+            )
         assert torch.equal(image, original) == (label == 0)
 
 
@@ -87,7 +89,9 @@ def test_a_few_steps_lower_the_loss():
 
 def test_check_refuses_a_grid_that_does_not_divide_the_image_and_bad_permutation_counts():
     check = PRETEXTS.get("jigsaw").impl.check
-    with pytest.raises(UserError, match=r"pretext\.grid=4 must divide the image size 30x30; allowed: 2, 3, 5, 6, 10, 15, 30"):
+    with pytest.raises(
+        UserError, match=r"pretext\.grid=4 must divide the image size 30x30; allowed: 2, 3, 5, 6, 10, 15, 30"
+    ):
         check(JigsawConfig(name="jigsaw", grid=4), image_data(1, 30, 30))
     with pytest.raises(UserError, match=r"pretext\.grid=1 must divide"):
         check(JigsawConfig(name="jigsaw", grid=1), image_data(1, 28, 28))
@@ -115,5 +119,9 @@ def test_short_pretraining_solves_held_out_puzzles(tmp_path):
     shuffled, order = jigsaw_pseudo_labels(images, model.permutations, recipe.grid)
     model.eval()
     with torch.no_grad():
-        solved = (model.head(model.encoder(shuffled.contiguous(memory_format=torch.channels_last))).argmax(1) == order).float().mean()
+        solved = (
+            (model.head(model.encoder(shuffled.contiguous(memory_format=torch.channels_last))).argmax(1) == order)
+            .float()
+            .mean()
+        )
     assert solved > 0.3, float(solved)

@@ -52,10 +52,15 @@ def test_label_is_the_offset_of_the_neighbour_patch(size, gap, jitter, all_neigh
     torch.manual_seed(0)
     height, width = size
     cell_h, cell_w = height // 3, width // 3
-    centres, neighbours, labels = relative_location_pseudo_labels(coordinate_images(256, height, width), gap, jitter, all_neighbours)
+    centres, neighbours, labels = relative_location_pseudo_labels(
+        coordinate_images(256, height, width), gap, jitter, all_neighbours
+    )
     patch_h, patch_w = cell_h - gap - jitter, cell_w - gap - jitter
     assert centres.shape == (256, 2, patch_h, patch_w)
-    assert neighbours.shape == (256, 8 if all_neighbours else 1, 2, patch_h, patch_w) and labels.shape == neighbours.shape[:2]
+    assert (
+        neighbours.shape == (256, 8 if all_neighbours else 1, 2, patch_h, patch_w)
+        and labels.shape == neighbours.shape[:2]
+    )
     if all_neighbours:
         assert torch.equal(labels, torch.arange(8).expand(256, -1))
     else:
@@ -102,13 +107,18 @@ def test_batchnorm_running_statistics_are_those_of_whole_images():
     for whole_image_statistics in (True, False):
         encoder = tiny_encoder()
         reference = copy.deepcopy(encoder)
-        cfg = RelativeLocationConfig(name="relative_location", flip=False, whole_image_statistics=whole_image_statistics)
+        cfg = RelativeLocationConfig(
+            name="relative_location", flip=False, whole_image_statistics=whole_image_statistics
+        )
         PRETEXTS.get("relative_location").impl(cfg, encoder).loss(images, torch.zeros(16, dtype=torch.long))
         with torch.no_grad():
             reference(images)
         norms = [(m, r) for m, r in zip(encoder.modules(), reference.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
         assert len(norms) == 4
-        same = all(torch.allclose(m.running_mean, r.running_mean) and torch.allclose(m.running_var, r.running_var) for m, r in norms)
+        same = all(
+            torch.allclose(m.running_mean, r.running_mean) and torch.allclose(m.running_var, r.running_var)
+            for m, r in norms
+        )
         assert same == whole_image_statistics
         assert all(m.momentum == 0.1 for m, _ in norms)
 
@@ -116,7 +126,10 @@ def test_batchnorm_running_statistics_are_those_of_whole_images():
 def test_check_refuses_images_too_small_for_a_3x3_grid_of_7px_patches():
     check = PRETEXTS.get("relative_location").impl.check
     default = RelativeLocationConfig(name="relative_location")
-    with pytest.raises(UserError, match=r"patches of at least 7 px: image size 26x28 .*pretext\.gap=1 .*pretext\.jitter=1 .*at least 27x27"):
+    with pytest.raises(
+        UserError,
+        match=r"patches of at least 7 px: image size 26x28 .*pretext\.gap=1 .*pretext\.jitter=1 .*at least 27x27",
+    ):
         check(default, image_data(1, 26, 28))
     check(default, image_data(1, 27, 27))
     check(default, image_data(3, 32, 32))

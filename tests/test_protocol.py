@@ -71,10 +71,14 @@ def test_pretext_matching_by_cross_validation_is_refused_with_one_label_per_clas
 
 @pytest.mark.parametrize("per_class", [2, 5])
 def test_few_labels_per_class_give_a_result_from_every_fold(per_class):
-    result = fuse_once(informative_and_noise(), load_option(FUSIONS, "concat"), LabelsConfig(fraction=None, per_class=per_class), 0)
+    result = fuse_once(
+        informative_and_noise(), load_option(FUSIONS, "concat"), LabelsConfig(fraction=None, per_class=per_class), 0
+    )
     assert result["folds"] == per_class and result["n_labeled"] == 5 * per_class
     # the cross-validated accuracy counts every labeled image once: a multiple of 1 / n_labeled
-    assert result["cv_accuracy"] * result["n_labeled"] == pytest.approx(round(result["cv_accuracy"] * result["n_labeled"]))
+    assert result["cv_accuracy"] * result["n_labeled"] == pytest.approx(
+        round(result["cv_accuracy"] * result["n_labeled"])
+    )
 
 
 def test_the_stacked_cross_validation_equals_each_fold_trained_alone():
@@ -100,13 +104,16 @@ def test_the_stacked_cross_validation_equals_each_fold_trained_alone():
     assert stacked.accuracy == pytest.approx(correct / len(labels))
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("eval_every", 500, r"fusion\.eval_every must be in \[1, fusion\.steps\]"),
-    ("l2_grid", [], r"fusion\.l2_grid must be a non-empty list"),
-    ("restarts", 0, r"fusion\.restarts must be >= 1"),
-    ("folds", 1, r"fusion\.folds must be >= 2"),
-    ("steps", 0, r"fusion\.steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("eval_every", 500, r"fusion\.eval_every must be in \[1, fusion\.steps\]"),
+        ("l2_grid", [], r"fusion\.l2_grid must be a non-empty list"),
+        ("restarts", 0, r"fusion\.restarts must be >= 1"),
+        ("folds", 1, r"fusion\.folds must be >= 2"),
+        ("steps", 0, r"fusion\.steps must be >= 1"),
+    ],
+)
 def test_head_options_out_of_range_are_refused_in_one_line_naming_the_key(option, value, message):
     with pytest.raises(UserError, match=message):
         FUSIONS.typed_config({"name": "attention", option: value}, key="fusion")
@@ -126,16 +133,28 @@ def test_the_protocol_runs_on_plain_numpy_arrays_as_on_feature_sets():
     arrays = {name: fs.train.numpy() for name, fs in features.items()}
     tests = {name: fs.test.numpy() for name, fs in features.items()}
     good = features["good"]
-    from_arrays = fuse_arrays(arrays, good.train_labels.numpy(), tests, good.test_labels.numpy(), "concat", fraction=0.05, seed=1)
+    from_arrays = fuse_arrays(
+        arrays, good.train_labels.numpy(), tests, good.test_labels.numpy(), "concat", fraction=0.05, seed=1
+    )
     from_sets = fuse_once(features, load_option(FUSIONS, "concat"), LabelsConfig(fraction=0.05), 1)
-    for key in ("test_accuracy", "selected_l2", "selected_steps", "cv_accuracy", "screened_out", "labeled_indices_sha256"):
+    for key in (
+        "test_accuracy",
+        "selected_l2",
+        "selected_steps",
+        "cv_accuracy",
+        "screened_out",
+        "labeled_indices_sha256",
+    ):
         assert from_arrays[key] == from_sets[key], key
 
 
-@pytest.mark.parametrize(("train", "message"), [
-    ({"good": np.zeros((10, 4))}, r"train features of 'good' must be \(samples, dim\) with 600 rows"),
-    ({"good": np.full((600, 4), np.nan)}, r"train features of 'good' hold NaN or inf"),
-])
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"good": np.zeros((10, 4))}, r"train features of 'good' must be \(samples, dim\) with 600 rows"),
+        ({"good": np.full((600, 4), np.nan)}, r"train features of 'good' hold NaN or inf"),
+    ],
+)
 def test_arrays_of_the_wrong_shape_or_with_nan_are_refused_naming_the_pretext(train, message):
     good = informative_and_noise()["good"]
     with pytest.raises(UserError, match=message):
@@ -151,7 +170,10 @@ def test_nothing_about_the_test_labels_reaches_training_or_selection():
     scrambled = {name: dataclasses.replace(fs, test_labels=fs.test_labels[shuffle]) for name, fs in features.items()}
     for name in ("attention", "concat", "select"):
         cfg = load_option(FUSIONS, name)
-        honest, blind = fuse_once(features, cfg, LabelsConfig(fraction=0.05), 0), fuse_once(scrambled, cfg, LabelsConfig(fraction=0.05), 0)
+        honest, blind = (
+            fuse_once(features, cfg, LabelsConfig(fraction=0.05), 0),
+            fuse_once(scrambled, cfg, LabelsConfig(fraction=0.05), 0),
+        )
         for key in ("selected_l2", "selected_steps", "cv_accuracy", "final_loss", "labeled_indices_sha256"):
             assert honest[key] == blind[key], (name, key)
         assert honest["test_accuracy"] > 0.5, (name, honest["test_accuracy"])
@@ -164,12 +186,18 @@ def test_pretext_matching_picks_the_informative_pretext(criterion):
     result = fuse_once(informative_and_noise(), cfg, LabelsConfig(fraction=0.1), seed=0)
     assert result["chosen_pretext"] == "good"
     assert result["selection_scores"]["good"] > result["selection_scores"]["noise"]
-    assert result["method"].startswith("select[oracle: uses test]" if criterion == "oracle" else f"select[by={criterion}]")
+    assert result["method"].startswith(
+        "select[oracle: uses test]" if criterion == "oracle" else f"select[by={criterion}]"
+    )
     assert result["uses_test"] == (criterion == "oracle")
 
 
 def test_macro_f1_matches_scikit_learn():
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (200,), generator=generator)
-    predictions = torch.where(torch.rand(200, generator=generator) < 0.7, labels, torch.randint(0, 5, (200,), generator=generator))
-    assert macro_f1(predictions, labels) == pytest.approx(f1_score(labels.numpy(), predictions.numpy(), average="macro"))
+    predictions = torch.where(
+        torch.rand(200, generator=generator) < 0.7, labels, torch.randint(0, 5, (200,), generator=generator)
+    )
+    assert macro_f1(predictions, labels) == pytest.approx(
+        f1_score(labels.numpy(), predictions.numpy(), average="macro")
+    )

@@ -41,9 +41,17 @@ def test_short_rotation_pretraining_beats_random_init_on_knn(tmp_path):
 @needs_fashion_mnist
 def test_whole_run_on_real_images(tmp_path):
     sslfuse(
-        "run", "dataset.max_train=2000", "dataset.max_test=1000", "probe.max_test=500", "train.epochs=1",
-        "pretexts=[rotation,random]", "fusions=[attention,single]", "seeds=[0,1]", "labels.fraction=0.05",
-        "hydra.run.dir=real", cwd=tmp_path,
+        "run",
+        "dataset.max_train=2000",
+        "dataset.max_test=1000",
+        "probe.max_test=500",
+        "train.epochs=1",
+        "pretexts=[rotation,random]",
+        "fusions=[attention,single]",
+        "seeds=[0,1]",
+        "labels.fraction=0.05",
+        "hydra.run.dir=real",
+        cwd=tmp_path,
     )
     report = pd.read_csv(tmp_path / "real" / "report.csv").set_index("method")
     assert set(report.index) == {"attention(rotation+random)", "single(rotation)", "single(random)"}

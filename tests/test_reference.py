@@ -38,7 +38,9 @@ def cache_features(tmp_path) -> list[str]:
     ctx = open_context(logreg_concat.fuse_config(overrides), 0)
     generator = np.random.default_rng(0)
     for pretext, width in (("rotation", 8), ("simclr", 5)):
-        name = features_artifact(ctx, encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch))
+        name = features_artifact(
+            ctx, encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
+        )
         with ctx.store.staging(FEATURES_KIND, name) as scratch:
             for split, labels in (("train", ctx.data.train_labels), ("test", ctx.data.test_labels)):
                 rows = generator.normal(size=(len(labels), width)).astype(np.float16)
@@ -54,11 +56,17 @@ def test_reference_reads_the_fuse_subsets_and_writes_fuse_shaped_results(tmp_pat
     overrides = cache_features(tmp_path)
     written = logreg_concat.main(["--seeds", "0,1", "--out", str(tmp_path / "out"), *overrides, "labels.per_class=5"])
     assert [p.relative_to(tmp_path / "out").as_posix() for p in written] == [
-        "rotation+simclr_5-class/seed_0/results.json", "rotation+simclr_5-class/seed_1/results.json"]
+        "rotation+simclr_5-class/seed_0/results.json",
+        "rotation+simclr_5-class/seed_1/results.json",
+    ]
     cfg = logreg_concat.fuse_config([*overrides, "labels.per_class=5", "fusion=concat"])
     ctx = open_context(cfg, 0)
-    features = {p: load_features(ctx.store, features_artifact(ctx, encoder_artifact(ctx, pretext_recipe(p, ctx.overrides), None)))
-                for p in ("rotation", "simclr")}
+    features = {
+        p: load_features(
+            ctx.store, features_artifact(ctx, encoder_artifact(ctx, pretext_recipe(p, ctx.overrides), None))
+        )
+        for p in ("rotation", "simclr")
+    }
     concat = FUSIONS.typed_config(cfg.fusion, key="fusion")
     for seed, path in enumerate(written):
         record = json.loads(path.read_text())
@@ -74,13 +82,17 @@ def test_reference_reads_the_fuse_subsets_and_writes_fuse_shaped_results(tmp_pat
         assert set(head) >= {k for k in record if k not in ("selected_c", "predictions_file")}  # written: the files
     assert written[0].with_suffix(".csv").is_file()
     # another seed draws another subset
-    assert json.loads(written[0].read_text())["labeled_indices_sha256"] != json.loads(written[1].read_text())["labeled_indices_sha256"]
+    assert (
+        json.loads(written[0].read_text())["labeled_indices_sha256"]
+        != json.loads(written[1].read_text())["labeled_indices_sha256"]
+    )
 
 
 def test_noise_features_alone_score_near_chance(tmp_path, one_thread):
     overrides = cache_features(tmp_path)
-    (path,) = logreg_concat.main(["--seeds", "3", "--out", str(tmp_path / "out"), *overrides, "pretexts=[simclr]",
-                                  "labels.fraction=0.1"])
+    (path,) = logreg_concat.main(
+        ["--seeds", "3", "--out", str(tmp_path / "out"), *overrides, "pretexts=[simclr]", "labels.fraction=0.1"]
+    )
     record = json.loads(path.read_text())
     assert record["regime"] == "10%" and record["pretexts"] == ["simclr"] and record["test_accuracy"] < 0.5
 
@@ -90,27 +102,52 @@ def test_the_cli_fuse_reads_the_same_subset_and_report_tables_both(tmp_path):
     """`sslfuse fuse fusion=concat` on the same cached features and seed records the same labeled subset, and
     `sslfuse report` over both folders tables the reference beside the head."""
     overrides = cache_features(tmp_path)
-    (path,) = logreg_concat.main(["--seeds", "2", "--out", str(tmp_path / "results/reference"), *overrides, "labels.per_class=5"])
+    (path,) = logreg_concat.main(
+        ["--seeds", "2", "--out", str(tmp_path / "results/reference"), *overrides, "labels.per_class=5"]
+    )
     started = time.perf_counter()
-    sslfuse("fuse", *overrides, "labels.per_class=5", "fusion=concat", "seed=2", "hydra.run.dir=results/concat", cwd=tmp_path)
+    sslfuse(
+        "fuse",
+        *overrides,
+        "labels.per_class=5",
+        "fusion=concat",
+        "seed=2",
+        "hydra.run.dir=results/concat",
+        cwd=tmp_path,
+    )
     assert time.perf_counter() - started < 120
     head = json.loads((tmp_path / "results/concat/results.json").read_text())
     reference = json.loads(path.read_text())
     assert head["labeled_indices_sha256"] == reference["labeled_indices_sha256"]
-    assert {k: head[k] for k in ("dataset", "encoder", "encoder_seed", "regime")} == {k: reference[k] for k in ("dataset", "encoder", "encoder_seed", "regime")}
+    assert {k: head[k] for k in ("dataset", "encoder", "encoder_seed", "regime")} == {
+        k: reference[k] for k in ("dataset", "encoder", "encoder_seed", "regime")
+    }
     sslfuse("report", "results", cwd=tmp_path)
     table = (tmp_path / "results/report.md").read_text()
     assert "reference: logreg_cv(concat)" in table and "concat(rotation+simclr)" in table
 
 
 def test_a_missing_cache_is_refused_naming_the_command(tmp_path):
-    with pytest.raises(Exception, match="no cached features for pretext 'rotation'.*sslfuse cache pretexts=\\[rotation\\]"):
-        logreg_concat.main(["--seeds", "0", "--out", str(tmp_path / "out"), *DATA, f"artifacts_dir={tmp_path}/empty",
-                            "pretexts=[rotation]"])
+    with pytest.raises(
+        Exception, match="no cached features for pretext 'rotation'.*sslfuse cache pretexts=\\[rotation\\]"
+    ):
+        logreg_concat.main(
+            [
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "out"),
+                *DATA,
+                f"artifacts_dir={tmp_path}/empty",
+                "pretexts=[rotation]",
+            ]
+        )
 
 
 def test_features_of_the_fixture_are_what_the_store_serves(tmp_path):
     overrides = cache_features(tmp_path)
     ctx = open_context(logreg_concat.fuse_config(overrides), 0)
-    rotation = load_features(ctx.store, features_artifact(ctx, encoder_artifact(ctx, pretext_recipe("rotation", ctx.overrides), None)))
+    rotation = load_features(
+        ctx.store, features_artifact(ctx, encoder_artifact(ctx, pretext_recipe("rotation", ctx.overrides), None))
+    )
     assert torch.equal(rotation.train_labels, ctx.data.train_labels) and rotation.train.shape == (200, 8)

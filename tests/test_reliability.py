@@ -24,8 +24,15 @@ from ssl_fusion.report.tables import write_report
 from ssl_fusion.runtime.errors import UserError
 
 SLOW_SMOKE = [
-    "pretrain", "preset=smoke", "pretext=rotation", "precision=fp32", "deterministic=true", "dataset.n_train=2048", "train.batch_size=128",
-    "train.epochs=4", "train.max_steps_per_epoch=null",
+    "pretrain",
+    "preset=smoke",
+    "pretext=rotation",
+    "precision=fp32",
+    "deterministic=true",
+    "dataset.n_train=2048",
+    "train.batch_size=128",
+    "train.epochs=4",
+    "train.max_steps_per_epoch=null",
 ]
 
 
@@ -39,8 +46,13 @@ def test_sigkilled_pretraining_resumes_to_the_same_encoder(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     killed.mkdir(), reference.mkdir()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ssl_fusion.cli", *SLOW_SMOKE, "hydra.run.dir=a"], cwd=killed, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_fusion.cli", *SLOW_SMOKE, "hydra.run.dir=a"],
+        cwd=killed,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = killed / "outputs" / "artifacts" / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and proc.poll() is None:
@@ -63,8 +75,22 @@ def test_sigkilled_pretraining_resumes_to_the_same_encoder(tmp_path):
 def test_two_jobs_needing_one_encoder_build_it_once(tmp_path):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     jobs = [
-        subprocess.Popen([sys.executable, "-m", "ssl_fusion.cli", "pretrain", "preset=smoke", "pretext=simclr", f"hydra.run.dir=job{i}"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ssl_fusion.cli",
+                "pretrain",
+                "preset=smoke",
+                "pretext=simclr",
+                f"hydra.run.dir=job{i}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     logs = [job.communicate(timeout=300)[0] for job in jobs]
@@ -112,8 +138,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_a_crash_while_plotting_leaves_the_previous_plot_whole(tmp_path, monkeypatch):
     for seed in (0, 1):
-        record = FuseResult(method="concat(a+b)", title="concat", family="concat", options={}, pretexts=["a", "b"],
-                            labels={"regime": "1%", "seed": seed}, metrics={"test_accuracy": 0.8 + seed / 100}).to_record()
+        record = FuseResult(
+            method="concat(a+b)",
+            title="concat",
+            family="concat",
+            options={},
+            pretexts=["a", "b"],
+            labels={"regime": "1%", "seed": seed},
+            metrics={"test_accuracy": 0.8 + seed / 100},
+        ).to_record()
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(record))
     write_report(tmp_path)
@@ -134,10 +167,21 @@ def test_a_crash_while_plotting_leaves_the_previous_plot_whole(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.slow
 def test_user_error_in_a_later_multirun_job_is_one_line_and_keeps_earlier_results(tmp_path):
     proc = sslfuse(
-        "fuse", "-m", "preset=smoke", "fusion=supervised_scratch", "fusion.steps=4", "fusion.eval_every=2", "encoder.widths=[4,8]",
-        "dataset.image_size=8", "labels.per_class=10,1000", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False,
+        "fuse",
+        "-m",
+        "preset=smoke",
+        "fusion=supervised_scratch",
+        "fusion.steps=4",
+        "fusion.eval_every=2",
+        "encoder.widths=[4,8]",
+        "dataset.image_size=8",
+        "labels.per_class=10,1000",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
@@ -145,8 +189,18 @@ def test_user_error_in_a_later_multirun_job_is_one_line_and_keeps_earlier_result
     assert [p.parent.name for p in (tmp_path / "sweep").rglob("results.json")] == ["0"]
 
 
+@pytest.mark.slow
 def test_a_bad_value_in_a_sweep_is_refused_in_one_line_before_any_job(tmp_path):
-    proc = sslfuse("fuse", "-m", "preset=smoke", "fusion=attention,atention", "seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False)
+    proc = sslfuse(
+        "fuse",
+        "-m",
+        "preset=smoke",
+        "fusion=attention,atention",
+        "seed=0,1",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Could not find 'fusion/atention'" in proc.stderr and "supervised_scratch" in proc.stderr
     assert not (tmp_path / "sweep").exists()
@@ -167,7 +221,9 @@ def tiny_pretext(epochs: int) -> SquaredFeatures:
 
 def tiny_images() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8, generator=generator), torch.zeros(16, dtype=torch.long)
+    return torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8, generator=generator), torch.zeros(
+        16, dtype=torch.long
+    )
 
 
 @pytest.fixture

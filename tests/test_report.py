@@ -21,17 +21,28 @@ from ssl_fusion.report.tables import (
 )
 
 
-def result_record(title: str, pretexts: list[str], accuracy: float, seed: int = 0, regime: str = "1%",
-                  **fields) -> dict:
+def result_record(
+    title: str, pretexts: list[str], accuracy: float, seed: int = 0, regime: str = "1%", **fields
+) -> dict:
     """A results.json object of the method ``title`` (``select[by=knn]``: family select, options by=knn) in the
     context mnist, small_cnn, encoder seed 0 on one data fingerprint; ``fields`` replace any field or add details."""
     family, _, option = title.partition("[")
     key, _, value = option.rstrip("]").partition("=")
     result = FuseResult(
-        method=f"{title}({'+'.join(pretexts)})", title=title, family=family, options={key: value} if option else {},
-        pretexts=pretexts, labels={"regime": regime, "seed": seed, "labeled_indices_sha256": f"subset{seed}"},
-        metrics={"test_accuracy": accuracy}, dataset="mnist", pretraining_dataset="mnist", encoder="small_cnn",
-        encoder_seed=0, data_fingerprint="d" * 16, pretraining_fingerprint="p" * 16)
+        method=f"{title}({'+'.join(pretexts)})",
+        title=title,
+        family=family,
+        options={key: value} if option else {},
+        pretexts=pretexts,
+        labels={"regime": regime, "seed": seed, "labeled_indices_sha256": f"subset{seed}"},
+        metrics={"test_accuracy": accuracy},
+        dataset="mnist",
+        pretraining_dataset="mnist",
+        encoder="small_cnn",
+        encoder_seed=0,
+        data_fingerprint="d" * 16,
+        pretraining_fingerprint="p" * 16,
+    )
     return {**result.to_record(), **fields}
 
 
@@ -90,10 +101,15 @@ def fused(method: str, pretexts: list[str], accuracy: float, seed: int = 0, **fi
 def test_two_datasets_in_one_folder_are_never_averaged(tmp_path):
     """One folder with the same methods on two datasets: every table keeps the datasets apart (90 and 50, never
     70), the negative-transfer rows compare within one dataset, and report.md gives each dataset its own table."""
-    write_results(tmp_path, [
-        fused("concat", ["a"], 0.90, dataset="mnist"), fused("concat", ["a", "noise"], 0.80, dataset="mnist"),
-        fused("concat", ["a"], 0.50, dataset="cifar10"), fused("concat", ["a", "noise"], 0.55, dataset="cifar10"),
-    ])
+    write_results(
+        tmp_path,
+        [
+            fused("concat", ["a"], 0.90, dataset="mnist"),
+            fused("concat", ["a", "noise"], 0.80, dataset="mnist"),
+            fused("concat", ["a"], 0.50, dataset="cifar10"),
+            fused("concat", ["a", "noise"], 0.55, dataset="cifar10"),
+        ],
+    )
     stats = summarize(collect_results(tmp_path)).set_index(["dataset", "method"])
     assert stats.loc[("mnist", "concat(a)"), "mean"] == pytest.approx(90.0)
     assert stats.loc[("cifar10", "concat(a)"), "mean"] == pytest.approx(50.0)
@@ -114,10 +130,15 @@ def test_two_datasets_in_one_folder_are_never_averaged(tmp_path):
 def test_two_encoder_seeds_are_kept_apart_and_unrecorded_seeds_form_one_group(tmp_path):
     """Encoders pretrained with seeds 0 and 1 give two rows, not their mean; results without an encoder seed (run
     outside a stage) fall in one group of their own."""
-    write_results(tmp_path, [
-        fused("concat", ["a"], 0.90, seed=0, encoder_seed=0), fused("concat", ["a"], 0.70, seed=0, encoder_seed=1),
-        fused("concat", ["a"], 0.60, seed=0), fused("concat", ["a"], 0.62, seed=1),
-    ])
+    write_results(
+        tmp_path,
+        [
+            fused("concat", ["a"], 0.90, seed=0, encoder_seed=0),
+            fused("concat", ["a"], 0.70, seed=0, encoder_seed=1),
+            fused("concat", ["a"], 0.60, seed=0),
+            fused("concat", ["a"], 0.62, seed=1),
+        ],
+    )
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("results.json"))]
     for row in records[2:]:
         row["encoder_seed"] = None
@@ -125,7 +146,10 @@ def test_two_encoder_seeds_are_kept_apart_and_unrecorded_seeds_form_one_group(tm
         path.write_text(json.dumps(row))
     stats = summarize(collect_results(tmp_path))
     assert sorted(zip(stats["encoder_seed"], stats["mean"].round(2), stats["seeds"])) == [
-        ("0", 90.0, 1), ("1", 70.0, 1), ("unrecorded", 61.0, 2)]
+        ("0", 90.0, 1),
+        ("1", 70.0, 1),
+        ("unrecorded", 61.0, 2),
+    ]
     table = pivot(stats)
     assert table.index.names == ["dataset", "encoder", "encoder_seed", "method"]
     assert table.loc[("mnist", "small_cnn", "1", "concat(a)"), "1%"] == "**70.00 ± 0.00 (n=1)**"
@@ -142,8 +166,18 @@ def test_rows_that_peek_at_the_test_set_or_use_all_labels_are_never_best(tmp_pat
     ]
     write_results(tmp_path, rows)
     table = pivot(summarize(collect_results(tmp_path)))["1%"]
-    assert table.index.tolist() == ["concat(a[all labels]+b)", "select[oracle: uses test](a+b)", "concat(a+b)", "mean(a+b)"]
-    assert table.tolist() == ["97.00 ± 0.00 (n=1)", "95.00 ± 0.00 (n=1)", "**80.00 ± 0.00 (n=1)**", "70.00 ± 0.00 (n=1)"]
+    assert table.index.tolist() == [
+        "concat(a[all labels]+b)",
+        "select[oracle: uses test](a+b)",
+        "concat(a+b)",
+        "mean(a+b)",
+    ]
+    assert table.tolist() == [
+        "97.00 ± 0.00 (n=1)",
+        "95.00 ± 0.00 (n=1)",
+        "**80.00 ± 0.00 (n=1)**",
+        "70.00 ± 0.00 (n=1)",
+    ]
 
 
 def test_one_dataset_encoder_and_seed_give_one_plain_table(tmp_path):

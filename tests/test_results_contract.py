@@ -27,18 +27,31 @@ from ssl_fusion.store.files import ArtifactStore
 def test_a_result_is_written_as_one_object_and_one_csv_row_and_reads_back(tmp_path):
     """Keys a label subset or the protocol adds (here ``classes_without_labels``, ``classes``) flow through."""
     result = FuseResult(
-        method="attention[combine=concat](a+b)", title="attention[combine=concat]", family="attention",
-        options={"combine": "concat"}, pretexts=["a", "b"],
+        method="attention[combine=concat](a+b)",
+        title="attention[combine=concat]",
+        family="attention",
+        options={"combine": "concat"},
+        pretexts=["a", "b"],
         labels={"regime": "1%", "seed": 3, "n_labeled": 12, "classes_without_labels": [7]},
-        metrics={"test_accuracy": 0.75, "test_nll": 0.6}, selection={"selected_l2": 0.01, "folds": 5},
-        dataset="synthetic", pretraining_dataset="digits", encoder="small_cnn", encoder_seed=1,
-        data_fingerprint="a" * 16 + "/" + "b" * 16, pretraining_fingerprint="c" * 16,
-        details={"classes": [2, 5, 9], "fit_seconds": 0.5})
+        metrics={"test_accuracy": 0.75, "test_nll": 0.6},
+        selection={"selected_l2": 0.01, "folds": 5},
+        dataset="synthetic",
+        pretraining_dataset="digits",
+        encoder="small_cnn",
+        encoder_seed=1,
+        data_fingerprint="a" * 16 + "/" + "b" * 16,
+        pretraining_fingerprint="c" * 16,
+        details={"classes": [2, 5, 9], "fit_seconds": 0.5},
+    )
     write_result(tmp_path, result)
     record = json.loads((tmp_path / "results.json").read_text())
     assert isinstance(record, dict) and record["result_version"] == 2
     assert (record["family"], record["options"], record["uses_test"], record["split"]) == (
-        "attention", {"combine": "concat"}, False, "test")
+        "attention",
+        {"combine": "concat"},
+        False,
+        "test",
+    )
     assert record["classes_without_labels"] == [7] and record["classes"] == [2, 5, 9]
     assert record["pretraining_fingerprint"] == "c" * 16 and record["test_accuracy"] == 0.75
     rows = pd.read_csv(tmp_path / "results.csv")
@@ -46,27 +59,42 @@ def test_a_result_is_written_as_one_object_and_one_csv_row_and_reads_back(tmp_pa
     again = load_result(tmp_path / "results.json")
     assert again.to_record() == record
     assert (again.family, again.metrics, again.selection, again.labels["seed"]) == (
-        "attention", {"test_accuracy": 0.75, "test_nll": 0.6}, {"selected_l2": 0.01, "folds": 5}, 3)
+        "attention",
+        {"test_accuracy": 0.75, "test_nll": 0.6},
+        {"selected_l2": 0.01, "folds": 5},
+        3,
+    )
 
 
 def test_a_group_key_may_not_hide_another_field():
     with pytest.raises(ValueError, match="clash"):
-        FuseResult(method="m", title="m", family="concat", options={}, pretexts=[], labels={"family": "x"},
-                   metrics={"test_accuracy": 1.0}).to_record()
+        FuseResult(
+            method="m",
+            title="m",
+            family="concat",
+            options={},
+            pretexts=[],
+            labels={"family": "x"},
+            metrics={"test_accuracy": 1.0},
+        ).to_record()
 
 
-@pytest.mark.parametrize("options, family, title, uses_test", [
-    ({"by": "knn"}, "select", "select[by=knn]", False),
-    ({"by": "oracle"}, "select", "select[oracle: uses test]", True),
-])
+@pytest.mark.parametrize(
+    "options, family, title, uses_test",
+    [
+        ({"by": "knn"}, "select", "select[by=knn]", False),
+        ({"by": "oracle"}, "select", "select[oracle: uses test]", True),
+    ],
+)
 def test_the_protocol_records_family_options_and_flags_as_fields(options, family, title, uses_test):
     generator = np.random.default_rng(0)
     labels = np.arange(60) % 3
     good = generator.normal(size=(60, 4)) + np.eye(3, 4)[labels] * 3
     noise = generator.normal(size=(60, 4))
     train, test = {"good": good[:40], "noise": noise[:40]}, {"good": good[40:], "noise": noise[40:]}
-    result = fuse_arrays(train, labels[:40], test, labels[40:], fusion="select", options=options, fraction=None,
-                         per_class=4)
+    result = fuse_arrays(
+        train, labels[:40], test, labels[40:], fusion="select", options=options, fraction=None, per_class=4
+    )
     assert (result["family"], result["options"]) == (family, options)
     assert (result["title"], result["uses_test"]) == (title, uses_test)
     assert result["method"] == f"{title}(good+noise)" and result["pretexts"] == ["good", "noise"]
@@ -93,12 +121,23 @@ def test_the_report_decides_on_fields_never_on_labels(tmp_path):
 
 def synthetic_context(tmp_path, noise: float, pretraining_seed: int | None = None) -> StageContext:
     data = make_synthetic(SyntheticConfig(name="synthetic", noise=noise), root=None)
-    pretraining = None if pretraining_seed is None else make_synthetic(
-        SyntheticConfig(name="synthetic", seed=pretraining_seed), root=None)
-    return StageContext(SyntheticConfig(name="synthetic", noise=noise), data, SmallCNNConfig(name="small_cnn"),
-                        torch.device("cpu"), torch.float32, ArtifactStore(tmp_path), TrainOverrides(), 0,
-                        None if pretraining is None else SyntheticConfig(name="synthetic", seed=pretraining_seed),
-                        pretraining)
+    pretraining = (
+        None
+        if pretraining_seed is None
+        else make_synthetic(SyntheticConfig(name="synthetic", seed=pretraining_seed), root=None)
+    )
+    return StageContext(
+        SyntheticConfig(name="synthetic", noise=noise),
+        data,
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(tmp_path),
+        TrainOverrides(),
+        0,
+        None if pretraining is None else SyntheticConfig(name="synthetic", seed=pretraining_seed),
+        pretraining,
+    )
 
 
 def test_a_stage_records_the_fingerprints_of_the_data_and_of_the_pretraining_data(tmp_path):

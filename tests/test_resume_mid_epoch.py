@@ -50,10 +50,16 @@ def streamed(tmp_path: Path) -> ImageData:
 def pretrain(data: ImageData, store: Path, **overrides) -> tuple[dict[str, torch.Tensor], trainer.TrainResult]:
     """Two epochs of rotation on ``data`` with small_cnn through the stage's training function."""
     recipe = dataclasses.replace(pretext_recipe("rotation", TrainOverrides()), batch_size=8, epochs=2)
-    ctx = StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"),
-                       encoder_cfg=SmallCNNConfig(name="small_cnn"),
-                       device=torch.device("cpu"), dtype=torch.float32, store=ArtifactStore(store),
-                       overrides=TrainOverrides(max_steps_per_epoch=STEPS_PER_EPOCH, **overrides), seed=0)
+    ctx = StageContext(
+        data=data,
+        dataset_cfg=SyntheticConfig(name="synthetic"),
+        encoder_cfg=SmallCNNConfig(name="small_cnn"),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        store=ArtifactStore(store),
+        overrides=TrainOverrides(max_steps_per_epoch=STEPS_PER_EPOCH, **overrides),
+        seed=0,
+    )
     encoder, result = train_encoder(ctx, recipe, NAME)
     return encoder.state_dict(), result
 
@@ -77,10 +83,12 @@ def assert_same_weights(resumed: dict[str, torch.Tensor], reference: dict[str, t
         assert torch.equal(resumed[key], reference[key]), key
 
 
-@pytest.mark.parametrize("source, num_workers", [(synthetic, 0), (streamed, 0), (streamed, 2)],
-                         ids=["memory", "folder", "folder-2-workers"])
+@pytest.mark.parametrize(
+    "source, num_workers", [(synthetic, 0), (streamed, 0), (streamed, 2)], ids=["memory", "folder", "folder-2-workers"]
+)
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: Callable[[Path], ImageData], num_workers: int) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: Callable[[Path], ImageData], num_workers: int
+) -> None:
     data = source(tmp_path)
     reference, uninterrupted = pretrain(data, tmp_path / "reference", num_workers=num_workers)
     with monkeypatch.context() as patch:
@@ -102,8 +110,11 @@ def test_a_time_interval_checkpoints_within_the_epoch(tmp_path: Path, monkeypatc
     epoch's own); with 0 minutes, only epoch ends are checkpointed."""
     saved: list[tuple[int, int]] = []
     save = trainer.save_checkpoint
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, state: (
-        saved.append((len(state["epoch_losses"]), state["step"])), save(path, state)))
+    monkeypatch.setattr(
+        trainer,
+        "save_checkpoint",
+        lambda path, state: (saved.append((len(state["epoch_losses"]), state["step"])), save(path, state)),
+    )
     data = synthetic(tmp_path)
     pretrain(data, tmp_path / "often", checkpoint_every_minutes=1e-9)
     every_step = [(epoch, step) for epoch in range(2) for step in range(1, STEPS_PER_EPOCH)]
@@ -113,8 +124,17 @@ def test_a_time_interval_checkpoints_within_the_epoch(tmp_path: Path, monkeypatc
     assert saved == [(1, 0), (2, 0)]
 
 
-SMOKE = ["pretrain", "preset=smoke", "pretext=rotation", "precision=fp32", "deterministic=true", "dataset.n_train=2048",
-         "train.batch_size=16", "train.max_steps_per_epoch=null", "train.checkpoint_every_steps=2"]
+SMOKE = [
+    "pretrain",
+    "preset=smoke",
+    "pretext=rotation",
+    "precision=fp32",
+    "deterministic=true",
+    "dataset.n_train=2048",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=null",
+    "train.checkpoint_every_steps=2",
+]
 
 
 def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -129,8 +149,13 @@ def test_the_cli_killed_mid_epoch_resumes_to_the_same_encoder(tmp_path: Path) ->
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     killed.mkdir(), reference.mkdir()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ssl_fusion.cli", *SMOKE, "hydra.run.dir=a"], cwd=killed, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_fusion.cli", *SMOKE, "hydra.run.dir=a"],
+        cwd=killed,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = killed / "outputs" / "artifacts" / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and proc.poll() is None:

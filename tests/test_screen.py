@@ -1,4 +1,5 @@
-"""The screen: pretexts without label information are left out of a fusion; informative ones, weak ones included, stay."""
+"""The screen: pretexts without label information are left out of a fusion; informative ones, weak ones included,
+stay."""
 
 from __future__ import annotations
 
@@ -120,7 +121,9 @@ def test_the_screen_changes_nothing_when_every_pretext_is_informative():
     labels = torch.arange(600) % 5
     test_labels = torch.arange(400) % 5
     features = {
-        f"weak{seed}": FeatureSet(weak_source(labels, seed), weak_source(test_labels, seed, "test"), labels, test_labels)
+        f"weak{seed}": FeatureSet(
+            weak_source(labels, seed), weak_source(test_labels, seed, "test"), labels, test_labels
+        )
         for seed in (0, 1)
     }
     cfg = load_option(FUSIONS, "attention")

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from ssl_fusion.config import CacheConfig, ProbeConfig, TrainOverrides
 from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
-from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.data.features import FeatureSet
+from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.fusion.single import SingleConfig
 from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.runtime.errors import UserError
@@ -29,8 +29,16 @@ PROBE = ProbeConfig(max_train=32, max_test=16)
 
 def small_context(store) -> StageContext:
     cfg = SyntheticConfig(name="synthetic", n_train=48, n_test=16)
-    return StageContext(cfg, make_synthetic(cfg, root=None), SmallCNNConfig(name="small_cnn"), torch.device("cpu"),
-                        torch.float32, ArtifactStore(store), TrainOverrides(), 0)
+    return StageContext(
+        cfg,
+        make_synthetic(cfg, root=None),
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(store),
+        TrainOverrides(),
+        0,
+    )
 
 
 def config(tmp_path, **extra: Any):
@@ -38,12 +46,14 @@ def config(tmp_path, **extra: Any):
     arrays = {split: tmp_path / f"{split}.npy" for split in ("train", "test")}
     for (split, path), rows in zip(arrays.items(), (48, 16)):
         np.save(path, np.random.default_rng(rows).normal(size=(rows, 6)).astype(np.float32))
-    return OmegaConf.create({
-        "pretexts": ["random", "r18", "clip"],
-        "external": {"r18": {"arch": "torchvision:resnet18", "image_size": 16}},
-        "imported": {"clip": {split: str(path) for split, path in arrays.items()}},
-        **extra,
-    })
+    return OmegaConf.create(
+        {
+            "pretexts": ["random", "r18", "clip"],
+            "external": {"r18": {"arch": "torchvision:resnet18", "image_size": 16}},
+            "imported": {"clip": {split: str(path) for split, path in arrays.items()}},
+            **extra,
+        }
+    )
 
 
 def same_features(a: FeatureSet, b: FeatureSet) -> bool:
@@ -55,7 +65,10 @@ def same_features(a: FeatureSet, b: FeatureSet) -> bool:
 def test_the_config_gives_one_source_of_each_kind_in_the_order_of_pretexts(tmp_path):
     listed = sources.feature_sources(config(tmp_path))
     assert [(type(s), s.name) for s in listed] == [
-        (sources.OwnPretext, "random"), (sources.External, "r18"), (sources.Imported, "clip")]
+        (sources.OwnPretext, "random"),
+        (sources.External, "r18"),
+        (sources.Imported, "clip"),
+    ]
     with pytest.raises(UserError, match="unknown pretext 'cip' in pretexts; .*; imported: clip, r18"):
         sources.feature_sources(config(tmp_path, pretexts=["random", "cip"]))
 
@@ -88,6 +101,7 @@ class Seeded(sources.Declared):
     key = "seeded"
     made_by_cache = False
     no_views = "the seeded features '{name}' have no augmented views; {verb} them without cache.views"
+
     def __init__(self, name: str, dim: int) -> None:
         super().__init__(name)
         self.dim, self.checked = dim, False
@@ -104,8 +118,10 @@ class Seeded(sources.Declared):
 
     def load(self, ctx: StageContext, cache: CacheConfig, cache_command: str) -> FeatureSet:
         generator = torch.Generator().manual_seed(self.dim)
-        train, test = (torch.randn(len(labels), self.dim, generator=generator)
-                       for labels in (ctx.data.train_labels, ctx.data.test_labels))
+        train, test = (
+            torch.randn(len(labels), self.dim, generator=generator)
+            for labels in (ctx.data.train_labels, ctx.data.test_labels)
+        )
         return FeatureSet(train, test, ctx.data.train_labels, ctx.data.test_labels)
 
 
@@ -123,21 +139,32 @@ def test_a_kind_declared_outside_the_stages_works_through_run_and_fuse(tmp_path,
     assert "           noise4: seeded (4 features)" in capsys.readouterr().out.splitlines()
     loaded = cached_features(ctx, listed, cache, "sslfuse cache pretexts=[random]")
     assert list(loaded) == ["random", "noise4"] and all(same_features(loaded[n], made[n]) for n in made)
-    (single,) = fused_sources(SingleConfig(name="single", pretext="noise4"), ["random", "noise4"],
-                              sources.declared_sources(cfg))
+    (single,) = fused_sources(
+        SingleConfig(name="single", pretext="noise4"), ["random", "noise4"], sources.declared_sources(cfg)
+    )
     assert isinstance(single, Seeded) and not single.made_by_cache
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "declared", "message"), [
-    ("run", ["+imported.clip.train=a.npy", "+imported.clip.test=b.npy"],
-     "cache.views=2: the imported features 'clip' have no augmented views; fuse them without cache.views"),
-    ("cache", ["+external.clip.arch=torchvision:resnet18"],
-     "cache.views=2: the external encoder 'clip' has no augmented views; cache it without cache.views"),
-])
+@pytest.mark.parametrize(
+    ("stage", "declared", "message"),
+    [
+        (
+            "run",
+            ["+imported.clip.train=a.npy", "+imported.clip.test=b.npy"],
+            "cache.views=2: the imported features 'clip' have no augmented views; fuse them without cache.views",
+        ),
+        (
+            "cache",
+            ["+external.clip.arch=torchvision:resnet18"],
+            "cache.views=2: the external encoder 'clip' has no augmented views; cache it without cache.views",
+        ),
+    ],
+)
 def test_views_of_a_source_without_them_are_refused_before_any_work(tmp_path, stage, declared, message):
     """Asked for beside an own pretext listed first, they are refused in one line before it is pretrained or cached."""
-    proc = sslfuse(stage, "preset=smoke", "pretexts=[rotation,clip]", *declared, "cache.views=2", cwd=tmp_path,
-                   check=False)
+    proc = sslfuse(
+        stage, "preset=smoke", "pretexts=[rotation,clip]", *declared, "cache.views=2", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == f"sslfuse {stage}: error: {message}"
     assert not (tmp_path / "outputs/artifacts").exists()

@@ -93,8 +93,15 @@ def test_per_image_differences_add_the_test_image_level_and_decide_each_pair():
 
 def test_paired_results_that_kept_their_correctness_are_resampled_over_test_images():
     def frame(correct: list[list[int]], accuracy_shift: float) -> pd.DataFrame:
-        return pd.DataFrame({"encoder_seed": [0, 0, 1], "seed": [0, 1, 0], CORRECT: correct,
-                             "accuracy": [np.mean(c) * 100 + accuracy_shift for c in correct]})
+        return pd.DataFrame(
+            {
+                "encoder_seed": [0, 0, 1],
+                "seed": [0, 1, 0],
+                CORRECT: correct,
+                "accuracy": [np.mean(c) * 100 + accuracy_shift for c in correct],
+            }
+        )
+
     mine = frame([[1, 1, 0], [1, 0, 1], [1, 1, 1]], 0)
     theirs = frame([[1, 0, 0], [1, 0, 1], [0, 1, 1]], 0)
     row = paired_stats(mine, theirs)
@@ -105,11 +112,14 @@ def test_paired_results_that_kept_their_correctness_are_resampled_over_test_imag
     assert row["resampled"].endswith("test images not kept")
 
 
-@pytest.mark.parametrize(("encoder_seeds", "label_seeds", "text"), [
-    ([0, 0, 0], [0, 1, 2], "conditional on encoder seed 7: 3 label seeds, test images not kept"),
-    ([0, 0, 1, 1], [0, 1, 2, 3], "2 label seeds nested in 2 encoder seeds, test images not kept"),
-    ([0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1], "3 encoder seeds × 2 label seeds, test images not kept"),
-])
+@pytest.mark.parametrize(
+    ("encoder_seeds", "label_seeds", "text"),
+    [
+        ([0, 0, 0], [0, 1, 2], "conditional on encoder seed 7: 3 label seeds, test images not kept"),
+        ([0, 0, 1, 1], [0, 1, 2, 3], "2 label seeds nested in 2 encoder seeds, test images not kept"),
+        ([0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1], "3 encoder seeds × 2 label seeds, test images not kept"),
+    ],
+)
 def test_the_interval_says_what_it_resampled(encoder_seeds, label_seeds, text):
     result = compare(encoder_seeds, label_seeds, np.arange(len(encoder_seeds), dtype=float))
     assert result.design.describe("7") == text

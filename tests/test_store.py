@@ -85,8 +85,16 @@ def test_atomic_write_json_replaces_whole_file(tmp_path):
 
 
 def key_context(tmp_path) -> StageContext:
-    return StageContext(SyntheticConfig(name="synthetic"), make_synthetic(SyntheticConfig(name="synthetic"), root=None),
-                        SmallCNNConfig(name="small_cnn"), torch.device("cpu"), torch.float32, ArtifactStore(tmp_path), TrainOverrides(), 0)
+    return StageContext(
+        SyntheticConfig(name="synthetic"),
+        make_synthetic(SyntheticConfig(name="synthetic"), root=None),
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(tmp_path),
+        TrainOverrides(),
+        0,
+    )
 
 
 def copy_of(source: Path, folder: Path, edit: bool) -> Path:
@@ -110,8 +118,16 @@ def module_file(pretext: str) -> Path:
 
 def test_encoder_sources_are_the_code_that_makes_an_encoder():
     sources = set(artifacts.pretrain_sources("vicreg", "synthetic"))
-    expected = ["pretexts/vicreg.py", "pretexts/simclr.py", "pretexts/__init__.py", "pretexts/trainer.py", "models/encoders.py",
-                "data/augment.py", "data/datasets/__init__.py", "data/datasets/synthetic.py"]
+    expected = [
+        "pretexts/vicreg.py",
+        "pretexts/simclr.py",
+        "pretexts/__init__.py",
+        "pretexts/trainer.py",
+        "models/encoders.py",
+        "data/augment.py",
+        "data/datasets/__init__.py",
+        "data/datasets/synthetic.py",
+    ]
     assert {PACKAGE / name for name in expected} <= sources
     assert PACKAGE / "pretexts/rotation.py" not in sources
     assert PACKAGE / "data/datasets/image_folder.py" not in sources  # another dataset's loader makes none of these
@@ -130,9 +146,13 @@ def test_encoder_key_changes_with_the_code_of_its_pretext_only(tmp_path, monkeyp
     before = keys()
     assert keys() == before  # same code, same key
     listing, rotation = artifacts.pretrain_sources, module_file("rotation")
-    monkeypatch.setattr(artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "same", edit=False)))
+    monkeypatch.setattr(
+        artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "same", edit=False))
+    )
     assert keys() == before  # the same bytes elsewhere: the same key
-    monkeypatch.setattr(artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "edited", edit=True)))
+    monkeypatch.setattr(
+        artifacts, "pretrain_sources", replacing(listing, rotation, copy_of(rotation, tmp_path / "edited", edit=True))
+    )
     after = keys()
     assert after["rotation"] != before["rotation"] and after["rotation"].startswith("rotation-")
     assert after["simclr"] == before["simclr"]
@@ -145,7 +165,11 @@ def test_features_key_changes_with_the_cache_stage_code(tmp_path, monkeypatch):
     before = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")
     cache_stage = PACKAGE / "stages" / "caching.py"
     listing = artifacts.cache_sources
-    monkeypatch.setattr(artifacts, "cache_sources", replacing(listing, cache_stage, copy_of(cache_stage, tmp_path / "edited", edit=True)))
+    monkeypatch.setattr(
+        artifacts,
+        "cache_sources",
+        replacing(listing, cache_stage, copy_of(cache_stage, tmp_path / "edited", edit=True)),
+    )
     after = features_artifact(ctx, encoder), views_artifact(encoder, 4, 0.1, ctx.fingerprints, "synthetic")
     assert after[0] != before[0] and after[1] != before[1]
     assert encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None) == encoder
@@ -180,8 +204,9 @@ def test_every_module_whose_code_runs_while_caching_is_in_the_features_key(tmp_p
         sys.setprofile(None)
     package = {Path(path).resolve() for path in ran if Path(path).resolve().is_relative_to(PACKAGE)}
     hashed = {*artifacts.cache_sources("synthetic"), *artifacts.pretrain_sources("random", "synthetic")}
-    shaping_nothing = {Path(sys.modules[name].__file__).resolve() for name in artifacts.NOT_CACHE_CODE
-                       if name in sys.modules}
+    shaping_nothing = {
+        Path(sys.modules[name].__file__).resolve() for name in artifacts.NOT_CACHE_CODE if name in sys.modules
+    }
     assert PACKAGE / "data/convert.py" in package
     assert package - hashed - shaping_nothing == set()
     assert PACKAGE / "data/datasets/image_folder.py" in set(artifacts.cache_sources("image_folder"))

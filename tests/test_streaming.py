@@ -46,8 +46,16 @@ def open_folder(root, **options) -> FolderData:
 
 
 def context(data, store) -> StageContext:
-    return StageContext(ImageFolderConfig(name="image_folder"), data, SmallCNNConfig(name="small_cnn"), torch.device("cpu"),
-                        torch.float32, ArtifactStore(store), TrainOverrides(), 0)
+    return StageContext(
+        ImageFolderConfig(name="image_folder"),
+        data,
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(store),
+        TrainOverrides(),
+        0,
+    )
 
 
 def cached(ctx: StageContext, num_workers: int) -> tuple[str, dict[str, np.ndarray]]:
@@ -110,7 +118,9 @@ def test_augmented_views_of_the_streamed_folder_are_those_of_the_folder_in_memor
     views = {}
     for name, data in (("streamed", folder), ("memory", folder.materialise())):
         with image_progress(enabled=False) as progress:
-            write_views(context(data, tmp_path / name), tiny_encoder(), Pretext, cache, tmp_path / f"{name}.npy", progress)
+            write_views(
+                context(data, tmp_path / name), tiny_encoder(), Pretext, cache, tmp_path / f"{name}.npy", progress
+            )
         views[name] = np.load(tmp_path / f"{name}.npy")
     assert views["streamed"].shape == (2, 32, 4) and not np.array_equal(views["streamed"][0], views["streamed"][1])
     np.testing.assert_array_equal(views["streamed"], views["memory"])
@@ -126,7 +136,9 @@ def test_the_fingerprint_follows_the_files_bytes(tmp_path):
     Image.fromarray(pixels).save(target)
     changed = open_folder(tmp_path).fingerprints
     assert changed != first
-    assert open_dataset({"name": "image_folder", "image_size": 12}, str(tmp_path), stream=False)[1].fingerprints == changed
+    assert (
+        open_dataset({"name": "image_folder", "image_size": 12}, str(tmp_path), stream=False)[1].fingerprints == changed
+    )
 
 
 def test_an_image_broken_past_its_header_is_refused_in_one_line_while_streaming(tmp_path):
@@ -148,7 +160,9 @@ def test_pretraining_on_a_streamed_folder_learns_the_weights_of_the_folder_in_me
     recipe = dataclasses.replace(pretext_recipe("rotation", TrainOverrides()), batch_size=8, epochs=1)
 
     def trained(data, store: str) -> dict[str, torch.Tensor]:
-        ctx = dataclasses.replace(context(data, tmp_path / store), overrides=TrainOverrides(max_steps_per_epoch=2, num_workers=num_workers))
+        ctx = dataclasses.replace(
+            context(data, tmp_path / store), overrides=TrainOverrides(max_steps_per_epoch=2, num_workers=num_workers)
+        )
         encoder, result = train_encoder(ctx, recipe, "rotation-test")
         assert len(result.epoch_losses) == 1
         return encoder.state_dict()

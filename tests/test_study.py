@@ -42,39 +42,68 @@ def refusal(*overrides: str) -> str:
     raise AssertionError(f"not refused: {overrides}")
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ([], "You must specify 'study'"),
-    (["study=nope"], "smoke"),
-    (["study=smoke", "study.heads=[atention]"], "unknown fusion 'atention' in study.heads; valid fusions: attention"),
-    (["study=smoke", "study.pretexts=[rotaton]"], "unknown pretext 'rotaton' in study.pretexts"),
-    (["study=smoke", "study.datasets=[mnist2]"], "unknown dataset 'mnist2' in study.datasets"),
-    (["study=smoke", "study.references=[concat,attention]"], "study.references: attention is also a head"),
-    (["study=smoke", "study.claims.0.method=mean"], "study.claims[0].method: 'mean' never runs in this study"),
-    (["study=smoke", "study.claims.1.reference=ensemble"],
-     "study.claims[1].reference: 'ensemble' never runs in this study as a reference"),
-    (["study=smoke", "study.claims.0.reference=best-single"], "study.claims[0].reference: best-single needs single"),
-    (["study=smoke", "study.claims.0.margin=abc"], "study.claims.0.margin=abc (Value 'abc' of type 'str' could not be"),
-    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:big}]"],
-     "Value 'big' of type 'str' could not be converted to Float"),
-    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%'}]"],
-     "study.claims[0].margin is missing"),
-    (["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:1,by:2}]"],
-     "Key 'by' not in 'ClaimConfig'); allowed keys of a ClaimConfig: method, reference, regime, margin, direction"),
-    (["study=smoke", "study.heds=[attention]"], "allowed keys under study: datasets,"),
-    (["study=smoke", "study.claims.0.margin=nan"], "study.claims[0]: margin must be a finite number"),
-    (["study=smoke", "study.claims.0.direction=bigger"],
-     "study.claims[0]: direction: 'bigger' is not one of greater, less, equivalent"),
-    (["study=smoke", "study.claims.0.regime=5%"], "study.claims[0].regime: '5%' is not a regime of this study"),
-    (["study=smoke", "study.claims.1.margin=0"], "study.claims[1].margin must be > 0 for direction equivalent"),
-    (["study=smoke", "study.claims.1.reference=concat"], "study.claims[1]: attention against concat at 1% is claimed"),
-    (["study=smoke", "study.claims=[]"], "study.claims must be a non-empty list of claims"),
-    (["study=smoke", "study.label_seeds=[0,0]"], "study.label_seeds must be a non-empty list without repeats"),
-    (["study=smoke", "study.regimes=[{fraction:2}]"], "study.regimes[0]: fraction must be in (0, 1], got 2.0"),
-    (["study=smoke", "study.overrides=['train.epoch=1']"], "study: the run jobs of synthetic at 1% do not compose"),
-    (["study=smoke", "run=['labels.fractoin=0.1']"], "do not compose"),
-    (["study=smoke", "study.overrides=['preset=smoke','evaluation.split=dev']"],
-     "study: evaluation.split=dev: a study's claims are judged on the test split"),
-], ids=lambda value: value if isinstance(value, str) else " ".join(value) or "no study")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "You must specify 'study'"),
+        (["study=nope"], "smoke"),
+        (
+            ["study=smoke", "study.heads=[atention]"],
+            "unknown fusion 'atention' in study.heads; valid fusions: attention",
+        ),
+        (["study=smoke", "study.pretexts=[rotaton]"], "unknown pretext 'rotaton' in study.pretexts"),
+        (["study=smoke", "study.datasets=[mnist2]"], "unknown dataset 'mnist2' in study.datasets"),
+        (["study=smoke", "study.references=[concat,attention]"], "study.references: attention is also a head"),
+        (["study=smoke", "study.claims.0.method=mean"], "study.claims[0].method: 'mean' never runs in this study"),
+        (
+            ["study=smoke", "study.claims.1.reference=ensemble"],
+            "study.claims[1].reference: 'ensemble' never runs in this study as a reference",
+        ),
+        (
+            ["study=smoke", "study.claims.0.reference=best-single"],
+            "study.claims[0].reference: best-single needs single",
+        ),
+        (
+            ["study=smoke", "study.claims.0.margin=abc"],
+            "study.claims.0.margin=abc (Value 'abc' of type 'str' could not be",
+        ),
+        (
+            ["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:big}]"],
+            "Value 'big' of type 'str' could not be converted to Float",
+        ),
+        (
+            ["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%'}]"],
+            "study.claims[0].margin is missing",
+        ),
+        (
+            ["study=smoke", "study.claims=[{method:attention,reference:concat,regime:'1%',margin:1,by:2}]"],
+            "Key 'by' not in 'ClaimConfig'); allowed keys of a ClaimConfig: method, reference, regime, margin, "
+            "direction",
+        ),
+        (["study=smoke", "study.heds=[attention]"], "allowed keys under study: datasets,"),
+        (["study=smoke", "study.claims.0.margin=nan"], "study.claims[0]: margin must be a finite number"),
+        (
+            ["study=smoke", "study.claims.0.direction=bigger"],
+            "study.claims[0]: direction: 'bigger' is not one of greater, less, equivalent",
+        ),
+        (["study=smoke", "study.claims.0.regime=5%"], "study.claims[0].regime: '5%' is not a regime of this study"),
+        (["study=smoke", "study.claims.1.margin=0"], "study.claims[1].margin must be > 0 for direction equivalent"),
+        (
+            ["study=smoke", "study.claims.1.reference=concat"],
+            "study.claims[1]: attention against concat at 1% is claimed",
+        ),
+        (["study=smoke", "study.claims=[]"], "study.claims must be a non-empty list of claims"),
+        (["study=smoke", "study.label_seeds=[0,0]"], "study.label_seeds must be a non-empty list without repeats"),
+        (["study=smoke", "study.regimes=[{fraction:2}]"], "study.regimes[0]: fraction must be in (0, 1], got 2.0"),
+        (["study=smoke", "study.overrides=['train.epoch=1']"], "study: the run jobs of synthetic at 1% do not compose"),
+        (["study=smoke", "run=['labels.fractoin=0.1']"], "do not compose"),
+        (
+            ["study=smoke", "study.overrides=['preset=smoke','evaluation.split=dev']"],
+            "study: evaluation.split=dev: a study's claims are judged on the test split",
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else " ".join(value) or "no study",
+)
 def test_a_bad_study_is_refused_in_one_line_before_any_work(overrides, message):
     refused = refusal(*overrides)
     assert "\n" not in refused
@@ -87,8 +116,9 @@ def test_every_shipped_study_passes_its_checks(name):
         cfg = compose(config_name="study", overrides=[f"study={name}"])
         plan = check_study(cfg.study)
         check_jobs(plan, [])
-    assert plan.claims and all(claim.reference in {*plan.fusions, "best-single", "select[by=val]"}
-                               for claim in plan.claims)
+    assert plan.claims and all(
+        claim.reference in {*plan.fusions, "best-single", "select[by=val]"} for claim in plan.claims
+    )
 
 
 @pytest.mark.slow
@@ -102,28 +132,40 @@ def test_the_cli_refuses_a_bad_study_in_one_line_and_writes_nothing(tmp_path, ov
     assert not (tmp_path / "verdicts" / "verdicts.md").exists()
 
 
-@pytest.mark.parametrize(("direction", "margin", "low", "high", "expected"), [
-    ("greater", 0.0, 0.5, 2.0, MET),
-    ("greater", 0.0, -1.0, 2.0, INCONCLUSIVE),
-    ("greater", 1.0, -2.0, 1.0, NOT_MET),
-    ("greater", -2.0, -1.5, 0.3, MET),  # non-inferiority: no worse than 2 points
-    ("less", 0.0, -3.0, -0.1, MET),
-    ("less", 0.0, 0.0, 1.0, NOT_MET),
-    ("less", 0.0, -1.0, 1.0, INCONCLUSIVE),
-    ("equivalent", 1.0, -0.5, 0.9, MET),
-    ("equivalent", 1.0, 1.0, 3.0, NOT_MET),
-    ("equivalent", 1.0, -4.0, -1.0, NOT_MET),
-    ("equivalent", 1.0, -0.5, 1.5, INCONCLUSIVE),
-    ("greater", 0.0, math.nan, math.nan, INCONCLUSIVE),
-])
+@pytest.mark.parametrize(
+    ("direction", "margin", "low", "high", "expected"),
+    [
+        ("greater", 0.0, 0.5, 2.0, MET),
+        ("greater", 0.0, -1.0, 2.0, INCONCLUSIVE),
+        ("greater", 1.0, -2.0, 1.0, NOT_MET),
+        ("greater", -2.0, -1.5, 0.3, MET),  # non-inferiority: no worse than 2 points
+        ("less", 0.0, -3.0, -0.1, MET),
+        ("less", 0.0, 0.0, 1.0, NOT_MET),
+        ("less", 0.0, -1.0, 1.0, INCONCLUSIVE),
+        ("equivalent", 1.0, -0.5, 0.9, MET),
+        ("equivalent", 1.0, 1.0, 3.0, NOT_MET),
+        ("equivalent", 1.0, -4.0, -1.0, NOT_MET),
+        ("equivalent", 1.0, -0.5, 1.5, INCONCLUSIVE),
+        ("greater", 0.0, math.nan, math.nan, INCONCLUSIVE),
+    ],
+)
 def test_the_verdict_rule(direction, margin, low, high, expected):
     assert verdict(direction, margin, low, high) == expected
 
 
 def fake_result(title: str, encoder_seed: int, seed: int, accuracy: float, regime: str = "1%") -> FuseResult:
-    return FuseResult(method=f"{title}(a+b)", title=title, family=title, options={}, pretexts=["a", "b"],
-                      labels={"regime": regime, "seed": seed}, metrics={"test_accuracy": accuracy},
-                      dataset="synthetic", encoder="small_cnn", encoder_seed=encoder_seed)
+    return FuseResult(
+        method=f"{title}(a+b)",
+        title=title,
+        family=title,
+        options={},
+        pretexts=["a", "b"],
+        labels={"regime": regime, "seed": seed},
+        metrics={"test_accuracy": accuracy},
+        dataset="synthetic",
+        encoder="small_cnn",
+        encoder_seed=encoder_seed,
+    )
 
 
 def fake_results() -> pd.DataFrame:
@@ -133,16 +175,20 @@ def fake_results() -> pd.DataFrame:
     for e in range(3):
         for s in range(4):
             base = 0.80 + 0.01 * e + 0.005 * s
-            results += [fake_result("concat", e, s, base),
-                        fake_result("attention", e, s, base + 0.05 + noise[0, e, s] / 100),
-                        fake_result("mean", e, s, base - 0.05 + noise[1, e, s] / 100)]
+            results += [
+                fake_result("concat", e, s, base),
+                fake_result("attention", e, s, base + 0.05 + noise[0, e, s] / 100),
+                fake_result("mean", e, s, base - 0.05 + noise[1, e, s] / 100),
+            ]
     return results_frame(results)
 
 
 def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
-    claims = [ClaimConfig("attention", "concat", "1%", 1.0, "greater"),
-              ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
-              ClaimConfig("attention", "concat", "5/class", 0.0, "greater")]
+    claims = [
+        ClaimConfig("attention", "concat", "1%", 1.0, "greater"),
+        ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
+        ClaimConfig("attention", "concat", "5/class", 0.0, "greater"),
+    ]
     verdicts = judge(fake_results(), claims)
     assert verdicts["verdict"].tolist() == [MET, NOT_MET, INCONCLUSIVE]
     assert verdicts["note"].tolist() == ["", "", "no paired results"]
@@ -157,8 +203,10 @@ def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
 
 def test_at_a_margin_of_0_the_verdict_intervals_are_the_reports_primary_ones():
     """The claims' Holm adjustment is ``sslfuse report --primary``'s when every margin is 0."""
-    claims = [ClaimConfig("attention", "concat", "1%", 0.0, "greater"),
-              ClaimConfig("mean", "concat", "1%", 0.0, "less")]
+    claims = [
+        ClaimConfig("attention", "concat", "1%", 0.0, "greater"),
+        ClaimConfig("mean", "concat", "1%", 0.0, "less"),
+    ]
     verdicts = judge(fake_results(), claims)
     report = paired_differences(fake_results(), ["concat"], [Primary("attention", "concat"), Primary("mean", "concat")])
     report = report.set_index("method_title").loc[["attention", "mean"]]
@@ -171,8 +219,10 @@ def test_at_a_margin_of_0_the_verdict_intervals_are_the_reports_primary_ones():
 def test_a_claim_against_a_margin_is_tested_against_the_margin():
     """The Holm level follows each claim's test of its margin: an effect of about 5 points claimed beyond 4.9 is not
     adjusted as if tested against 0."""
-    verdicts = judge(fake_results(), [ClaimConfig("attention", "concat", "1%", 4.9, "greater"),
-                                      ClaimConfig("mean", "concat", "1%", 0.0, "less")])
+    verdicts = judge(
+        fake_results(),
+        [ClaimConfig("attention", "concat", "1%", 4.9, "greater"), ClaimConfig("mean", "concat", "1%", 0.0, "less")],
+    )
     near = verdicts.iloc[0]
     assert near["p_margin"] > 0.05 and near["verdict"] == INCONCLUSIVE
     assert near["holm_low"] < 4.9 < near["holm_high"]
@@ -228,8 +278,10 @@ def result_files(folder: Path) -> dict[Path, int]:
 def test_the_smoke_study_runs_end_to_end_and_writes_its_verdicts(smoke_study):
     folder, printed = smoke_study
     verdicts = pd.read_csv(folder / "first" / "verdicts.csv")
-    assert verdicts["statement"].tolist() == ["attention − concat > 0 at 1%",
-                                              "attention − select[by=val] within ±5 at 1%"]
+    assert verdicts["statement"].tolist() == [
+        "attention − concat > 0 at 1%",
+        "attention − select[by=val] within ±5 at 1%",
+    ]
     assert set(verdicts["verdict"]) <= {MET, NOT_MET, INCONCLUSIVE}
     assert (verdicts["pairs"] == "4 (2×2)").all() and verdicts["holm_low"].notna().all()
     assert (verdicts["resampled"] == "2 encoder seeds × 2 label seeds, 256 test images").all()  # predictions kept
@@ -258,12 +310,19 @@ def test_the_cli_refuses_changed_claims_after_results_unless_amended(smoke_study
     shutil.copytree(smoke_study[0] / "outputs" / "studies", tmp_path / "outputs" / "studies")
     record = tmp_path / "outputs/studies/smoke" / CLAIMS_FILE
     declared = record.read_text()
-    refused = sslfuse("study", "study=smoke", "study.claims.0.margin=-2", "hydra.run.dir=refused", cwd=tmp_path,
-                      check=False)
+    refused = sslfuse(
+        "study", "study=smoke", "study.claims.0.margin=-2", "hydra.run.dir=refused", cwd=tmp_path, check=False
+    )
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "amend=" in refused.stderr and record.read_text() == declared
-    amended = sslfuse("study", "study=smoke", "study.claims.0.margin=-2", "amend='non-inferiority is the claim'",
-                      "hydra.run.dir=amended", cwd=tmp_path)
+    amended = sslfuse(
+        "study",
+        "study=smoke",
+        "study.claims.0.margin=-2",
+        "amend='non-inferiority is the claim'",
+        "hydra.run.dir=amended",
+        cwd=tmp_path,
+    )
     assert "nothing to run" in amended.stdout
     page = (tmp_path / "amended" / "verdicts.md").read_text()
     assert "**Amended.**" in page and "### Version 2 (amendment: non-inferiority is the claim)" in page

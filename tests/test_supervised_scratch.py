@@ -1,4 +1,5 @@
-"""The ``supervised_scratch`` reference: it learns, it sees exactly the protocol's labeled images, it refuses bad options."""
+"""The ``supervised_scratch`` reference: it learns, it sees exactly the protocol's labeled images, it refuses bad
+options."""
 
 from __future__ import annotations
 
@@ -37,8 +38,16 @@ TINY_RUN = ["preset=smoke", "labels.per_class=10", "encoder.widths=[4,8]", "data
 
 def synthetic_context(data: ImageData, tmp_path) -> StageContext:
     encoder_cfg = SmallCNNConfig(name="small_cnn", widths=[8, 16, 32])
-    return StageContext(SyntheticConfig(name="synthetic"), data, encoder_cfg, torch.device("cpu"), torch.float32,
-                        ArtifactStore(tmp_path), TrainOverrides(), 0)
+    return StageContext(
+        SyntheticConfig(name="synthetic"),
+        data,
+        encoder_cfg,
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(tmp_path),
+        TrainOverrides(),
+        0,
+    )
 
 
 def synthetic_data() -> ImageData:
@@ -63,9 +72,16 @@ def test_it_uses_exactly_the_labeled_images_of_the_protocol(tmp_path):
     labels_cfg = LabelsConfig(fraction=0.2)
     result = SupervisedScratch(SHORT).evaluate(synthetic_context(data, tmp_path), labels_cfg, seed=1).to_record()
 
-    features = FeatureSet(torch.randn(len(data.train_labels), 8), torch.randn(len(data.test_labels), 8), data.train_labels, data.test_labels)
+    features = FeatureSet(
+        torch.randn(len(data.train_labels), 8),
+        torch.randn(len(data.test_labels), 8),
+        data.train_labels,
+        data.test_labels,
+    )
     head = fuse_once({"any": features}, load_option(FUSIONS, "concat"), labels_cfg, seed=1)
-    assert result["labeled_indices_sha256"] == head["labeled_indices_sha256"] and result["n_labeled"] == head["n_labeled"]
+    assert (
+        result["labeled_indices_sha256"] == head["labeled_indices_sha256"] and result["n_labeled"] == head["n_labeled"]
+    )
 
     labeled = torch.zeros(len(data.train_labels), dtype=torch.bool)
     labeled[stratified_subset(data.train_labels, labels_cfg.fraction, None, seed=1)] = True
@@ -83,8 +99,16 @@ def test_yaml_lists_every_field_with_its_default():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("steps", 0), ("eval_every", 0), ("eval_every", 61), ("batch_size", 0), ("lr", 0.0), ("weight_decay", -1.0),
-     ("max_shift", 0.5), ("val_fraction", 1.0)],
+    [
+        ("steps", 0),
+        ("eval_every", 0),
+        ("eval_every", 61),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("weight_decay", -1.0),
+        ("max_shift", 0.5),
+        ("val_fraction", 1.0),
+    ],
 )
 def test_out_of_range_options_are_refused_by_key(key, value):
     with pytest.raises(UserError, match=rf"^fusion\.{key} must be "):
@@ -93,11 +117,16 @@ def test_out_of_range_options_are_refused_by_key(key, value):
 
 def test_one_labeled_image_per_class_leaves_nothing_to_train_on(tmp_path):
     with pytest.raises(UserError, match="none is left to train on"):
-        SupervisedScratch(SHORT).evaluate(synthetic_context(synthetic_data(), tmp_path), LabelsConfig(per_class=1), seed=0)
+        SupervisedScratch(SHORT).evaluate(
+            synthetic_context(synthetic_data(), tmp_path), LabelsConfig(per_class=1), seed=0
+        )
 
 
+@pytest.mark.slow
 def test_bad_option_on_the_command_line_is_one_line(tmp_path):
-    proc = sslfuse("fuse", "preset=smoke", "fusion=supervised_scratch", "fusion.max_shift=0.7", cwd=tmp_path, check=False)
+    proc = sslfuse(
+        "fuse", "preset=smoke", "fusion=supervised_scratch", "fusion.max_shift=0.7", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "fusion.max_shift must be in [0, 0.5)" in proc.stderr
     assert not (tmp_path / "outputs" / "artifacts").exists()
@@ -107,11 +136,22 @@ def test_bad_option_on_the_command_line_is_one_line(tmp_path):
 def test_fuse_puts_it_in_the_report_beside_the_heads(tmp_path):
     sslfuse("run", *TINY_RUN, "pretexts=[random]", "fusions=[concat]", "seeds=[0]", "hydra.run.dir=run", cwd=tmp_path)
     # no cached features needed: an empty artifact store is enough
-    sslfuse("fuse", *TINY_RUN, "fusion=supervised_scratch", "fusion.steps=40", "fusion.eval_every=20", "artifacts_dir=empty",
-            "hydra.run.dir=run/fuse/scratch", cwd=tmp_path)
+    sslfuse(
+        "fuse",
+        *TINY_RUN,
+        "fusion=supervised_scratch",
+        "fusion.steps=40",
+        "fusion.eval_every=20",
+        "artifacts_dir=empty",
+        "hydra.run.dir=run/fuse/scratch",
+        cwd=tmp_path,
+    )
     records = {r["family"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "run").rglob("results.json"))}
     assert records["supervised_scratch"]["labeled_indices_sha256"] == records["concat"]["labeled_indices_sha256"]
-    assert records["supervised_scratch"]["selected_steps"] in (20, 40) and records["supervised_scratch"]["dataset"] == "synthetic"
+    assert (
+        records["supervised_scratch"]["selected_steps"] in (20, 40)
+        and records["supervised_scratch"]["dataset"] == "synthetic"
+    )
     sslfuse("report", "run", cwd=tmp_path)
     report = pd.read_csv(tmp_path / "run" / "report.csv")
     assert sorted(report["method"]) == ["concat(random)", "supervised_scratch[steps=40,eval_every=20](small_cnn)"]
@@ -144,7 +184,9 @@ def test_the_refit_retraces_the_learning_rates_of_the_selection_run(monkeypatch)
     scores = iter([(0.9, 0.1), (0.5, 0.5), (0.4, 0.6)])  # validation picks the first evaluation: step 3 of 9
     monkeypatch.setattr(headtrain, "score", lambda probs, labels: next(scores))
     rates = recorded_learning_rates(monkeypatch)
-    _, selection, losses = fit_selected(cfg, TINY_ENCODER, *tiny_labeled(), 4, torch.device("cpu"), torch.float32, seed=0)
+    _, selection, losses = fit_selected(
+        cfg, TINY_ENCODER, *tiny_labeled(), 4, torch.device("cpu"), torch.float32, seed=0
+    )
     assert selection.steps == 3 and len(losses) == 3 and len(rates) == 9 + 3
     selection_rates, refit_rates = rates[:9], rates[9:]
     assert refit_rates == selection_rates[:3]

@@ -29,4 +29,6 @@ def test_an_mlp_head_falls_back_to_running_each_member():
     heads = [ConcatFusion(cfg, [6], num_classes=3) for _ in range(2)]
     assert heads[0].stacked_logits({}, [torch.randn(2, 6)]) is None
     features = [torch.randn(4, 6)]
-    torch.testing.assert_close(HeadStack(heads).logits(features), torch.stack([head.eval()(features) for head in heads]))
+    torch.testing.assert_close(
+        HeadStack(heads).logits(features), torch.stack([head.eval()(features) for head in heads])
+    )

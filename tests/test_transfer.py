@@ -26,7 +26,9 @@ def test_gray_is_repeated_rgb_becomes_luminance_and_sizes_are_resized():
     luminance = 0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]
     torch.testing.assert_close(converter(3, (8, 8), 1, (8, 8))(rgb), luminance)
     resized = converter(3, (8, 8), 1, (16, 16))(rgb)
-    torch.testing.assert_close(resized, F.interpolate(luminance, size=(16, 16), mode="bilinear", antialias=True, align_corners=False))
+    torch.testing.assert_close(
+        resized, F.interpolate(luminance, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    )
     assert describe(3, (24, 24), 1, (16, 16)) == {"channels": "3 -> 1 (luminance)", "size": "24x24 -> 16x16"}
     with pytest.raises(UserError, match="cannot feed 2-channel images to an encoder pretrained on 3 channels"):
         converter(2, (8, 8), 3, (8, 8))
@@ -37,9 +39,13 @@ def test_pretraining_on_the_downstream_dataset_keeps_todays_context_and_keys():
     same-dataset run."""
     dataset_cfg, _ = load_dataset({"name": "synthetic"}, None)
     for node in (None, "synthetic", {"name": "synthetic"}):
-        assert pretraining_dataset(OmegaConf.create({"pretrain_dataset": node, "data_dir": None}), dataset_cfg) == (None, None)
-    other_cfg, other = pretraining_dataset(OmegaConf.create({"pretrain_dataset": {"name": "synthetic", "image_size": 12},
-                                                              "data_dir": None}), dataset_cfg)
+        assert pretraining_dataset(OmegaConf.create({"pretrain_dataset": node, "data_dir": None}), dataset_cfg) == (
+            None,
+            None,
+        )
+    other_cfg, other = pretraining_dataset(
+        OmegaConf.create({"pretrain_dataset": {"name": "synthetic", "image_size": 12}, "data_dir": None}), dataset_cfg
+    )
     assert other_cfg.image_size == 12 and other.image_size == (12, 12)
 
 
@@ -49,12 +55,26 @@ def test_an_encoder_pretrained_on_gray_16px_images_is_cached_and_fused_on_rgb_24
     downstream RGB images are converted to gray 16 px for it (the features' manifest says so), and the fuse runs on
     the downstream labels."""
     pretrain = "pretrain_dataset={name:synthetic,image_size:16,n_train:256,n_test:64}"
-    sslfuse("run", "preset=smoke", pretrain, "dataset.channels=3", "dataset.image_size=24", "dataset.n_train=256",
-            "dataset.n_test=64", "pretexts=[rotation]", "fusions=[concat]", "seeds=[0]", "labels.per_class=5",
-            "hydra.run.dir=transfer", cwd=tmp_path)
+    sslfuse(
+        "run",
+        "preset=smoke",
+        pretrain,
+        "dataset.channels=3",
+        "dataset.image_size=24",
+        "dataset.n_train=256",
+        "dataset.n_test=64",
+        "pretexts=[rotation]",
+        "fusions=[concat]",
+        "seeds=[0]",
+        "labels.per_class=5",
+        "hydra.run.dir=transfer",
+        cwd=tmp_path,
+    )
     store = tmp_path / "outputs/artifacts"
-    ((encoder_manifest,), (features_manifest,)) = ([json.loads(p.read_text()) for p in (store / kind).glob("rotation-*/manifest.json")]
-                                                 for kind in ("encoders", "features"))
+    ((encoder_manifest,), (features_manifest,)) = (
+        [json.loads(p.read_text()) for p in (store / kind).glob("rotation-*/manifest.json")]
+        for kind in ("encoders", "features")
+    )
     assert encoder_manifest["data"]["channels"] == 1 and encoder_manifest["data"]["image_size"] == [16, 16]
     assert encoder_manifest["data"]["n_train"] == 256
     assert features_manifest["config"]["conversion"] == {"channels": "3 -> 1 (luminance)", "size": "24x24 -> 16x16"}
@@ -97,8 +117,9 @@ def test_each_dataset_has_its_own_data_dir_and_the_top_level_one_is_the_downstre
     assert own.data_dir == str(tmp_path / "mine")
     with pytest.raises(UserError, match="^dataset.data_dir: '/no/such' does not exist"):
         load_dataset({"name": "image_folder", "data_dir": "/no/such"})
-    cfg = OmegaConf.create({"data_dir": str(tmp_path / "mine"),
-                            "pretrain_dataset": {"name": "image_folder", "image_size": 8}})
+    cfg = OmegaConf.create(
+        {"data_dir": str(tmp_path / "mine"), "pretrain_dataset": {"name": "image_folder", "image_size": 8}}
+    )
     assert pretraining_dataset(cfg, downstream) == (None, None)  # unset: the downstream folder, the same data
     cfg.pretrain_dataset = {"name": "synthetic", "image_size": 8, "n_train": 8, "n_test": 8}
     pretrain_cfg, _ = pretraining_dataset(cfg, downstream)
@@ -115,12 +136,30 @@ def test_transfer_from_fashion_mnist_to_an_image_folder_leaves_the_folder_untouc
     write_png_folder(folder)
     work.mkdir()
     before = folder_contents(folder)
-    short = ("dataset=image_folder", "dataset.image_size=12", "dataset.test_fraction=0.5", "pretexts=[rotation]",
-             "fusions=[concat]", "seeds=[0]", "labels.per_class=2", "train.epochs=1", "train.max_steps_per_epoch=2",
-             "train.num_workers=0", "cache.num_workers=0", "probe.max_train=100", "probe.max_test=50")
-    failed = sslfuse("run", *short, f"dataset.data_dir={folder}",
-                     f"pretrain_dataset={{name:fashion_mnist,data_dir:{folder}}}", "hydra.run.dir=failed", cwd=work,
-                     check=False)
+    short = (
+        "dataset=image_folder",
+        "dataset.image_size=12",
+        "dataset.test_fraction=0.5",
+        "pretexts=[rotation]",
+        "fusions=[concat]",
+        "seeds=[0]",
+        "labels.per_class=2",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "train.num_workers=0",
+        "cache.num_workers=0",
+        "probe.max_train=100",
+        "probe.max_test=50",
+    )
+    failed = sslfuse(
+        "run",
+        *short,
+        f"dataset.data_dir={folder}",
+        f"pretrain_dataset={{name:fashion_mnist,data_dir:{folder}}}",
+        "hydra.run.dir=failed",
+        cwd=work,
+        check=False,
+    )
     assert failed.returncode == 2
     assert "pretrain_dataset: dataset fashion_mnist: not found under data_dir" in failed.stderr
     assert folder_contents(folder) == before

@@ -85,39 +85,61 @@ def test_a_value_a_rule_refuses_fails_in_one_line_naming_the_full_key(config, ke
     assert_one_line_naming(built, config, key, rule)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: METHODS.typed_config({"name": "attention", "lr": 0}, key="fusion"), "fusion.lr must be > 0, got 0.0"),
-    (lambda: METHODS.typed_config({"name": "concat", "eval_every": 500}, key="fusion"),
-     "fusion.eval_every must be in [1, fusion.steps] = [1, 200], got 500"),
-    (lambda: METHODS.typed_config({"name": "select", "by": "best"}, key="fusion"),
-     "fusion.by: 'best' is not one of val, logme, knn, oracle"),
-    (lambda: METHODS.typed_config({"name": "supervised_scratch", "max_shift": 0.7}, key="fusion"),
-     "fusion.max_shift must be in [0, 0.5), got 0.7"),
-    (lambda: PRETEXTS.typed_config({"name": "inpainting", "fill": "noise"}),
-     "pretext.fill: 'noise' is not one of zero, mean"),
-    (lambda: PRETEXTS.typed_config({"name": "relative_location", "jitter": -2}), "pretext.jitter must be >= 0, got -2"),
-    (lambda: DATASETS.typed_config({"name": "image_folder", "channels": 2}), "dataset.channels: 2 is not one of 1, 3"),
-    (lambda: DATASETS.typed_config({"name": "synthetic", "max_test": 0}), "dataset.max_test must be > 0, got 0"),
-    (lambda: CacheConfig(batch_size=0), "cache.batch_size must be > 0, got 0"),
-    (lambda: CacheConfig(views=-1), "cache.views must be >= 0 (0: no augmented views), got -1"),
-    (lambda: TrainOverrides(epochs=0), "train.epochs must be > 0, got 0"),
-    (lambda: TrainOverrides(checkpoint_every_minutes=math.nan),
-     "train.checkpoint_every_minutes must be >= 0 (0 or null: at epoch ends only), got nan"),
-    (lambda: LabelsConfig(fraction=1.5), "labels.fraction must be in (0, 1], got 1.5"),
-    (lambda: ProbeConfig(k=0), "probe.k must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: METHODS.typed_config({"name": "attention", "lr": 0}, key="fusion"), "fusion.lr must be > 0, got 0.0"),
+        (
+            lambda: METHODS.typed_config({"name": "concat", "eval_every": 500}, key="fusion"),
+            "fusion.eval_every must be in [1, fusion.steps] = [1, 200], got 500",
+        ),
+        (
+            lambda: METHODS.typed_config({"name": "select", "by": "best"}, key="fusion"),
+            "fusion.by: 'best' is not one of val, logme, knn, oracle",
+        ),
+        (
+            lambda: METHODS.typed_config({"name": "supervised_scratch", "max_shift": 0.7}, key="fusion"),
+            "fusion.max_shift must be in [0, 0.5), got 0.7",
+        ),
+        (
+            lambda: PRETEXTS.typed_config({"name": "inpainting", "fill": "noise"}),
+            "pretext.fill: 'noise' is not one of zero, mean",
+        ),
+        (
+            lambda: PRETEXTS.typed_config({"name": "relative_location", "jitter": -2}),
+            "pretext.jitter must be >= 0, got -2",
+        ),
+        (
+            lambda: DATASETS.typed_config({"name": "image_folder", "channels": 2}),
+            "dataset.channels: 2 is not one of 1, 3",
+        ),
+        (lambda: DATASETS.typed_config({"name": "synthetic", "max_test": 0}), "dataset.max_test must be > 0, got 0"),
+        (lambda: CacheConfig(batch_size=0), "cache.batch_size must be > 0, got 0"),
+        (lambda: CacheConfig(views=-1), "cache.views must be >= 0 (0: no augmented views), got -1"),
+        (lambda: TrainOverrides(epochs=0), "train.epochs must be > 0, got 0"),
+        (
+            lambda: TrainOverrides(checkpoint_every_minutes=math.nan),
+            "train.checkpoint_every_minutes must be >= 0 (0 or null: at epoch ends only), got nan",
+        ),
+        (lambda: LabelsConfig(fraction=1.5), "labels.fraction must be in (0, 1], got 1.5"),
+        (lambda: ProbeConfig(k=0), "probe.k must be >= 1, got 0"),
+    ],
+)
 def test_known_bad_values_give_these_messages(make, message):
     with pytest.raises(UserError) as refused:
         make()
     assert str(refused.value) == message
 
 
-@pytest.mark.parametrize("make", [
-    lambda: TrainOverrides(epochs=None, checkpoint_every_minutes=None, checkpoint_every_steps=None),
-    lambda: LabelsConfig(fraction=None, per_class=3),
-    lambda: CacheConfig(views=0, views_max_shift=0.0, num_workers=0),
-    lambda: METHODS.typed_config({"name": "attention", "eval_every": 200, "feature_dropout": 0.0}, key="fusion"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TrainOverrides(epochs=None, checkpoint_every_minutes=None, checkpoint_every_steps=None),
+        lambda: LabelsConfig(fraction=None, per_class=3),
+        lambda: CacheConfig(views=0, views_max_shift=0.0, num_workers=0),
+        lambda: METHODS.typed_config({"name": "attention", "eval_every": 200, "feature_dropout": 0.0}, key="fusion"),
+    ],
+)
 def test_values_at_the_edge_of_what_is_allowed_pass(make):
     make()
 
@@ -177,7 +199,9 @@ def test_the_baselines_import_the_stages_for_type_hints_only_and_the_stages_impo
 
 def test_the_import_walk_sees_an_upward_import():
     """The checks above can fail: a relative, a nested and a type-only import upward are all found."""
-    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..stages.context import StageContext\n"
-              "def f():\n    import ssl_fusion.baselines\n")
+    source = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..stages.context import StageContext\n"
+        "def f():\n    import ssl_fusion.baselines\n"
+    )
     assert upward(imported_modules(source, "ssl_fusion.store")) >= {"ssl_fusion.stages.context", "ssl_fusion.baselines"}
     assert upward(imported_modules(source, "ssl_fusion.store", with_type_only=False)) == {"ssl_fusion.baselines"}

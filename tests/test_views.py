@@ -23,10 +23,16 @@ SMOKE = ("preset=smoke", "pretexts=[rotation]")
 
 def test_shift_flip_moves_pixels_by_its_parameters():
     images = torch.rand(3, 1, 8, 8)
-    identity, mirrored, shifted = (torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[-1.0, 0.0, 0.0]]), torch.tensor([[1.0, 1 / 8, 0.0]]))
+    identity, mirrored, shifted = (
+        torch.tensor([[1.0, 0.0, 0.0]]),
+        torch.tensor([[-1.0, 0.0, 0.0]]),
+        torch.tensor([[1.0, 1 / 8, 0.0]]),
+    )
     assert torch.allclose(shift_flip(images[:1], identity), images[:1], atol=1e-6)
     assert torch.allclose(shift_flip(images[:1], mirrored), images[:1].flip(-1), atol=1e-6)
-    moved = shift_flip(images[:1], shifted)  # one pixel along x (affine_grid samples at x + shift: leftwards), zero fill
+    moved = shift_flip(
+        images[:1], shifted
+    )  # one pixel along x (affine_grid samples at x + shift: leftwards), zero fill
     assert torch.allclose(moved[..., :-1], images[:1, ..., 1:], atol=1e-6) and moved[..., -1].abs().max() < 1e-6
 
 
@@ -136,13 +142,20 @@ def test_fuse_trains_on_views_and_reuses_the_cache(views_workspace):
 def test_fuse_without_cached_views_names_the_command(views_workspace):
     proc = sslfuse("fuse", *SMOKE, "fusion=concat", "cache.views=3", cwd=views_workspace, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "no 3 cached views" in proc.stderr and "sslfuse cache pretexts=[rotation] preset=smoke cache.views=3" in proc.stderr
+    assert (
+        "no 3 cached views" in proc.stderr
+        and "sslfuse cache pretexts=[rotation] preset=smoke cache.views=3" in proc.stderr
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cache.views=-1", "cache.views must be >= 0"),
-    ("cache.views_max_shift=0.5", "cache.views_max_shift must be in [0, 0.5)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cache.views=-1", "cache.views must be >= 0"),
+        ("cache.views_max_shift=0.5", "cache.views_max_shift must be in [0, 0.5)"),
+    ],
+)
+@pytest.mark.slow
 def test_bad_view_options_are_refused_before_any_work(tmp_path, override, message):
     proc = sslfuse("cache", *SMOKE, override, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0

@@ -73,8 +73,10 @@ def reference_results(cfg: DictConfig, seeds: list[int], threads: int = 1) -> li
             options={},
             pretexts=pretexts,
             labels=labels_cfg.fields(labeled, seed, ctx.data.train_labels),
-            metrics={"test_accuracy": fit.accuracy(test_labels),
-                     "test_macro_f1": macro_f1(fit.predictions, test_labels)},
+            metrics={
+                "test_accuracy": fit.accuracy(test_labels),
+                "test_macro_f1": macro_f1(fit.predictions, test_labels),
+            },
             selection={"selected_c": fit.chosen_c, "selection": "LogisticRegressionCV(cv=5)"},
             uses_all_labels=any(s.uses_labels for s in sets),
             evaluation=EvaluationConfig().record(torch.arange(len(test_labels)), test_labels),
@@ -107,8 +109,10 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
         folder = Path(args.out) / folder_name(result)
         folder.mkdir(parents=True, exist_ok=True)
         write_result(folder, result)
-        print(f"{METHOD} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed "
-              f"{result.labels['seed']}: test accuracy {result.accuracy:.4f}; wrote {folder / 'results.json'}")
+        print(
+            f"{METHOD} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed "
+            f"{result.labels['seed']}: test accuracy {result.accuracy:.4f}; wrote {folder / 'results.json'}"
+        )
         written.append(folder / "results.json")
     return written
 

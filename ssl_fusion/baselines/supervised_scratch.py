@@ -22,19 +22,19 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
 
+from ssl_fusion.baselines import BASELINES
 from ssl_fusion.config import LabelsConfig, as_plain
 from ssl_fusion.data.augment import random_shift_flip
 from ssl_fusion.data.splits import EvaluationConfig, split_validation
 from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
-from ssl_fusion.baselines import BASELINES
 from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
 from ssl_fusion.fusion import FusionMethod
 from ssl_fusion.fusion.protocol import changed_options
 from ssl_fusion.fusion.training import score
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
-from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, within
+from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
 
 if TYPE_CHECKING:  # the stages hand their context in; importing them here would be a cycle
@@ -59,8 +59,9 @@ class SupervisedScratchConfig(Checked):
     def rules(self) -> dict[str, Rule]:
         return {
             "steps": at_least(1),
-            "eval_every": Rule(lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]",
-                               self.steps + 1),
+            "eval_every": Rule(
+                lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]", self.steps + 1
+            ),
             "batch_size": at_least(1),
             "lr": above(0),
             "weight_decay": at_least(0),
@@ -82,8 +83,16 @@ EvalHook = Callable[[int, nn.Sequential], None]
 
 
 def train_network(
-    cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-    steps: int, device: torch.device, dtype: torch.dtype, seed: int, on_eval: Optional[EvalHook] = None,
+    cfg: SupervisedScratchConfig,
+    encoder_cfg: EncoderConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    on_eval: Optional[EvalHook] = None,
 ) -> tuple[nn.Sequential, list[float]]:
     """Encoder + linear classifier trained on augmented uint8 ``images`` for the first ``steps`` (<= ``cfg.steps``)
     AdamW steps of the cosine schedule over ``cfg.steps``: a run stopped early takes the same learning rate at
@@ -121,7 +130,9 @@ def train_network(
     return network, losses
 
 
-def predict_proba(network: nn.Sequential, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def predict_proba(
+    network: nn.Sequential, images: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     encoder, classifier = network
     features = extract_features(encoder, images, 1024, device, dtype)
     with torch.no_grad():
@@ -129,8 +140,14 @@ def predict_proba(network: nn.Sequential, images: torch.Tensor, device: torch.de
 
 
 def fit_selected(
-    cfg: SupervisedScratchConfig, encoder_cfg: EncoderConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-    device: torch.device, dtype: torch.dtype, seed: int,
+    cfg: SupervisedScratchConfig,
+    encoder_cfg: EncoderConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
 ) -> tuple[nn.Sequential, Selection, list[float]]:
     """Choose the step count on the heads' validation split of the labeled set, then refit on all of it along the
     selection run's schedule up to that step (or keep the best validation checkpoint). Returns the network, the
@@ -139,7 +156,8 @@ def fit_selected(
     if len(fit) == 0:
         raise UserError(
             f"fusion=supervised_scratch: all {len(labels)} labeled images go to validation (fusion.val_fraction="
-            f"{cfg.val_fraction}, at least one per class), none is left to train on; give more labels (labels.per_class >= 2)"
+            f"{cfg.val_fraction}, at least one per class), none is left to train on; give more labels "
+            "(labels.per_class >= 2)"
         )
     best: Optional[Selection] = None
     best_state: Optional[dict[str, torch.Tensor]] = None
@@ -152,7 +170,9 @@ def fit_selected(
             best = Selection(step, accuracy, nll)
             best_state = None if cfg.refit else copy.deepcopy(network.state_dict())
 
-    network, losses = train_network(cfg, encoder_cfg, images[fit], labels[fit], num_classes, cfg.steps, device, dtype, seed, record)
+    network, losses = train_network(
+        cfg, encoder_cfg, images[fit], labels[fit], num_classes, cfg.steps, device, dtype, seed, record
+    )
     assert best is not None
     if not cfg.refit:
         network.load_state_dict(best_state)
@@ -167,7 +187,9 @@ class SupervisedScratch(FusionMethod):
 
     needs_images: ClassVar[bool] = True
 
-    def __init__(self, cfg: SupervisedScratchConfig, feature_dims: Optional[list[int]] = None, num_classes: int = 0) -> None:
+    def __init__(
+        self, cfg: SupervisedScratchConfig, feature_dims: Optional[list[int]] = None, num_classes: int = 0
+    ) -> None:
         """Same signature as a head's (dims are unused): the stages build every method before any work."""
         self.cfg = cfg
 
@@ -181,11 +203,19 @@ class SupervisedScratch(FusionMethod):
         labeled = evaluation.labeled(labels_cfg, data.train_labels, seed)
         dev = evaluation.dev_rows(data.train_labels)
         evaluated = torch.arange(len(data.test_labels)) if dev is None else dev
-        images, eval_labels = ((data.test_images, data.test_labels) if dev is None
-                               else (data.train_images[dev], data.train_labels[dev]))
+        images, eval_labels = (
+            (data.test_images, data.test_labels) if dev is None else (data.train_images[dev], data.train_labels[dev])
+        )
         started = time.perf_counter()
         network, selection, losses = fit_selected(
-            self.cfg, ctx.encoder_cfg, data.train_images[labeled], data.train_labels[labeled], data.num_classes, ctx.device, ctx.dtype, seed
+            self.cfg,
+            ctx.encoder_cfg,
+            data.train_images[labeled],
+            data.train_labels[labeled],
+            data.num_classes,
+            ctx.device,
+            ctx.dtype,
+            seed,
         )
         probs = predict_proba(network, images, ctx.device, ctx.dtype)
         accuracy, nll = score(probs, eval_labels)
@@ -198,8 +228,11 @@ class SupervisedScratch(FusionMethod):
             options=options,
             pretexts=[],
             labels=labels_cfg.fields(labeled, seed, data.train_labels),
-            metrics={f"{split}_accuracy": accuracy, f"{split}_macro_f1": macro_f1(probs.argmax(1), eval_labels),
-                     f"{split}_nll": nll},
+            metrics={
+                f"{split}_accuracy": accuracy,
+                f"{split}_macro_f1": macro_f1(probs.argmax(1), eval_labels),
+                f"{split}_nll": nll,
+            },
             selection={
                 "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
                 "selected_steps": selection.steps,
@@ -208,7 +241,11 @@ class SupervisedScratch(FusionMethod):
             },
             split=split,
             evaluation=evaluation.record(evaluated, eval_labels),
-            details={"first_loss": losses[0], "final_loss": losses[-1], "fit_seconds": time.perf_counter() - started,
-                     "fusion_config": as_plain(self.cfg)},
+            details={
+                "first_loss": losses[0],
+                "final_loss": losses[-1],
+                "fit_seconds": time.perf_counter() - started,
+                "fusion_config": as_plain(self.cfg),
+            },
             predictions=Predictions(probs.argmax(1).numpy(), eval_labels.numpy()),
         )

@@ -24,7 +24,9 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], flip: 
     height = (area / ratio).sqrt().clamp(max=1.0)
     center_x = (torch.rand(batch, device=device) * 2 - 1) * (1 - width)
     center_y = (torch.rand(batch, device=device) * 2 - 1) * (1 - height)
-    mirror = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if flip else torch.ones(batch, device=device)
+    mirror = (
+        torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0) if flip else torch.ones(batch, device=device)
+    )
     theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0] = width * mirror
     theta[:, 0, 2] = center_x
@@ -34,8 +36,9 @@ def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], flip: 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def shift_flip_params(batch: int, max_shift: float, device: torch.device | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def shift_flip_params(
+    batch: int, max_shift: float, device: torch.device | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per sample: mirror sign (half of them -1) and x, y shift in [-max_shift, max_shift] of the size; (batch, 3)."""
     mirror = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5, -1.0, 1.0)
     shift = (torch.rand(batch, 2, device=device, generator=generator) * 2 - 1) * max_shift
@@ -57,7 +60,9 @@ def random_shift_flip(images: torch.Tensor, max_shift: float) -> torch.Tensor:
     return shift_flip(images, shift_flip_params(images.shape[0], max_shift, images.device))
 
 
-def color_jitter(images: torch.Tensor, brightness: float, contrast: float, saturation: float, grayscale_p: float) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor, brightness: float, contrast: float, saturation: float, grayscale_p: float
+) -> torch.Tensor:
     """Per-sample brightness, contrast and (RGB only) saturation factors, and random grayscale."""
     batch = images.shape[0]
     shape = (batch, 1, 1, 1)

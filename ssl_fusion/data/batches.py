@@ -31,8 +31,9 @@ class ReadOrReport(Dataset):
             return torch.zeros(self.images.shape[1:], dtype=torch.uint8), str(err)
 
 
-def uint8_batches(images: Images, batch_size: int, pin: bool, num_workers: int,
-                  order: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+def uint8_batches(
+    images: Images, batch_size: int, pin: bool, num_workers: int, order: Optional[torch.Tensor] = None
+) -> Iterator[torch.Tensor]:
     """uint8 batches of ``images`` (in pinned memory when ``pin``), consecutive or of ``order``'s indices in turn:
     slices of a tensor, or a DataLoader's batches of a dataset, read by ``num_workers`` processes (0: this one;
     one batch or less gets none)."""
@@ -47,7 +48,9 @@ def uint8_batches(images: Images, batch_size: int, pin: bool, num_workers: int,
     workers = num_workers if count > batch_size else 0
     batching = {"batch_size": batch_size} if chunks is None else {"batch_sampler": [chunk.tolist() for chunk in chunks]}
     # a generator of its own: drawing the workers' seed from the global one would shift every later augmentation
-    loader = DataLoader(ReadOrReport(images), num_workers=workers, pin_memory=pin, generator=torch.Generator(), **batching)
+    loader = DataLoader(
+        ReadOrReport(images), num_workers=workers, pin_memory=pin, generator=torch.Generator(), **batching
+    )
     for batch, problems in loader:
         problem = next((text for text in problems if text), None)
         if problem is not None:

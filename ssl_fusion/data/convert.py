@@ -46,4 +46,7 @@ def converter(
 def describe(channels: int, size: tuple[int, int], to_channels: int, to_size: tuple[int, int]) -> dict[str, Any]:
     """The conversion as the features' manifest records it."""
     how = {(1, 3): " (repeated)", (3, 1): " (luminance)"}.get((channels, to_channels), "")
-    return {"channels": f"{channels} -> {to_channels}{how}", "size": f"{size[0]}x{size[1]} -> {to_size[0]}x{to_size[1]}"}
+    return {
+        "channels": f"{channels} -> {to_channels}{how}",
+        "size": f"{size[0]}x{size[1]} -> {to_size[0]}x{to_size[1]}",
+    }

@@ -47,6 +47,11 @@ class FeatureSet:
         and so the standardisation's statistics) is what is left of it; the test split is not read."""
         rest = complement(dev, len(self.train))
         views = None if self.train_views is None else self.train_views[:, rest]
-        return dataclasses.replace(self, train=self.train[rest], test=self.train[dev],
-                                   train_labels=self.train_labels[rest], test_labels=self.train_labels[dev],
-                                   train_views=views)
+        return dataclasses.replace(
+            self,
+            train=self.train[rest],
+            test=self.train[dev],
+            train_labels=self.train_labels[rest],
+            test_labels=self.train_labels[dev],
+            train_views=views,
+        )

@@ -55,19 +55,29 @@ def checked_split(name: str, path: str, rows: int) -> torch.Tensor:
     """The array at ``path`` as float32, checked against the split's ``rows``."""
     array = read_array(path)
     if not array.is_floating_point():
-        raise UserError(f"imported features '{path}' ({name}): dtype {str(array.dtype).removeprefix('torch.')}, a float dtype is needed")
+        raise UserError(
+            f"imported features '{path}' ({name}): dtype {str(array.dtype).removeprefix('torch.')}, a float dtype is "
+            "needed"
+        )
     if array.dim() != 2 or len(array) != rows:
-        raise UserError(f"imported features '{path}' ({name}): shape {tuple(array.shape)}, needs ({rows}, dim): one row per image of the split")
+        raise UserError(
+            f"imported features '{path}' ({name}): shape {tuple(array.shape)}, needs ({rows}, dim): one row per "
+            "image of the split"
+        )
     if not torch.isfinite(array).all():
         raise UserError(f"imported features '{path}' ({name}): holds NaN or inf")
     array = array.float()
     if not torch.isfinite(array).all():
-        raise UserError(f"imported features '{path}' ({name}): values beyond float32's range (about 3.4e38) overflow "
-                        "it; scale them down")
+        raise UserError(
+            f"imported features '{path}' ({name}): values beyond float32's range (about 3.4e38) overflow "
+            "it; scale them down"
+        )
     return array
 
 
-def load_imported(name: str, spec: ImportedFeatures, train_labels: torch.Tensor, test_labels: torch.Tensor) -> FeatureSet:
+def load_imported(
+    name: str, spec: ImportedFeatures, train_labels: torch.Tensor, test_labels: torch.Tensor
+) -> FeatureSet:
     """The imported feature set ``name`` with the dataset's labels; both splits of one width."""
     train = checked_split(name, spec.train, len(train_labels))
     test = checked_split(name, spec.test, len(test_labels))

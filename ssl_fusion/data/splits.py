@@ -32,7 +32,11 @@ def regime_name(fraction: Optional[float], per_class: Optional[int], indices_fil
 
 
 def subset_fields(
-    fraction: Optional[float], per_class: Optional[int], labeled: torch.Tensor, seed: int, train_labels: torch.Tensor,
+    fraction: Optional[float],
+    per_class: Optional[int],
+    labeled: torch.Tensor,
+    seed: int,
+    train_labels: torch.Tensor,
     indices_file: Optional[str] = None,
 ) -> dict[str, Any]:
     """The fields of a result that name its labeled subset; equal ``labeled_indices_sha256``: the same images.
@@ -56,7 +60,9 @@ def classes_without_labels(train_labels: torch.Tensor, labeled: torch.Tensor) ->
     return sorted(set(torch.unique(train_labels).tolist()) - set(torch.unique(train_labels[labeled]).tolist()))
 
 
-def stratified_subset(labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int], seed: int) -> torch.Tensor:
+def stratified_subset(
+    labels: torch.Tensor, fraction: Optional[float], per_class: Optional[int], seed: int
+) -> torch.Tensor:
     """Indices of a labeled subset with the same share (or count) of every class; sorted, seed-deterministic.
 
     With ``fraction`` each class keeps ``round(fraction * its size)`` samples, at least one.
@@ -71,11 +77,15 @@ def class_takes(labels: torch.Tensor, fraction: Optional[float], per_class: Opti
     present = counts[counts > 0]
     if per_class is not None:
         if per_class <= 0 or per_class > int(present.min()):
-            raise UserError(f"labels.per_class must be in [1, {int(present.min())}] (the smallest class), got {per_class}")
+            raise UserError(
+                f"labels.per_class must be in [1, {int(present.min())}] (the smallest class), got {per_class}"
+            )
     elif fraction is None or not 0 < fraction <= 1:
         raise UserError(f"labels.fraction must be in (0, 1], got {fraction}")
-    return {cls: per_class if per_class is not None else max(1, round(fraction * int(counts[cls])))
-            for cls in torch.nonzero(counts).flatten().tolist()}
+    return {
+        cls: per_class if per_class is not None else max(1, round(fraction * int(counts[cls])))
+        for cls in torch.nonzero(counts).flatten().tolist()
+    }
 
 
 def draw_per_class(labels: torch.Tensor, takes: dict[int, int], seed: int) -> torch.Tensor:
@@ -139,12 +149,15 @@ def read_indices_file(path: str, train_size: int) -> torch.Tensor:
         raise UserError(f"labels.indices_file '{path}': needs at least one index, each an integer")
     outside = [v for v in values if not 0 <= v < train_size]  # checked before torch.tensor, which overflows past int64
     if outside:
-        raise UserError(f"labels.indices_file '{path}': index {outside[0]} is outside the training split "
-                        f"[0, {train_size})")
+        raise UserError(
+            f"labels.indices_file '{path}': index {outside[0]} is outside the training split [0, {train_size})"
+        )
     indices = torch.tensor(values)
     repeated = torch.unique(indices, return_counts=True)
     if int(repeated[1].max()) > 1:
-        raise UserError(f"labels.indices_file '{path}': index {int(repeated[0][repeated[1] > 1][0])} is listed more than once")
+        raise UserError(
+            f"labels.indices_file '{path}': index {int(repeated[0][repeated[1] > 1][0])} is listed more than once"
+        )
     return indices.sort().values
 
 
@@ -152,8 +165,12 @@ def read_indices_file(path: str, train_size: int) -> torch.Tensor:
 def warn_classes_without_labels(indices_file: str, missing: tuple[int, ...]) -> None:
     """Warn, once per file and not once per head and seed, of the classes an indices file labels no image of."""
     if missing:
-        log.warning("labels.indices_file '%s' labels no image of class(es) %s of the training split: the heads never "
-                    "predict them (results record classes_without_labels)", indices_file, list(missing))
+        log.warning(
+            "labels.indices_file '%s' labels no image of class(es) %s of the training split: the heads never "
+            "predict them (results record classes_without_labels)",
+            indices_file,
+            list(missing),
+        )
 
 
 def labeled_subset(
@@ -196,15 +213,19 @@ class EvaluationConfig(Checked):
         dev = self.dev_rows(train_labels)
         if dev is None:
             return labels_cfg.subset(train_labels, seed)
-        return labeled_outside(train_labels, dev, labels_cfg.fraction, labels_cfg.per_class, labels_cfg.indices_file,
-                               seed)
+        return labeled_outside(
+            train_labels, dev, labels_cfg.fraction, labels_cfg.per_class, labels_cfg.indices_file, seed
+        )
 
     def record(self, indices: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """The result fields of the evaluated images (``indices`` into their split, with their ``labels``): their
         number, ``evaluation_sha256``, and for ``split=dev`` how the dev part was drawn."""
         dev = {"dev_fraction": self.dev_fraction, "dev_seed": self.dev_seed} if self.split == "dev" else {}
-        return {"evaluation_size": len(indices), "evaluation_sha256": evaluation_sha256(self.split, indices, labels),
-                **dev}
+        return {
+            "evaluation_size": len(indices),
+            "evaluation_sha256": evaluation_sha256(self.split, indices, labels),
+            **dev,
+        }
 
 
 def complement(rows: torch.Tensor, size: int) -> torch.Tensor:
@@ -221,14 +242,20 @@ def dev_part(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     left = torch.bincount(labels[complement(dev, len(labels))], minlength=int(labels.max()) + 1)
     emptied = [c for c in torch.unique(labels).tolist() if left[c] == 0]
     if emptied:
-        raise UserError(f"evaluation.dev_fraction={fraction} leaves class {emptied[0]} no training image outside the "
-                        "dev split; give a smaller evaluation.dev_fraction")
+        raise UserError(
+            f"evaluation.dev_fraction={fraction} leaves class {emptied[0]} no training image outside the "
+            "dev split; give a smaller evaluation.dev_fraction"
+        )
     return dev
 
 
 def labeled_outside(
-    labels: torch.Tensor, dev: torch.Tensor, fraction: Optional[float], per_class: Optional[int],
-    indices_file: Optional[str], seed: int,
+    labels: torch.Tensor,
+    dev: torch.Tensor,
+    fraction: Optional[float],
+    per_class: Optional[int],
+    indices_file: Optional[str],
+    seed: int,
 ) -> torch.Tensor:
     """``labeled_subset`` drawn from the training indices outside ``dev``: as many of each class as the regime labels
     on the whole training split (a fraction: at most what is left of the class), so that a dev result labels as many
@@ -236,15 +263,20 @@ def labeled_outside(
     if indices_file is None:
         rest = complement(dev, len(labels))
         left = torch.bincount(labels[rest])
-        takes = class_takes(labels[rest], None, per_class) if per_class is not None else {
-            cls: min(take, int(left[cls])) for cls, take in class_takes(labels, fraction, None).items()}
+        takes = (
+            class_takes(labels[rest], None, per_class)
+            if per_class is not None
+            else {cls: min(take, int(left[cls])) for cls, take in class_takes(labels, fraction, None).items()}
+        )
         return rest[draw_per_class(labels[rest], takes, seed)]
     indices = labeled_subset(labels, fraction, per_class, indices_file, seed)
     inside = indices[torch.isin(indices, dev)]
     if len(inside):
-        raise UserError(f"labels.indices_file '{indices_file}': index {int(inside[0])} lies in the dev split "
-                        f"({len(inside)} of its indices do); with evaluation.split=dev label only images outside it, "
-                        "or use evaluation.split=test")
+        raise UserError(
+            f"labels.indices_file '{indices_file}': index {int(inside[0])} lies in the dev split "
+            f"({len(inside)} of its indices do); with evaluation.split=dev label only images outside it, "
+            "or use evaluation.split=test"
+        )
     return indices
 
 

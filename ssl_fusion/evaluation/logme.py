@@ -46,6 +46,11 @@ def logme_evidence(features: torch.Tensor, labels: torch.Tensor) -> float:
     _, m2, res2 = fit(alpha, beta)
     log_det = torch.log(alpha + beta * sigma).sum(0) + (d - len(s)) * torch.log(alpha)
     evidence = (
-        d / 2 * torch.log(alpha) + n / 2 * torch.log(beta) - alpha / 2 * m2 - beta / 2 * res2 - log_det / 2 - n / 2 * math.log(2 * math.pi)
+        d / 2 * torch.log(alpha)
+        + n / 2 * torch.log(beta)
+        - alpha / 2 * m2
+        - beta / 2 * res2
+        - log_det / 2
+        - n / 2 * math.log(2 * math.pi)
     )
     return float((evidence / n).mean())

@@ -1,5 +1,6 @@
 """The plain reference every head is compared against: scikit-learn's ``LogisticRegressionCV`` on the concatenated,
-standardised features of a labeled subset (``scripts/bench.py --only heads`` and ``scripts/reference/logreg_concat.py``).
+standardised features of a labeled subset (``scripts/bench.py --only heads`` and
+``scripts/reference/logreg_concat.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def fit_logistic_regression_cv(train: torch.Tensor, labels: torch.Tensor, test: 
     return ReferenceFit(torch.from_numpy(model.predict(test.numpy())).long(), float(model.C_[0]))
 
 
-def logistic_regression_cv(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor) -> float:
+def logistic_regression_cv(
+    train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor
+) -> float:
     """Test accuracy of ``fit_logistic_regression_cv`` fit on ``train``."""
     return fit_logistic_regression_cv(train, labels, test).accuracy(test_labels)
 

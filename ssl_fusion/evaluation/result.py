@@ -26,16 +26,37 @@ from typing import Any, Optional
 import numpy as np
 
 RESULT_VERSION = 2  # 1: results without the fields below (before the contract); the report refuses them
-SELECTION_KEYS = ("selected_l2", "selected_steps", "selected_c", "cv_accuracy", "cv_nll", "val_accuracy", "folds",
-                  "selection")
-LABEL_KEYS = ("regime", "labels_fraction", "labels_per_class", "labels_indices_file", "n_labeled",
-              "labeled_indices_sha256", "seed")
+SELECTION_KEYS = (
+    "selected_l2",
+    "selected_steps",
+    "selected_c",
+    "cv_accuracy",
+    "cv_nll",
+    "val_accuracy",
+    "folds",
+    "selection",
+)
+LABEL_KEYS = (
+    "regime",
+    "labels_fraction",
+    "labels_per_class",
+    "labels_indices_file",
+    "n_labeled",
+    "labeled_indices_sha256",
+    "seed",
+)
 # the evaluated images (``data.splits.evaluation_sha256``), how a dev split was drawn, the predictions' file
 EVALUATION_KEYS = ("evaluation_size", "evaluation_sha256", "dev_fraction", "dev_seed", "predictions_file")
 GROUPS = ("labels", "metrics", "selection", "evaluation", "details")
 PREDICTIONS_FILE = "predictions.npz"
-CONTEXT_KEYS = ("dataset", "pretraining_dataset", "encoder", "encoder_seed", "data_fingerprint",
-                "pretraining_fingerprint")
+CONTEXT_KEYS = (
+    "dataset",
+    "pretraining_dataset",
+    "encoder",
+    "encoder_seed",
+    "data_fingerprint",
+    "pretraining_fingerprint",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,8 +67,9 @@ def code_commit() -> Optional[str]:
     package = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(package.parent), *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(package.parent), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:  # a venv inside another repository
@@ -127,8 +149,9 @@ class FuseResult:
 
     def to_record(self) -> dict[str, Any]:
         """The flat JSON object of ``results.json`` (see the module's docstring)."""
-        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name not in (*GROUPS, "predictions")}
+        scalars = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in (*GROUPS, "predictions")
+        }
         record = {"result_version": RESULT_VERSION, **scalars}
         for group in GROUPS:
             clash = set(getattr(self, group)) & set(record)
@@ -145,15 +168,26 @@ class FuseResult:
             raise ValueError(f"not a JSON object but {type(record).__name__}")
         version = record.get("result_version")
         if version != RESULT_VERSION:
-            raise ValueError(f"result_version is {version!r}, this sslfuse reads {RESULT_VERSION} (written by another "
-                             "sslfuse: run its fuse again)")
+            raise ValueError(
+                f"result_version is {version!r}, this sslfuse reads {RESULT_VERSION} (written by another "
+                "sslfuse: run its fuse again)"
+            )
         split = check_type(record, "split", str)
         metrics = {k: v for k, v in record.items() if k.startswith(f"{split}_") and k not in EVALUATION_KEYS}
         check_type(metrics, f"{split}_accuracy", (int, float))
         scalars = {f.name for f in dataclasses.fields(cls)} - {*GROUPS, "predictions"}
-        for name, kind in (("method", str), ("title", str), ("family", str), ("options", dict), ("pretexts", list),
-                           ("uses_test", bool), ("uses_all_labels", bool), ("cached_views", int), ("regime", str),
-                           ("seed", int)):
+        for name, kind in (
+            ("method", str),
+            ("title", str),
+            ("family", str),
+            ("options", dict),
+            ("pretexts", list),
+            ("uses_test", bool),
+            ("uses_all_labels", bool),
+            ("cached_views", int),
+            ("regime", str),
+            ("seed", int),
+        ):
             check_type(record, name, kind)
         if not all(isinstance(p, str) for p in record["pretexts"]):
             raise ValueError("field 'pretexts' must be a list of names")
@@ -164,8 +198,11 @@ class FuseResult:
             metrics=metrics,
             selection={k: record[k] for k in SELECTION_KEYS if k in record},
             evaluation={k: record[k] for k in EVALUATION_KEYS if k in record},
-            details={k: v for k, v in record.items()
-                     if k not in taken | set(LABEL_KEYS) | set(SELECTION_KEYS) | set(EVALUATION_KEYS)},
+            details={
+                k: v
+                for k, v in record.items()
+                if k not in taken | set(LABEL_KEYS) | set(SELECTION_KEYS) | set(EVALUATION_KEYS)
+            },
         )
 
 

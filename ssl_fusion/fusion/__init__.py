@@ -34,8 +34,9 @@ class FusionConfig(Checked):
         """Heads with options of their own extend it (see ``ssl_fusion.runtime.checks``)."""
         return {
             "steps": at_least(1),
-            "eval_every": Rule(lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]",
-                               self.steps + 1),
+            "eval_every": Rule(
+                lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]", self.steps + 1
+            ),
             "batch_size": at_least(1),
             "lr": above(0),
             "l2_grid": Rule(lambda grid: len(grid) > 0 and min(grid) >= 0, "a non-empty list of values >= 0", []),

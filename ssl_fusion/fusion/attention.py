@@ -54,7 +54,11 @@ def softmax_dropping_pretexts(scores: torch.Tensor, dropout: float) -> torch.Ten
 
 def scorer(in_dim: int, hidden: int, pretexts: int) -> nn.Module:
     """All pretexts' features of a sample -> one score per pretext; the last layer starts at zero (equal weights)."""
-    layers = [nn.Linear(in_dim, pretexts)] if hidden == 0 else [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, pretexts)]
+    layers = (
+        [nn.Linear(in_dim, pretexts)]
+        if hidden == 0
+        else [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, pretexts)]
+    )
     nn.init.zeros_(layers[-1].weight)
     nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
@@ -70,7 +74,7 @@ class AttentionFusion(FusionHead):
         self.bias = nn.Parameter(torch.zeros(num_classes))
         reads = sum(feature_dims) if cfg.scores_from == "features" else num_classes * len(feature_dims)
         self.scorer = scorer(reads, cfg.scorer_hidden, len(feature_dims))
-        self.input_scale = reads ** -0.5
+        self.input_scale = reads**-0.5
 
     def weights_of(self, features: list[torch.Tensor], per_pretext: torch.Tensor) -> torch.Tensor:
         """(batch, pretexts) weights summing to one per sample."""
@@ -85,4 +89,6 @@ class AttentionFusion(FusionHead):
         return len(features) * (weights.unsqueeze(-1) * per_pretext).sum(dim=1) + self.bias
 
     def pretext_weights(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.weights_of(features, torch.stack([classify(f) for classify, f in zip(self.classifiers, features)], dim=1))
+        return self.weights_of(
+            features, torch.stack([classify(f) for classify, f in zip(self.classifiers, features)], dim=1)
+        )

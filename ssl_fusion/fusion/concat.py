@@ -41,7 +41,10 @@ class LinearFusion(FusionHead):
         """With one linear map, every member's logits as one matrix product over the members' stacked weights."""
         if self.cfg.hidden:
             return None
-        weight, bias = params["classifier.weight"], params["classifier.bias"]  # (members, classes, dim), (members, classes)
+        weight, bias = (
+            params["classifier.weight"],
+            params["classifier.bias"],
+        )  # (members, classes, dim), (members, classes)
         members, classes, dim = weight.shape
         inputs = self.feature_dropout(torch.cat(features, dim=1))
         logits = inputs @ weight.reshape(members * classes, dim).T + bias.reshape(-1)

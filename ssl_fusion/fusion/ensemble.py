@@ -29,5 +29,7 @@ class EnsembleFusion(FusionHead):
         self.classifiers = nn.ModuleList(nn.Linear(dim, num_classes) for dim in feature_dims)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        log_probs = torch.stack([F.log_softmax(c(self.feature_dropout(f)), dim=1) for c, f in zip(self.classifiers, features)], dim=1)
+        log_probs = torch.stack(
+            [F.log_softmax(c(self.feature_dropout(f)), dim=1) for c, f in zip(self.classifiers, features)], dim=1
+        )
         return torch.logsumexp(log_probs, dim=1) - math.log(len(self.classifiers))

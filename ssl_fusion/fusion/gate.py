@@ -29,7 +29,9 @@ class GateFusion(FusionHead):
         super().__init__(cfg, feature_dims, num_classes)
         self.projections = projections(feature_dims, cfg.width)
         self.gate = nn.Sequential(
-            nn.Linear(len(feature_dims) * cfg.width, cfg.gate_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.gate_hidden, len(feature_dims))
+            nn.Linear(len(feature_dims) * cfg.width, cfg.gate_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(cfg.gate_hidden, len(feature_dims)),
         )
         self.classifier = nn.Linear(cfg.width, num_classes)
 

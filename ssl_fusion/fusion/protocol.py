@@ -66,27 +66,44 @@ def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
     return f"{method_title(fusion, features)}({'+'.join(names)})"
 
 
-def weights_by_class(weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int) -> dict[str, dict[str, float]]:
+def weights_by_class(
+    weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int
+) -> dict[str, dict[str, float]]:
     """Mean pretext weight over the test samples of each true class."""
     return {
-        str(c): dict(zip(pretexts, weights[labels == c].mean(0).tolist())) for c in range(num_classes) if (labels == c).any()
+        str(c): dict(zip(pretexts, weights[labels == c].mean(0).tolist()))
+        for c in range(num_classes)
+        if (labels == c).any()
     }
 
 
 def fit_and_predict(
-    fusion: FusionConfig, train: list[torch.Tensor], labels: torch.Tensor, test: list[torch.Tensor], num_classes: int, seed: int
+    fusion: FusionConfig,
+    train: list[torch.Tensor],
+    labels: torch.Tensor,
+    test: list[torch.Tensor],
+    num_classes: int,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, CrossValidation, list[float], int]:
     """Select and refit ``fusion``'s head on the labeled features: test-set probabilities and weights, the
     selection, the last refit's loss curve and the head's number of trained parameters."""
     dims = [f.shape[-1] for f in train]
-    heads, selection, losses = train_selected(lambda: head_class(fusion)(fusion, dims, num_classes), train, labels, fusion, seed)
+    heads, selection, losses = train_selected(
+        lambda: head_class(fusion)(fusion, dims, num_classes), train, labels, fusion, seed
+    )
     probs, weights = predict_proba(heads, test)
     return probs, weights, selection, losses, sum(p.numel() for p in heads[0].parameters())
 
 
 def choose_pretext(
-    fusion: SelectConfig, names: list[str], train: list[torch.Tensor], labels: torch.Tensor,
-    test: list[torch.Tensor], test_labels: torch.Tensor, num_classes: int, seed: int,
+    fusion: SelectConfig,
+    names: list[str],
+    train: list[torch.Tensor],
+    labels: torch.Tensor,
+    test: list[torch.Tensor],
+    test_labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
 ) -> tuple[int, dict[str, float]]:
     """Pretext matching: the position of the pretext that ``fusion.by`` prefers, and every pretext's score."""
     position = {name: i for i, name in enumerate(names)}
@@ -118,12 +135,17 @@ def head_threads(num_threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def screened(pretexts: list[str], train: list[torch.Tensor], labels: torch.Tensor, seed: int) -> tuple[list[str], dict[str, Any]]:
+def screened(
+    pretexts: list[str], train: list[torch.Tensor], labels: torch.Tensor, seed: int
+) -> tuple[list[str], dict[str, Any]]:
     """The pretexts that pass the screen (``ssl_fusion.fusion.screen``) on their plain labeled features, and the
     result fields that record it."""
     screen = screen_pretexts({name: views[0] for name, views in zip(pretexts, train)}, labels, seed)
-    record = {"screened_out": [p for p in pretexts if p not in screen.kept], "screen_scores": screen.scores,
-              "screen_threshold": screen.threshold}
+    record = {
+        "screened_out": [p for p in pretexts if p not in screen.kept],
+        "screen_scores": screen.scores,
+        "screen_threshold": screen.threshold,
+    }
     return screen.kept, record
 
 
@@ -139,7 +161,8 @@ def check_folds(fusion: FusionConfig, labels: torch.Tensor) -> None:
     """Refuse a method that needs cross-validation when a class has a single labeled image."""
     if head_class(fusion).needs_cross_validation(fusion) and fold_count(labels, fusion.folds) == 0:
         raise UserError(
-            f"fusion={fusion.name} ({head_class(fusion).title(fusion)}) needs cross-validation, and a class has a single labeled "
+            f"fusion={fusion.name} ({head_class(fusion).title(fusion)}) needs cross-validation, and a class has a "
+            "single labeled "
             "image; give labels.per_class >= 2, or fusion.by=logme"
         )
 
@@ -149,7 +172,10 @@ def head_inputs(fusion: FusionConfig, features: dict[str, FeatureSet]) -> dict[s
     wanted = head_class(fusion).inputs(fusion, list(features))
     missing = [name for name in wanted if name not in features]
     if missing:
-        raise UserError(f"fusion={fusion.name} reads {', '.join(missing)}, which is not among the pretexts given: {', '.join(features)}")
+        raise UserError(
+            f"fusion={fusion.name} reads {', '.join(missing)}, which is not among the pretexts given: "
+            f"{', '.join(features)}"
+        )
     return {name: features[name] for name in wanted}
 
 
@@ -172,7 +198,10 @@ def class_count(train_labels: torch.Tensor, test_labels: torch.Tensor) -> int:
 
 
 def fuse_once(
-    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    features: dict[str, FeatureSet],
+    fusion: FusionConfig,
+    labels_cfg: LabelsConfig,
+    seed: int,
     evaluation: Optional[EvaluationConfig] = None,
 ) -> dict[str, Any]:
     """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
@@ -195,7 +224,10 @@ def evaluated_features(
 
 
 def fuse_result(
-    features: dict[str, FeatureSet], fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
+    features: dict[str, FeatureSet],
+    fusion: FusionConfig,
+    labels_cfg: LabelsConfig,
+    seed: int,
     evaluation: Optional[EvaluationConfig] = None,
 ) -> FuseResult:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the evaluation split
@@ -248,8 +280,11 @@ def fuse_result(
         options=changed_options(fusion),
         pretexts=pretexts,
         labels=labels_cfg.fields(labeled, seed, full.train_labels),
-        metrics={f"{split}_accuracy": accuracy, f"{split}_macro_f1": macro_f1(probs.argmax(1), test_labels),
-                 f"{split}_nll": nll},
+        metrics={
+            f"{split}_accuracy": accuracy,
+            f"{split}_macro_f1": macro_f1(probs.argmax(1), test_labels),
+            f"{split}_nll": nll,
+        },
         selection={
             "selected_l2": selection.l2,
             "selected_steps": selection.steps,
@@ -302,7 +337,9 @@ def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
     """``values`` as a float32 (rows, dim) tensor; a UserError naming the pretext and split when it is not one."""
     array = torch.as_tensor(np.asarray(values), dtype=torch.float32)
     if array.dim() != 2 or len(array) != rows:
-        raise UserError(f"{split} features of '{name}' must be (samples, dim) with {rows} rows, got shape {tuple(array.shape)}")
+        raise UserError(
+            f"{split} features of '{name}' must be (samples, dim) with {rows} rows, got shape {tuple(array.shape)}"
+        )
     if not torch.isfinite(array).all():
         raise UserError(f"{split} features of '{name}' hold NaN or inf")
     return array

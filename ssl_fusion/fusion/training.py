@@ -64,7 +64,9 @@ class HeadStack:
         """Logits (members, batch, classes) and regularisers (members,): every member reads the same ``features``
         and the same random draws (dropout masks), which keeps the members' comparison paired and costs a third of
         drawing them per member."""
-        direct = self.template.head.stacked_logits({name.removeprefix("head."): p for name, p in self.params.items()}, features)
+        direct = self.template.head.stacked_logits(
+            {name.removeprefix("head."): p for name, p in self.params.items()}, features
+        )
         if direct is not None:
             return direct, torch.zeros(len(self))
         run = torch.vmap(self._member, in_dims=(0, 0, None), randomness="same")
@@ -138,14 +140,19 @@ def check_finite(cfg: FusionConfig, values: torch.Tensor, step: int, what: str =
     """Stop a head that diverged (NaN or inf), as pretraining does, before it scores or writes anything."""
     if not torch.isfinite(values).all():
         bad = values[~torch.isfinite(values)][0].item()
-        raise UserError(f"fusion head {cfg.name} diverged: {what} is {bad} at step {step}; "
-                        f"lower fusion.lr (now {cfg.lr:g})")
+        raise UserError(
+            f"fusion head {cfg.name} diverged: {what} is {bad} at step {step}; lower fusion.lr (now {cfg.lr:g})"
+        )
 
 
-def draw_batch(generator: torch.Generator, samples: int, batch_size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_batch(
+    generator: torch.Generator, samples: int, batch_size: int, views: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sample positions of one batch (all of them when they fit in ``batch_size``) and the view each is read
     from. With one view no view is drawn."""
-    index = torch.arange(samples) if samples <= batch_size else torch.randperm(samples, generator=generator)[:batch_size]
+    index = (
+        torch.arange(samples) if samples <= batch_size else torch.randperm(samples, generator=generator)[:batch_size]
+    )
     if views == 1:
         return torch.zeros_like(index), index
     return torch.randint(views, (len(index),), generator=generator), index
@@ -179,7 +186,9 @@ class CrossValidation:
     folds: int
 
 
-def cross_validate(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> CrossValidation:
+def cross_validate(
+    make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int
+) -> CrossValidation:
     """Grid over L2 strengths × training length, scored by stratified k-fold cross-validation on the labeled set
     (plain features; ``features`` as for ``fit_stack``). Members: one head per (L2, fold), trained together."""
     if fold_count(labels, cfg.folds) == 0:
@@ -192,7 +201,9 @@ def cross_validate(make_head: HeadFactory, features: list[torch.Tensor], labels:
     scores: dict[int, torch.Tensor] = {}  # step -> (grid, 2): correct predictions and summed NLL over held-out samples
 
     def record(step: int, stack: HeadStack) -> None:
-        log_probs = stack.logits(plain).log_softmax(-1).unflatten(0, (len(cfg.l2_grid), folds))  # (grid, folds, samples, classes)
+        log_probs = (
+            stack.logits(plain).log_softmax(-1).unflatten(0, (len(cfg.l2_grid), folds))
+        )  # (grid, folds, samples, classes)
         mask = held_out[None].float()
         correct = ((log_probs.argmax(-1) == labels).float() * mask).sum((1, 2))
         nll = (-log_probs.gather(-1, labels.expand(*log_probs.shape[:3])[..., None]).squeeze(-1) * mask).sum((1, 2))
@@ -203,12 +214,16 @@ def cross_validate(make_head: HeadFactory, features: list[torch.Tensor], labels:
     stack = HeadStack([head] + [copy.deepcopy(head) for _ in range(len(trains_on) - 1)])
     l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32).repeat_interleave(folds)
     fit_stack(stack, features, labels, cfg, l2, cfg.steps, seed, trains_on, record)
-    candidates = [(float(s[g, 0]), -float(s[g, 1]), -step, g, step) for step, s in scores.items() for g in range(len(cfg.l2_grid))]
+    candidates = [
+        (float(s[g, 0]), -float(s[g, 1]), -step, g, step) for step, s in scores.items() for g in range(len(cfg.l2_grid))
+    ]
     correct, neg_nll, _, grid_index, step = max(candidates)
     return CrossValidation(cfg.l2_grid[grid_index], step, correct / len(labels), -neg_nll / len(labels), folds)
 
 
-def train_selected(make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int) -> tuple[list[FusionHead], CrossValidation, list[float]]:
+def train_selected(
+    make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int
+) -> tuple[list[FusionHead], CrossValidation, list[float]]:
     """Choose hyper-parameters by k-fold cross-validation, then refit ``restarts`` heads on all labeled samples.
     Returns the heads, the selection and the loss curve of the last refit."""
     selection = cross_validate(make_head, features, labels, cfg, seed)
@@ -217,5 +232,7 @@ def train_selected(make_head: HeadFactory, features: list[torch.Tensor], labels:
         torch.manual_seed(seed * 1000 + 500 + restart)
         heads.append(make_head())
     stack = HeadStack(heads)
-    losses = fit_stack(stack, features, labels, cfg, torch.full((len(heads),), selection.l2), selection.steps, seed * 1000 + 500)
+    losses = fit_stack(
+        stack, features, labels, cfg, torch.full((len(heads),), selection.l2), selection.steps, seed * 1000 + 500
+    )
     return stack.unstack(), selection, losses[-1].tolist()

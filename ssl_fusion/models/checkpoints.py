@@ -29,8 +29,11 @@ State = dict[str, Tensor]
 ARCH_HINT = "name it torchvision:<model> (e.g. torchvision:resnet50) or timm:<model> (e.g. timm:vit_small_patch16_224)"
 CLASSIFIERS = ("fc", "classifier", "heads", "head", "last_linear")  # where models keep their classification layer
 # (marker of the backbone's keys, format, projector/classifier of that project to drop after stripping the marker)
-WRAPPED_BACKBONES = (("module.encoder_q.", "moco v2", ("fc.",)), ("module.base_encoder.", "moco v3", ("fc.", "head.")),
-                     ("backbone.", "lightning/solo-learn", ()))
+WRAPPED_BACKBONES = (
+    ("module.encoder_q.", "moco v2", ("fc.",)),
+    ("module.base_encoder.", "moco v3", ("fc.", "head.")),
+    ("backbone.", "lightning/solo-learn", ()),
+)
 
 
 def build_backbone(arch: str) -> tuple[nn.Module, int]:
@@ -103,8 +106,26 @@ def _allowed_classes() -> list[Any]:
     """The non-tensor classes real checkpoints carry that are safe to rebuild: DINO/MAE keep their argparse
     ``Namespace``; Lightning/solo-learn keep OmegaConf configs (with the types their metadata names) in
     ``hyper_parameters``."""
-    return [argparse.Namespace, collections.defaultdict, typing.Any, dict, list, int, float, str, bool, DictConfig,
-            ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode]
+    return [
+        argparse.Namespace,
+        collections.defaultdict,
+        typing.Any,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        bool,
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        BooleanNode,
+        FloatNode,
+        IntegerNode,
+        StringNode,
+    ]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -120,8 +141,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as error:  # torch.load raises UnpicklingError, KeyError, EOFError... for other kinds of file
         found = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
         if found is not None:
-            raise UserError(f"checkpoint {path} holds {found.group(1)}, which is refused as it could run code; only "
-                            "tensors, plain data and argparse/OmegaConf configs are accepted") from None
+            raise UserError(
+                f"checkpoint {path} holds {found.group(1)}, which is refused as it could run code; only "
+                "tensors, plain data and argparse/OmegaConf configs are accepted"
+            ) from None
         raise UserError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
@@ -144,8 +167,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def backbone_state(checkpoint: dict[str, Any], prefix: str | None = None,
-                   which: str = "teacher") -> tuple[State, str]:
+def backbone_state(checkpoint: dict[str, Any], prefix: str | None = None, which: str = "teacher") -> tuple[State, str]:
     """The backbone's state dict inside ``checkpoint`` and the name of the format it was found in.
 
     ``prefix`` overrides detection: the keys starting with it (nested dicts joined by dots), stripped of it.
@@ -160,8 +182,10 @@ def backbone_state(checkpoint: dict[str, Any], prefix: str | None = None,
         if found is not None:
             return found
     keys = ", ".join(map(str, list(checkpoint)[:6]))
-    raise UserError(f"cannot tell where the backbone's weights are in this checkpoint (top-level keys: {keys}); "
-                    "give the prefix of their keys by hand")
+    raise UserError(
+        f"cannot tell where the backbone's weights are in this checkpoint (top-level keys: {keys}); "
+        "give the prefix of their keys by hand"
+    )
 
 
 def _tensors(node: Any) -> State | None:
@@ -173,7 +197,7 @@ def _tensors(node: Any) -> State | None:
 
 def _strip(state: State, prefix: str) -> State:
     """The entries whose keys start with ``prefix``, without it."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _drop(state: State, prefixes: tuple[str, ...]) -> State:
@@ -256,13 +280,25 @@ def load_backbone(model: nn.Module, state: State) -> None:
     state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    problems = [_some(keys, what) for keys, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                      (shaped, "wrongly shaped (checkpoint vs model)")) if keys]
+    shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        _some(keys, what)
+        for keys, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (shaped, "wrongly shaped (checkpoint vs model)"),
+        )
+        if keys
+    ]
     if problems:
-        raise UserError(f"the checkpoint does not fit {type(model).__name__} ({len(own)} entries): "
-                        f"{'; '.join(problems)} - is it for another architecture, or under another key prefix?")
+        raise UserError(
+            f"the checkpoint does not fit {type(model).__name__} ({len(own)} entries): "
+            f"{'; '.join(problems)} - is it for another architecture, or under another key prefix?"
+        )
     for key, value in own.items():
         check_weight(key, state[key], value)
     model.load_state_dict(state, strict=True)
@@ -271,14 +307,17 @@ def load_backbone(model: nn.Module, state: State) -> None:
 def check_weight(key: str, weight: Tensor, own: Tensor) -> None:
     """Refuse in one line a checkpoint tensor that loading would silently change or that would give broken features:
     a sparse one, integers where the model has floats (they would be cast), NaN or infinite values."""
+
     def name(value: object) -> str:
         return str(value).removeprefix("torch.")
 
     if weight.layout != torch.strided:
         raise UserError(f"tensor '{key}' is {name(weight.layout)}; only dense tensors are read")
     if own.is_floating_point() and not weight.is_floating_point():
-        raise UserError(f"tensor '{key}' holds {name(weight.dtype)} values where the model has {name(own.dtype)} "
-                        "weights; they are not cast: save the checkpoint with float weights")
+        raise UserError(
+            f"tensor '{key}' holds {name(weight.dtype)} values where the model has {name(own.dtype)} "
+            "weights; they are not cast: save the checkpoint with float weights"
+        )
     if weight.is_floating_point() and not torch.isfinite(weight).all():
         raise UserError(f"tensor '{key}' holds NaN or infinite values")
 
@@ -288,8 +327,9 @@ def _some(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what}: {', '.join(keys[:3])}{more}"
 
 
-def load_external_encoder(arch: str, checkpoint: str | Path | None, prefix: str | None = None,
-                          which: str = "teacher") -> tuple[nn.Module, int, str]:
+def load_external_encoder(
+    arch: str, checkpoint: str | Path | None, prefix: str | None = None, which: str = "teacher"
+) -> tuple[nn.Module, int, str]:
     """The backbone ``arch`` with the weights of ``checkpoint`` (random weights when None) in eval mode, its feature
     width and the checkpoint's recognised format."""
     model, width = build_backbone(arch)

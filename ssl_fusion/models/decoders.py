@@ -19,7 +19,11 @@ START_SIZE = 4
 
 def upsample_block(in_ch: int, out_ch: int) -> nn.Sequential:
     """Double the resolution; kernel 4 with stride 2 covers every output pixel evenly (no checkerboard)."""
-    return nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
 
 
 class VectorDecoder(nn.Module):

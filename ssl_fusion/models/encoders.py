@@ -72,7 +72,11 @@ ENCODERS: Registry[Builder] = Registry("encoder")
 
 
 def conv_block(in_ch: int, out_ch: int, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    ]
     if pool:
         layers.append(nn.MaxPool2d(2, ceil_mode=True))
     return nn.Sequential(*layers)
@@ -83,7 +87,10 @@ def small_cnn(cfg: SmallCNNConfig, channels: int) -> Encoder:
     """Conv blocks with 2x ceil-mode pooling after all but the last, then global average pooling: runs on any image
     size (a map that reaches 1x1 stays 1x1)."""
     widths = list(cfg.widths)
-    blocks = [conv_block(c_in, c_out, pool=i < len(widths) - 1) for i, (c_in, c_out) in enumerate(zip([channels, *widths], widths))]
+    blocks = [
+        conv_block(c_in, c_out, pool=i < len(widths) - 1)
+        for i, (c_in, c_out) in enumerate(zip([channels, *widths], widths))
+    ]
     backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Encoder(backbone, widths[-1], channels)
 

@@ -36,7 +36,9 @@ class ExternalEncoderConfig:
     checkpoint: Optional[str] = None  # None: random weights
     prefix: Optional[str] = None  # keys of the backbone in the checkpoint, when not recognised
     which: str = "teacher"  # DINO checkpoints: teacher or student
-    image_size: Optional[int] = None  # pixels a side the encoder reads; None: timm's pretrained size, else the dataset's
+    image_size: Optional[int] = (
+        None  # pixels a side the encoder reads; None: timm's pretrained size, else the dataset's
+    )
     mean: Optional[List[float]] = None  # None: timm's pretrained mean, else ImageNet's
     std: Optional[List[float]] = None  # None: timm's pretrained std, else ImageNet's
 
@@ -50,13 +52,17 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 def external_config(name: str, node: Any) -> ExternalEncoderConfig:
     """``+external.<name>.*`` as a typed config; a one-line UserError naming the key otherwise."""
     if not NAME.fullmatch(str(name)):
-        raise UserError(f"external.{name}: an encoder's name is letters, digits and _ . + = - (not first . or -), "
-                        "as it names files in the store")
+        raise UserError(
+            f"external.{name}: an encoder's name is letters, digits and _ . + = - (not first . or -), "
+            "as it names files in the store"
+        )
     if not isinstance(node, dict) or not node.get("arch"):
         raise UserError(f"external.{name}: give external.{name}.arch (torchvision:<model> or timm:<model>)")
     unknown = sorted(set(node) - KEYS)
     if unknown:
-        raise UserError(f"external.{name}.{unknown[0]}: not a key of an external encoder; keys: {', '.join(sorted(KEYS))}")
+        raise UserError(
+            f"external.{name}.{unknown[0]}: not a key of an external encoder; keys: {', '.join(sorted(KEYS))}"
+        )
     check_input(name, node)
     cfg = resolve_input(ExternalEncoderConfig(**node), pretrained_source(node["arch"], node))
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
@@ -71,8 +77,9 @@ def check_input(name: str, node: Mapping[str, Any]) -> None:
     ``std`` that is not a list of three finite numbers (one per channel)."""
     size = node.get("image_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_IMAGE_SIZE):
-        raise UserError(f"external.{name}.image_size: a whole number of pixels from 8 to {MAX_IMAGE_SIZE}, "
-                        f"got {size!r}")
+        raise UserError(
+            f"external.{name}.image_size: a whole number of pixels from 8 to {MAX_IMAGE_SIZE}, got {size!r}"
+        )
     for key in ("mean", "std"):
         values = node.get(key)
         if values is None:
@@ -105,8 +112,10 @@ def resolve_input(cfg: ExternalEncoderConfig, model: Any = None) -> ExternalEnco
         if height != width:
             raise UserError(f"{cfg.arch} was pretrained on {height}x{width} images; give a square image_size")
         size = int(height)
-    mean, std = (cfg.mean if cfg.mean is not None else three(found.get("mean"), IMAGENET_MEAN, cfg.arch),
-                 cfg.std if cfg.std is not None else three(found.get("std"), IMAGENET_STD, cfg.arch))
+    mean, std = (
+        cfg.mean if cfg.mean is not None else three(found.get("mean"), IMAGENET_MEAN, cfg.arch),
+        cfg.std if cfg.std is not None else three(found.get("std"), IMAGENET_STD, cfg.arch),
+    )
     return dataclasses.replace(cfg, image_size=size, mean=[float(v) for v in mean], std=[float(v) for v in std])
 
 
@@ -156,8 +165,9 @@ class ExternalEncoder(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return (images - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -177,5 +187,9 @@ def conversion(cfg: ExternalEncoderConfig, channels: int, image_size: tuple[int,
     resolved: its size, mean and std as the encoder reads them)."""
     cfg = resolve_input(cfg)
     size = cfg.image_size or image_size[0]
-    return {"channels": f"{channels} -> 3" + (" (gray repeated)" if channels == 1 else ""),
-            "size": f"{image_size[0]}x{image_size[1]} -> {size}x{size}", "mean": cfg.mean, "std": cfg.std}
+    return {
+        "channels": f"{channels} -> 3" + (" (gray repeated)" if channels == 1 else ""),
+        "size": f"{image_size[0]}x{image_size[1]} -> {size}x{size}",
+        "mean": cfg.mean,
+        "std": cfg.std,
+    }

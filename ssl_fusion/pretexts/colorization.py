@@ -22,7 +22,8 @@ class ColorizationConfig(PretextConfig):
 
 # Linear sRGB -> CIE XYZ under the D65 white point (IEC 61966-2-1), and that white point.
 RGB_TO_XYZ = torch.tensor(
-    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]], dtype=torch.float64
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+    dtype=torch.float64,
 )
 XYZ_TO_RGB = torch.linalg.inv(RGB_TO_XYZ)
 D65_WHITE = (0.95047, 1.0, 1.08883)
@@ -86,5 +87,7 @@ class Colorization(Pretext):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         lightness, ab = colorization_pairs(images)
-        predicted = self.decoder(self.encoder(lightness.contiguous(memory_format=torch.channels_last)), images.shape[-2:])
+        predicted = self.decoder(
+            self.encoder(lightness.contiguous(memory_format=torch.channels_last)), images.shape[-2:]
+        )
         return F.mse_loss(predicted, ab)

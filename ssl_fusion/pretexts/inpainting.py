@@ -39,7 +39,9 @@ def masked_patch_count(size: tuple[int, int], patch_size: int, mask_ratio: float
     return round(mask_ratio * patches), patches
 
 
-def patch_mask(batch: int, size: tuple[int, int], patch_size: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
+def patch_mask(
+    batch: int, size: tuple[int, int], patch_size: int, mask_ratio: float, device: torch.device
+) -> torch.Tensor:
     """(B, 1, H, W) bool, True on round(mask_ratio * patches) randomly chosen patches of each image."""
     grid = (size[0] // patch_size, size[1] // patch_size)
     masked, patches = masked_patch_count(size, patch_size, mask_ratio)
@@ -48,7 +50,9 @@ def patch_mask(batch: int, size: tuple[int, int], patch_size: int, mask_ratio: f
     return mask.view(batch, 1, *grid).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
-def mask_patches(images: torch.Tensor, patch_size: int, mask_ratio: float, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_patches(
+    images: torch.Tensor, patch_size: int, mask_ratio: float, fill: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's input (masked patches set to 0 or to the image's per-channel mean) and the mask.
 
     The reconstruction target is ``images`` itself.
@@ -58,7 +62,9 @@ def mask_patches(images: torch.Tensor, patch_size: int, mask_ratio: float, fill:
     return torch.where(mask, fill_value, images), mask
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, loss_on: str) -> torch.Tensor:
+def reconstruction_loss(
+    reconstruction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, loss_on: str
+) -> torch.Tensor:
     """MSE against the original images, on the masked pixels only or on all of them."""
     if loss_on == "all":
         return F.mse_loss(reconstruction, images)

@@ -32,7 +32,8 @@ class JigsawConfig(PretextConfig):
 
 
 def maximin_permutations(tiles: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` distinct permutations of ``tiles`` positions, far apart in Hamming distance, as a (count, tiles) tensor.
+    """``count`` distinct permutations of ``tiles`` positions, far apart in Hamming distance, as a (count, tiles)
+    tensor.
 
     Greedy maximin: start from the identity (so label 0 is the unshuffled image), then repeatedly add the
     candidate whose distance to its nearest chosen permutation is largest. The candidates are every
@@ -56,7 +57,8 @@ def maximin_permutations(tiles: int, count: int, seed: int) -> torch.Tensor:
 
 
 def shuffle_tiles(images: torch.Tensor, permutations: torch.Tensor, grid: int) -> torch.Tensor:
-    """Cut each image into grid x grid tiles; tile i of output b (raster order) is tile ``permutations[b, i]`` of input b."""
+    """Cut each image into grid x grid tiles; tile i of output b (raster order) is tile ``permutations[b, i]`` of
+    input b."""
     height, width = images.shape[2:]
     tile = (height // grid, width // grid)
     columns = F.unfold(images, kernel_size=tile, stride=tile)
@@ -64,7 +66,9 @@ def shuffle_tiles(images: torch.Tensor, permutations: torch.Tensor, grid: int) -
     return F.fold(shuffled, (height, width), kernel_size=tile, stride=tile)
 
 
-def jigsaw_pseudo_labels(images: torch.Tensor, permutations: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def jigsaw_pseudo_labels(
+    images: torch.Tensor, permutations: torch.Tensor, grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image shuffled by one permutation of the set drawn at random, and that permutation's index."""
     labels = torch.randint(0, len(permutations), (images.shape[0],), device=images.device)
     return shuffle_tiles(images, permutations[labels], grid), labels
@@ -78,7 +82,9 @@ class Jigsaw(Pretext):
         permutations = maximin_permutations(cfg.grid**2, cfg.num_permutations, cfg.permutation_seed)
         self.register_buffer("permutations", permutations, persistent=False)
         self.head = nn.Sequential(
-            nn.Linear(encoder.out_dim, cfg.head_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.head_hidden, cfg.num_permutations)
+            nn.Linear(encoder.out_dim, cfg.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(cfg.head_hidden, cfg.num_permutations),
         )
 
     @classmethod

@@ -29,7 +29,16 @@ from ssl_fusion.runtime.errors import UserError
 
 MIN_PATCH = 7  # the smallest input the encoders take
 CENTRE = 4
-NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)  # label k -> raster index in the 3x3 grid: one row/column step (-1, 0 or +1) from the centre
+NEIGHBOURS = (
+    0,
+    1,
+    2,
+    3,
+    5,
+    6,
+    7,
+    8,
+)  # label k -> raster index in the 3x3 grid: one row/column step (-1, 0 or +1) from the centre
 
 
 @dataclass
@@ -108,7 +117,9 @@ class RelativeLocation(Pretext):
     def __init__(self, cfg: RelativeLocationConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
         self.head = nn.Sequential(
-            nn.Linear(2 * encoder.out_dim, cfg.head_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.head_hidden, len(NEIGHBOURS))
+            nn.Linear(2 * encoder.out_dim, cfg.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(cfg.head_hidden, len(NEIGHBOURS)),
         )
 
     @classmethod
@@ -117,7 +128,8 @@ class RelativeLocation(Pretext):
         if min(patch_size((height, width), cfg.gap, cfg.jitter)) < MIN_PATCH:
             smallest = 3 * (MIN_PATCH + cfg.gap + cfg.jitter)
             raise UserError(
-                f"pretext=relative_location needs a 3x3 grid of patches of at least {MIN_PATCH} px: image size {height}x{width} "
+                f"pretext=relative_location needs a 3x3 grid of patches of at least {MIN_PATCH} px: image size "
+                f"{height}x{width} "
                 f"with pretext.gap={cfg.gap} and pretext.jitter={cfg.jitter} is too small; "
                 f"use images of at least {smallest}x{smallest} px or a smaller gap/jitter"
             )
@@ -126,7 +138,9 @@ class RelativeLocation(Pretext):
         if self.cfg.flip:
             mirrored = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
             images = torch.where(mirrored, images.flip(3), images)
-        centres, neighbours, positions = relative_location_pseudo_labels(images, self.cfg.gap, self.cfg.jitter, self.cfg.all_neighbours)
+        centres, neighbours, positions = relative_location_pseudo_labels(
+            images, self.cfg.gap, self.cfg.jitter, self.cfg.all_neighbours
+        )
         batch, count = positions.shape
         patches = torch.cat([centres, neighbours.flatten(0, 1)]).contiguous(memory_format=torch.channels_last)
         if self.cfg.whole_image_statistics:

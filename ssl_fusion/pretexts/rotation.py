@@ -43,7 +43,9 @@ def rotation_pseudo_labels(images: torch.Tensor, all_rotations: bool) -> tuple[t
 class Rotation(Pretext):
     def __init__(self, cfg: RotationConfig, encoder: Encoder) -> None:
         super().__init__(cfg, encoder)
-        self.head = nn.Sequential(nn.Linear(encoder.out_dim, cfg.head_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.head_hidden, 4))
+        self.head = nn.Sequential(
+            nn.Linear(encoder.out_dim, cfg.head_hidden), nn.ReLU(inplace=True), nn.Linear(cfg.head_hidden, 4)
+        )
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rotated, turns = rotation_pseudo_labels(random_shift_flip(images, self.cfg.max_shift), self.cfg.all_rotations)

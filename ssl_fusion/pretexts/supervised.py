@@ -1,4 +1,5 @@
-"""``supervised``: cross entropy on the training labels through a linear head. A reference upper bound, not a pretext."""
+"""``supervised``: cross entropy on the training labels through a linear head. A reference upper bound, not a
+pretext."""
 
 from __future__ import annotations
 

@@ -63,8 +63,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 def write_failure(what: str, folder: Path, err: OSError) -> str:
     """One line for a failed write: a full disk said as such, any other reason as the system gives it."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"cannot write {what} into '{folder}': the disk is full (no space left on device); free space there "
-                f"or point artifacts_dir at another disk, then rerun")
+        return (
+            f"cannot write {what} into '{folder}': the disk is full (no space left on device); free space there "
+            f"or point artifacts_dir at another disk, then rerun"
+        )
     return f"cannot write {what} into '{folder}': {err.strerror or err}"
 
 
@@ -115,8 +117,12 @@ def restore_rng_state(state: dict[str, Any], checkpoint: Path) -> None:
     if cuda_states is not None and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     else:
-        log.warning("checkpoint %s holds no CUDA RNG state for %d devices: the resumed run may draw other GPU random "
-                    "numbers than an uninterrupted one", checkpoint, torch.cuda.device_count())
+        log.warning(
+            "checkpoint %s holds no CUDA RNG state for %d devices: the resumed run may draw other GPU random "
+            "numbers than an uninterrupted one",
+            checkpoint,
+            torch.cuda.device_count(),
+        )
 
 
 def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
@@ -124,8 +130,14 @@ def epoch_order(length: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    run: dict[str, Any],
+    model: Pretext,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into the training state and return it. A file that is truncated, no
     checkpoint, or one of another run (``run``: pretext, seed, batch, steps per epoch) is refused in one line that
     names the folder to delete; the process then ends, so no half-loaded state is ever trained on."""
@@ -133,14 +145,17 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:  # a truncated zip, a pickle of other objects, a file of another format: torch's words vary
-        raise UserError(f"the pretraining checkpoint '{path}' cannot be read (truncated, or not a torch checkpoint); "
-                        f"{start_over}") from None
+        raise UserError(
+            f"the pretraining checkpoint '{path}' cannot be read (truncated, or not a torch checkpoint); {start_over}"
+        ) from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
-        raise UserError(f"'{path}' is not a pretraining checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}); "
-                        f"{start_over}")
+        raise UserError(
+            f"'{path}' is not a pretraining checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)}); {start_over}"
+        )
     if state.get("run", run) != run:
-        raise UserError(f"the checkpoint '{path}' belongs to another pretraining ({state['run']}, this one is {run}); "
-                        f"{start_over}")
+        raise UserError(
+            f"the checkpoint '{path}' belongs to another pretraining ({state['run']}, this one is {run}); {start_over}"
+        )
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -151,11 +166,14 @@ def load_checkpoint(path: Path, run: dict[str, Any], model: Pretext, optimizer: 
         epoch_losses = [float(loss) for loss in state["epoch_losses"]]
         step, loss_sum = int(state.get("step", 0)), torch.as_tensor(state.get("loss_sum", 0.0))
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
-        raise UserError(f"the model, optimizer or RNG states in the checkpoint '{path}' do not fit this "
-                        f"{run['pretext']} pretraining; {start_over}") from None
+        raise UserError(
+            f"the model, optimizer or RNG states in the checkpoint '{path}' do not fit this "
+            f"{run['pretext']} pretraining; {start_over}"
+        ) from None
     if not 0 <= step < run["steps_per_epoch"]:
-        raise UserError(f"the checkpoint '{path}' stopped at step {step} of an epoch of {run['steps_per_epoch']}; "
-                        f"{start_over}")
+        raise UserError(
+            f"the checkpoint '{path}' stopped at step {step} of an epoch of {run['steps_per_epoch']}; {start_over}"
+        )
     return {"epoch_losses": epoch_losses, "step": step, "loss_sum": loss_sum}
 
 
@@ -214,32 +232,52 @@ def train_pretext(
         result.epoch_losses = resumed["epoch_losses"]
         result.resumed_at_epoch, result.resumed_at_step = len(result.epoch_losses), resumed["step"]
         first_step, carried_loss = resumed["step"], resumed["loss_sum"]
-        log.info("resuming %s from checkpoint %s after epoch %d step %d", recipe.name, checkpoint,
-                 result.resumed_at_epoch, result.resumed_at_step)
+        log.info(
+            "resuming %s from checkpoint %s after epoch %d step %d",
+            recipe.name,
+            checkpoint,
+            result.resumed_at_epoch,
+            result.resumed_at_step,
+        )
     distributed.prepare_training(model, device, type(model).sync_batchnorm)
     model.train()
     clock = CheckpointClock(checkpoint_every_minutes, checkpoint_every_steps)
 
     def save(step: int, loss_sum: torch.Tensor) -> None:
         """Checkpoint after ``step`` steps of the current epoch (0: at its end, ``epoch_losses`` holding it)."""
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), **rng_states(), "epoch_losses": result.epoch_losses, "run": run,
-                 "step": step, "loss_sum": distributed.average(loss_sum).cpu() if step else 0.0}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            **rng_states(),
+            "epoch_losses": result.epoch_losses,
+            "run": run,
+            "step": step,
+            "loss_sum": distributed.average(loss_sum).cpu() if step else 0.0,
+        }
         if distributed.is_main():
             save_checkpoint(checkpoint, state)
         clock.reset()
 
     with image_progress(enabled=distributed.is_main()) as progress:
         for epoch in range(result.resumed_at_epoch, recipe.epochs):
-            task = progress.add_task(f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", total=steps_per_epoch * batch_size, status="")
+            task = progress.add_task(
+                f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", total=steps_per_epoch * batch_size, status=""
+            )
             progress.advance(task, first_step * batch_size)
             started = time.perf_counter()
             if first_step == 0:  # mid-epoch, the checkpoint's RNG state carries on the epoch's stream
                 distributed.reseed_augmentations(seed, epoch)
             order = distributed.local_order(epoch_order(len(images), seed, epoch))
             loss_sum = carried_loss.to(device)
-            batches = uint8_batches(images, local_batch, device.type == "cuda", num_workers,
-                                    order[first_step * local_batch : steps_per_epoch * local_batch])
+            batches = uint8_batches(
+                images,
+                local_batch,
+                device.type == "cuda",
+                num_workers,
+                order[first_step * local_batch : steps_per_epoch * local_batch],
+            )
             for step, batch in zip(range(first_step, steps_per_epoch), batches):
                 index = order[step * local_batch : (step + 1) * local_batch]
                 batch = batch.to(device, non_blocking=True).float().div_(255)
@@ -257,7 +295,8 @@ def train_pretext(
                     running = float(distributed.average(loss_sum)) / (step + 1)
                     if not math.isfinite(running):
                         raise UserError(
-                            f"pretraining {recipe.name} diverged: loss is {running} at epoch {epoch + 1} step {step + 1}; "
+                            f"pretraining {recipe.name} diverged: loss is {running} at epoch {epoch + 1} step "
+                            f"{step + 1}; "
                             f"the last good checkpoint is kept at '{checkpoint}'; lower pretext.lr"
                         )
                     progress.update(task, status=f"loss {running:.4f}")
@@ -273,7 +312,11 @@ def train_pretext(
             first_step, carried_loss = 0, torch.zeros(())
             log.info(
                 "%s epoch %d/%d: loss %.4f, %.0f img/s, %.0f s",
-                recipe.name, epoch + 1, recipe.epochs, result.epoch_losses[-1], epoch_images / epoch_seconds,
+                recipe.name,
+                epoch + 1,
+                recipe.epochs,
+                result.epoch_losses[-1],
+                epoch_images / epoch_seconds,
                 epoch_seconds,
             )
     return result

@@ -1,4 +1,5 @@
-"""VICReg (Bardes, Ponce, LeCun 2022): two views agree while each embedding dimension keeps variance and stays decorrelated."""
+"""VICReg (Bardes, Ponce, LeCun 2022): two views agree while each embedding dimension keeps variance and stays
+decorrelated."""
 
 from __future__ import annotations
 

@@ -51,7 +51,9 @@ def plot_methods_sorted(stats: pd.DataFrame, path: Path, split: str) -> None:
         colours = ["tab:blue" if h else "tab:gray" for h in honest]
         for row, (mean, spread, colour) in enumerate(zip(group["mean"], group["std"].fillna(0), colours)):
             axis.errorbar(mean, row, xerr=spread, fmt="o", color=colour, capsize=3)
-        axis.set_yticks(range(len(group)), [f"{m} (n={n})" for m, n in zip(group["method"], group["seeds"])], fontsize=8)
+        axis.set_yticks(
+            range(len(group)), [f"{m} (n={n})" for m, n in zip(group["method"], group["seeds"])], fontsize=8
+        )
         axis.set_xlabel(f"{split} accuracy (%), {group['regime'].iloc[0]} labels, mean ± std over seeds")
         axis.grid(axis="x", alpha=0.3)
         if len(groups) > 1:
@@ -73,10 +75,19 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path, split: str) -> None
         label = f"{method}, {context_heading(tuple(context))}" if several else method
         group = group.set_index("regime").reindex(regimes)
         # the colour cycle has 10 colours: each further ten methods get another line style and marker
-        style = {"linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)], "marker": MARKERS[number // 10 % len(MARKERS)]}
+        style = {
+            "linestyle": LINE_STYLES[number // 10 % len(LINE_STYLES)],
+            "marker": MARKERS[number // 10 % len(MARKERS)],
+        }
         dodge = 0.3 * (number / max(len(lines) - 1, 1) - 0.5)  # side by side at each regime: error bars apart
-        axes.errorbar([x + dodge for x in range(len(regimes))], group["mean"], yerr=group["std"].fillna(0), capsize=3,
-                      label=label, **style)
+        axes.errorbar(
+            [x + dodge for x in range(len(regimes))],
+            group["mean"],
+            yerr=group["std"].fillna(0),
+            capsize=3,
+            label=label,
+            **style,
+        )
     axes.set_xticks(range(len(regimes)), [f"{r} labels" for r in regimes])
     axes.set_ylabel(f"{split} accuracy (%)")
     axes.set_title("accuracy vs. labels (mean ± std over seeds)")
@@ -115,7 +126,6 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-
 def plot_paired_differences(table: pd.DataFrame, path) -> None:
     """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0;
     primary comparisons (``role``) drawn with their Holm-adjusted interval, as squares, and named so."""
@@ -128,28 +138,53 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
     several = table[["dataset", "encoder"]].drop_duplicates().shape[0] > 1
     regimes = table["regime"].nunique() > 1
     primary = table["role"] == PRIMARY if "role" in table else pd.Series(False, index=table.index)
-    table = table.assign(primary=primary,
-                         low=table["holm_low"].where(primary, table["low"]) if primary.any() else table["low"],
-                         high=table["holm_high"].where(primary, table["high"]) if primary.any() else table["high"])
+    table = table.assign(
+        primary=primary,
+        low=table["holm_low"].where(primary, table["low"]) if primary.any() else table["low"],
+        high=table["holm_high"].where(primary, table["high"]) if primary.any() else table["high"],
+    )
     sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
-    figure, axes = plt.subplots(len(references), 1, figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
-                                squeeze=False, gridspec_kw={"height_ratios": sizes})
+    figure, axes = plt.subplots(
+        len(references),
+        1,
+        figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": sizes},
+    )
     for axis, reference in zip(axes[:, 0], references):
         part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
-        labels = [m + (f" @ {r}" if regimes else "") + (f", {d}" if several else "") + f" (n={n})"
-                  + (", primary, Holm" if p else "")
-                  for m, r, d, n, p in zip(*(part[c] for c in ("method", "regime", "dataset", "pairs", "primary")))]
+        labels = [
+            m
+            + (f" @ {r}" if regimes else "")
+            + (f", {d}" if several else "")
+            + f" (n={n})"
+            + (", primary, Holm" if p else "")
+            for m, r, d, n, p in zip(*(part[c] for c in ("method", "regime", "dataset", "pairs", "primary")))
+        ]
         # the difference is rounded, its bounds are not: a zero-width interval may lie a rounding off the dot
         low = (part["difference"] - part["low"]).fillna(0).clip(lower=0)
         high = (part["high"] - part["difference"]).fillna(0).clip(lower=0)
-        colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])]
+        colours = [
+            "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(part["low"], part["high"])
+        ]
         for row, (x, below, above, colour, primary) in enumerate(
-                zip(part["difference"], low, high, colours, part["primary"])):
-            axis.errorbar(x, row, xerr=[[below], [above]], fmt="s" if primary else "o", color=colour, capsize=3,
-                          elinewidth=2.5 if primary else 1.5)
+            zip(part["difference"], low, high, colours, part["primary"])
+        ):
+            axis.errorbar(
+                x,
+                row,
+                xerr=[[below], [above]],
+                fmt="s" if primary else "o",
+                color=colour,
+                capsize=3,
+                elinewidth=2.5 if primary else 1.5,
+            )
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(part)), labels, fontsize=8)
-        axis.set_title(f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval (primary: "
-                       "Holm-adjusted; green: above 0, red: below)", fontsize=9)
+        axis.set_title(
+            f"method − {part['reference'].iloc[0]}: mean paired difference, 95% interval (primary: "
+            "Holm-adjusted; green: above 0, red: below)",
+            fontsize=9,
+        )
         axis.set_xlabel("accuracy points")
     save_figure(figure, path)

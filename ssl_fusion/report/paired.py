@@ -32,8 +32,20 @@ PAIR_KEYS = ["encoder_seed", "seed"]
 GROUP_KEYS = ["dataset", "encoder", "regime"]
 CORRECT = "test_correct"  # per result, where kept: 0/1 per test image, in the test split's order
 PRIMARY, EXPLORATORY = "primary", "exploratory"
-NUMBERS_ONLY = ("low", "high", "standard_error", "df", "p_improvement", "p_improvement_low", "p_improvement_high",
-                "holm_confidence", "holm_low", "holm_high", "method_title", "reference_title")  # CSV, not Markdown
+NUMBERS_ONLY = (
+    "low",
+    "high",
+    "standard_error",
+    "df",
+    "p_improvement",
+    "p_improvement_low",
+    "p_improvement_high",
+    "holm_confidence",
+    "holm_low",
+    "holm_high",
+    "method_title",
+    "reference_title",
+)  # CSV, not Markdown
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,10 @@ def check_references(results: pd.DataFrame, references: list[str]) -> None:
     present = sorted(set(results["title"]))
     for reference in references:
         if reference != BEST_SINGLE and reference not in present:
-            raise UserError(f"report: reference '{reference}' is not among the results' methods; "
-                            f"valid: {', '.join([*present, BEST_SINGLE])}")
+            raise UserError(
+                f"report: reference '{reference}' is not among the results' methods; "
+                f"valid: {', '.join([*present, BEST_SINGLE])}"
+            )
 
 
 def best_single(group: pd.DataFrame, pretexts: list[str]) -> tuple[pd.DataFrame, str] | None:
@@ -97,7 +111,9 @@ def reference_rows(group: pd.DataFrame, reference: str, mine: pd.Series) -> tupl
 def pair_count(pairs: pd.DataFrame) -> str:
     """``6 (2×3)`` when the pairs are every encoder seed with every label seed, else the count."""
     encoder_seeds, label_seeds = pairs["encoder_seed"].nunique(), pairs["seed"].nunique()
-    grid = f" ({encoder_seeds}×{label_seeds})" if encoder_seeds > 1 and encoder_seeds * label_seeds == len(pairs) else ""
+    grid = (
+        f" ({encoder_seeds}×{label_seeds})" if encoder_seeds > 1 and encoder_seeds * label_seeds == len(pairs) else ""
+    )
     return f"{len(pairs)}{grid}"
 
 
@@ -134,20 +150,33 @@ def paired_stats(mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     if pairs.empty:
         return None
     differences = (pairs["accuracy"] - pairs["accuracy_theirs"]).to_numpy()
-    result = compare(pairs["encoder_seed"].to_numpy(), pairs["seed"].to_numpy(), differences,
-                     per_image_differences(pairs))
-    improvement = f"{result.improvement:.2f}" + ("" if np.isnan(result.improvement_low) else
-                                                 f" {interval_text(result.improvement_low, result.improvement_high)}")
-    return {"pairs": pair_count(pairs), "difference": result.difference, "low": result.low, "high": result.high,
-            "95% interval": interval_text(result.low, result.high), "p": result.p_value,
-            "P(improvement)": improvement.replace("+", ""), "W/T/L": wins_ties_losses(differences),
-            "resampled": result.design.describe(str(pairs["encoder_seed"].iloc[0])),
-            "standard_error": result.standard_error, "df": result.df, "p_improvement": result.improvement,
-            "p_improvement_low": result.improvement_low, "p_improvement_high": result.improvement_high}
+    result = compare(
+        pairs["encoder_seed"].to_numpy(), pairs["seed"].to_numpy(), differences, per_image_differences(pairs)
+    )
+    improvement = f"{result.improvement:.2f}" + (
+        "" if np.isnan(result.improvement_low) else f" {interval_text(result.improvement_low, result.improvement_high)}"
+    )
+    return {
+        "pairs": pair_count(pairs),
+        "difference": result.difference,
+        "low": result.low,
+        "high": result.high,
+        "95% interval": interval_text(result.low, result.high),
+        "p": result.p_value,
+        "P(improvement)": improvement.replace("+", ""),
+        "W/T/L": wins_ties_losses(differences),
+        "resampled": result.design.describe(str(pairs["encoder_seed"].iloc[0])),
+        "standard_error": result.standard_error,
+        "df": result.df,
+        "p_improvement": result.improvement,
+        "p_improvement_low": result.improvement_low,
+        "p_improvement_high": result.improvement_high,
+    }
 
 
-def paired_differences(results: pd.DataFrame, references: list[str] | None = None,
-                       primaries: list[Primary] | None = None) -> pd.DataFrame:
+def paired_differences(
+    results: pd.DataFrame, references: list[str] | None = None, primaries: list[Primary] | None = None
+) -> pd.DataFrame:
     """One row per (dataset, encoder, regime, method, reference) with at least one pair: the number of pairs, the
     mean difference in accuracy points (method − reference, rounded to 0.01; the bounds are not), its design-aware
     95% interval, p-value, P(improvement), wins/ties/losses and what the interval resampled; ``role`` primary
@@ -161,7 +190,9 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
         check_references(results, references)
     check_references(results, [p.reference for p in primaries])
     references = [*references, *(p.reference for p in primaries if p.reference not in references)]
-    results = results.assign(accuracy=results["test_accuracy"] * 100, pretexts_list=results["pretext_set"].str.split("+"))
+    results = results.assign(
+        accuracy=results["test_accuracy"] * 100, pretexts_list=results["pretext_set"].str.split("+")
+    )
     rows = []
     for (dataset, encoder, regime), group in results.groupby(GROUP_KEYS, sort=False):
         for method, mine in group.groupby("method", sort=False):
@@ -171,9 +202,18 @@ def paired_differences(results: pd.DataFrame, references: list[str] | None = Non
                     continue
                 paired = paired_stats(mine, found[0])
                 if paired is not None:
-                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime, "method": method,
-                                 "reference": found[1], **paired, "method_title": mine["title"].iloc[0],
-                                 "reference_title": reference})
+                    rows.append(
+                        {
+                            "dataset": dataset,
+                            "encoder": encoder,
+                            "regime": regime,
+                            "method": method,
+                            "reference": found[1],
+                            **paired,
+                            "method_title": mine["title"].iloc[0],
+                            "reference_title": reference,
+                        }
+                    )
     table = mark_primaries(pd.DataFrame(rows), primaries)
     return table.assign(difference=table["difference"].round(2)) if not table.empty else table
 
@@ -185,8 +225,10 @@ def mark_primaries(table: pd.DataFrame, primaries: list[Primary]) -> pd.DataFram
         return table
     chosen = np.zeros(len(table), dtype=bool)
     for primary in primaries:
-        match = (((table["method_title"] == primary.method) | (table["method"] == primary.method))
-                 & (table["reference_title"] == primary.reference)).to_numpy()
+        match = (
+            ((table["method_title"] == primary.method) | (table["method"] == primary.method))
+            & (table["reference_title"] == primary.reference)
+        ).to_numpy()
         if not match.any():
             compared = sorted(set(table["method_title"] + ":" + table["reference_title"]))
             raise UserError(f"report: primary '{primary}' names no paired comparison; compared: {', '.join(compared)}")
@@ -197,8 +239,10 @@ def mark_primaries(table: pd.DataFrame, primaries: list[Primary]) -> pd.DataFram
     family = table[chosen]
     adjusted = holm(family["p"])
     levels = holm_confidence(family["p"], adjusted, CONFIDENCE)
-    bounds = [t_bounds(d, se, df, level) if not np.isnan(level) else (np.nan, np.nan)
-              for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)]
+    bounds = [
+        t_bounds(d, se, df, level) if not np.isnan(level) else (np.nan, np.nan)
+        for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)
+    ]
     table.loc[chosen, "p (Holm)"] = adjusted
     table.loc[chosen, "holm_confidence"] = levels
     table.loc[chosen, ["holm_low", "holm_high"]] = np.array(bounds, dtype=float).reshape(-1, 2)
@@ -232,7 +276,16 @@ def paired_control_costs(results: pd.DataFrame, controls: tuple[str, ...]) -> pd
                 base_set = "+".join(n for n in names if n != control)
                 paired = paired_stats(mine, group[group["pretext_set"] == base_set])
                 if paired is not None:
-                    rows.append({"dataset": dataset, "encoder": encoder, "regime": regime,
-                                 "method": mine["title"].iloc[0], "pretexts": base_set, "added": control, **paired})
+                    rows.append(
+                        {
+                            "dataset": dataset,
+                            "encoder": encoder,
+                            "regime": regime,
+                            "method": mine["title"].iloc[0],
+                            "pretexts": base_set,
+                            "added": control,
+                            **paired,
+                        }
+                    )
     costs = pd.DataFrame(rows)
     return costs.assign(difference=costs["difference"].round(2)) if not costs.empty else costs

@@ -42,8 +42,9 @@ def load_result(path: Path) -> FuseResult:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"report: cannot read '{path}': {err}") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"report: '{path}' is not JSON ({err.msg}, line {err.lineno}); delete it or run its fuse "
-                        "again") from None
+        raise UserError(
+            f"report: '{path}' is not JSON ({err.msg}, line {err.lineno}); delete it or run its fuse again"
+        ) from None
     try:
         return FuseResult.from_record(record)
     except ValueError as err:
@@ -97,14 +98,23 @@ def dataset_labels(frame: pd.DataFrame) -> list[str]:
     """Each row's dataset name, with its data and pretraining fingerprints when another row has the same name
     on other data: ``synthetic (data 1a2b3c4d, pretrained on synthetic 5e6f7a8b)``; the fingerprints in full should
     their first digits coincide."""
-    data = list(zip(*(frame[c].map(context_value) for c in
-                      ("dataset", "data_fingerprint", "pretraining_dataset", "pretraining_fingerprint"))))
+    data = list(
+        zip(
+            *(
+                frame[c].map(context_value)
+                for c in ("dataset", "data_fingerprint", "pretraining_dataset", "pretraining_fingerprint")
+            )
+        )
+    )
     kinds = Counter(name for name, *_ in set(data))
     ambiguous = {name for name, count in kinds.items() if count > 1}
     for digits in (FINGERPRINT_DIGITS, None):
-        labels = [name if name not in ambiguous else
-                  f"{name} (data {fingerprint[:digits]}, pretrained on {pretraining} {pretrained[:digits]})"
-                  for name, fingerprint, pretraining, pretrained in data]
+        labels = [
+            name
+            if name not in ambiguous
+            else f"{name} (data {fingerprint[:digits]}, pretrained on {pretraining} {pretrained[:digits]})"
+            for name, fingerprint, pretraining, pretrained in data
+        ]
         if len(set(labels)) == len(set(data)):
             return labels
     return labels
@@ -140,7 +150,9 @@ def by_regime(table: pd.DataFrame) -> pd.DataFrame:
     """Rows in ``regime_order``, each regime's rows in their order."""
     if table.empty:
         return table
-    return table.sort_values("regime", key=lambda regimes: regimes.map(regime_order), kind="stable").reset_index(drop=True)
+    return table.sort_values("regime", key=lambda regimes: regimes.map(regime_order), kind="stable").reset_index(
+        drop=True
+    )
 
 
 def evaluated_on(frame: pd.DataFrame) -> list[str]:
@@ -150,8 +162,10 @@ def evaluated_on(frame: pd.DataFrame) -> list[str]:
     fractions, seeds = frame.get("dev_fraction", missing), frame.get("dev_seed", missing)
     is_dev = frame["split"].eq("dev")
     several = len(set(zip(fractions[is_dev], seeds[is_dev]))) > 1
-    return [f"dev[fraction={fraction:g},seed={int(seed)}]" if split == "dev" and several else split
-            for split, fraction, seed in zip(frame["split"], fractions, seeds)]
+    return [
+        f"dev[fraction={fraction:g},seed={int(seed)}]" if split == "dev" and several else split
+        for split, fraction, seed in zip(frame["split"], fractions, seeds)
+    ]
 
 
 def splits_of(results: pd.DataFrame) -> list[str]:
@@ -169,8 +183,9 @@ def scored_on(results: pd.DataFrame, name: str) -> pd.DataFrame:
     split = part["split"].iloc[0]
     if split == "test":
         return part
-    return part.assign(**{f"test_{metric}": part[f"{split}_{metric}"] for metric in METRICS
-                          if f"{split}_{metric}" in part})
+    return part.assign(
+        **{f"test_{metric}": part[f"{split}_{metric}"] for metric in METRICS if f"{split}_{metric}" in part}
+    )
 
 
 def correctness(results: pd.DataFrame) -> list[Optional[np.ndarray]]:
@@ -221,8 +236,12 @@ def read_predictions(path: str, size: Optional[float]) -> Optional[Predictions]:
         log.warning("report: cannot read the predictions '%s' (%s); that result has no per-image scores", path, err)
         return None
     if size is None or pd.isna(size) or len(kept.predicted) != int(size):
-        log.warning("report: '%s' holds %d predictions, its result evaluated %s images; that result has no per-image "
-                    "scores", path, len(kept.predicted), size)
+        log.warning(
+            "report: '%s' holds %d predictions, its result evaluated %s images; that result has no per-image scores",
+            path,
+            len(kept.predicted),
+            size,
+        )
         return None
     for array in (kept.predicted, kept.labels):
         array.flags.writeable = False

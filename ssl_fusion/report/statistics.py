@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
@@ -48,8 +47,11 @@ class Design:
             levels = f"conditional on encoder seed {encoder_seed}: {labels}"
         else:
             join = " nested in " if self.nested else " × "
-            levels = (f"{labels}{join}{self.encoder_seeds} encoder seeds" if self.nested
-                      else f"{self.encoder_seeds} encoder seeds{join}{labels}")
+            levels = (
+                f"{labels}{join}{self.encoder_seeds} encoder seeds"
+                if self.nested
+                else f"{self.encoder_seeds} encoder seeds{join}{labels}"
+            )
         images = f", {self.test_images} test images" if self.test_images else ", test images not kept"
         return levels + images
 
@@ -112,8 +114,9 @@ def cell_weights(rng: np.random.Generator, mask: np.ndarray, nested: bool, resam
     return encoders[:, :, None] * within
 
 
-def replicates(cube: np.ndarray, mask: np.ndarray, nested: bool, rng: np.random.Generator,
-               resamples: int) -> tuple[np.ndarray, np.ndarray]:
+def replicates(
+    cube: np.ndarray, mask: np.ndarray, nested: bool, rng: np.random.Generator, resamples: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The bootstrap distributions of the mean difference and of P(method > reference), each resample drawing
     encoder seeds, label seeds and test images at once. Resamples whose cells are all unobserved (possible with
     missing cells) are NaN."""
@@ -150,11 +153,18 @@ def satterthwaite_df(cube: np.ndarray, mask: np.ndarray, design: Design) -> floa
     total = sum(share for share, _ in shares)
     if total == 0:
         return float(sum(df for _, df in shares))  # nothing varies: any df gives a zero-width interval
-    return float(total ** 2 / sum(share ** 2 / df for share, df in shares))
+    return float(total**2 / sum(share**2 / df for share, df in shares))
 
 
-def compare(encoder_seeds, label_seeds, differences, per_image: np.ndarray | None = None,
-            confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0) -> Comparison:
+def compare(
+    encoder_seeds,
+    label_seeds,
+    differences,
+    per_image: np.ndarray | None = None,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Comparison:
     """Method − reference over the pairs (encoder seed, label seed, difference), with a design-aware interval and
     P(method > reference) with its interval (see the module's docstring).
 
@@ -165,8 +175,12 @@ def compare(encoder_seeds, label_seeds, differences, per_image: np.ndarray | Non
     values = np.asarray(differences, dtype=float)[:, None] if per_image is None else np.asarray(per_image, float)
     cube, mask = layout(encoder_seeds, label_seeds, values)
     nested = mask.shape[0] > 1 and bool((mask.sum(axis=0) == 1).all())
-    design = Design(encoder_seeds=mask.shape[0], label_seeds=mask.shape[1] if not nested else int(mask.sum(1).max()),
-                    test_images=0 if per_image is None else values.shape[1], nested=nested)
+    design = Design(
+        encoder_seeds=mask.shape[0],
+        label_seeds=mask.shape[1] if not nested else int(mask.sum(1).max()),
+        test_images=0 if per_image is None else values.shape[1],
+        nested=nested,
+    )
     difference = float(cube[mask].mean())
     tied = np.abs(cube[mask].mean(axis=1)) <= TIE
     improvement = float(np.mean((cube[mask].mean(axis=1) > TIE) + 0.5 * tied))
@@ -178,8 +192,18 @@ def compare(encoder_seeds, label_seeds, differences, per_image: np.ndarray | Non
     standard_error, improvement_error = float(np.nanstd(means, ddof=1)), float(np.nanstd(wins, ddof=1))
     low, high = t_bounds(difference, standard_error, df, confidence)
     improvement_low, improvement_high = np.clip(t_bounds(improvement, improvement_error, df, confidence), 0, 1)
-    return Comparison(difference, standard_error, df, low, high, p_value(difference, standard_error, df),
-                      improvement, float(improvement_low), float(improvement_high), design)
+    return Comparison(
+        difference,
+        standard_error,
+        df,
+        low,
+        high,
+        p_value(difference, standard_error, df),
+        improvement,
+        float(improvement_low),
+        float(improvement_high),
+        design,
+    )
 
 
 def p_value(estimate: float, standard_error: float, df: float) -> float:

@@ -65,18 +65,36 @@ from ssl_fusion.store.files import atomic_write_text
 CONTROLS = ("random", "noise")
 # results_long.csv: its columns, each from a field of the results frame (``accuracy`` etc.: of the row's split)
 LONG_COLUMNS = {
-    "dataset": "dataset", "pretraining_dataset": "pretraining_dataset", "encoder": "encoder",
-    "encoder_seed": "encoder_seed", "regime": "regime", "label_seed": "seed", "family": "family", "options": "options",
-    "pretexts": "pretext_set", "split": "evaluated_on", "accuracy": "accuracy", "macro_f1": "macro_f1", "nll": "nll",
-    "selected_l2": "selected_l2", "selected_steps": "selected_steps", "head_parameters": "head_parameters",
-    "fit_seconds": "fit_seconds", "commit": "commit", "method": "method", "n_labeled": "n_labeled",
-    "labeled_indices_sha256": "labeled_indices_sha256", "data_fingerprint": "data_fingerprint",
-    "evaluation_size": "evaluation_size", "evaluation_sha256": "evaluation_sha256", "predictions": "predictions",
+    "dataset": "dataset",
+    "pretraining_dataset": "pretraining_dataset",
+    "encoder": "encoder",
+    "encoder_seed": "encoder_seed",
+    "regime": "regime",
+    "label_seed": "seed",
+    "family": "family",
+    "options": "options",
+    "pretexts": "pretext_set",
+    "split": "evaluated_on",
+    "accuracy": "accuracy",
+    "macro_f1": "macro_f1",
+    "nll": "nll",
+    "selected_l2": "selected_l2",
+    "selected_steps": "selected_steps",
+    "head_parameters": "head_parameters",
+    "fit_seconds": "fit_seconds",
+    "commit": "commit",
+    "method": "method",
+    "n_labeled": "n_labeled",
+    "labeled_indices_sha256": "labeled_indices_sha256",
+    "data_fingerprint": "data_fingerprint",
+    "evaluation_size": "evaluation_size",
+    "evaluation_sha256": "evaluation_sha256",
+    "predictions": "predictions",
 }
 SPLIT_NOTES = {
     "test": "Scored on the test split: read these only for choices frozen beforehand.",
     "dev": "Scored on the dev split (held out of the training split and of every labeled subset): for choosing "
-           "designs and defaults; never compared with test scores.",
+    "designs and defaults; never compared with test scores.",
 }
 
 
@@ -85,12 +103,16 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     accuracy in percent, per control pretext the number of seeds whose screen left it out, and whether the row
     peeks at the test set or uses all labels."""
     screened_out = results.get("screened_out", pd.Series(index=results.index, dtype=object))  # absent before the screen
-    screened = {f"screened_{c}": screened_out.map(lambda out, c=c: isinstance(out, list) and c in out) for c in CONTROLS}
+    screened = {
+        f"screened_{c}": screened_out.map(lambda out, c=c: isinstance(out, list) and c in out) for c in CONTROLS
+    }
     results = results.assign(accuracy=results["test_accuracy"] * 100, **screened)
     keys = [*CONTEXT, *VARIANT, "pretext_set", "regime", "method", "title"]
     groups = results.groupby(keys, sort=False)
     flags = groups[list(FLAGS)].any()
-    stats = groups["accuracy"].agg(["mean", "std", "count"]).join(groups[list(screened)].sum()).join(flags).reset_index()
+    stats = (
+        groups["accuracy"].agg(["mean", "std", "count"]).join(groups[list(screened)].sum()).join(flags).reset_index()
+    )
     return stats.rename(columns={"count": "seeds"})
 
 
@@ -98,20 +120,29 @@ def pooled_over_encoder_seeds(results: pd.DataFrame) -> pd.DataFrame:
     """``summarize``'s rows over all encoder seeds of each dataset and encoder that has more than one: the encoder
     seed column names them (``0+1``) and n reads encoder seeds × label seeds, so a pooled mean never passes for one
     encoder's. Empty when every dataset and encoder has one encoder seed."""
-    recorded = results.query("encoder_seed != @UNRECORDED")
+    recorded = results[results["encoder_seed"] != UNRECORDED]
     if recorded.empty:
         return pd.DataFrame()
-    names = recorded.groupby(["dataset", "encoder"])["encoder_seed"].transform(lambda seeds: "+".join(sorted(set(seeds))))
+    names = recorded.groupby(["dataset", "encoder"])["encoder_seed"].transform(
+        lambda seeds: "+".join(sorted(set(seeds)))
+    )
     several = names.str.contains("+", regex=False)
     if not several.any():
         return pd.DataFrame()
     chosen = recorded[several]
     pooled = summarize(chosen.assign(encoder_seed=names[several]))
     grids = chosen.groupby(["dataset", "encoder", "method", "regime"]).agg(
-        encoder_seeds=("encoder_seed", "nunique"), label_seeds=("seed", "nunique"), results=("seed", "size"))
-    n_text = {key: f"{row.encoder_seeds}×{row.label_seeds}" if row.encoder_seeds * row.label_seeds == row.results
-              else str(row.results) for key, row in grids.iterrows()}
-    pooled["seeds"] = [n_text[key] for key in zip(pooled["dataset"], pooled["encoder"], pooled["method"], pooled["regime"])]
+        encoder_seeds=("encoder_seed", "nunique"), label_seeds=("seed", "nunique"), results=("seed", "size")
+    )
+    n_text = {
+        key: f"{row.encoder_seeds}×{row.label_seeds}"
+        if row.encoder_seeds * row.label_seeds == row.results
+        else str(row.results)
+        for key, row in grids.iterrows()
+    }
+    pooled["seeds"] = [
+        n_text[key] for key in zip(pooled["dataset"], pooled["encoder"], pooled["method"], pooled["regime"])
+    ]
     return pooled
 
 
@@ -126,7 +157,9 @@ def pivot_one(stats: pd.DataFrame) -> pd.DataFrame:
     honest = ~(stats["uses_test"] | stats["uses_all_labels"])
     best = stats[honest].groupby("regime")["mean"].max().reindex(stats["regime"]).to_numpy()
     is_best = honest.to_numpy() & (stats["mean"].to_numpy() == best)
-    cells = stats.assign(cell=[cell(m, s, n, b) for m, s, n, b in zip(stats["mean"], stats["std"], stats["seeds"], is_best)])
+    cells = stats.assign(
+        cell=[cell(m, s, n, b) for m, s, n, b in zip(stats["mean"], stats["std"], stats["seeds"], is_best)]
+    )
     table = cells.pivot(index="method", columns="regime", values="cell")
     regimes = sorted(table.columns, key=regime_order)
     first = stats[stats["regime"] == regimes[0]].sort_values("mean", ascending=False)["method"].tolist()
@@ -151,8 +184,11 @@ def sections(table: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     A combination's table leaves out the regimes only other combinations have. A table stacked by evaluation split
     (``split_tables``) gives each split's combinations apart, headed with the split."""
     if table.index.names[0] == "split":
-        return [(f"{split} split, {heading}", part) for split, group in table.groupby(level=0, sort=False)
-                for heading, part in sections(group.droplevel(0))]
+        return [
+            (f"{split} split, {heading}", part)
+            for split, group in table.groupby(level=0, sort=False)
+            for heading, part in sections(group.droplevel(0))
+        ]
     if table.index.nlevels == 1:
         return [(None, table)]
     parts = []
@@ -174,16 +210,28 @@ def negative_transfer(stats: pd.DataFrame) -> pd.DataFrame:
             base_key = (dataset, encoder, encoder_seed, *variant, base_set, regime)
             if control in names and base_set and base_key in indexed.index:
                 base = indexed.loc[base_key]
-                rows.append({
-                    "dataset": dataset, "encoder": encoder, "encoder seed": encoder_seed, "fusion": row["title"],
-                    "pretexts": base_set, "added": control, "regime": regime,
-                    "without": round(float(base["mean"]), 2), "with": round(float(row["mean"]), 2),
-                    "difference": round(float(row["mean"] - base["mean"]), 2),
-                    "screened out": f"{int(row[f'screened_{control}'])} of {row['seeds']} seeds",
-                })
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "encoder": encoder,
+                        "encoder seed": encoder_seed,
+                        "fusion": row["title"],
+                        "pretexts": base_set,
+                        "added": control,
+                        "regime": regime,
+                        "without": round(float(base["mean"]), 2),
+                        "with": round(float(row["mean"]), 2),
+                        "difference": round(float(row["mean"] - base["mean"]), 2),
+                        "screened out": f"{int(row[f'screened_{control}'])} of {row['seeds']} seeds",
+                    }
+                )
     transfer = pd.DataFrame(rows)
     # one combination: its columns would repeat one value on every row
-    return transfer.drop(columns=["dataset", "encoder", "encoder seed"], errors="ignore") if len(contexts(stats)) == 1 else transfer
+    return (
+        transfer.drop(columns=["dataset", "encoder", "encoder seed"], errors="ignore")
+        if len(contexts(stats)) == 1
+        else transfer
+    )
 
 
 @dataclass
@@ -195,8 +243,9 @@ class SplitReport:
     markdown: str
 
 
-def split_report(results: pd.DataFrame, split: str, references: list[str] | None, primaries: list[Primary] | None,
-                 out_dir: Path) -> SplitReport:
+def split_report(
+    results: pd.DataFrame, split: str, references: list[str] | None, primaries: list[Primary] | None, out_dir: Path
+) -> SplitReport:
     """Tables, plots and CSVs of ``results``, all scored on ``split`` (``scored_on``); the files of a split other than
     test are named with its prefix (``dev_paired_differences.csv``), so that no file holds two splits."""
     prefix = "" if split == "test" else re.sub(r"[^A-Za-z0-9.]+", "_", split).strip("_") + "_"
@@ -204,9 +253,11 @@ def split_report(results: pd.DataFrame, split: str, references: list[str] | None
     per_encoder_seed = summarize(results)
     pooled = pooled_over_encoder_seeds(results)
     stats = per_encoder_seed if pooled.empty else pd.concat([pooled, per_encoder_seed], ignore_index=True)
-    markdown = (f"{split.capitalize()} accuracy (%), mean ± std over seeds (n: label seeds, or encoder seeds × label "
-                "seeds where encoder seeds are pooled); best per column in bold, among rows that neither peek at the "
-                f"{'test set' if split == 'test' else 'evaluation split'} nor use all labels.\n")
+    markdown = (
+        f"{split.capitalize()} accuracy (%), mean ± std over seeds (n: label seeds, or encoder seeds × label "
+        "seeds where encoder seeds are pooled); best per column in bold, among rows that neither peek at the "
+        f"{'test set' if split == 'test' else 'evaluation split'} nor use all labels.\n"
+    )
     for heading, part in sections(pivot(stats)):
         markdown += f"\n## {heading}\n" if heading else ""
         markdown += "\n" + part.reset_index().to_markdown(index=False) + "\n"
@@ -217,9 +268,12 @@ def split_report(results: pd.DataFrame, split: str, references: list[str] | None
         markdown += transfer.to_markdown(index=False) + "\n"
         atomic_write_text(out_dir / f"{prefix}negative_transfer.csv", transfer.to_csv(index=False))
         costs = by_regime(paired_control_costs(results, CONTROLS))
-        markdown += ("\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
-                     "encoders (accuracy points, design-aware 95% interval as above, exploratory, W/T/L).\n\n"
-                     + shown(costs).to_markdown(index=False) + "\n")
+        markdown += (
+            "\nNegative transfer, paired: with the control minus without it, same method, labeled subset and "
+            "encoders (accuracy points, design-aware 95% interval as above, exploratory, W/T/L).\n\n"
+            + shown(costs).to_markdown(index=False)
+            + "\n"
+        )
         atomic_write_text(out_dir / f"{prefix}negative_transfer_paired.csv", costs.to_csv(index=False))
     plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / f"{prefix}accuracy_vs_labels.png", split)
     if plot_pretext_weights(results, out_dir / f"{prefix}pretext_weights.png"):
@@ -250,24 +304,34 @@ def long_results(results: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     metrics of the row's own split; ``predictions``: its predictions' file, relative to ``out_dir``."""
     rows = [row for _, row in results.iterrows()]
     results = results.assign(
-        options=results["options_key"], predictions=[predictions_path(row, out_dir) for row in rows],
-        **{metric: [row.get(f"{row['split']}_{metric}") for row in rows] for metric in METRICS})
+        options=results["options_key"],
+        predictions=[predictions_path(row, out_dir) for row in rows],
+        **{metric: [row.get(f"{row['split']}_{metric}") for row in rows] for metric in METRICS},
+    )
     return pd.DataFrame({column: results.get(field) for column, field in LONG_COLUMNS.items()})
 
 
-def write_report(folder: Path, out_dir: Path | None = None, references: list[str] | None = None,
-                 primaries: list[Primary] | None = None) -> tuple[pd.DataFrame, Path, Path]:
+def write_report(
+    folder: Path,
+    out_dir: Path | None = None,
+    references: list[str] | None = None,
+    primaries: list[Primary] | None = None,
+) -> tuple[pd.DataFrame, Path, Path]:
     """Tables, plots and CSVs of every result under ``folder`` (see the module's docstring), each evaluation split
     apart; ``references``: the paired table's reference methods (None: ``paired.DEFAULT_REFERENCES``, those that
     ran); ``primaries``: its comparisons adjusted as a family (None: every row exploratory). Returns the wide table
     (``split_tables``) and the paths of report.md and report.csv."""
     out_dir = out_dir or folder
     results = collect_results(folder)
-    reports = [split_report(scored_on(results, split), split, references, primaries, out_dir)
-               for split in splits_of(results)]
+    reports = [
+        split_report(scored_on(results, split), split, references, primaries, out_dir) for split in splits_of(results)
+    ]
     headed = [report.split for report in reports] != ["test"]
-    markdown = "\n".join((f"# {report.split.capitalize()} split\n\n{SPLIT_NOTES.get(report.split, '')}\n\n"
-                          if headed else "") + report.markdown for report in reports)
+    markdown = "\n".join(
+        (f"# {report.split.capitalize()} split\n\n{SPLIT_NOTES.get(report.split, '')}\n\n" if headed else "")
+        + report.markdown
+        for report in reports
+    )
     stats = pd.concat([report.stats.assign(split=report.split) for report in reports], ignore_index=True)
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
     atomic_write_text(out_dir / "results_long.csv", long_results(results, out_dir).to_csv(index=False))
@@ -276,8 +340,13 @@ def write_report(folder: Path, out_dir: Path | None = None, references: list[str
     return split_tables(reports), md_path, csv_path
 
 
-def paired_section(results: pd.DataFrame, references: list[str] | None, primaries: list[Primary] | None,
-                   out_dir: Path, prefix: str = "") -> str:
+def paired_section(
+    results: pd.DataFrame,
+    references: list[str] | None,
+    primaries: list[Primary] | None,
+    out_dir: Path,
+    prefix: str = "",
+) -> str:
     """The paired-differences table (Markdown), its CSV and plot beside the report, their names prefixed by
     ``prefix``; empty when nothing pairs."""
     differences = by_regime(paired_differences(results, references, primaries))
@@ -290,20 +359,32 @@ def paired_section(results: pd.DataFrame, references: list[str] | None, primarie
         table = table.drop(columns=["dataset", "encoder"])
     levels = differences["resampled"].unique()
     resampled = f" Every row resamples {levels[0]}." if len(levels) == 1 else ""
-    conditional = (" With one encoder seed, the interval is conditional on that encoder: it resamples label seeds "
-                   "(and test images where kept) and says nothing of another pretraining run."
-                   if differences["resampled"].str.startswith("conditional").any() else "")
-    family = ("" if "p (Holm)" not in differences else
-              f" Primary rows ({(differences['role'] == 'primary').sum()}) are Holm-adjusted as one family: "
-              "p (Holm) and the Holm 95% interval, which excludes 0 exactly when Holm rejects; every other row is "
-              "exploratory.")
-    return ("\nPaired differences (accuracy points, method − reference) over results on the same labeled subset "
-            "and the same encoders; pairs: n, or n (encoder seeds × label seeds). The 95% interval resamples encoder "
-            "seeds, label seeds and, where both methods kept their test predictions, test images (docs/statistics.md)"
-            "; where they were not kept it has no test-image level. p: of no difference; P(improvement): share of "
-            "paired runs the method wins, ties half, with its 95% interval; W/T/L: pairs the method wins, ties, loses."
-            + resampled + conditional + family + "\n\n" + table.to_markdown(index=False)
-            + f"\n\n![paired differences]({prefix}paired_differences.png)\n")
+    conditional = (
+        " With one encoder seed, the interval is conditional on that encoder: it resamples label seeds "
+        "(and test images where kept) and says nothing of another pretraining run."
+        if differences["resampled"].str.startswith("conditional").any()
+        else ""
+    )
+    family = (
+        ""
+        if "p (Holm)" not in differences
+        else f" Primary rows ({(differences['role'] == 'primary').sum()}) are Holm-adjusted as one family: "
+        "p (Holm) and the Holm 95% interval, which excludes 0 exactly when Holm rejects; every other row is "
+        "exploratory."
+    )
+    return (
+        "\nPaired differences (accuracy points, method − reference) over results on the same labeled subset "
+        "and the same encoders; pairs: n, or n (encoder seeds × label seeds). The 95% interval resamples encoder "
+        "seeds, label seeds and, where both methods kept their test predictions, test images (docs/statistics.md)"
+        "; where they were not kept it has no test-image level. p: of no difference; P(improvement): share of "
+        "paired runs the method wins, ties half, with its 95% interval; W/T/L: pairs the method wins, ties, loses."
+        + resampled
+        + conditional
+        + family
+        + "\n\n"
+        + table.to_markdown(index=False)
+        + f"\n\n![paired differences]({prefix}paired_differences.png)\n"
+    )
 
 
 def print_table(table: pd.DataFrame, title: str) -> None:
@@ -321,9 +402,11 @@ def print_table(table: pd.DataFrame, title: str) -> None:
 
 def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Primary]]:
     """``<folder> [--reference=a,b,...] [--primary=method:reference,...]`` (``--primary`` may repeat)."""
-    usage = ("usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
-             "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json "
-             "files)")
+    usage = (
+        "usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
+        "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json "
+        "files)"
+    )
     folders = [arg for arg in argv if not arg.startswith("-")]
     options = [arg for arg in argv if arg.startswith("-")]
     references, primaries = None, []

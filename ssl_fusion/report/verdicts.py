@@ -34,7 +34,8 @@ RULE_TEXT = (
     "on the claimed side of the margin: above it for `greater` (low > margin), below it for `less` (high < margin), "
     "inside (−margin, +margin) for `equivalent`. It is **not met** when the interval lies entirely on the other side: "
     "high ≤ margin for `greater`, low ≥ margin for `less`, wholly at or beyond ±margin for `equivalent`. Otherwise, "
-    "or when there is no interval (fewer than two pairs, or nothing varies), it is **inconclusive**.")
+    "or when there is no interval (fewer than two pairs, or nothing varies), it is **inconclusive**."
+)
 
 
 @dataclass
@@ -50,14 +51,19 @@ class ClaimConfig(Checked):
     direction: str = GREATER
 
     def rules(self) -> dict[str, Rule]:
-        return {"margin": Rule(math.isfinite, "a finite number of accuracy points", math.nan),
-                "direction": one_of(DIRECTIONS)}
+        return {
+            "margin": Rule(math.isfinite, "a finite number of accuracy points", math.nan),
+            "direction": one_of(DIRECTIONS),
+        }
 
     def text(self) -> str:
         """The claim in words: ``attention − concat > 0 at 1%``, ``mean − concat within ±1 at 1%``."""
         difference = f"{self.method} − {self.reference}"
-        claim = {GREATER: f"{difference} > {self.margin:g}", LESS: f"{difference} < {self.margin:g}",
-                 EQUIVALENT: f"{difference} within ±{self.margin:g}"}[self.direction]
+        claim = {
+            GREATER: f"{difference} > {self.margin:g}",
+            LESS: f"{difference} < {self.margin:g}",
+            EQUIVALENT: f"{difference} within ±{self.margin:g}",
+        }[self.direction]
         return f"{claim} at {self.regime}"
 
 
@@ -79,8 +85,9 @@ def claim_rows(differences: pd.DataFrame, claim: ClaimConfig) -> pd.DataFrame:
     if differences.empty:
         return differences
     method = (differences["method_title"] == claim.method) | (differences["method"] == claim.method)
-    return differences[method & (differences["reference_title"] == claim.reference)
-                       & (differences["regime"] == claim.regime)]
+    return differences[
+        method & (differences["reference_title"] == claim.reference) & (differences["regime"] == claim.regime)
+    ]
 
 
 def boundary(claim: ClaimConfig, estimate: float) -> float:
@@ -97,14 +104,23 @@ def adjust(family: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     interval at the level Holm tests it (``holm_confidence``), which excludes the boundary exactly when Holm rejects.
     At a margin of 0 these are ``sslfuse report --primary``'s adjusted p-values and intervals."""
     spec = [claims[number - 1] for number in family["claim"]]
-    tested = [p_value(d - boundary(c, d), se, df)
-              for c, d, se, df in zip(spec, family["difference"], family["standard_error"], family["df"])]
+    tested = [
+        p_value(d - boundary(c, d), se, df)
+        for c, d, se, df in zip(spec, family["difference"], family["standard_error"], family["df"])
+    ]
     adjusted = holm(tested)
     levels = holm_confidence(tested, adjusted, CONFIDENCE)
-    bounds = [t_bounds(d, se, df, level) if not math.isnan(level) else (math.nan, math.nan)
-              for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)]
-    return family.assign(p_margin=tested, p_holm=adjusted, holm_confidence=levels, holm_low=[b[0] for b in bounds],
-                         holm_high=[b[1] for b in bounds])
+    bounds = [
+        t_bounds(d, se, df, level) if not math.isnan(level) else (math.nan, math.nan)
+        for d, se, df, level in zip(family["difference"], family["standard_error"], family["df"], levels)
+    ]
+    return family.assign(
+        p_margin=tested,
+        p_holm=adjusted,
+        holm_confidence=levels,
+        holm_low=[b[0] for b in bounds],
+        holm_high=[b[1] for b in bounds],
+    )
 
 
 def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
@@ -122,34 +138,62 @@ def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     parts = [claim_rows(differences, claim).assign(claim=number) for number, claim in enumerate(claims, start=1)]
     found = [part for part in parts if not part.empty]
     family = adjust(pd.concat(found, ignore_index=True), claims) if found else pd.DataFrame()
-    missing = pd.DataFrame([{"claim": number, "pairs": "0", "note": "no paired results"}
-                            for number, part in enumerate(parts, start=1) if part.empty])
+    missing = pd.DataFrame(
+        [
+            {"claim": number, "pairs": "0", "note": "no paired results"}
+            for number, part in enumerate(parts, start=1)
+            if part.empty
+        ]
+    )
     return verdict_table(pd.concat([family, missing], ignore_index=True), claims)
 
 
 def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     """``judge``'s rows with the claim's fields and the verdict, in claim order (``verdicts.csv``)."""
     blank = {"dataset": "", "encoder": "", "resampled": "", "note": ""}
-    for column in ("holm_low", "holm_high", "holm_confidence", "p_margin", "p_holm", "difference", "p_improvement",
-                   "p_improvement_low", "p_improvement_high", *blank):
+    for column in (
+        "holm_low",
+        "holm_high",
+        "holm_confidence",
+        "p_margin",
+        "p_holm",
+        "difference",
+        "p_improvement",
+        "p_improvement_low",
+        "p_improvement_high",
+        *blank,
+    ):
         if column not in table:
             table[column] = blank.get(column, math.nan)
     table = table.sort_values("claim", kind="stable").reset_index(drop=True).fillna(blank)
     spec = [claims[number - 1] for number in table["claim"]]
     low, high = table["holm_low"].astype(float), table["holm_high"].astype(float)
-    return pd.DataFrame({
-        "claim": table["claim"], "statement": [c.text() for c in spec], "dataset": table["dataset"],
-        "encoder": table["encoder"], "method": [c.method for c in spec], "reference": [c.reference for c in spec],
-        "regime": [c.regime for c in spec], "direction": [c.direction for c in spec],
-        "margin": [c.margin for c in spec], "pairs": table["pairs"], "estimate": table["difference"].astype(float),
-        "holm_low": low, "holm_high": high, "holm_confidence": table["holm_confidence"].astype(float),
-        "p_margin": table["p_margin"].astype(float), "p_holm": table["p_holm"].astype(float),
-        "p_improvement": table["p_improvement"].astype(float),
-        "p_improvement_low": table["p_improvement_low"].astype(float),
-        "p_improvement_high": table["p_improvement_high"].astype(float), "resampled": table["resampled"],
-        "verdict": [verdict(c.direction, c.margin, lo, hi) for c, lo, hi in zip(spec, low, high)],
-        "note": table["note"],
-    })
+    return pd.DataFrame(
+        {
+            "claim": table["claim"],
+            "statement": [c.text() for c in spec],
+            "dataset": table["dataset"],
+            "encoder": table["encoder"],
+            "method": [c.method for c in spec],
+            "reference": [c.reference for c in spec],
+            "regime": [c.regime for c in spec],
+            "direction": [c.direction for c in spec],
+            "margin": [c.margin for c in spec],
+            "pairs": table["pairs"],
+            "estimate": table["difference"].astype(float),
+            "holm_low": low,
+            "holm_high": high,
+            "holm_confidence": table["holm_confidence"].astype(float),
+            "p_margin": table["p_margin"].astype(float),
+            "p_holm": table["p_holm"].astype(float),
+            "p_improvement": table["p_improvement"].astype(float),
+            "p_improvement_low": table["p_improvement_low"].astype(float),
+            "p_improvement_high": table["p_improvement_high"].astype(float),
+            "resampled": table["resampled"],
+            "verdict": [verdict(c.direction, c.margin, lo, hi) for c, lo, hi in zip(spec, low, high)],
+            "note": table["note"],
+        }
+    )
 
 
 def p_text(p: float) -> str:
@@ -158,18 +202,23 @@ def p_text(p: float) -> str:
 
 def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The verdicts as the Markdown page and the terminal show them."""
-    improvement = [("–" if math.isnan(p) else f"{p:.2f}") + ("" if math.isnan(lo) else f" {interval_text(lo, hi)}")
-                   for p, lo, hi in zip(verdicts["p_improvement"], verdicts["p_improvement_low"],
-                                        verdicts["p_improvement_high"])]
-    view = pd.DataFrame({
-        "#": verdicts["claim"], "claim": verdicts["statement"], "dataset": verdicts["dataset"],
-        "pairs": verdicts["pairs"],
-        "estimate": verdicts["estimate"].map(lambda d: "–" if math.isnan(d) else f"{d:+.2f}"),
-        "Holm 95% interval": [interval_text(lo, hi) for lo, hi in zip(verdicts["holm_low"], verdicts["holm_high"])],
-        "p vs margin (Holm)": verdicts["p_holm"].map(p_text),
-        "P(improvement)": [text.replace("+", "") for text in improvement],
-        "verdict": verdicts["verdict"] + verdicts["note"].map(lambda note: f" ({note})" if note else ""),
-    })
+    improvement = [
+        ("–" if math.isnan(p) else f"{p:.2f}") + ("" if math.isnan(lo) else f" {interval_text(lo, hi)}")
+        for p, lo, hi in zip(verdicts["p_improvement"], verdicts["p_improvement_low"], verdicts["p_improvement_high"])
+    ]
+    view = pd.DataFrame(
+        {
+            "#": verdicts["claim"],
+            "claim": verdicts["statement"],
+            "dataset": verdicts["dataset"],
+            "pairs": verdicts["pairs"],
+            "estimate": verdicts["estimate"].map(lambda d: "–" if math.isnan(d) else f"{d:+.2f}"),
+            "Holm 95% interval": [interval_text(lo, hi) for lo, hi in zip(verdicts["holm_low"], verdicts["holm_high"])],
+            "p vs margin (Holm)": verdicts["p_holm"].map(p_text),
+            "P(improvement)": [text.replace("+", "") for text in improvement],
+            "verdict": verdicts["verdict"] + verdicts["note"].map(lambda note: f" ({note})" if note else ""),
+        }
+    )
     return view.drop(columns="dataset") if verdicts["dataset"].nunique() <= 1 else view
 
 
@@ -178,21 +227,29 @@ def versions_markdown(versions: list[dict[str, Any]]) -> str:
     text = ""
     for number, version in enumerate(versions, start=1):
         kind = "as first declared" if number == 1 else f"amendment: {version['amendment']}"
-        text += (f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
-                 f" with {version['results_before']} result(s) present.\n\n"
-                 + pd.DataFrame(version["claims"], columns=list(CLAIM_KEYS)).to_markdown(index=False) + "\n")
+        text += (
+            f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
+            f" with {version['results_before']} result(s) present.\n\n"
+            + pd.DataFrame(version["claims"], columns=list(CLAIM_KEYS)).to_markdown(index=False)
+            + "\n"
+        )
     return text
 
 
-def write_verdicts(folder: Path, study: str, verdicts: pd.DataFrame, versions: list[dict[str, Any]],
-                   design: str) -> tuple[Path, Path]:
+def write_verdicts(
+    folder: Path, study: str, verdicts: pd.DataFrame, versions: list[dict[str, Any]], design: str
+) -> tuple[Path, Path]:
     """``verdicts.md`` and ``verdicts.csv`` in ``folder``; ``versions``: the declared claims, oldest first (more than
     one: the page says the claims were amended and shows every version); ``design``: the study in a sentence."""
     current = versions[-1]
     amended = len(versions) > 1
-    banner = (f"\n**Amended.** The claims were changed after results existed ({len(versions) - 1} amendment(s); "
-              f"latest reason: {current['amendment']}). The verdicts below judge the amended claims; every version "
-              "is shown at the end.\n" if amended else "")
+    banner = (
+        f"\n**Amended.** The claims were changed after results existed ({len(versions) - 1} amendment(s); "
+        f"latest reason: {current['amendment']}). The verdicts below judge the amended claims; every version "
+        "is shown at the end.\n"
+        if amended
+        else ""
+    )
     markdown = (
         f"# Study {study}: verdicts\n\n{design}\n\nClaims sha256 `{current['sha256']}`, declared "
         f"{current['declared']}.\n{banner}\n"
@@ -201,11 +258,18 @@ def write_verdicts(folder: Path, study: str, verdicts: pd.DataFrame, versions: l
         "margin (for `equivalent`, the end of ±margin nearer the estimate), and Holm adjusts the tests together; "
         "each interval is the design-aware interval at the level Holm tests it, so it excludes the margin exactly "
         "when Holm rejects (docs/studies.md, docs/statistics.md). P(improvement): the share of paired runs the method "
-        "wins, with its unadjusted 95% interval.\n\n" + RULE_TEXT + "\n\n"
-        + shown(verdicts).to_markdown(index=False) + "\n"
-        + ("\nResampled: " + "; ".join(sorted(set(verdicts["resampled"]) - {""})) + ".\n"
-           if (verdicts["resampled"] != "").any() else "")
-        + f"\n## Declared claims\n{versions_markdown(versions)}")
+        "wins, with its unadjusted 95% interval.\n\n"
+        + RULE_TEXT
+        + "\n\n"
+        + shown(verdicts).to_markdown(index=False)
+        + "\n"
+        + (
+            "\nResampled: " + "; ".join(sorted(set(verdicts["resampled"]) - {""})) + ".\n"
+            if (verdicts["resampled"] != "").any()
+            else ""
+        )
+        + f"\n## Declared claims\n{versions_markdown(versions)}"
+    )
     md_path, csv_path = folder / "verdicts.md", folder / "verdicts.csv"
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, verdicts.to_csv(index=False))

@@ -78,9 +78,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Entry[T]:
         entries = self._entries
         if name not in entries:
-            raise UserError(
-                f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
-            )
+            raise UserError(f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}")
         return entries[name]
 
     def typed_config(self, node: DictConfig | dict, key: str | None = None) -> Any:
@@ -101,9 +99,7 @@ class Registry(Generic[T]):
             bad_key = getattr(err, "full_key", None) or getattr(err, "key", "?")
             allowed = ", ".join(f.name for f in entry.config_cls.__dataclass_fields__.values())
             reason = str(err).splitlines()[0]
-            raise UserError(
-                f"{key}.{bad_key}: {reason} ({self.kind} '{entry.name}' accepts: {allowed})"
-            ) from None
+            raise UserError(f"{key}.{bad_key}: {reason} ({self.kind} '{entry.name}' accepts: {allowed})") from None
 
 
 def import_submodules(package: ModuleType) -> None:

@@ -47,7 +47,9 @@ def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> st
     """The artifact name of the stored encoder for ``pretext``; a UserError naming the command if absent."""
     name = encoder_artifact(ctx, pretext_recipe(pretext, ctx.overrides), ctx.overrides.max_steps_per_epoch)
     if ctx.store.manifest(ENCODERS_KIND, name) is None:
-        raise UserError(f"no stored encoder for pretext '{pretext}' in '{ctx.store.root}'; make it with: {pretrain_command}")
+        raise UserError(
+            f"no stored encoder for pretext '{pretext}' in '{ctx.store.root}'; make it with: {pretrain_command}"
+        )
     return name
 
 
@@ -95,21 +97,33 @@ def check_features(path: Path, encoder: str, chunk: int = 1 << 16) -> None:
         part = rows[offset : offset + chunk].astype(np.float32)
         if not np.isfinite(part).all():
             kind = "NaN" if np.isnan(part).any() else "infinite (beyond float16's 65504)"
-            raise UserError(f"encoder '{encoder}' gives {kind} features ({path.stem}); are its weights, mean and std "
-                            "sound? nothing was cached")
+            raise UserError(
+                f"encoder '{encoder}' gives {kind} features ({path.stem}); are its weights, mean and std "
+                "sound? nothing was cached"
+            )
         np.minimum(low, part.min(axis=0), out=low)
         np.maximum(high, part.max(axis=0), out=high)
     if len(rows) > 1 and np.array_equal(low, high):
-        raise UserError(f"encoder '{encoder}' gives the same features for every image ({path.stem}); are its weights "
-                        "sound? nothing was cached")
+        raise UserError(
+            f"encoder '{encoder}' gives the same features for every image ({path.stem}); are its weights "
+            "sound? nothing was cached"
+        )
 
 
 def write_split(
-    ctx: StageContext, encoder, split: str, batch_size: int, scratch: Path, progress, pretext_cls: type[Pretext],
-    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, num_workers: int = 0,
+    ctx: StageContext,
+    encoder,
+    split: str,
+    batch_size: int,
+    scratch: Path,
+    progress,
+    pretext_cls: type[Pretext],
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    num_workers: int = 0,
 ) -> None:
     """Stream features of one split into a float16 .npy (memory-mapped), batch by batch; the encoder is fed the
-    images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of them, as in pretraining.
+    images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of them, as in
+    pretraining.
     Images left on disk (an image folder) are decoded batch by batch by ``num_workers`` DataLoader workers.
 
     Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
@@ -117,7 +131,9 @@ def write_split(
     """
     images, labels = ctx.data.split(split)
     start, stop = distributed.shard_bounds(len(images))
-    target = scratch / f"{split}.npy" if distributed.world_size() == 1 else shard_path(scratch, split, distributed.rank())
+    target = (
+        scratch / f"{split}.npy" if distributed.world_size() == 1 else shard_path(scratch, split, distributed.rank())
+    )
     out = open_features(target, (stop - start, encoder.out_dim))
     task = progress.add_task(f"cache {split}", total=stop - start, status="")
 
@@ -128,8 +144,17 @@ def write_split(
     if pretext_cls.ignores_images:
         store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
     else:
-        encode_batches(encoder, images[start:stop], batch_size, ctx.device, ctx.dtype, store_batch,
-                       None if convert is None else lambda _, batch: convert(batch), pretext_cls.encoder_input, num_workers)
+        encode_batches(
+            encoder,
+            images[start:stop],
+            batch_size,
+            ctx.device,
+            ctx.dtype,
+            store_batch,
+            None if convert is None else lambda _, batch: convert(batch),
+            pretext_cls.encoder_input,
+            num_workers,
+        )
     out.flush()
     if distributed.is_main():
         np.save(scratch / f"{split}_labels.npy", labels.numpy())
@@ -159,6 +184,7 @@ def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 
 
 def refused_on_all(check: Callable[[], None]) -> None:
     """Run ``check`` on rank 0 and raise its UserError on every rank, so that no rank waits for one that stopped."""
+
     def refusal() -> Optional[str]:
         try:
             check()
@@ -178,7 +204,9 @@ def shared_staging(ctx: StageContext, name: str) -> Iterator[Path]:
         yield Path(distributed.broadcast(str(scratch) if distributed.is_main() else None))
 
 
-def encoder_conversion(ctx: StageContext, encoder_name: str) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], dict]:
+def encoder_conversion(
+    ctx: StageContext, encoder_name: str
+) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], dict]:
     """How the downstream images become what the stored encoder was pretrained on (channels, size), and the manifest
     field that records it (empty when nothing changes); a one-line UserError when it cannot be done."""
     trained = ctx.store.manifest(ENCODERS_KIND, encoder_name)["data"]
@@ -187,7 +215,9 @@ def encoder_conversion(ctx: StageContext, encoder_name: str) -> tuple[Optional[C
     return convert, {} if convert is None else {"conversion": describe(*shape)}
 
 
-def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int, num_workers: int = 0) -> tuple[str, dict, bool]:
+def ensure_features(
+    ctx: StageContext, encoder_name: str, batch_size: int, num_workers: int = 0
+) -> tuple[str, dict, bool]:
     """Cached features of a stored encoder: reused when present, else computed and published.
 
     Under torchrun every rank encodes its shard of each split; rank 0 alone holds the store lock,
@@ -203,20 +233,29 @@ def ensure_features(ctx: StageContext, encoder_name: str, batch_size: int, num_w
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
         pretext_cls = stored_pretext(encoder_config, encoder_name)
         convert, recorded = encoder_conversion(ctx, encoder_name)
-        refused_on_all(lambda: ctx.store.check_space(
-            FEATURES_KIND, name, features_bytes(ctx, encoder.out_dim, 2 if distributed.world_size() > 1 else 1)))
+        refused_on_all(
+            lambda: ctx.store.check_space(
+                FEATURES_KIND, name, features_bytes(ctx, encoder.out_dim, 2 if distributed.world_size() > 1 else 1)
+            )
+        )
         started = time.perf_counter()
         with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
             for split in SPLITS:
                 write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls, convert, num_workers)
             distributed.barrier()
             if distributed.is_main():
-                manifest = publish_features(ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started, recorded)
+                manifest = publish_features(
+                    ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started, recorded
+                )
     return name, distributed.broadcast(manifest), False
 
 
 def ensure_external_features(
-    ctx: StageContext, name: str, cfg: ExternalEncoderConfig, batch_size: int, num_workers: int = 0,
+    ctx: StageContext,
+    name: str,
+    cfg: ExternalEncoderConfig,
+    batch_size: int,
+    num_workers: int = 0,
 ) -> tuple[str, dict, bool]:
     """Cached features of the encoder made elsewhere that ``+external.<name>`` declares: reused when present, else
     computed by one process and published, the input conversion in the manifest."""
@@ -230,20 +269,39 @@ def ensure_external_features(
             return artifact, manifest, True
         encoder, found = build_external(cfg, ctx.data.channels)
         encoder = prepare_model(encoder, ctx.device)
-        extra = {"external": {**dataclasses.asdict(cfg), "format": found,
-                              "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size)}}
+        extra = {
+            "external": {
+                **dataclasses.asdict(cfg),
+                "format": found,
+                "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size),
+            }
+        }
         ctx.store.check_space(FEATURES_KIND, artifact, features_bytes(ctx, encoder.out_dim))
         started = time.perf_counter()
         with ctx.store.staging(FEATURES_KIND, artifact) as scratch, image_progress() as progress:
             for split in SPLITS:
                 write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext, num_workers=num_workers)
-            manifest = publish_features(ctx, artifact, f"external {cfg.arch}", {"uses_labels": False}, encoder.out_dim,
-                                        scratch, started, extra, label=name)
+            manifest = publish_features(
+                ctx,
+                artifact,
+                f"external {cfg.arch}",
+                {"uses_labels": False},
+                encoder.out_dim,
+                scratch,
+                started,
+                extra,
+                label=name,
+            )
     return artifact, manifest, False
 
 
 def write_views(
-    ctx: StageContext, encoder, pretext_cls: type[Pretext], cache: CacheConfig, path: Path, progress,
+    ctx: StageContext,
+    encoder,
+    pretext_cls: type[Pretext],
+    cache: CacheConfig,
+    path: Path,
+    progress,
     convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> None:
     """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
@@ -268,8 +326,17 @@ def write_views(
         if pretext_cls.ignores_images:
             store_batch(0, noise_features(ctx, "train", encoder.out_dim))
         else:
-            encode_batches(encoder, images, cache.batch_size, ctx.device, ctx.dtype, store_batch, augment,
-                           pretext_cls.encoder_input, cache.num_workers)
+            encode_batches(
+                encoder,
+                images,
+                cache.batch_size,
+                ctx.device,
+                ctx.dtype,
+                store_batch,
+                augment,
+                pretext_cls.encoder_input,
+                cache.num_workers,
+            )
     out.flush()
 
 
@@ -287,25 +354,48 @@ def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tu
         ctx.store.check_space(VIEWS_KIND, name, n_images * encoder.out_dim * 2)
         started = time.perf_counter()
         with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
-            write_views(ctx, encoder, pretext_cls, cache, scratch / "train_views.npy", progress,
-                        encoder_conversion(ctx, encoder_name)[0])
+            write_views(
+                ctx,
+                encoder,
+                pretext_cls,
+                cache,
+                scratch / "train_views.npy",
+                progress,
+                encoder_conversion(ctx, encoder_name)[0],
+            )
             check_features(scratch / "train_views.npy", encoder_name)
             seconds = time.perf_counter() - started
-            ctx.store.publish(VIEWS_KIND, name, scratch, {
-                "config": {"encoder_artifact": encoder_name, "views": cache.views, "max_shift": cache.views_max_shift,
-                           "dtype": "float16"},
-                "data": {"train": ctx.fingerprints["train"]},
-                "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels)},
-                "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
-                "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
-            })
+            ctx.store.publish(
+                VIEWS_KIND,
+                name,
+                scratch,
+                {
+                    "config": {
+                        "encoder_artifact": encoder_name,
+                        "views": cache.views,
+                        "max_shift": cache.views_max_shift,
+                        "dtype": "float16",
+                    },
+                    "data": {"train": ctx.fingerprints["train"]},
+                    "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels)},
+                    "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
+                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
+                },
+            )
     log.info("cached %d augmented images for %s in %.0f s (%.0f img/s)", n_images, name, seconds, n_images / seconds)
     return name, False
 
 
 def publish_features(
-    ctx: StageContext, name: str, encoder_name: str, encoder_config: dict, dim: int, scratch: Path, started: float,
-    extra: Optional[dict] = None, label: Optional[str] = None,
+    ctx: StageContext,
+    name: str,
+    encoder_name: str,
+    encoder_config: dict,
+    dim: int,
+    scratch: Path,
+    started: float,
+    extra: Optional[dict] = None,
+    label: Optional[str] = None,
 ) -> dict:
     """Merge the ranks' shards (if any), check the features (``check_features``; ``label``: the encoder's name for
     the user, else ``encoder_name``), publish the features artifact and return its manifest (``extra``: more of its
@@ -322,13 +412,21 @@ def publish_features(
         name,
         scratch,
         {
-            "config": {"encoder_artifact": encoder_name, "dataset": ctx.dataset_cfg.name, "dtype": "float16",
-                       "uses_labels": encoder_config["uses_labels"], **(extra or {})},
+            "config": {
+                "encoder_artifact": encoder_name,
+                "dataset": ctx.dataset_cfg.name,
+                "dtype": "float16",
+                "uses_labels": encoder_config["uses_labels"],
+                **(extra or {}),
+            },
             "data": ctx.fingerprints,
             "metrics": {"dim": dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},
             "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
-            "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
-                        "processes": distributed.world_size()},
+            "runtime": {
+                "device": str(ctx.device),
+                "precision": str(ctx.dtype).removeprefix("torch."),
+                "processes": distributed.world_size(),
+            },
         },
     )
     log.info("cached features %s: %d images at %.0f img/s", name, n_images, n_images / seconds)

@@ -60,8 +60,9 @@ class StageContext:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset_cached(dataset_yaml: str, data_dir: str | None, stream: bool,
-                         key: str = "dataset") -> tuple[DatasetConfig, ImageData]:
+def _load_dataset_cached(
+    dataset_yaml: str, data_dir: str | None, stream: bool, key: str = "dataset"
+) -> tuple[DatasetConfig, ImageData]:
     """Jobs of one multirun share the process: decode each dataset once."""
     return open_dataset(OmegaConf.create(dataset_yaml), data_dir, stream, key)
 
@@ -96,15 +97,33 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
     dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir, stream)
     log.info(
         "dataset %s: %d train / %d test images, %d classes, %dx%d px, %d channel(s); device %s, precision %s",
-        dataset_cfg.name, len(data.train_labels), len(data.test_labels), data.num_classes, *data.image_size, data.channels,
-        device, str(dtype).removeprefix("torch."),
+        dataset_cfg.name,
+        len(data.train_labels),
+        len(data.test_labels),
+        data.num_classes,
+        *data.image_size,
+        data.channels,
+        device,
+        str(dtype).removeprefix("torch."),
     )
     pretrain_cfg, pretrain_data = pretraining_dataset(cfg, dataset_cfg, stream)
-    return StageContext(dataset_cfg, data, encoder_cfg, device, dtype, ArtifactStore(cfg.artifacts_dir), overrides, encoder_seed,
-                        pretrain_cfg, pretrain_data)
+    return StageContext(
+        dataset_cfg,
+        data,
+        encoder_cfg,
+        device,
+        dtype,
+        ArtifactStore(cfg.artifacts_dir),
+        overrides,
+        encoder_seed,
+        pretrain_cfg,
+        pretrain_data,
+    )
 
 
-def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig, stream: bool = False) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
+def pretraining_dataset(
+    cfg: DictConfig, dataset_cfg: DatasetConfig, stream: bool = False
+) -> tuple[Optional[DatasetConfig], Optional[ImageData]]:
     """``pretrain_dataset`` (an option's name, or a dataset config) when it names other data than ``dataset``;
     (None, None) when it is unset or the same. It is read from its own ``pretrain_dataset.data_dir``, else from
     ``outputs/data``: the top-level ``data_dir`` is the downstream dataset's."""
@@ -119,8 +138,13 @@ def pretraining_dataset(cfg: DictConfig, dataset_cfg: DatasetConfig, stream: boo
         pretrain_cfg, pretrain_data = _load_dataset_cached(yaml, None, stream, "pretrain_dataset")
     except UserError as err:
         raise err if str(err).startswith("pretrain_dataset") else UserError(f"pretrain_dataset: {err}") from None
-    log.info("pretraining dataset %s: %d train images, %dx%d px, %d channel(s)", pretrain_cfg.name,
-             len(pretrain_data.train_labels), *pretrain_data.image_size, pretrain_data.channels)
+    log.info(
+        "pretraining dataset %s: %d train images, %dx%d px, %d channel(s)",
+        pretrain_cfg.name,
+        len(pretrain_data.train_labels),
+        *pretrain_data.image_size,
+        pretrain_data.channels,
+    )
     return pretrain_cfg, pretrain_data
 
 
@@ -130,8 +154,10 @@ def pretraining_config(node) -> DatasetConfig:
         return load_option(DATASETS, node)
     if OmegaConf.is_dict(node) or isinstance(node, dict):
         return DATASETS.typed_config(node, key="pretrain_dataset")
-    raise UserError(f"pretrain_dataset must be a dataset's name ({', '.join(DATASETS.names())}) or a dataset config "
-                    f"such as {{name:fashion_mnist,data_dir:<folder>}}, got {node!r}")
+    raise UserError(
+        f"pretrain_dataset must be a dataset's name ({', '.join(DATASETS.names())}) or a dataset config "
+        f"such as {{name:fashion_mnist,data_dir:<folder>}}, got {node!r}"
+    )
 
 
 def same_data(pretrain_cfg: DatasetConfig, dataset_cfg: DatasetConfig) -> bool:

@@ -39,8 +39,9 @@ from ssl_fusion.stages.run import planned_heads
 from ssl_fusion.store.files import atomic_write_json
 
 CLAIMS_FILE = "claims.json"
-DISTINCT = Rule(lambda values: len(values) > 0 and len(set(values)) == len(values), "a non-empty list without repeats",
-                [])
+DISTINCT = Rule(
+    lambda values: len(values) > 0 and len(set(values)) == len(values), "a non-empty list without repeats", []
+)
 
 
 @dataclass
@@ -115,8 +116,10 @@ def typed_study(node: Any) -> StudyConfig:
     """The study node as a typed config: a missing key, a claim or a regime out of range in one line naming it."""
     missing = sorted(OmegaConf.missing_keys(node))
     if missing:
-        raise UserError(f"{missing[0]} is missing; a study declares datasets, pretexts, encoder_seeds, "
-                        "label_seeds, regimes, heads and claims (docs/studies.md)")
+        raise UserError(
+            f"{missing[0]} is missing; a study declares datasets, pretexts, encoder_seeds, "
+            "label_seeds, regimes, heads and claims (docs/studies.md)"
+        )
     for key, part in (("claims", "claim"), ("regimes", "labels")):
         for index, item in enumerate(node[key]):
             try:
@@ -143,8 +146,9 @@ def method_names(fusions: list[str], pretexts: list[str]) -> dict[str, tuple[str
     return names
 
 
-def check_claims(claims: list[ClaimConfig], names: dict[str, tuple[str, frozenset[str]]],
-                 regimes: list[str]) -> list[ClaimConfig]:
+def check_claims(
+    claims: list[ClaimConfig], names: dict[str, tuple[str, frozenset[str]]], regimes: list[str]
+) -> list[ClaimConfig]:
     """The claims with their methods named as the results name them; a one-line UserError for a claim whose
     method or reference never runs, whose regime the study has not, or that cannot be paired."""
     runs = ", ".join(sorted({name for name, _ in names.values()}))
@@ -160,21 +164,27 @@ def check_claims(claims: list[ClaimConfig], names: dict[str, tuple[str, frozense
                 raise UserError(f"{key}.reference: best-single needs single heads over the method's pretexts")
             reference = BEST_SINGLE
         elif claim.reference not in names or names[claim.reference][0].endswith(")"):
-            raise UserError(f"{key}.reference: '{claim.reference}' never runs in this study as a reference; "
-                            f"references that run: {references}")
+            raise UserError(
+                f"{key}.reference: '{claim.reference}' never runs in this study as a reference; "
+                f"references that run: {references}"
+            )
         else:
             reference, theirs = names[claim.reference]
             if theirs != read:
-                raise UserError(f"{key}: {method} reads {'+'.join(sorted(read)) or 'images'}, {reference} reads "
-                                f"{'+'.join(sorted(theirs)) or 'images'}; only methods over the same inputs pair")
+                raise UserError(
+                    f"{key}: {method} reads {'+'.join(sorted(read)) or 'images'}, {reference} reads "
+                    f"{'+'.join(sorted(theirs)) or 'images'}; only methods over the same inputs pair"
+                )
         if method == reference:
             raise UserError(f"{key}: method and reference are both {method}")
         if claim.regime not in regimes:
-            raise UserError(f"{key}.regime: '{claim.regime}' is not a regime of this study; regimes: "
-                            f"{', '.join(regimes)}")
+            raise UserError(
+                f"{key}.regime: '{claim.regime}' is not a regime of this study; regimes: {', '.join(regimes)}"
+            )
         if claim.direction == EQUIVALENT and claim.margin <= 0:
-            raise UserError(f"{key}.margin must be > 0 for direction equivalent (|difference| < margin), "
-                            f"got {claim.margin}")
+            raise UserError(
+                f"{key}.margin must be > 0 for direction equivalent (|difference| < margin), got {claim.margin}"
+            )
         if (method, reference, claim.regime) in seen:
             raise UserError(f"{key}: {method} against {reference} at {claim.regime} is claimed twice; claim it once")
         seen.add((method, reference, claim.regime))
@@ -215,10 +225,16 @@ def check_study(node: Any) -> Plan:
     if len(set(regimes)) != len(regimes):
         raise UserError(f"study.regimes: {', '.join(regimes)} names a regime twice")
     claims = check_claims(study.claims, method_names(fusions, fused), regimes)
-    expected = {(config.name, frozenset() if lookup_method(config.name).needs_images else frozenset(used))
-                for config, used in planned_heads(fusions, fused)}
-    cells = [Cell(dataset, pretrain, regime) for dataset in study.datasets
-             for pretrain in (study.pretrain_datasets or [None]) for regime in study.regimes]
+    expected = {
+        (config.name, frozenset() if lookup_method(config.name).needs_images else frozenset(used))
+        for config, used in planned_heads(fusions, fused)
+    }
+    cells = [
+        Cell(dataset, pretrain, regime)
+        for dataset in study.datasets
+        for pretrain in (study.pretrain_datasets or [None])
+        for regime in study.regimes
+    ]
     return Plan(study, fusions, fused, expected, cells, claims)
 
 
@@ -236,8 +252,10 @@ def read_record(path: Path) -> Optional[dict[str, Any]]:
             raise ValueError("no versions")
         return record
     except (OSError, ValueError) as err:
-        raise UserError(f"the claims record '{path}' cannot be read ({err}); restore it, or delete it and give "
-                        "amend=\"<reason>\" to declare the claims again") from None
+        raise UserError(
+            f"the claims record '{path}' cannot be read ({err}); restore it, or delete it and give "
+            'amend="<reason>" to declare the claims again'
+        ) from None
 
 
 def declare(folder: Path, claims: list[ClaimConfig], results: int, amend: Optional[str]) -> dict[str, Any]:
@@ -250,16 +268,26 @@ def declare(folder: Path, claims: list[ClaimConfig], results: int, amend: Option
     record = read_record(path)
     if record is not None and record["versions"][-1]["sha256"] == digest:
         return record
-    version = {"sha256": digest, "declared": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "claims": declared, "amendment": None, "results_before": results}
+    version = {
+        "sha256": digest,
+        "declared": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "claims": declared,
+        "amendment": None,
+        "results_before": results,
+    }
     if results and amend is None:
-        was = f"the claims declared in '{path}' (sha256 {record['versions'][-1]['sha256'][:12]})" if record else \
-            f"no declared claims ('{path}' is missing)"
-        raise UserError(f"the study's claims (sha256 {digest[:12]}) differ from {was} and {results} result(s) exist; "
-                        "changing claims after results is an amendment: run again with amend=\"<reason>\"")
+        was = (
+            f"the claims declared in '{path}' (sha256 {record['versions'][-1]['sha256'][:12]})"
+            if record
+            else f"no declared claims ('{path}' is missing)"
+        )
+        raise UserError(
+            f"the study's claims (sha256 {digest[:12]}) differ from {was} and {results} result(s) exist; "
+            'changing claims after results is an amendment: run again with amend="<reason>"'
+        )
     if results:
         if not str(amend).strip():
-            raise UserError("amend needs a reason: amend=\"<why the claims change>\"")
+            raise UserError('amend needs a reason: amend="<why the claims change>"')
         version["amendment"] = str(amend)
         record = {"versions": [*(record["versions"] if record else []), version]}
     else:

@@ -38,15 +38,22 @@ def check_head(fusion: FusionConfig, n_pretexts: int) -> None:
 
 
 def cached_features(
-    ctx: StageContext, sources: list[FeatureSource], cache: CacheConfig, cache_command: str,
+    ctx: StageContext,
+    sources: list[FeatureSource],
+    cache: CacheConfig,
+    cache_command: str,
 ) -> dict[str, FeatureSet]:
     """Each source's features (``FeatureSource.load``); a UserError naming ``cache_command`` for a missing one."""
     return {source.name: source.load(ctx, cache, cache_command) for source in sources}
 
 
 def evaluate_method(
-    ctx: StageContext, fusion: FusionConfig, labels_cfg: LabelsConfig, seed: int,
-    features: Callable[[], dict[str, FeatureSet]], evaluation: EvaluationConfig | None = None,
+    ctx: StageContext,
+    fusion: FusionConfig,
+    labels_cfg: LabelsConfig,
+    seed: int,
+    features: Callable[[], dict[str, FeatureSet]],
+    evaluation: EvaluationConfig | None = None,
 ) -> FuseResult:
     """One result of ``fusion``, with the stage's context: a method that trains on the labeled images
     (``needs_images``, e.g. ``supervised_scratch``) gets the stage context; a head gets the cached ``features()``."""
@@ -66,7 +73,10 @@ def check_evaluation(node: Any) -> EvaluationConfig:
 
 
 def check_labels(
-    train_labels: torch.Tensor, labels_cfg: LabelsConfig, fusion: FusionConfig, seed: int,
+    train_labels: torch.Tensor,
+    labels_cfg: LabelsConfig,
+    fusion: FusionConfig,
+    seed: int,
     evaluation: EvaluationConfig | None = None,
 ) -> None:
     """Refuse, before any work, a label regime the dataset cannot give (outside the dev split, for ``split=dev``) or
@@ -93,10 +103,14 @@ def write_result(folder: Path, result: FuseResult) -> None:
 def run_context(ctx: StageContext) -> dict[str, Any]:
     """What a result ran on (``FuseResult``'s context fields): the data by name and by content, the encoders."""
     fingerprints = ctx.fingerprints
-    return {"dataset": ctx.dataset_cfg.name, "pretraining_dataset": (ctx.pretrain_dataset_cfg or ctx.dataset_cfg).name,
-            "encoder": ctx.encoder_cfg.name, "encoder_seed": ctx.seed,
-            "data_fingerprint": f"{fingerprints['train']}/{fingerprints['test']}",
-            "pretraining_fingerprint": ctx.pretraining.fingerprints["train"]}
+    return {
+        "dataset": ctx.dataset_cfg.name,
+        "pretraining_dataset": (ctx.pretrain_dataset_cfg or ctx.dataset_cfg).name,
+        "encoder": ctx.encoder_cfg.name,
+        "encoder_seed": ctx.seed,
+        "data_fingerprint": f"{fingerprints['train']}/{fingerprints['test']}",
+        "pretraining_fingerprint": ctx.pretraining.fingerprints["train"],
+    }
 
 
 def cache_command(pretexts: list[str]) -> str:
@@ -117,8 +131,13 @@ def main(cfg: DictConfig) -> None:
     check_labels(ctx.data.train_labels, labels_cfg, fusion, cfg.seed, evaluation)
     cache: CacheConfig = OmegaConf.to_object(cfg.cache)
     command = cache_command([source.name for source in used if source.made_by_cache])
-    features = lambda: cached_features(ctx, used, cache, command)
+
+    def features() -> dict[str, FeatureSet]:
+        return cached_features(ctx, used, cache, command)
+
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)
     write_result(Path(run_dir()), result)
-    print(f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
-          f"{result.split} accuracy {result.accuracy:.4f}; results in {run_dir()}")
+    print(
+        f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
+        f"{result.split} accuracy {result.accuracy:.4f}; results in {run_dir()}"
+    )

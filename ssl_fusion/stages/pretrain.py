@@ -32,7 +32,10 @@ log = logging.getLogger("sslfuse")
 
 
 def probe_encoder(
-    ctx: StageContext, encoder: Encoder, probe: ProbeConfig, encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ctx: StageContext,
+    encoder: Encoder,
+    probe: ProbeConfig,
+    encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, float]:
     """The standard frozen-feature protocols on (seeded random subsets of) the labeled training and test sets:
     kNN (weighted cosine vote) and a linear probe (L2 logistic regression). ``encoder_input`` (the pretext's) turns
@@ -60,8 +63,17 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
         return encoder, TrainResult()
     checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
     result = train_pretext(
-        model, ctx.data.train_images, ctx.data.train_labels, recipe, ctx.device, ctx.dtype, ctx.seed, checkpoint,
-        ctx.overrides.max_steps_per_epoch, ctx.overrides.num_workers, ctx.overrides.checkpoint_every_minutes,
+        model,
+        ctx.data.train_images,
+        ctx.data.train_labels,
+        recipe,
+        ctx.device,
+        ctx.dtype,
+        ctx.seed,
+        checkpoint,
+        ctx.overrides.max_steps_per_epoch,
+        ctx.overrides.num_workers,
+        ctx.overrides.checkpoint_every_minutes,
         ctx.overrides.checkpoint_every_steps,
     )
     return encoder, result
@@ -88,7 +100,13 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
 
 
 def publish_encoder(
-    ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig, name: str, encoder: Encoder, result: TrainResult, started: float
+    ctx: StageContext,
+    recipe: PretextConfig,
+    probe: ProbeConfig,
+    name: str,
+    encoder: Encoder,
+    result: TrainResult,
+    started: float,
 ) -> dict:
     """Probe the trained encoder, store it with its manifest and drop its checkpoint; returns the manifest."""
     pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
@@ -96,7 +114,9 @@ def publish_encoder(
         probes = {"knn_accuracy": None, "linear_accuracy": None}
     else:
         probes = probe_encoder(ctx, encoder, probe, pretext_cls.encoder_input)
-        log.info("encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"])
+        log.info(
+            "encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"]
+        )
     with ctx.store.staging(ENCODERS_KIND, name) as scratch:
         save_weights(encoder, scratch / "encoder.pt", ctx.store.root / ENCODERS_KIND)
         manifest = ctx.store.publish(
@@ -104,18 +124,40 @@ def publish_encoder(
             name,
             scratch,
             {
-                "config": {"pretext": as_plain(recipe), "encoder": as_plain(ctx.encoder_cfg), "seed": ctx.seed,
-                           "dataset": ctx.dataset_cfg.name, "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
-                           "uses_labels": pretext_cls.uses_labels, "input": pretext_cls.encoder_input_kind},
-                "data": {"train": ctx.fingerprints["train"], "channels": ctx.data.channels,
-                         "image_size": list(ctx.data.image_size), "n_train": len(ctx.data.train_labels)},
-                "metrics": {"epoch_losses": result.epoch_losses, "final_loss": (result.epoch_losses or [None])[-1],
-                            **probes, "probe": as_plain(probe)},
-                "timings": {"train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-                            "images_per_second": result.images_per_second, "resumed_at_epoch": result.resumed_at_epoch,
-                            "resumed_at_step": result.resumed_at_step},
-                "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch."),
-                            "torch": torch.__version__, "processes": distributed.world_size()},
+                "config": {
+                    "pretext": as_plain(recipe),
+                    "encoder": as_plain(ctx.encoder_cfg),
+                    "seed": ctx.seed,
+                    "dataset": ctx.dataset_cfg.name,
+                    "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
+                    "uses_labels": pretext_cls.uses_labels,
+                    "input": pretext_cls.encoder_input_kind,
+                },
+                "data": {
+                    "train": ctx.fingerprints["train"],
+                    "channels": ctx.data.channels,
+                    "image_size": list(ctx.data.image_size),
+                    "n_train": len(ctx.data.train_labels),
+                },
+                "metrics": {
+                    "epoch_losses": result.epoch_losses,
+                    "final_loss": (result.epoch_losses or [None])[-1],
+                    **probes,
+                    "probe": as_plain(probe),
+                },
+                "timings": {
+                    "train_seconds": result.seconds,
+                    "total_seconds": time.perf_counter() - started,
+                    "images_per_second": result.images_per_second,
+                    "resumed_at_epoch": result.resumed_at_epoch,
+                    "resumed_at_step": result.resumed_at_step,
+                },
+                "runtime": {
+                    "device": str(ctx.device),
+                    "precision": str(ctx.dtype).removeprefix("torch."),
+                    "torch": torch.__version__,
+                    "processes": distributed.world_size(),
+                },
             },
         )
     shutil.rmtree(ctx.store.root / "checkpoints" / name, ignore_errors=True)
@@ -148,5 +190,7 @@ def main(cfg: DictConfig) -> None:
         if not distributed.is_main():
             return
     metrics = manifest["metrics"]
-    print(f"encoder {name} ({'reused' if reused else 'trained'}): {probe_summary(metrics)}, "
-          f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}")
+    print(
+        f"encoder {name} ({'reused' if reused else 'trained'}): {probe_summary(metrics)}, "
+        f"final loss {metrics['final_loss']}; stored in {ctx.store.folder(ENCODERS_KIND, name)}"
+    )

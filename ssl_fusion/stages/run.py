@@ -46,7 +46,10 @@ def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionC
 
 
 def prepare_features(
-    ctx: StageContext, probe: ProbeConfig, cache: CacheConfig, sources: list[FeatureSource],
+    ctx: StageContext,
+    probe: ProbeConfig,
+    cache: CacheConfig,
+    sources: list[FeatureSource],
 ) -> dict[str, FeatureSet]:
     """Each source's features, what the store lacks made first (``FeatureSource.ensure``); a line for each."""
     features = {}
@@ -90,19 +93,33 @@ def main(cfg: DictConfig) -> None:
         where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
         for fusion, used in heads:
             for seed in cfg.seeds:
-                result = evaluate_method(ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used},
-                                         evaluation)
+                result = evaluate_method(
+                    ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used}, evaluation
+                )
                 write_result(where / result.method / f"seed{seed}", result)
-                log.info("%s encoder seed %d seed %d: %s accuracy %.4f", result.method, encoder_seed, seed,
-                         result.split, result.accuracy)
+                log.info(
+                    "%s encoder seed %d seed %d: %s accuracy %.4f",
+                    result.method,
+                    encoder_seed,
+                    seed,
+                    result.split,
+                    result.accuracy,
+                )
     table, md_path, _ = write_report(out)
-    print_table(table, f"{ctx.dataset_cfg.name}: {evaluation.split} accuracy (%) of fusion heads on frozen pretext "
-                       "features")
+    print_table(
+        table, f"{ctx.dataset_cfg.name}: {evaluation.split} accuracy (%) of fusion heads on frozen pretext features"
+    )
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
 
 
-def check_run(ctx: StageContext, cfg: DictConfig, heads: list, labels_cfg: LabelsConfig,
-              sources: list[FeatureSource], evaluation: EvaluationConfig) -> None:
+def check_run(
+    ctx: StageContext,
+    cfg: DictConfig,
+    heads: list,
+    labels_cfg: LabelsConfig,
+    sources: list[FeatureSource],
+    evaluation: EvaluationConfig,
+) -> None:
     """Refuse, before any work, labels a head cannot use (outside the dev split, for ``evaluation.split=dev``), a
     conversion that cannot be done, a source that cannot run (``FeatureSource.check``: e.g. a pretext on the
     pretraining data)."""

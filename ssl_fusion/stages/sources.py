@@ -117,8 +117,10 @@ class OwnPretext(FeatureSource):
         if cache.views:
             _, views_reused = ensure_views(ctx, encoder_name, cache)
             views = f", {cache.views} views {'reused' if views_reused else 'cached'}"
-        done = (f"encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
-                f"features {'reused' if cached else 'cached'}{views}")
+        done = (
+            f"encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
+            f"features {'reused' if cached else 'cached'}{views}"
+        )
         return self.load(ctx, cache, ""), done
 
     def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
@@ -134,21 +136,27 @@ class OwnPretext(FeatureSource):
         encoder_name = self.encoder_name(ctx)
         name = features_artifact(ctx, encoder_name)
         if not artifact_exists(ctx.store, FEATURES_KIND, name):
-            raise UserError(f"no cached features for pretext '{self.name}' in '{ctx.store.root}'; "
-                            f"make them with: {cache_command}")
+            raise UserError(
+                f"no cached features for pretext '{self.name}' in '{ctx.store.root}'; make them with: {cache_command}"
+            )
         return with_views(ctx, load_features(ctx.store, name), encoder_name, cache, cache_command)
 
 
 def with_views(
-    ctx: StageContext, features: FeatureSet, encoder_name: str, cache: CacheConfig, cache_command: str,
+    ctx: StageContext,
+    features: FeatureSet,
+    encoder_name: str,
+    cache: CacheConfig,
+    cache_command: str,
 ) -> FeatureSet:
     """``features`` with the encoder's ``cache.views`` stored augmented views attached (unchanged when 0)."""
     if not cache.views:
         return features
     name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
     if not artifact_exists(ctx.store, VIEWS_KIND, name):
-        raise UserError(f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; "
-                        f"make them with: {cache_command}")
+        raise UserError(
+            f"no {cache.views} cached views for '{encoder_name}' in '{ctx.store.root}'; make them with: {cache_command}"
+        )
     return dataclasses.replace(features, train_views=load_views(ctx.store, name))
 
 
@@ -189,8 +197,10 @@ class External(Declared):
         self.check_views(cache, "fuse")
         artifact = external_features_artifact(ctx, self.name, self.cfg)
         if not artifact_exists(ctx.store, FEATURES_KIND, artifact):
-            raise UserError(f"no cached features for external encoder '{self.name}' in '{ctx.store.root}'; "
-                            f"make them with: {cache_command}")
+            raise UserError(
+                f"no cached features for external encoder '{self.name}' in '{ctx.store.root}'; "
+                f"make them with: {cache_command}"
+            )
         return load_features(ctx.store, artifact)
 
 
@@ -232,7 +242,9 @@ def declared_sources(cfg: DictConfig) -> dict[str, FeatureSource]:
 
 
 def sources_named(
-    names: Iterable[str], declared: dict[str, FeatureSource], key: str = "pretexts",
+    names: Iterable[str],
+    declared: dict[str, FeatureSource],
+    key: str = "pretexts",
 ) -> list[FeatureSource]:
     """The sources of ``names``, checked (``check_names`` under ``key``): a declared one, else sslfuse's own pretext."""
     return [declared.get(name) or OwnPretext(name) for name in check_names(key, list(names), PRETEXTS, declared)]

@@ -63,9 +63,12 @@ def cell_overrides(plan: Plan, cell: Cell) -> list[str]:
     """The overrides of every run job of ``cell``, as the study declares them (the settings its results depend on)."""
     study, regime = plan.study, cell.regime
     return [
-        f"dataset={cell.dataset}", *([f"pretrain_dataset={cell.pretrain_dataset}"] if cell.pretrain_dataset else []),
-        f"encoder={study.encoder}", f"pretexts={hydra_value(plan.pretexts)}",
-        f"labels.fraction={hydra_value(regime.fraction)}", f"labels.per_class={hydra_value(regime.per_class)}",
+        f"dataset={cell.dataset}",
+        *([f"pretrain_dataset={cell.pretrain_dataset}"] if cell.pretrain_dataset else []),
+        f"encoder={study.encoder}",
+        f"pretexts={hydra_value(plan.pretexts)}",
+        f"labels.fraction={hydra_value(regime.fraction)}",
+        f"labels.per_class={hydra_value(regime.per_class)}",
         f"labels.indices_file={hydra_value(regime.indices_file)}",
         *([f"external={hydra_value(study.external)}"] if study.external else []),
         *([f"imported={hydra_value(study.imported)}"] if study.imported else []),
@@ -91,16 +94,26 @@ def kept_results(folder: Path, plan: Plan) -> list[tuple[Path, FuseResult]]:
     left out)."""
     seeds = set(plan.study.label_seeds)
     found = [(path, load_result(path)) for path in sorted(folder.rglob("results.json"))] if folder.is_dir() else []
-    return [(path, result) for path, result in found if result.split == "test" and result.labels.get("seed") in seeds
-            and (result.family, frozenset(result.pretexts)) in plan.expected]
+    return [
+        (path, result)
+        for path, result in found
+        if result.split == "test"
+        and result.labels.get("seed") in seeds
+        and (result.family, frozenset(result.pretexts)) in plan.expected
+    ]
 
 
 def missing_runs(plan: Plan, folder: Path) -> tuple[list[str], list[int]]:
     """The fusions and label seeds one encoder seed's folder lacks a result of (every variant, every seed)."""
-    done = {(result.family, frozenset(result.pretexts), result.labels["seed"])
-            for _, result in kept_results(folder, plan)}
-    missing = {(family, seed) for family, pretexts in plan.expected for seed in plan.study.label_seeds
-               if (family, pretexts, seed) not in done}
+    done = {
+        (result.family, frozenset(result.pretexts), result.labels["seed"]) for _, result in kept_results(folder, plan)
+    }
+    missing = {
+        (family, seed)
+        for family, pretexts in plan.expected
+        for seed in plan.study.label_seeds
+        if (family, pretexts, seed) not in done
+    }
     fusions = [fusion for fusion in plan.fusions if any(family == fusion for family, _ in missing)]
     seeds = [seed for seed in plan.study.label_seeds if any((fusion, seed) in missing for fusion in fusions)]
     return fusions, seeds
@@ -117,20 +130,30 @@ def planned_jobs(root: Path, plan: Plan) -> list[tuple[Cell, list[str], list[int
             fusions, seeds = missing_runs(plan, seed_folder(folder, encoder_seed))
             if fusions:
                 lacking[tuple(fusions), tuple(seeds)].append(encoder_seed)
-        jobs += [(cell, list(fusions), list(seeds), seeds_of_encoders)
-                 for (fusions, seeds), seeds_of_encoders in lacking.items()]
+        jobs += [
+            (cell, list(fusions), list(seeds), seeds_of_encoders)
+            for (fusions, seeds), seeds_of_encoders in lacking.items()
+        ]
     return jobs
 
 
-def job_arguments(root: Path, plan: Plan, job: tuple[Cell, list[str], list[int], list[int]],
-                  extra: list[str]) -> list[str]:
+def job_arguments(
+    root: Path, plan: Plan, job: tuple[Cell, list[str], list[int], list[int]], extra: list[str]
+) -> list[str]:
     """``sslfuse run -m`` arguments of one job: the cell's overrides, its fusions and seeds, a sweep over its
     encoder seeds into the cell's folder, then ``extra`` (the stage's ``run`` list and launcher overrides)."""
     cell, fusions, seeds, encoder_seeds = job
-    return ["run", "-m", *cell_overrides(plan, cell), f"fusions={hydra_value(fusions)}", f"seeds={hydra_value(seeds)}",
-            f"encoder_seed={','.join(map(str, encoder_seeds))}",
-            f"hydra.sweep.dir={hydra_value(str(cell_folder(root, plan, cell)))}",
-            "hydra.sweep.subdir=encoder_seed${encoder_seed}", *extra]
+    return [
+        "run",
+        "-m",
+        *cell_overrides(plan, cell),
+        f"fusions={hydra_value(fusions)}",
+        f"seeds={hydra_value(seeds)}",
+        f"encoder_seed={','.join(map(str, encoder_seeds))}",
+        f"hydra.sweep.dir={hydra_value(str(cell_folder(root, plan, cell)))}",
+        "hydra.sweep.subdir=encoder_seed${encoder_seed}",
+        *extra,
+    ]
 
 
 def check_jobs(plan: Plan, extra: list[str]) -> None:
@@ -138,18 +161,26 @@ def check_jobs(plan: Plan, extra: list[str]) -> None:
     key in ``overrides``, an unknown dataset option) is refused before any work, in one line; and a study scored on
     another split than test."""
     for cell in plan.cells:
-        overrides = [*cell_overrides(plan, cell), f"fusions={hydra_value(plan.fusions)}",
-                     f"seeds={hydra_value(plan.study.label_seeds)}", f"encoder_seed={plan.study.encoder_seeds[0]}",
-                     *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
+        overrides = [
+            *cell_overrides(plan, cell),
+            f"fusions={hydra_value(plan.fusions)}",
+            f"seeds={hydra_value(plan.study.label_seeds)}",
+            f"encoder_seed={plan.study.encoder_seeds[0]}",
+            *(o for o in extra if not o.lstrip("+~").startswith("hydra")),
+        ]
         try:
             composed = compose(config_name="run", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as err:
             cause = f" ({one_line(str(err.__cause__))})" if err.__cause__ else ""
-            raise UserError(f"study: the run jobs of {cell.dataset} at {cell.regime_name} do not compose: "
-                            f"{one_line(str(err))}{cause}") from None
+            raise UserError(
+                f"study: the run jobs of {cell.dataset} at {cell.regime_name} do not compose: "
+                f"{one_line(str(err))}{cause}"
+            ) from None
         if composed.evaluation.split != "test":
-            raise UserError(f"study: evaluation.split={composed.evaluation.split}: a study's claims are judged on the "
-                            "test split; choose designs on dev with sslfuse run before declaring them")
+            raise UserError(
+                f"study: evaluation.split={composed.evaluation.split}: a study's claims are judged on the "
+                "test split; choose designs on dev with sslfuse run before declaring them"
+            )
 
 
 def launcher_overrides() -> list[str]:
@@ -163,8 +194,10 @@ def launch(arguments: list[str]) -> None:
     sys.stdout.flush()
     returned = subprocess.run([sys.executable, "-m", "ssl_fusion.cli", *arguments], check=False).returncode
     if returned != 0:
-        raise UserError(f"study: 'sslfuse {' '.join(arguments)}' exited {returned} (its message is above); fix it and "
-                        "run the study again: it goes on from the results that exist")
+        raise UserError(
+            f"study: 'sslfuse {' '.join(arguments)}' exited {returned} (its message is above); fix it and "
+            "run the study again: it goes on from the results that exist"
+        )
 
 
 def describe(plan: Plan) -> str:
@@ -172,18 +205,24 @@ def describe(plan: Plan) -> str:
     study = plan.study
     pretrained = f", pretrained on {', '.join(study.pretrain_datasets)}" if study.pretrain_datasets else ""
     controls = f" (controls: {', '.join(study.controls)})" if study.controls else ""
-    return (f"Design: {', '.join(study.datasets)}{pretrained}; encoder {study.encoder}; pretexts "
-            f"{', '.join(study.pretexts)}{controls}; {len(study.encoder_seeds)} encoder seeds "
-            f"({', '.join(map(str, study.encoder_seeds))}) × {len(study.label_seeds)} label seeds "
-            f"({', '.join(map(str, study.label_seeds))}); regimes {', '.join(map(regime_of, study.regimes))}; "
-            f"methods {', '.join(plan.fusions)}.")
+    return (
+        f"Design: {', '.join(study.datasets)}{pretrained}; encoder {study.encoder}; pretexts "
+        f"{', '.join(study.pretexts)}{controls}; {len(study.encoder_seeds)} encoder seeds "
+        f"({', '.join(map(str, study.encoder_seeds))}) × {len(study.label_seeds)} label seeds "
+        f"({', '.join(map(str, study.label_seeds))}); regimes {', '.join(map(regime_of, study.regimes))}; "
+        f"methods {', '.join(plan.fusions)}."
+    )
 
 
 def study_results(root: Path, plan: Plan) -> pd.DataFrame:
     """Every declared result of every cell and encoder seed, as the report's frame (each row with its folder, where
     its kept predictions are read from)."""
-    found = [item for cell in plan.cells for encoder_seed in plan.study.encoder_seeds
-             for item in kept_results(seed_folder(cell_folder(root, plan, cell), encoder_seed), plan)]
+    found = [
+        item
+        for cell in plan.cells
+        for encoder_seed in plan.study.encoder_seeds
+        for item in kept_results(seed_folder(cell_folder(root, plan, cell), encoder_seed), plan)
+    ]
     if not found:
         return pd.DataFrame()
     return results_frame([result for _, result in found], [str(path.parent) for path, _ in found])
@@ -197,8 +236,10 @@ def count_results(root: Path) -> int:
 
 def print_verdicts(lines: Iterable[dict[str, Any]]) -> None:
     for row in lines:
-        print(f"  claim {row['#']}: {row['claim']}: estimate {row['estimate']}, Holm 95% interval "
-              f"{row['Holm 95% interval']}, P(improvement) {row['P(improvement)']} -> {row['verdict']}")
+        print(
+            f"  claim {row['#']}: {row['claim']}: estimate {row['estimate']}, Holm 95% interval "
+            f"{row['Holm 95% interval']}, P(improvement) {row['P(improvement)']} -> {row['verdict']}"
+        )
 
 
 @stage_app("study")
@@ -209,15 +250,19 @@ def main(cfg: DictConfig) -> None:
     check_jobs(plan, extra)
     root = Path(cfg.studies_dir) / name
     record = declare(root, plan.study.claims, count_results(root), cfg.amend)
-    print(f"study {name}: {len(plan.claims)} claim(s) declared in {root / 'claims.json'} "
-          f"(sha256 {record['versions'][-1]['sha256'][:12]}, version {len(record['versions'])})")
+    print(
+        f"study {name}: {len(plan.claims)} claim(s) declared in {root / 'claims.json'} "
+        f"(sha256 {record['versions'][-1]['sha256'][:12]}, version {len(record['versions'])})"
+    )
     jobs = planned_jobs(root, plan)
     if not jobs:
         print(f"study {name}: every result exists in {root / 'results'}; nothing to run")
     for number, job in enumerate(jobs, start=1):
         cell, fusions, seeds, encoder_seeds = job
-        print(f"study {name}: job {number} of {len(jobs)}: {cell.dataset}, {cell.regime_name}, encoder seeds "
-              f"{encoder_seeds}, label seeds {seeds}, {', '.join(fusions)}")
+        print(
+            f"study {name}: job {number} of {len(jobs)}: {cell.dataset}, {cell.regime_name}, encoder seeds "
+            f"{encoder_seeds}, label seeds {seeds}, {', '.join(fusions)}"
+        )
         launch(job_arguments(root, plan, job, extra))
     results = study_results(root, plan)
     if results.empty:

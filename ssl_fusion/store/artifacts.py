@@ -59,17 +59,37 @@ VIEWS_KIND = "views"
 SPLITS = ("train", "test")
 
 PACKAGE = Path(__file__).resolve().parents[1]
-# What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py files, in the package).
-PRETRAIN_CODE = ("pretexts/__init__.py", "pretexts/trainer.py", "stages/pretrain.py", "models/encoders.py",
-                 "models/decoders.py", "data/augment.py", "data/batches.py", "data/datasets/__init__.py", "runtime/device.py", "runtime/distributed.py")
+# What makes every encoder, besides its pretext's and its pretraining dataset's own modules (files, or folders of .py
+# files, in the package).
+PRETRAIN_CODE = (
+    "pretexts/__init__.py",
+    "pretexts/trainer.py",
+    "stages/pretrain.py",
+    "models/encoders.py",
+    "models/decoders.py",
+    "data/augment.py",
+    "data/batches.py",
+    "data/datasets/__init__.py",
+    "runtime/device.py",
+    "runtime/distributed.py",
+)
 CACHE_STAGE = "ssl_fusion.stages.caching"
 # The modules the cache stage uses whose code is not in a cached artifact's key through ``cache_sources``: either it
 # does not shape the values written (configuration, registries, errors, progress bars, the store's files and the
 # stage's setup) or another part of the key holds it (pretexts and datasets: the encoder's key, ``dataset_modules``).
-NOT_CACHE_CODE = ("ssl_fusion.config", "ssl_fusion.runtime.registry", "ssl_fusion.runtime.errors",
-                  "ssl_fusion.runtime.progress", "ssl_fusion.store.files", "ssl_fusion.stages",
-                  "ssl_fusion.stages.context", "ssl_fusion.data.features", "ssl_fusion.data.imported",
-                  "ssl_fusion.pretexts.", "ssl_fusion.data.datasets.")
+NOT_CACHE_CODE = (
+    "ssl_fusion.config",
+    "ssl_fusion.runtime.registry",
+    "ssl_fusion.runtime.errors",
+    "ssl_fusion.runtime.progress",
+    "ssl_fusion.store.files",
+    "ssl_fusion.stages",
+    "ssl_fusion.stages.context",
+    "ssl_fusion.data.features",
+    "ssl_fusion.data.imported",
+    "ssl_fusion.pretexts.",
+    "ssl_fusion.data.datasets.",
+)
 
 
 def package_files(names: tuple[str, ...]) -> tuple[Path, ...]:
@@ -88,8 +108,11 @@ def modules_used(start: ModuleType, package: str, leave_out: tuple[str, ...] = (
     pending = [start]
     while pending:
         module = pending.pop()
-        if module.__name__ in found or module.__name__ in leave_out or module.__name__.startswith(
-                tuple(name for name in leave_out if name.endswith("."))):
+        if (
+            module.__name__ in found
+            or module.__name__ in leave_out
+            or module.__name__.startswith(tuple(name for name in leave_out if name.endswith(".")))
+        ):
             continue
         found[module.__name__] = module
         for value in vars(module).values():
@@ -174,14 +197,28 @@ def external_features_artifact(ctx: StageData, name: str, cfg: ExternalEncoderCo
     cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config
     encoder = {**dataclasses.asdict(cfg), "checkpoint": checkpoint_sha256(cfg)}
     code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
-    return f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"
+    return (
+        f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"
+    )
 
 
 def views_artifact(
-    encoder_name: str, views: int, max_shift: float, data_fingerprints: dict[str, str], dataset: str,
+    encoder_name: str,
+    views: int,
+    max_shift: float,
+    data_fingerprints: dict[str, str],
+    dataset: str,
 ) -> str:
-    key = content_key({"stage": "cache views", "code": sources_sha256(cache_sources(dataset)), "encoder": encoder_name,
-                       "views": views, "max_shift": max_shift, "train_data": data_fingerprints["train"]})
+    key = content_key(
+        {
+            "stage": "cache views",
+            "code": sources_sha256(cache_sources(dataset)),
+            "encoder": encoder_name,
+            "views": views,
+            "max_shift": max_shift,
+            "train_data": data_fingerprints["train"],
+        }
+    )
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
@@ -216,8 +253,10 @@ def _load_views(root: Path, name: str, files_state: tuple[tuple[str, int, int], 
     views = np.load(folder / "train_views.npy", mmap_mode="c")
     expected = (manifest["config"]["views"], manifest["metrics"]["n_train"])
     if views.ndim != 3 or views.shape[:2] != expected:
-        raise UserError(f"views artifact '{folder}': train_views.npy has shape {views.shape}, not {expected} + (dim,); "
-                        f"delete '{folder}' to rebuild it")
+        raise UserError(
+            f"views artifact '{folder}': train_views.npy has shape {views.shape}, not {expected} + (dim,); "
+            f"delete '{folder}' to rebuild it"
+        )
     return torch.from_numpy(views)
 
 
@@ -242,13 +281,21 @@ def _load_features(root: Path, name: str, files_state: tuple[tuple[str, int, int
     if manifest is None:
         raise UserError(f"feature artifact '{name}' is not in the store '{store.root}'")
     folder = store.folder(FEATURES_KIND, name)
-    arrays = {stem: torch.from_numpy(np.load(folder / f"{stem}.npy")) for stem in ("train", "test", "train_labels", "test_labels")}
+    arrays = {
+        stem: torch.from_numpy(np.load(folder / f"{stem}.npy"))
+        for stem in ("train", "test", "train_labels", "test_labels")
+    }
     for split in SPLITS:
         rows, labels = len(arrays[split]), len(arrays[f"{split}_labels"])
         if rows != labels or arrays[split].dim() != 2:
-            raise UserError(f"feature artifact '{folder}': {split}.npy has shape {tuple(arrays[split].shape)} for "
-                            f"{labels} labels, one row per label is needed; delete '{folder}' to rebuild it")
+            raise UserError(
+                f"feature artifact '{folder}': {split}.npy has shape {tuple(arrays[split].shape)} for "
+                f"{labels} labels, one row per label is needed; delete '{folder}' to rebuild it"
+            )
     return FeatureSet(
-        arrays["train"].float(), arrays["test"].float(), arrays["train_labels"].long(), arrays["test_labels"].long(),
+        arrays["train"].float(),
+        arrays["test"].float(),
+        arrays["train_labels"].long(),
+        arrays["test_labels"].long(),
         uses_labels=bool(manifest["config"].get("uses_labels", False)),
     )

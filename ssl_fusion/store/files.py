@@ -88,8 +88,10 @@ class ArtifactStore:
 
     def folder(self, kind: str, name: str) -> Path:
         if not ARTIFACT_NAME.fullmatch(name):
-            raise UserError(f"artifact name {name!r}: letters, digits and _ . + = - only, not starting with . or -; "
-                            "a name is one folder of the store")
+            raise UserError(
+                f"artifact name {name!r}: letters, digits and _ . + = - only, not starting with . or -; "
+                "a name is one folder of the store"
+            )
         return self.root / kind / name
 
     def manifest(self, kind: str, name: str) -> Optional[dict[str, Any]]:
@@ -101,13 +103,16 @@ class ArtifactStore:
         stored = {p.name for p in path.parent.iterdir() if p.name != MANIFEST}
         unlisted = sorted(stored - set(manifest["files"]))
         if unlisted:
-            raise UserError(f"artifact file '{path.parent / unlisted[0]}' is not in its manifest; "
-                            f"delete '{path.parent}' to rebuild it")
+            raise UserError(
+                f"artifact file '{path.parent / unlisted[0]}' is not in its manifest; "
+                f"delete '{path.parent}' to rebuild it"
+            )
         for file_name, expected in manifest["files"].items():
             file_path = path.parent / file_name
             if not file_path.is_file() or file_sha256(file_path) != expected:
                 raise UserError(
-                    f"artifact file '{file_path}' is missing or corrupted (hash mismatch); delete '{path.parent}' to rebuild it"
+                    f"artifact file '{file_path}' is missing or corrupted (hash mismatch); delete '{path.parent}' to "
+                    "rebuild it"
                 )
         return manifest
 
@@ -139,8 +144,10 @@ class ArtifactStore:
                 raise
             if (folder / MANIFEST).is_file():
                 return None
-            raise UserError(f"the store '{self.root}' cannot be written ({error.strerror}) and lacks {kind} '{name}'; "
-                            "give artifacts_dir a folder you can write") from None
+            raise UserError(
+                f"the store '{self.root}' cannot be written ({error.strerror}) and lacks {kind} '{name}'; "
+                "give artifacts_dir a folder you can write"
+            ) from None
 
     def remove_stale_staging(self, kind: str, locked: str) -> None:
         """Remove the staging folders of ``kind`` that no live build holds: those of ``locked`` (whose lock the caller
@@ -167,8 +174,10 @@ class ArtifactStore:
         folder = self.root / kind
         free = shutil.disk_usage(folder if folder.is_dir() else self.root).free
         if free < needed:
-            raise UserError(f"{kind} '{name}' needs {needed / 2**20:.1f} MiB and the disk of the store '{self.root}' "
-                            f"has {free / 2**20:.1f} MiB free; free some space or give artifacts_dir another disk")
+            raise UserError(
+                f"{kind} '{name}' needs {needed / 2**20:.1f} MiB and the disk of the store '{self.root}' "
+                f"has {free / 2**20:.1f} MiB free; free some space or give artifacts_dir another disk"
+            )
 
     @contextlib.contextmanager
     def staging(self, kind: str, name: str) -> Iterator[Path]:
@@ -213,6 +222,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"manifest '{path}' is not JSON ({error}); delete '{path.parent}' to rebuild it") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise UserError(f"manifest '{path}' is not a JSON object with a 'files' object; delete '{path.parent}' to "
-                        "rebuild it")
+        raise UserError(
+            f"manifest '{path}' is not a JSON object with a 'files' object; delete '{path.parent}' to rebuild it"
+        )
     return manifest

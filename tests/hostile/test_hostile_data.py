@@ -44,8 +44,12 @@ def write_bomb(path: Path, side: int = 20000) -> Path:
     """A PNG of a few bytes whose header declares ``side`` x ``side`` RGB pixels: more than twice PIL's
     Image.MAX_IMAGE_PIXELS, so opening it raises DecompressionBombError (not an OSError)."""
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(bytes(64)))
-                     + png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(bytes(64)))
+        + png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -65,24 +69,38 @@ HUGE_INDEX, NOT_UTF8 = b"0\n1180591620717411303424\n", b"0\n\xff\xfe1\n"  # 2**7
 
 # id -> (what to build in tmp_path, returning the CLI arguments; what the one line must name)
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
-    "indices_2_pow_70": (lambda t: ["preset=smoke", f"labels.indices_file={indices_file(t, HUGE_INDEX)}"],
-                         "labels.indices_file '{t}/split.txt': index 1180591620717411303424 is outside"),
-    "indices_not_utf8": (lambda t: ["preset=smoke", f"labels.indices_file={indices_file(t, NOT_UTF8)}"],
-                         "labels.indices_file '{t}/split.txt': not UTF-8"),
-    "class_of_one_image": (lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs', (6, 1))}"],
-                           "class folder '{t}/pngs/c1' has 1 image(s)"),
-    "test_fraction_0.01": (lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs')}",
-                                      "dataset.test_fraction=0.01"],
-                           "dataset.test_fraction=0.01 leaves a class of '{t}/pngs' without a train or a test image"),
-    "image_size_0": (lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs')}", "dataset.image_size=0"],
-                     "dataset.image_size must be > 0"),
-    "pretrain_dataset_5": (lambda t: ["preset=smoke", "pretrain_dataset=5"],
-                           "pretrain_dataset must be a dataset's name"),
-    "decompression_bomb": (lambda t: ["dataset=image_folder", f"data_dir={folder_with_bomb(t)}"],
-                           "cannot read image '{t}/pngs/c0/bomb.png' (Image size (400000000 pixels) exceeds limit"),
-    "pretrain_data_dir_lacks_it": (lambda t: ["preset=smoke",
-                                              f"pretrain_dataset={{name:mnist,data_dir:{write_pngs(t / 'pngs')}}}"],
-                                   "pretrain_dataset: dataset mnist: not found under data_dir '{t}/pngs'"),
+    "indices_2_pow_70": (
+        lambda t: ["preset=smoke", f"labels.indices_file={indices_file(t, HUGE_INDEX)}"],
+        "labels.indices_file '{t}/split.txt': index 1180591620717411303424 is outside",
+    ),
+    "indices_not_utf8": (
+        lambda t: ["preset=smoke", f"labels.indices_file={indices_file(t, NOT_UTF8)}"],
+        "labels.indices_file '{t}/split.txt': not UTF-8",
+    ),
+    "class_of_one_image": (
+        lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs', (6, 1))}"],
+        "class folder '{t}/pngs/c1' has 1 image(s)",
+    ),
+    "test_fraction_0.01": (
+        lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs')}", "dataset.test_fraction=0.01"],
+        "dataset.test_fraction=0.01 leaves a class of '{t}/pngs' without a train or a test image",
+    ),
+    "image_size_0": (
+        lambda t: ["dataset=image_folder", f"data_dir={write_pngs(t / 'pngs')}", "dataset.image_size=0"],
+        "dataset.image_size must be > 0",
+    ),
+    "pretrain_dataset_5": (
+        lambda t: ["preset=smoke", "pretrain_dataset=5"],
+        "pretrain_dataset must be a dataset's name",
+    ),
+    "decompression_bomb": (
+        lambda t: ["dataset=image_folder", f"data_dir={folder_with_bomb(t)}"],
+        "cannot read image '{t}/pngs/c0/bomb.png' (Image size (400000000 pixels) exceeds limit",
+    ),
+    "pretrain_data_dir_lacks_it": (
+        lambda t: ["preset=smoke", f"pretrain_dataset={{name:mnist,data_dir:{write_pngs(t / 'pngs')}}}"],
+        "pretrain_dataset: dataset mnist: not found under data_dir '{t}/pngs'",
+    ),
 }
 
 
@@ -109,12 +127,15 @@ def test_hostile_data_is_refused_by_the_cli_in_one_line_and_nothing_is_written(t
     assert not (work / "outputs" / "artifacts").exists() and not list(work.rglob("results.json"))
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (HUGE_INDEX, "index 1180591620717411303424 is outside the training split"),
-    (b"[0, -1180591620717411303424]", "index -1180591620717411303424 is outside the training split"),
-    (NOT_UTF8, "not UTF-8 text"),
-    (b"[" * 100000, "not a JSON list or one integer index per line"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (HUGE_INDEX, "index 1180591620717411303424 is outside the training split"),
+        (b"[0, -1180591620717411303424]", "index -1180591620717411303424 is outside the training split"),
+        (NOT_UTF8, "not UTF-8 text"),
+        (b"[" * 100000, "not a JSON list or one integer index per line"),
+    ],
+)
 def test_a_hostile_indices_file_is_refused_in_one_line_naming_it(tmp_path, content, message):
     path = indices_file(tmp_path, content)
     with pytest.raises(UserError, match=message) as refused:
@@ -122,14 +143,21 @@ def test_a_hostile_indices_file_is_refused_in_one_line_naming_it(tmp_path, conte
     assert str(refused.value).startswith(f"labels.indices_file '{path}'") and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize(("per_class", "options", "message"), [
-    ((6, 1), {}, "class folder '{root}/c1' has 1 image"),
-    ((6, 6), {"test_fraction": 0.01}, "dataset.test_fraction=0.01 leaves a class"),
-    ((6, 6), {"test_fraction": 0.99}, "dataset.test_fraction=0.99 leaves a class"),
-    ((30, 2, 2), {"test_fraction": 0.1}, "dataset.test_fraction=0.1 leaves a class"),  # 4 test images, all of class 0
-    ((6, 6), {"image_size": 0}, "dataset.image_size must be > 0"),
-    ((6, 6), {"image_size": -4}, "dataset.image_size must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("per_class", "options", "message"),
+    [
+        ((6, 1), {}, "class folder '{root}/c1' has 1 image"),
+        ((6, 6), {"test_fraction": 0.01}, "dataset.test_fraction=0.01 leaves a class"),
+        ((6, 6), {"test_fraction": 0.99}, "dataset.test_fraction=0.99 leaves a class"),
+        (
+            (30, 2, 2),
+            {"test_fraction": 0.1},
+            "dataset.test_fraction=0.1 leaves a class",
+        ),  # 4 test images, all of class 0
+        ((6, 6), {"image_size": 0}, "dataset.image_size must be > 0"),
+        ((6, 6), {"image_size": -4}, "dataset.image_size must be > 0"),
+    ],
+)
 def test_an_image_folder_that_cannot_be_split_or_sized_is_refused_in_one_line(tmp_path, per_class, options, message):
     root = write_pngs(tmp_path / "pngs", per_class)
     with pytest.raises(UserError) as refused:
@@ -137,13 +165,16 @@ def test_an_image_folder_that_cannot_be_split_or_sized_is_refused_in_one_line(tm
     assert message.format(root=root) in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize(("node", "message"), [
-    (5, "pretrain_dataset must be a dataset's name"),
-    ([1, 2], "pretrain_dataset must be a dataset's name"),
-    ("cifar11", "pretrain_dataset: unknown dataset 'cifar11'"),
-    ({"name": "synthetic", "n_trian": 4}, "pretrain_dataset.n_trian"),
-    ({"name": "image_folder", "data_dir": "/no/such"}, "pretrain_dataset.data_dir: '/no/such' does not exist"),
-])
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        (5, "pretrain_dataset must be a dataset's name"),
+        ([1, 2], "pretrain_dataset must be a dataset's name"),
+        ("cifar11", "pretrain_dataset: unknown dataset 'cifar11'"),
+        ({"name": "synthetic", "n_trian": 4}, "pretrain_dataset.n_trian"),
+        ({"name": "image_folder", "data_dir": "/no/such"}, "pretrain_dataset.data_dir: '/no/such' does not exist"),
+    ],
+)
 def test_a_pretrain_dataset_that_is_no_dataset_is_refused_in_one_line_naming_the_key(node, message):
     downstream, _ = load_dataset({"name": "synthetic", "n_train": 8, "n_test": 8})
     with pytest.raises(UserError) as refused:

@@ -48,8 +48,10 @@ def indices_file(folder: Path, dev_image: bool) -> Path:
 
 REFUSED = [
     *BAD_KEYS,
-    ("evaluation.split=dev evaluation.dev_fraction=0.999",
-     "evaluation.dev_fraction=0.999 leaves class 0 no training image outside the dev split"),
+    (
+        "evaluation.split=dev evaluation.dev_fraction=0.999",
+        "evaluation.dev_fraction=0.999 leaves class 0 no training image outside the dev split",
+    ),
     ("evaluation.split=dev labels.indices_file=IDX", "lies in the dev split"),
 ]
 
@@ -67,8 +69,15 @@ def one_line_refusal(proc) -> str:
 def test_fuse_and_run_refuse_in_one_line_before_any_work(tmp_path, stage, overrides, message):
     idx = indices_file(tmp_path, dev_image=True)
     args = [o.replace("IDX", str(idx)) for o in overrides.split()]
-    proc = sslfuse(stage, "preset=smoke", *(["fusion=concat"] if stage == "fuse" else ["fusions=[concat]"]), *args,
-                   "hydra.run.dir=out", cwd=tmp_path, check=False)
+    proc = sslfuse(
+        stage,
+        "preset=smoke",
+        *(["fusion=concat"] if stage == "fuse" else ["fusions=[concat]"]),
+        *args,
+        "hydra.run.dir=out",
+        cwd=tmp_path,
+        check=False,
+    )
     line = one_line_refusal(proc)
     assert message in line, line
     if "IDX" in overrides:
@@ -81,5 +90,6 @@ def test_an_indices_file_that_avoids_the_dev_split_passes_the_check(tmp_path):
     labels_cfg = LabelsConfig(indices_file=str(indices_file(tmp_path, dev_image=False)))
     assert len(EvaluationConfig(split="dev").labeled(labels_cfg, SMOKE_TRAIN_LABELS, seed=0)) == 40
     with pytest.raises(UserError, match="lies in the dev split"):
-        EvaluationConfig(split="dev").labeled(LabelsConfig(indices_file=str(indices_file(tmp_path, dev_image=True))),
-                                              SMOKE_TRAIN_LABELS, seed=0)
+        EvaluationConfig(split="dev").labeled(
+            LabelsConfig(indices_file=str(indices_file(tmp_path, dev_image=True))), SMOKE_TRAIN_LABELS, seed=0
+        )

@@ -54,8 +54,15 @@ def test_a_head_whose_loss_is_not_finite_stops_naming_the_head_and_fusion_lr(dig
 
 @pytest.mark.slow
 def test_fuse_with_a_diverging_lr_exits_in_one_line_and_writes_no_result(smoke_workspace):
-    proc = sslfuse("fuse", "preset=smoke", "fusion=concat", "fusion.lr=1e30", "hydra.run.dir=diverged",
-                   cwd=smoke_workspace, check=False)
+    proc = sslfuse(
+        "fuse",
+        "preset=smoke",
+        "fusion=concat",
+        "fusion.lr=1e30",
+        "hydra.run.dir=diverged",
+        cwd=smoke_workspace,
+        check=False,
+    )
     line = one_line_refusal(proc)
     assert "fusion head concat diverged" in line and "fusion.lr" in line
     assert not list((smoke_workspace / "diverged").glob("results.*"))
@@ -64,12 +71,15 @@ def test_fuse_with_a_diverging_lr_exits_in_one_line_and_writes_no_result(smoke_w
 # Item 5: labels are encoded as scikit-learn does; what cannot be encoded is refused.
 
 
-@pytest.mark.parametrize("relabel", [
-    pytest.param(lambda y: y + 5, id="shifted-by-5"),
-    pytest.param(lambda y: y - 1, id="from-minus-1"),
-    pytest.param(lambda y: np.array([f"digit {d}" for d in y]), id="strings"),
-    pytest.param(lambda y: 10 * y.astype(float), id="sparse-floats"),
-])
+@pytest.mark.parametrize(
+    "relabel",
+    [
+        pytest.param(lambda y: y + 5, id="shifted-by-5"),
+        pytest.param(lambda y: y - 1, id="from-minus-1"),
+        pytest.param(lambda y: np.array([f"digit {d}" for d in y]), id="strings"),
+        pytest.param(lambda y: 10 * y.astype(float), id="sparse-floats"),
+    ],
+)
 def test_any_label_ids_give_the_same_task_as_0_to_k_minus_1(digits, relabel):
     """Accuracy and macro-F1 are the same as with labels 0..9 (today labels + 5 make 15 classes of which 5 are
     never seen, and predictions land in them); ``classes`` lists the labels given, in sorted order."""
@@ -84,19 +94,36 @@ def test_any_label_ids_give_the_same_task_as_0_to_k_minus_1(digits, relabel):
 def test_the_per_class_pretext_weights_are_keyed_by_the_labels_given(digits):
     train, labels, test, test_labels = digits
     names = np.array(list("abcdefghij"))
-    result = fuse_arrays({"px": train, "half": train[:, :32]}, names[labels], {"px": test, "half": test[:, :32]},
-                         names[test_labels], "attention", {"steps": 20, "eval_every": 10}, fraction=0.05)
+    result = fuse_arrays(
+        {"px": train, "half": train[:, :32]},
+        names[labels],
+        {"px": test, "half": test[:, :32]},
+        names[test_labels],
+        "attention",
+        {"steps": 20, "eval_every": 10},
+        fraction=0.05,
+    )
     assert sorted(result["pretext_weights_per_class"]) == list("abcdefghij")
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    pytest.param(lambda tr, y, te, yt: (tr, y, te[:, :10], yt),
-                 r"test features of 'px' have 10 columns, train features 64", id="width-mismatch"),
-    pytest.param(lambda tr, y, te, yt: (tr, y, te, np.where(yt == 3, 11, yt)),
-                 r"test labels hold classes never seen in train: 11", id="unseen-test-class"),
-    pytest.param(lambda tr, y, te, yt: (tr, y[:, None], te, yt),
-                 r"train_labels must be one label per row", id="labels-2d"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            lambda tr, y, te, yt: (tr, y, te[:, :10], yt),
+            r"test features of 'px' have 10 columns, train features 64",
+            id="width-mismatch",
+        ),
+        pytest.param(
+            lambda tr, y, te, yt: (tr, y, te, np.where(yt == 3, 11, yt)),
+            r"test labels hold classes never seen in train: 11",
+            id="unseen-test-class",
+        ),
+        pytest.param(
+            lambda tr, y, te, yt: (tr, y[:, None], te, yt), r"train_labels must be one label per row", id="labels-2d"
+        ),
+    ],
+)
 def test_arrays_that_do_not_fit_together_are_refused_in_one_line(digits, change, message):
     train, labels, test, test_labels = change(*digits)
     with pytest.raises(UserError, match=message) as refused:
@@ -106,15 +133,30 @@ def test_arrays_that_do_not_fit_together_are_refused_in_one_line(digits, change,
 
 def feature_sets(train_labels: torch.Tensor, test_labels: torch.Tensor) -> dict[str, FeatureSet]:
     generator = torch.Generator().manual_seed(0)
-    return {"px": FeatureSet(torch.randn(len(train_labels), 8, generator=generator),
-                             torch.randn(len(test_labels), 8, generator=generator), train_labels, test_labels)}
+    return {
+        "px": FeatureSet(
+            torch.randn(len(train_labels), 8, generator=generator),
+            torch.randn(len(test_labels), 8, generator=generator),
+            train_labels,
+            test_labels,
+        )
+    }
 
 
-@pytest.mark.parametrize(("train_labels", "test_labels", "message"), [
-    pytest.param(torch.arange(200) % 4 - 1, torch.arange(40) % 4 - 1, r"class ids must be >= 0, got -1", id="negative"),
-    pytest.param(torch.arange(200) % 4, torch.arange(40) % 5, r"test labels hold classes never seen in train: 4",
-                 id="unseen-test-class"),
-])
+@pytest.mark.parametrize(
+    ("train_labels", "test_labels", "message"),
+    [
+        pytest.param(
+            torch.arange(200) % 4 - 1, torch.arange(40) % 4 - 1, r"class ids must be >= 0, got -1", id="negative"
+        ),
+        pytest.param(
+            torch.arange(200) % 4,
+            torch.arange(40) % 5,
+            r"test labels hold classes never seen in train: 4",
+            id="unseen-test-class",
+        ),
+    ],
+)
 def test_the_stage_path_refuses_label_ids_it_cannot_use_as_class_indices(train_labels, test_labels, message):
     """``fuse_once`` reads labels as class indices (the datasets give 0..K-1): others are refused before any fit."""
     with pytest.raises(UserError, match=message):
@@ -189,6 +231,7 @@ def test_an_option_name_with_path_characters_is_refused_in_one_line(tmp_path, st
 
 @pytest.mark.slow
 def test_a_swept_option_name_with_path_characters_is_refused(tmp_path):
-    line = one_line_refusal(sslfuse("pretrain", "-m", "preset=smoke", "pretext=rotation,../preset/smoke",
-                                    cwd=tmp_path, check=False))
+    line = one_line_refusal(
+        sslfuse("pretrain", "-m", "preset=smoke", "pretext=rotation,../preset/smoke", cwd=tmp_path, check=False)
+    )
     assert "pretext=../preset/smoke is not a plain name" in line

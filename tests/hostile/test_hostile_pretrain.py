@@ -38,21 +38,30 @@ def one_line(call: Callable[[], object]) -> str:
 
 def context(store: Path, **overrides) -> StageContext:
     data = make_synthetic(SyntheticConfig(name="synthetic", n_train=32, n_test=16, image_size=12), store)
-    return StageContext(data=data, dataset_cfg=SyntheticConfig(name="synthetic"),
-                        encoder_cfg=SmallCNNConfig(name="small_cnn"),
-                        device=torch.device("cpu"), dtype=torch.float32, store=ArtifactStore(store),
-                        overrides=TrainOverrides(max_steps_per_epoch=2, **overrides), seed=0)
+    return StageContext(
+        data=data,
+        dataset_cfg=SyntheticConfig(name="synthetic"),
+        encoder_cfg=SmallCNNConfig(name="small_cnn"),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        store=ArtifactStore(store),
+        overrides=TrainOverrides(max_steps_per_epoch=2, **overrides),
+        seed=0,
+    )
 
 
 def recipe(pretext: str = "rotation", epochs: int = 1):
     return dataclasses.replace(pretext_recipe(pretext, TrainOverrides()), batch_size=8, epochs=epochs)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.checkpoint_every_minutes=-1", "train.checkpoint_every_minutes must be >= 0"),
-    ("train.checkpoint_every_minutes=nan", "train.checkpoint_every_minutes must be >= 0"),
-    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.checkpoint_every_minutes=-1", "train.checkpoint_every_minutes must be >= 0"),
+        ("train.checkpoint_every_minutes=nan", "train.checkpoint_every_minutes must be >= 0"),
+        ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps must be > 0"),
+    ],
+)
 def test_a_checkpoint_interval_out_of_range_is_refused(override: str, expected: str) -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="pretrain", overrides=["preset=smoke", override])
@@ -128,8 +137,9 @@ def other_pretext_unmarked(path: Path, tmp_path: Path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("damage", [truncated, empty, text, unrelated_tensors, a_list, other_pretext,
-                                    other_pretext_unmarked])
+@pytest.mark.parametrize(
+    "damage", [truncated, empty, text, unrelated_tensors, a_list, other_pretext, other_pretext_unmarked]
+)
 def test_a_damaged_or_foreign_resume_checkpoint_is_refused_naming_the_folder_to_delete(tmp_path, damage) -> None:
     ctx = context(tmp_path / "store")
     train_encoder(ctx, recipe(epochs=1), NAME)

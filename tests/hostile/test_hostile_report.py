@@ -30,9 +30,14 @@ def report_cli(folder: Path, monkeypatch, capsys) -> tuple[int, str]:
 
 def test_a_published_label_split_is_reported_after_the_regimes_it_cannot_be_ordered_with(tmp_path):
     """A regime named by its indices file (``idx.txt``) sorts after per-class and fraction regimes."""
-    write_results(tmp_path, [result_record("concat", ["a"], 0.9, regime="idx.txt"),
-                             result_record("concat", ["a"], 0.8, regime="1%"),
-                             result_record("concat", ["a"], 0.7, regime="10/class")])
+    write_results(
+        tmp_path,
+        [
+            result_record("concat", ["a"], 0.9, regime="idx.txt"),
+            result_record("concat", ["a"], 0.8, regime="1%"),
+            result_record("concat", ["a"], 0.7, regime="10/class"),
+        ],
+    )
     table, md_path, _ = write_report(tmp_path)
     assert table.columns.tolist() == ["10/class", "1%", "idx.txt"]
     assert "**90.00 ± 0.00 (n=1)**" in md_path.read_text()
@@ -41,19 +46,31 @@ def test_a_published_label_split_is_reported_after_the_regimes_it_cannot_be_orde
 @pytest.mark.slow
 def test_run_with_a_published_label_split_writes_its_table(tmp_path):
     (tmp_path / "idx.txt").write_text("\n".join(str(i) for i in range(20)) + "\n")
-    sslfuse("run", "preset=smoke", f"labels.indices_file={tmp_path / 'idx.txt'}", "fusions=[concat]", "seeds=[0]",
-            "hydra.run.dir=run", cwd=tmp_path)
+    sslfuse(
+        "run",
+        "preset=smoke",
+        f"labels.indices_file={tmp_path / 'idx.txt'}",
+        "fusions=[concat]",
+        "seeds=[0]",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     report = pd.read_csv(tmp_path / "run" / "report.csv")
     assert report["regime"].tolist() == ["idx.txt"] and report["seeds"].tolist() == [1]
 
 
-@pytest.mark.parametrize("field, first, second", [
-    ("data_fingerprint", "a" * 16 + "/" + "b" * 16, "c" * 16 + "/" + "d" * 16),  # two synthetic settings
-    ("pretraining_fingerprint", "e" * 16, "f" * 16),  # two pretraining datasets
-])
+@pytest.mark.parametrize(
+    "field, first, second",
+    [
+        ("data_fingerprint", "a" * 16 + "/" + "b" * 16, "c" * 16 + "/" + "d" * 16),  # two synthetic settings
+        ("pretraining_fingerprint", "e" * 16, "f" * 16),  # two pretraining datasets
+    ],
+)
 def test_results_on_other_data_under_one_name_are_never_averaged(tmp_path, field, first, second):
-    write_results(tmp_path, [result_record("concat", ["a"], 0.9, **{field: first}),
-                             result_record("concat", ["a"], 0.5, **{field: second})])
+    write_results(
+        tmp_path,
+        [result_record("concat", ["a"], 0.9, **{field: first}), result_record("concat", ["a"], 0.5, **{field: second})],
+    )
     stats = summarize(collect_results(tmp_path))
     assert sorted(stats["mean"]) == [50.0, 90.0] and stats["seeds"].tolist() == [1, 1]
     markdown = write_report(tmp_path)[1].read_text()
@@ -70,19 +87,41 @@ def test_a_copied_result_counts_once_with_a_warning(tmp_path, caplog):
     assert "holds the same result as" in caplog.text and str(tmp_path / "run0" / "results.json") in caplog.text
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"method": "concat(a)", ', "is not JSON"),
-    (b"\xff\xfe not text", "cannot read"),
-    (b"[1, 2, 3]", "not a JSON object but list"),
-    (b'"a result"', "not a JSON object but str"),
-    (json.dumps({k: v for k, v in result_record("concat", ["a"], 0.9).items() if k != "test_accuracy"}).encode(),
-     "field 'test_accuracy' is missing"),
-    (json.dumps(result_record("concat", ["a"], 0.9, test_accuracy="high")).encode(), "field 'test_accuracy' must be"),
-    (json.dumps({**result_record("concat", ["a"], 0.9), "pretexts": "a"}).encode(), "field 'pretexts' must be list"),
-    (json.dumps(result_record("concat", ["a"], 0.9, uses_test="no")).encode(), "field 'uses_test' must be bool"),
-    (json.dumps({"method": "concat(a)", "fusion": "concat", "pretexts": ["a"], "regime": "1%", "seed": 0,
-                 "test_accuracy": 0.9}).encode(), "result_version is None"),  # written before the contract
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"method": "concat(a)", ', "is not JSON"),
+        (b"\xff\xfe not text", "cannot read"),
+        (b"[1, 2, 3]", "not a JSON object but list"),
+        (b'"a result"', "not a JSON object but str"),
+        (
+            json.dumps({k: v for k, v in result_record("concat", ["a"], 0.9).items() if k != "test_accuracy"}).encode(),
+            "field 'test_accuracy' is missing",
+        ),
+        (
+            json.dumps(result_record("concat", ["a"], 0.9, test_accuracy="high")).encode(),
+            "field 'test_accuracy' must be",
+        ),
+        (
+            json.dumps({**result_record("concat", ["a"], 0.9), "pretexts": "a"}).encode(),
+            "field 'pretexts' must be list",
+        ),
+        (json.dumps(result_record("concat", ["a"], 0.9, uses_test="no")).encode(), "field 'uses_test' must be bool"),
+        (
+            json.dumps(
+                {
+                    "method": "concat(a)",
+                    "fusion": "concat",
+                    "pretexts": ["a"],
+                    "regime": "1%",
+                    "seed": 0,
+                    "test_accuracy": 0.9,
+                }
+            ).encode(),
+            "result_version is None",
+        ),  # written before the contract
+    ],
+)
 def test_a_damaged_results_json_is_refused_in_one_line_naming_it(tmp_path, monkeypatch, capsys, content, message):
     write_results(tmp_path, [result_record("concat", ["a"], 0.8)])
     (tmp_path / "damaged").mkdir()
@@ -98,8 +137,10 @@ def test_a_zero_width_paired_interval_is_plotted(tmp_path):
     difference column is rounded to 1.23."""
     records = []
     for seed in range(3):
-        records += [result_record("concat", ["a", "b"], 0.80 + 0.01 * seed, seed),
-                    result_record("attention", ["a", "b"], 0.8123456 + 0.01 * seed, seed)]
+        records += [
+            result_record("concat", ["a", "b"], 0.80 + 0.01 * seed, seed),
+            result_record("attention", ["a", "b"], 0.8123456 + 0.01 * seed, seed),
+        ]
     write_results(tmp_path, records)
     write_report(tmp_path)
     paired = pd.read_csv(tmp_path / "paired_differences.csv").set_index("method")
@@ -112,12 +153,24 @@ def test_report_md_holds_each_paragraph_once(tmp_path):
     records = []
     for encoder_seed in (0, 1):
         for seed in range(2):
-            for title, pretexts, accuracy in (("concat", ["a", "b"], 0.8), ("attention", ["a", "b"], 0.81),
-                                              ("concat", ["a", "b", "noise"], 0.79), ("single", ["a"], 0.7)):
-                records.append(result_record(title, pretexts, accuracy + 0.01 * seed, seed, encoder_seed=encoder_seed,
-                                             cv_accuracy=0.5))
+            for title, pretexts, accuracy in (
+                ("concat", ["a", "b"], 0.8),
+                ("attention", ["a", "b"], 0.81),
+                ("concat", ["a", "b", "noise"], 0.79),
+                ("single", ["a"], 0.7),
+            ):
+                records.append(
+                    result_record(
+                        title, pretexts, accuracy + 0.01 * seed, seed, encoder_seed=encoder_seed, cv_accuracy=0.5
+                    )
+                )
     write_results(tmp_path, records)
     markdown = write_report(tmp_path)[1].read_text()
-    for paragraph in ("Paired differences (accuracy points", "![paired differences]", "Negative transfer: accuracy",
-                      "Negative transfer, paired:", "![accuracy vs labels]"):
+    for paragraph in (
+        "Paired differences (accuracy points",
+        "![paired differences]",
+        "Negative transfer: accuracy",
+        "Negative transfer, paired:",
+        "![accuracy vs labels]",
+    ):
         assert markdown.count(paragraph) == 1, paragraph

@@ -49,8 +49,16 @@ def leftovers(root: Path) -> list[str]:
 
 def tiny_context(root: Path) -> StageContext:
     data = SyntheticConfig(name="synthetic", n_train=24, n_test=12)
-    return StageContext(data, make_synthetic(data, root=None), SmallCNNConfig(name="small_cnn"), torch.device("cpu"),
-                        torch.float32, ArtifactStore(root), TrainOverrides(), 0)
+    return StageContext(
+        data,
+        make_synthetic(data, root=None),
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(root),
+        TrainOverrides(),
+        0,
+    )
 
 
 class Constant(nn.Module):
@@ -73,8 +81,7 @@ class Linear(nn.Module):
         return self.layer(images.flatten(1)) * self.scale
 
 
-def cache_external(ctx: StageContext, monkeypatch, backbone: nn.Module,
-                   image_size: int = 16) -> tuple[str, dict, bool]:
+def cache_external(ctx: StageContext, monkeypatch, backbone: nn.Module, image_size: int = 16) -> tuple[str, dict, bool]:
     """Cache the features of external encoder ``enc`` whose backbone is ``backbone`` (8 features an image)."""
     cfg = ExternalEncoderConfig(arch=ARCH, image_size=image_size)
     encoder = ExternalEncoder(backbone, 8, cfg).eval()
@@ -83,6 +90,7 @@ def cache_external(ctx: StageContext, monkeypatch, backbone: nn.Module,
 
 
 # Item 4: broken weights give broken features; they are refused, never cached.
+
 
 def checkpoint_with(tmp_path: Path, damage: str) -> tuple[Path, str]:
     """A resnet18 checkpoint with one damaged tensor, and that tensor's key."""
@@ -104,19 +112,26 @@ def checkpoint_with(tmp_path: Path, damage: str) -> tuple[Path, str]:
     return path, key
 
 
-@pytest.mark.parametrize(("damage", "says"), [("int32 safetensors", "int32 values"), ("nan", "NaN"),
-                                              ("sparse", "sparse")])
+@pytest.mark.parametrize(
+    ("damage", "says"), [("int32 safetensors", "int32 values"), ("nan", "NaN"), ("sparse", "sparse")]
+)
 def test_a_checkpoint_tensor_that_would_give_wrong_features_is_refused_naming_file_and_tensor(tmp_path, damage, says):
     path, key = checkpoint_with(tmp_path, damage)
     message = refused(lambda: load_external_encoder(ARCH, path))
     assert str(path) in message and key in message and says in message
 
 
-@pytest.mark.parametrize(("backbone", "says"), [(Constant(0.0), "the same features for every image"),
-                                                (Constant(float("nan")), "NaN"),
-                                                (Linear(scale=1e6), "infinite (beyond float16")])
-def test_features_that_carry_nothing_are_refused_naming_the_encoder_and_nothing_is_cached(tmp_path, monkeypatch,
-                                                                                           backbone, says):
+@pytest.mark.parametrize(
+    ("backbone", "says"),
+    [
+        (Constant(0.0), "the same features for every image"),
+        (Constant(float("nan")), "NaN"),
+        (Linear(scale=1e6), "infinite (beyond float16"),
+    ],
+)
+def test_features_that_carry_nothing_are_refused_naming_the_encoder_and_nothing_is_cached(
+    tmp_path, monkeypatch, backbone, says
+):
     ctx = tiny_context(tmp_path / "store")
     message = refused(lambda: cache_external(ctx, monkeypatch, backbone))
     assert "encoder 'enc'" in message and says in message
@@ -124,6 +139,7 @@ def test_features_that_carry_nothing_are_refused_naming_the_encoder_and_nothing_
 
 
 # Item 8: a full disk is refused in one line, up front or when a write fails, and leaves nothing behind.
+
 
 def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -168,12 +184,15 @@ def test_a_killed_builds_staging_folders_are_removed_and_a_live_ones_kept(tmp_pa
 
 # Item 10: a store that cannot be written serves what it holds; reading needs no lock.
 
+
 def read_only(monkeypatch, code: int) -> None:
     """Opening a file to write fails as in a read-only store (tests run as root, whom chmod does not stop)."""
+
     def opening(path, mode="r", *args, **kwargs):
         if set(mode) & set("wax+"):
             raise OSError(code, os.strerror(code), str(path))
         return open(path, mode, *args, **kwargs)
+
     monkeypatch.setattr(files, "open", opening, raising=False)
 
 
@@ -189,18 +208,22 @@ def test_a_read_only_store_serves_its_artifacts_and_refuses_a_build_in_one_line(
 
 # Items 12 and 13: external encoder declarations; the name is one plain path component, refused before any file.
 
-@pytest.mark.parametrize(("name", "node", "key"), [
-    ("enc", {"image_size": "big"}, "external.enc.image_size"),
-    ("enc", {"image_size": 22.5}, "external.enc.image_size"),
-    ("enc", {"image_size": 20000}, "external.enc.image_size: a whole number of pixels from 8 to 4096"),
-    ("enc", {"mean": 0.5}, "external.enc.mean: one value per channel"),
-    ("enc", {"std": [0.2, 0.2]}, "external.enc.std: one value per channel"),
-    ("enc", {"mean": [float("nan"), 0.5, 0.5]}, "external.enc.mean: three finite numbers"),
-    ("../../outside", {}, "external.../../outside: an encoder's name is"),
-    ("a/b", {}, "external.a/b: an encoder's name is"),
-    ("..", {}, "external..."),
-    (".hidden", {}, "external..hidden"),
-])
+
+@pytest.mark.parametrize(
+    ("name", "node", "key"),
+    [
+        ("enc", {"image_size": "big"}, "external.enc.image_size"),
+        ("enc", {"image_size": 22.5}, "external.enc.image_size"),
+        ("enc", {"image_size": 20000}, "external.enc.image_size: a whole number of pixels from 8 to 4096"),
+        ("enc", {"mean": 0.5}, "external.enc.mean: one value per channel"),
+        ("enc", {"std": [0.2, 0.2]}, "external.enc.std: one value per channel"),
+        ("enc", {"mean": [float("nan"), 0.5, 0.5]}, "external.enc.mean: three finite numbers"),
+        ("../../outside", {}, "external.../../outside: an encoder's name is"),
+        ("a/b", {}, "external.a/b: an encoder's name is"),
+        ("..", {}, "external..."),
+        (".hidden", {}, "external..hidden"),
+    ],
+)
 def test_a_bad_external_declaration_is_refused_in_one_line_naming_the_key(tmp_path, monkeypatch, name, node, key):
     monkeypatch.chdir(tmp_path)
     message = refused(lambda: check_external({name: {"arch": ARCH, **node}}, PRETEXTS))
@@ -222,13 +245,18 @@ def test_the_store_refuses_an_artifact_name_that_is_not_one_folder_before_writin
 
 # Items 12 and 13: a manifest that is not one, or that does not list every file of its artifact.
 
-@pytest.mark.parametrize(("damage", "says"), [
-    (lambda folder: (folder / files.MANIFEST).write_text("[1, 2]"), "not a JSON object with a 'files' object"),
-    (lambda folder: (folder / files.MANIFEST).write_text('{"kind": "things"}'), "not a JSON object with a 'files'"),
-    (lambda folder: (folder / files.MANIFEST).write_text("{not json"), "is not JSON"),
-    (lambda folder: (folder / files.MANIFEST).write_bytes(b"\xff\xfe"), "is not JSON"),
-    (lambda folder: (folder / "extra.npy").write_bytes(b"planted"), "extra.npy' is not in its manifest"),
-], ids=["list", "no files", "not json", "not utf-8", "unlisted file"])
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda folder: (folder / files.MANIFEST).write_text("[1, 2]"), "not a JSON object with a 'files' object"),
+        (lambda folder: (folder / files.MANIFEST).write_text('{"kind": "things"}'), "not a JSON object with a 'files'"),
+        (lambda folder: (folder / files.MANIFEST).write_text("{not json"), "is not JSON"),
+        (lambda folder: (folder / files.MANIFEST).write_bytes(b"\xff\xfe"), "is not JSON"),
+        (lambda folder: (folder / "extra.npy").write_bytes(b"planted"), "extra.npy' is not in its manifest"),
+    ],
+    ids=["list", "no files", "not json", "not utf-8", "unlisted file"],
+)
 def test_a_damaged_manifest_is_refused_naming_the_folder_to_delete(tmp_path, damage, says):
     store = ArtifactStore(tmp_path)
     with store.staging("things", "thing-1") as scratch:
@@ -252,16 +280,21 @@ def test_cached_features_with_fewer_rows_than_labels_are_refused(tmp_path, short
 
 # Items 12 and 14: imported arrays.
 
+
 def test_a_big_endian_npy_is_read_as_its_values(tmp_path):
     values = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.save(tmp_path / "big.npy", values.astype(">f4"))
     torch.testing.assert_close(checked_split("clip", str(tmp_path / "big.npy"), 4), torch.from_numpy(values))
 
 
-@pytest.mark.parametrize(("array", "suffix", "says"), [
-    (np.full((4, 3), 1e39), ".npy", "beyond float32's range"),
-    (torch.eye(4, 3).to_sparse(), ".pt", "a sparse_coo tensor; save a dense one"),
-], ids=["overflow", "sparse"])
+@pytest.mark.parametrize(
+    ("array", "suffix", "says"),
+    [
+        (np.full((4, 3), 1e39), ".npy", "beyond float32's range"),
+        (torch.eye(4, 3).to_sparse(), ".pt", "a sparse_coo tensor; save a dense one"),
+    ],
+    ids=["overflow", "sparse"],
+)
 def test_an_imported_array_float32_cannot_hold_is_refused_saying_why(tmp_path, array, suffix, says):
     path = tmp_path / f"features{suffix}"
     np.save(path, array) if suffix == ".npy" else torch.save(array, path)

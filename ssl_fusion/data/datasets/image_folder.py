@@ -70,7 +70,9 @@ class FolderImages(Dataset):
     def __getitem__(self, index: Union[int, slice, torch.Tensor]) -> Union[torch.Tensor, FolderImages]:
         if isinstance(index, int):
             return self.decode(self.files[index])
-        picked = self.files[index] if isinstance(index, slice) else [self.files[i] for i in torch.as_tensor(index).tolist()]
+        picked = (
+            self.files[index] if isinstance(index, slice) else [self.files[i] for i in torch.as_tensor(index).tolist()]
+        )
         return FolderImages(self.root, picked, self.image_size, self.channels)
 
     def decode(self, file: str) -> torch.Tensor:
@@ -133,13 +135,18 @@ def eight_bit(pixels: np.ndarray, mode: str) -> np.ndarray:
     out of that range, whose scale is unknown."""
     low, high = (0.0, 1.0) if mode == "F" else (0, 65535)
     if not (np.isfinite(pixels).all() and pixels.min() >= low and pixels.max() <= high):
-        raise PixelRangeError(f"mode {mode} pixels in [{pixels.min()}, {pixels.max()}]: sslfuse reads this mode's "
-                              f"pixels from [{low}, {high}]")
+        raise PixelRangeError(
+            f"mode {mode} pixels in [{pixels.min()}, {pixels.max()}]: sslfuse reads this mode's "
+            f"pixels from [{low}, {high}]"
+        )
     return np.round(pixels.astype(np.float64) * (255 / high)).astype(np.uint8)
 
 
 def unreadable(path: Path, err: Exception) -> UserError:
-    return UserError(f"dataset image_folder: cannot read image '{path}' ({err}); set dataset.on_unreadable=skip to leave such files out")
+    return UserError(
+        f"dataset image_folder: cannot read image '{path}' ({err}); set dataset.on_unreadable=skip to leave such "
+        "files out"
+    )
 
 
 @dataclass
@@ -151,8 +158,13 @@ class FolderData(ImageData):
         return {split: folder_fingerprint(*self.split(split)) for split in ("train", "test")}
 
     def decoded(self) -> ImageData:
-        return ImageData(self.train_images.materialise(), self.train_labels, self.test_images.materialise(),
-                         self.test_labels, self.classes)
+        return ImageData(
+            self.train_images.materialise(),
+            self.train_labels,
+            self.test_images.materialise(),
+            self.test_labels,
+            self.classes,
+        )
 
     def materialise(self) -> ImageData:
         """The splits decoded into uint8 tensors, with this folder's fingerprints: artifact keys are the same whether
@@ -175,15 +187,23 @@ def list_folder(folder: Path, root: Path, cfg: ImageFolderConfig) -> tuple[Folde
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"dataset image_folder: '{folder}' holds no class folders with images ({err})") from None
     if len(dataset.classes) < 2:
-        raise UserError(f"dataset image_folder: '{folder}' has {len(dataset.classes)} class folder(s); at least 2 are needed")
-    images = FolderImages(root, [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples], cfg.image_size, cfg.channels)
+        raise UserError(
+            f"dataset image_folder: '{folder}' has {len(dataset.classes)} class folder(s); at least 2 are needed"
+        )
+    images = FolderImages(
+        root, [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples], cfg.image_size, cfg.channels
+    )
     labels = torch.tensor([target for _, target in dataset.samples])
     if cfg.on_unreadable == "skip":
         keep = readable(images)
         if len(keep) < len(images):
             dropped = sorted(set(range(len(images))) - set(keep))
-            log.warning("dataset image_folder: skipped %d unreadable image(s) under '%s', e.g. '%s'",
-                        len(dropped), folder, root / images.files[dropped[0]])
+            log.warning(
+                "dataset image_folder: skipped %d unreadable image(s) under '%s', e.g. '%s'",
+                len(dropped),
+                folder,
+                root / images.files[dropped[0]],
+            )
         kept = torch.tensor(keep, dtype=torch.long)
         images, labels = images[kept], labels[kept]
     else:
@@ -218,26 +238,35 @@ def open_image_folder(cfg: ImageFolderConfig, root: Path) -> FolderData:
     return FolderData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], classes)
 
 
-def split_folder(labels: torch.Tensor, classes: list[str], root: Path,
-                 cfg: ImageFolderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def split_folder(
+    labels: torch.Tensor, classes: list[str], root: Path, cfg: ImageFolderConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The train and test positions of a folder without train/ and test/: ``test_fraction`` of each class, drawn with
     ``split_seed``; a one-line UserError when a class would be left without a train or a test image."""
     counts = torch.bincount(labels, minlength=len(classes))
     smallest = int(counts.argmin())
     if counts[smallest] < 2:
-        raise UserError(f"dataset image_folder: class folder '{root / classes[smallest]}' has {int(counts[smallest])} "
-                        f"image(s); each class needs 2 or more to be split into train and test (or give '{root}/train' "
-                        f"and '{root}/test')")
+        raise UserError(
+            f"dataset image_folder: class folder '{root / classes[smallest]}' has {int(counts[smallest])} "
+            f"image(s); each class needs 2 or more to be split into train and test (or give '{root}/train' "
+            f"and '{root}/test')"
+        )
     try:
-        train_idx, test_idx = train_test_split(torch.arange(len(labels)).numpy(), test_size=cfg.test_fraction,
-                                               stratify=labels.numpy(), random_state=cfg.split_seed)
+        train_idx, test_idx = train_test_split(
+            torch.arange(len(labels)).numpy(),
+            test_size=cfg.test_fraction,
+            stratify=labels.numpy(),
+            random_state=cfg.split_seed,
+        )
     except ValueError:  # fewer test (or train) images than classes
         train_idx = test_idx = np.array([], dtype=np.int64)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     if any(len(torch.unique(labels[part])) < len(classes) for part in (train_idx, test_idx)):
-        raise UserError(f"dataset.test_fraction={cfg.test_fraction} leaves a class of '{root}' without a train or a "
-                        f"test image ({len(labels)} images, {len(classes)} classes, the smallest of "
-                        f"{int(counts[smallest])}); choose a fraction that gives each class both")
+        raise UserError(
+            f"dataset.test_fraction={cfg.test_fraction} leaves a class of '{root}' without a train or a "
+            f"test image ({len(labels)} images, {len(classes)} classes, the smallest of "
+            f"{int(counts[smallest])}); choose a fraction that gives each class both"
+        )
     return train_idx, test_idx
 
 

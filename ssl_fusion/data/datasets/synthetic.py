@@ -32,7 +32,9 @@ def class_prototypes(cfg: SyntheticConfig, generator: torch.Generator) -> torch.
     return F.interpolate(coarse, size=(cfg.image_size, cfg.image_size), mode="bicubic", align_corners=False)
 
 
-def draw(prototypes: torch.Tensor, labels: torch.Tensor, cfg: SyntheticConfig, generator: torch.Generator) -> torch.Tensor:
+def draw(
+    prototypes: torch.Tensor, labels: torch.Tensor, cfg: SyntheticConfig, generator: torch.Generator
+) -> torch.Tensor:
     images = prototypes[labels]
     shifts = torch.randint(-2, 3, (len(labels), 2), generator=generator)
     images = torch.stack([torch.roll(img, tuple(s.tolist()), dims=(1, 2)) for img, s in zip(images, shifts)])

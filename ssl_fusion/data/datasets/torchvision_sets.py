@@ -41,12 +41,18 @@ def _open(name: str, factory, root: Path, train: bool, download: bool):
         return factory(root, train, download)
     except RuntimeError as err:
         if not owned(root):
-            raise UserError(f"dataset {name}: not found under data_dir '{root}', which sslfuse only reads: put the "
-                            "files there, or leave data_dir unset to read or download them in outputs/data") from None
+            raise UserError(
+                f"dataset {name}: not found under data_dir '{root}', which sslfuse only reads: put the "
+                "files there, or leave data_dir unset to read or download them in outputs/data"
+            ) from None
         hint = "set dataset.download=true" if not download else "check the network or the folder"
-        raise UserError(f"dataset {name}: cannot read it under '{root}' ({err}); pass data_dir=<folder> or {hint}") from None
+        raise UserError(
+            f"dataset {name}: cannot read it under '{root}' ({err}); pass data_dir=<folder> or {hint}"
+        ) from None
     except OSError as err:
-        raise UserError(f"dataset {name}: download to '{root}' failed ({err}); pass data_dir=<folder holding it>") from None
+        raise UserError(
+            f"dataset {name}: download to '{root}' failed ({err}); pass data_dir=<folder holding it>"
+        ) from None
 
 
 def load_torchvision(name: str, factory, cfg: TorchvisionConfig, root: Path) -> ImageData:
