@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from ssl_fusion.report.paired import CORRECT, paired_stats
 from ssl_fusion.report.statistics import compare, holm, holm_confidence
@@ -77,7 +78,22 @@ def test_probability_of_improvement_counts_paired_runs_with_ties_half():
     assert result.difference == pytest.approx(0.5)
     assert 0 <= result.improvement_low <= 0.625 <= result.improvement_high <= 1
     always = compare([0, 0, 1, 1], [0, 1, 0, 1], [1.0, 2.0, 3.0, 0.5])
-    assert (always.improvement, always.improvement_low, always.improvement_high) == (1.0, 1.0, 1.0)
+    # every resample agrees, yet 4 won runs are not certainty: Wilson's interval over them is the floor
+    z = stats.norm.ppf(0.975)
+    assert always.improvement == 1.0 and always.improvement_high == 1.0
+    assert always.improvement_low == pytest.approx(4 / (4 + z**2))
+
+
+def test_with_one_encoder_seed_the_interval_is_students_t_over_the_label_seeds():
+    """Conditional on one encoder, without test images, the interval is the textbook t over the label seeds: the
+    bootstrap's variance (low by (L − 1)/L) is scaled back and the quantile takes L − 1 degrees of freedom."""
+    differences = [0.5, 1.5, 1.0, 3.0, -0.5]
+    result = compare([7] * 5, range(5), differences)
+    textbook = stats.t.interval(0.95, 4, loc=np.mean(differences), scale=stats.sem(differences))
+    assert result.df == 4
+    assert (result.low + result.high) / 2 == pytest.approx(np.mean(differences))
+    # the half-width within the bootstrap's own noise (2,000 resamples: about 2% of a standard error)
+    assert (result.high - result.low) == pytest.approx(textbook[1] - textbook[0], rel=0.05)
 
 
 def test_per_image_differences_add_the_test_image_level_and_decide_each_pair():

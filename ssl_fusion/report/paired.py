@@ -84,18 +84,21 @@ def check_references(results: pd.DataFrame, references: list[str]) -> None:
 
 
 def best_single(group: pd.DataFrame, pretexts: list[str]) -> tuple[pd.DataFrame, str] | None:
-    """Per encoder seed, the ``single`` results of the pretext (among ``pretexts``) with the best mean
-    cross-validation accuracy over label seeds; None when no single head ran or none has a validation score."""
+    """Per encoder seed, the ``single`` results of the pretext (among ``pretexts``) and variant (options, cached
+    views) with the best mean cross-validation accuracy over label seeds; None when no single head ran or none has a
+    validation score."""
     singles = group[(group["family"] == "single") & group["pretext_set"].isin(pretexts)]
     if "cv_accuracy" not in singles or singles["cv_accuracy"].isna().all():
         return None
     chosen, names = [], set()
+    candidate = ["pretext_set", "options_key", "cached_views"]
     for _, part in singles.groupby("encoder_seed"):
-        scores = part.groupby("pretext_set")["cv_accuracy"].mean().dropna()
+        scores = part.groupby(candidate)["cv_accuracy"].mean().dropna()
         if scores.empty:
             continue
-        names.add(scores.idxmax())
-        chosen.append(part[part["pretext_set"] == scores.idxmax()])
+        best = scores.idxmax()
+        names.add(best[0])
+        chosen.append(part[(part[candidate] == pd.Series(best, index=candidate)).all(axis=1)])
     return (pd.concat(chosen), "+".join(sorted(names))) if chosen else None
 
 
@@ -140,12 +143,29 @@ def per_image_differences(pairs: pd.DataFrame) -> np.ndarray | None:
     return (np.asarray(mine, dtype=float) - np.asarray(theirs, dtype=float)) * 100
 
 
+def refuse_repeated_pairs(results: pd.DataFrame) -> None:
+    """A one-line UserError when one method has two results for the same encoder seed and label seed (e.g. a rerun
+    kept beside the first run): a pair would be counted twice. Names the two results' folders."""
+    repeated = results[results.duplicated(PAIR_KEYS, keep=False)]
+    if repeated.empty:
+        return
+    first = repeated.iloc[0]
+    same = repeated[(repeated[PAIR_KEYS] == first[PAIR_KEYS]).all(axis=1)]
+    where = " and ".join(f"'{folder}'" for folder in same.get("result_dir", pd.Series(["?"] * len(same))).head(2))
+    raise UserError(
+        f"report: {first['method']} has {len(same)} results for encoder seed {first['encoder_seed']} and label seed "
+        f"{first['seed']} ({where}); keep one of them, or report their folders apart"
+    )
+
+
 def paired_stats(mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     """``mine`` minus ``theirs`` over the results they share encoder seed and label seed with (``accuracy`` columns,
     in points): the pair count, mean difference, its design-aware 95% interval (``statistics.compare``), the
     p-value of no difference, P(method > reference) with its interval, W/T/L and what was resampled; None when
     nothing pairs."""
     kept = [CORRECT] if CORRECT in theirs else []
+    for side in (mine, theirs):
+        refuse_repeated_pairs(side)
     pairs = mine.merge(theirs[[*PAIR_KEYS, "accuracy", *kept]], on=PAIR_KEYS, suffixes=("", "_theirs"))
     if pairs.empty:
         return None

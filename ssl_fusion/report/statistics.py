@@ -10,7 +10,9 @@ kept, per test image. Three sources of variation were randomised and are resampl
   own (resampled within each encoder);
 - test images, the same images for both methods and for every cell (crossed with both seeds).
 
-With one encoder seed the encoder is not resampled: the interval is conditional on that encoder.
+With one encoder seed the encoder is not resampled: the interval is conditional on that encoder. There the
+bootstrap's variance over L label seeds, s²(L − 1)/L², is scaled by L/(L − 1) and the t quantile takes L − 1
+degrees of freedom, so that without test images the interval is Student's t over the label seeds, never narrower.
 
 Percentile intervals from so few units under-cover, so the interval is the estimate ± a Student-t quantile times
 the bootstrap standard error, on Welch–Satterthwaite degrees of freedom built from the resampled factors' level
@@ -190,8 +192,13 @@ def compare(
         return Comparison(difference, nan, nan, nan, nan, nan, improvement, nan, nan, design)
     means, wins = replicates(cube, mask, nested, np.random.default_rng(seed), resamples)
     standard_error, improvement_error = float(np.nanstd(means, ddof=1)), float(np.nanstd(wins, ddof=1))
+    if design.encoder_seeds == 1 and design.label_seeds > 1:
+        standard_error, df = conditional_on_encoder(standard_error, design.label_seeds)
+        improvement_error *= np.sqrt(design.label_seeds / (design.label_seeds - 1))
     low, high = t_bounds(difference, standard_error, df, confidence)
-    improvement_low, improvement_high = np.clip(t_bounds(improvement, improvement_error, df, confidence), 0, 1)
+    improvement_low, improvement_high = improvement_bounds(
+        improvement, improvement_error, df, int(mask.sum()), confidence
+    )
     return Comparison(
         difference,
         standard_error,
@@ -204,6 +211,32 @@ def compare(
         float(improvement_high),
         design,
     )
+
+
+def conditional_on_encoder(standard_error: float, label_seeds: int) -> tuple[float, float]:
+    """The standard error and degrees of freedom with one encoder seed: the bootstrap's variance over the label seeds
+    is low by (L − 1)/L, so it is scaled back, and the t quantile takes L − 1 degrees of freedom (the image level's
+    many images would otherwise make it a normal quantile)."""
+    return standard_error * float(np.sqrt(label_seeds / (label_seeds - 1))), float(label_seeds - 1)
+
+
+def wilson(share: float, count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval for a share observed over ``count`` runs (a fractional count of wins allowed)."""
+    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+    centre = (share + z**2 / (2 * count)) / (1 + z**2 / count)
+    half = z / (1 + z**2 / count) * np.sqrt(share * (1 - share) / count + z**2 / (4 * count**2))
+    return float(centre - half), float(centre + half)
+
+
+def improvement_bounds(
+    improvement: float, standard_error: float, df: float, pairs: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """P(improvement)'s interval: estimate ± t × bootstrap standard error, clipped to [0, 1], and never narrower than
+    Wilson's interval over the paired runs. When every resample agrees (all pairs won, say) the bootstrap spread is
+    0, and 3 won pairs are not certainty."""
+    low, high = np.clip(t_bounds(improvement, standard_error, df, confidence), 0, 1)
+    floor_low, floor_high = wilson(improvement, pairs, confidence)
+    return float(min(low, floor_low)), float(max(high, floor_high))
 
 
 def p_value(estimate: float, standard_error: float, df: float) -> float:

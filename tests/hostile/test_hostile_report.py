@@ -174,3 +174,37 @@ def test_report_md_holds_each_paragraph_once(tmp_path):
         "![accuracy vs labels]",
     ):
         assert markdown.count(paragraph) == 1, paragraph
+
+
+def test_a_rerun_kept_beside_the_first_run_is_refused_naming_both_folders(tmp_path, monkeypatch, capsys):
+    """Two results of one method for the same encoder seed and label seed (a rerun: another fit time, so no copy)
+    would be one pair counted twice: one line naming both folders, no report."""
+    write_results(
+        tmp_path,
+        [
+            result_record("attention", ["a", "b"], 0.81, seed=0, fit_seconds=1.0),
+            result_record("attention", ["a", "b"], 0.82, seed=0, fit_seconds=2.0),
+            result_record("concat", ["a", "b"], 0.80, seed=0),
+        ],
+    )
+    code, err = report_cli(tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "2 results for encoder seed 0 and label seed 0" in err
+    assert str(tmp_path / "run0") in err and str(tmp_path / "run1") in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_best_single_picks_one_variant_of_the_single_head(tmp_path):
+    """``single`` and ``single[l2_grid=...]`` on one pretext are two candidates for best-single, not one pair twice."""
+    records = []
+    for seed in (0, 1):
+        records += [
+            result_record("single", ["a"], 0.70, seed=seed, cv_accuracy=0.60),
+            result_record("single[l2_grid=[0.1]]", ["a"], 0.72, seed=seed, cv_accuracy=0.65),
+            result_record("concat", ["a"], 0.75, seed=seed),
+        ]
+    write_results(tmp_path, records)
+    write_report(tmp_path)
+    paired = pd.read_csv(tmp_path / "paired_differences.csv")
+    row = paired[(paired["method"] == "concat(a)") & paired["reference"].str.startswith("best single")].iloc[0]
+    assert str(row["pairs"]) == "2" and row["difference"] == pytest.approx(3.0)
