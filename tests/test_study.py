@@ -263,6 +263,14 @@ def test_an_amended_verdict_page_says_so_and_shows_both_versions(tmp_path):
     assert "Amended" not in unamended.read_text()
 
 
+def test_claims_first_declared_after_results_existed_are_shown_as_an_amendment(tmp_path):
+    """A claims file removed while results exist and declared again with ``amend``: one version, and an amendment."""
+    versions = declare(tmp_path, CLAIMS, 12, "the claims file was lost")["versions"]
+    assert len(versions) == 1
+    page = write_verdicts(tmp_path, "demo", judge(fake_results(), CLAIMS), versions, "")[0].read_text()
+    assert "**Amended.**" in page and "### Version 1 (amendment: the claims file was lost)" in page
+
+
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory) -> tuple[Path, str]:
     """A folder where ``sslfuse study study=smoke`` has run once, and what it printed."""

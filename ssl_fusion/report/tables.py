@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,6 +312,22 @@ def long_results(results: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     return pd.DataFrame({column: results.get(field) for column, field in LONG_COLUMNS.items()})
 
 
+# the files a report writes only when it has something to put in them (each split's, prefixed by its name)
+OPTIONAL_OUTPUTS = re.compile(
+    r"(dev\S*_)?(paired_differences\.(csv|png)|negative_transfer(_paired)?\.csv|pretext_weights\.png"
+    r"|accuracy_vs_labels\.png)"
+)
+
+
+def remove_earlier_outputs(out_dir: Path, started: float) -> None:
+    """Once the new report is written, remove the files of an earlier one that it did not write again (older than
+    ``started``): a table this report has no rows for must not stay beside it looking current. A report that fails
+    midway removes nothing, so the earlier files stay whole."""
+    for path in out_dir.iterdir():
+        if path.is_file() and OPTIONAL_OUTPUTS.fullmatch(path.name) and path.stat().st_mtime < started:
+            path.unlink()
+
+
 def write_report(
     folder: Path,
     out_dir: Path | None = None,
@@ -323,6 +340,7 @@ def write_report(
     (``split_tables``) and the paths of report.md and report.csv."""
     out_dir = out_dir or folder
     results = collect_results(folder)
+    started = time.time()
     reports = [
         split_report(scored_on(results, split), split, references, primaries, out_dir) for split in splits_of(results)
     ]
@@ -337,6 +355,7 @@ def write_report(
     atomic_write_text(out_dir / "results_long.csv", long_results(results, out_dir).to_csv(index=False))
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, stats.to_csv(index=False))
+    remove_earlier_outputs(out_dir, started)
     return split_tables(reports), md_path, csv_path
 
 

@@ -226,7 +226,7 @@ def versions_markdown(versions: list[dict[str, Any]]) -> str:
     """Each declared version of the claims, the first as declared and each amendment with its reason."""
     text = ""
     for number, version in enumerate(versions, start=1):
-        kind = "as first declared" if number == 1 else f"amendment: {version['amendment']}"
+        kind = f"amendment: {version['amendment']}" if version.get("amendment") else "as first declared"
         text += (
             f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
             f" with {version['results_before']} result(s) present.\n\n"
@@ -239,12 +239,14 @@ def versions_markdown(versions: list[dict[str, Any]]) -> str:
 def write_verdicts(
     folder: Path, study: str, verdicts: pd.DataFrame, versions: list[dict[str, Any]], design: str
 ) -> tuple[Path, Path]:
-    """``verdicts.md`` and ``verdicts.csv`` in ``folder``; ``versions``: the declared claims, oldest first (more than
-    one: the page says the claims were amended and shows every version); ``design``: the study in a sentence."""
+    """``verdicts.md`` and ``verdicts.csv`` in ``folder``; ``versions``: the declared claims, oldest first (any of them
+    an amendment, even the only one, e.g. claims declared after results existed: the page says the claims were
+    amended and shows every version); ``design``: the study in a sentence."""
     current = versions[-1]
-    amended = len(versions) > 1
+    amendments = sum(bool(version.get("amendment")) for version in versions)
+    amended = amendments > 0
     banner = (
-        f"\n**Amended.** The claims were changed after results existed ({len(versions) - 1} amendment(s); "
+        f"\n**Amended.** The claims were changed after results existed ({amendments} amendment(s); "
         f"latest reason: {current['amendment']}). The verdicts below judge the amended claims; every version "
         "is shown at the end.\n"
         if amended

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -208,3 +209,16 @@ def test_best_single_picks_one_variant_of_the_single_head(tmp_path):
     paired = pd.read_csv(tmp_path / "paired_differences.csv")
     row = paired[(paired["method"] == "concat(a)") & paired["reference"].str.startswith("best single")].iloc[0]
     assert str(row["pairs"]) == "2" and row["difference"] == pytest.approx(3.0)
+
+
+def test_a_table_an_earlier_report_had_is_not_left_beside_a_new_report_without_it(tmp_path):
+    """Dev results removed since the last report: their ``dev_*`` files go, the test split's are written again."""
+    write_results(tmp_path, [result_record("concat", ["a"], 0.9, seed=s) for s in (0, 1)])
+    stale = [tmp_path / "dev_paired_differences.csv", tmp_path / "dev_negative_transfer.csv"]
+    for path in stale:
+        path.write_text("from an earlier report\n")
+        os.utime(path, (1e9, 1e9))  # written long before this report
+    (tmp_path / "notes.csv").write_text("the user's own file\n")
+    write_report(tmp_path)
+    assert not any(path.exists() for path in stale)
+    assert (tmp_path / "notes.csv").exists() and (tmp_path / "accuracy_vs_labels.png").exists()
