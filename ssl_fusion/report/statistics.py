@@ -11,8 +11,9 @@ kept, per test image. Three sources of variation were randomised and are resampl
 - test images, the same images for both methods and for every cell (crossed with both seeds).
 
 With one encoder seed the encoder is not resampled: the interval is conditional on that encoder. There the
-bootstrap's variance over L label seeds, s²(L − 1)/L², is scaled by L/(L − 1) and the t quantile takes L − 1
-degrees of freedom, so that without test images the interval is Student's t over the label seeds, never narrower.
+bootstrap's variance, low by (n − 1)/n for a factor of n levels (s²(L − 1)/L² over L label seeds), gets back what it
+misses, and so do the shares behind the degrees of freedom: without test images the interval is Student's t over
+the label seeds.
 
 Percentile intervals from so few units under-cover, so the interval is the estimate ± a Student-t quantile times
 the bootstrap standard error, on Welch–Satterthwaite degrees of freedom built from the resampled factors' level
@@ -137,12 +138,9 @@ def replicates(
     return np.concatenate(means), np.concatenate(improvements)
 
 
-def satterthwaite_df(cube: np.ndarray, mask: np.ndarray, design: Design) -> float:
-    """Welch–Satterthwaite degrees of freedom of the resampled factors: each factor's share of the variance of the
-    mean (the spread of its level means, squared over its level count) weighted by its level count − 1. NaN when
-    no factor varies."""
-    if design.encoder_seeds == 1 and design.label_seeds == 1 and design.test_images <= 1:
-        return float("nan")
+def factor_shares(cube: np.ndarray, mask: np.ndarray, design: Design) -> list[tuple[float, int]]:
+    """Each resampled factor's plug-in share of the variance of the mean (the spread of its level means, squared
+    over its level count) and its level count."""
     per_cell = np.where(mask, cube.mean(axis=2), np.nan)
     parts = []
     if design.encoder_seeds > 1:
@@ -151,11 +149,24 @@ def satterthwaite_df(cube: np.ndarray, mask: np.ndarray, design: Design) -> floa
         parts.append(np.nanmean(per_cell, axis=0))
     if design.test_images > 1:
         parts.append(cube[mask].mean(axis=0))
-    shares = [(np.var(means) / len(means), len(means) - 1) for means in parts]
+    return [(float(np.var(means) / len(means)), len(means)) for means in parts]
+
+
+def satterthwaite_df(shares: list[tuple[float, int]]) -> float:
+    """Welch–Satterthwaite degrees of freedom of the resampled factors: each factor's share of the variance of the
+    mean weighted by its level count − 1. NaN when no factor varies."""
+    if not shares:
+        return float("nan")
     total = sum(share for share, _ in shares)
     if total == 0:
-        return float(sum(df for _, df in shares))  # nothing varies: any df gives a zero-width interval
-    return float(total**2 / sum(share**2 / df for share, df in shares))
+        return float(sum(levels - 1 for _, levels in shares))  # nothing varies: any df gives a zero-width interval
+    return float(total**2 / sum(share**2 / (levels - 1) for share, levels in shares))
+
+
+def unbiased(shares: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """The shares scaled by n/(n − 1): the plug-in (and the bootstrap's) variance of a mean over n levels is low by
+    (n − 1)/n."""
+    return [(share * levels / (levels - 1), levels) for share, levels in shares]
 
 
 def compare(
@@ -186,15 +197,19 @@ def compare(
     difference = float(cube[mask].mean())
     tied = np.abs(cube[mask].mean(axis=1)) <= TIE
     improvement = float(np.mean((cube[mask].mean(axis=1) > TIE) + 0.5 * tied))
-    df = satterthwaite_df(cube, mask, design)
+    shares = factor_shares(cube, mask, design)
+    conditional = design.encoder_seeds == 1 and design.label_seeds > 1
+    df = satterthwaite_df(unbiased(shares) if conditional else shares)
     if np.isnan(df):
         nan = float("nan")
         return Comparison(difference, nan, nan, nan, nan, nan, improvement, nan, nan, design)
     means, wins = replicates(cube, mask, nested, np.random.default_rng(seed), resamples)
     standard_error, improvement_error = float(np.nanstd(means, ddof=1)), float(np.nanstd(wins, ddof=1))
-    if design.encoder_seeds == 1 and design.label_seeds > 1:
-        standard_error, df = conditional_on_encoder(standard_error, design.label_seeds)
-        improvement_error *= np.sqrt(design.label_seeds / (design.label_seeds - 1))
+    if conditional:
+        # the bootstrap's variance, like the plug-in one, is low by (n − 1)/n per factor: add back what is missing
+        missing = sum(share - plain for (share, _), (plain, _) in zip(unbiased(shares), shares))
+        scale = np.sqrt(1 + missing / standard_error**2) if standard_error > 0 else 1.0
+        standard_error, improvement_error = standard_error * scale, improvement_error * scale
     low, high = t_bounds(difference, standard_error, df, confidence)
     improvement_low, improvement_high = improvement_bounds(
         improvement, improvement_error, df, int(mask.sum()), confidence
@@ -211,13 +226,6 @@ def compare(
         float(improvement_high),
         design,
     )
-
-
-def conditional_on_encoder(standard_error: float, label_seeds: int) -> tuple[float, float]:
-    """The standard error and degrees of freedom with one encoder seed: the bootstrap's variance over the label seeds
-    is low by (L − 1)/L, so it is scaled back, and the t quantile takes L − 1 degrees of freedom (the image level's
-    many images would otherwise make it a normal quantile)."""
-    return standard_error * float(np.sqrt(label_seeds / (label_seeds - 1))), float(label_seeds - 1)
 
 
 def wilson(share: float, count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
