@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def kill_at_first_checkpoint(args: list[str], cwd: Path, poll_seconds: float = 0.02) -> None:
+    """Start ``sslfuse <args>`` (a pretraining) in ``cwd`` and SIGKILL it as soon as its first resume checkpoint
+    exists; fail if it ended before it could be killed."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_fusion.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = cwd / "outputs" / "artifacts" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(poll_seconds)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "pretraining ended before it could be killed"
+
+
+def stored_encoder_state(folder: Path, pretext: str = "rotation") -> dict[str, torch.Tensor]:
+    """The weights of the one ``pretext`` encoder stored under ``folder``'s ``outputs/artifacts``."""
+    (path,) = (folder / "outputs" / "artifacts" / "encoders").glob(f"{pretext}-*/encoder.pt")
+    return torch.load(path, weights_only=True)

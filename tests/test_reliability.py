@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.figure
 import pytest
 import torch
-from conftest import sslfuse
+from conftest import kill_at_first_checkpoint, sslfuse, stored_encoder_state
 
 from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
@@ -36,39 +34,23 @@ SLOW_SMOKE = [
 ]
 
 
-def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
-    (path,) = (folder / "outputs" / "artifacts" / "encoders").glob("rotation-*/encoder.pt")
-    return torch.load(path, weights_only=True)
-
-
 @pytest.mark.slow
 def test_sigkilled_pretraining_resumes_to_the_same_encoder(tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     killed.mkdir(), reference.mkdir()
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssl_fusion.cli", *SLOW_SMOKE, "hydra.run.dir=a"],
-        cwd=killed,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    checkpoints = killed / "outputs" / "artifacts" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "pretraining ended before it could be killed"
+    kill_at_first_checkpoint([*SLOW_SMOKE, "hydra.run.dir=a"], killed, poll_seconds=0.05)
     assert not list((killed / "outputs" / "artifacts").glob("encoders/rotation-*/manifest.json"))
 
     resumed = sslfuse(*SLOW_SMOKE, "hydra.run.dir=b", cwd=killed)
     assert "resuming rotation from checkpoint" in resumed.stdout + resumed.stderr
     sslfuse(*SLOW_SMOKE, "hydra.run.dir=c", cwd=reference)
-    resumed_state, reference_state = encoder_state(killed), encoder_state(reference)
+    resumed_state, reference_state = stored_encoder_state(killed), stored_encoder_state(reference)
     assert resumed_state.keys() == reference_state.keys()
     for key in reference_state:
         assert torch.equal(resumed_state[key], reference_state[key]), key
-    assert not list(checkpoints.glob("*/last.pt")), "the checkpoint is removed once the encoder is stored"
+    assert not list((killed / "outputs" / "artifacts" / "checkpoints").glob("*/last.pt")), (
+        "the checkpoint is removed once the encoder is stored"
+    )
 
 
 @pytest.mark.slow

@@ -5,17 +5,12 @@ weights of an uninterrupted run: with images in memory and with an image folder 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from conftest import sslfuse
+from conftest import kill_at_first_checkpoint, sslfuse, stored_encoder_state
 from test_streaming import open_folder, write_folder
 
 from ssl_fusion.config import TrainOverrides
@@ -137,33 +132,15 @@ SMOKE = [
 ]
 
 
-def encoder_state(folder: Path) -> dict[str, torch.Tensor]:
-    (path,) = (folder / "outputs" / "artifacts" / "encoders").glob("rotation-*/encoder.pt")
-    return torch.load(path, weights_only=True)
-
-
 @pytest.mark.slow
 def test_the_cli_killed_mid_epoch_resumes_to_the_same_encoder(tmp_path: Path) -> None:
     """``sslfuse pretrain`` SIGKILLed once a mid-epoch checkpoint exists resumes at its step and stores the encoder
     of an uninterrupted run."""
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     killed.mkdir(), reference.mkdir()
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssl_fusion.cli", *SMOKE, "hydra.run.dir=a"],
-        cwd=killed,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    checkpoints = killed / "outputs" / "artifacts" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "pretraining ended before it could be killed"
+    kill_at_first_checkpoint([*SMOKE, "hydra.run.dir=a"], killed, poll_seconds=0.02)
 
     resumed = sslfuse(*SMOKE, "hydra.run.dir=b", cwd=killed)
     assert "after epoch 0 step" in resumed.stdout + resumed.stderr
     sslfuse(*SMOKE, "hydra.run.dir=c", cwd=reference)
-    assert_same_weights(encoder_state(killed), encoder_state(reference))
+    assert_same_weights(stored_encoder_state(killed), stored_encoder_state(reference))

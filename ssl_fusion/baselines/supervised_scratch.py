@@ -26,14 +26,13 @@ from ssl_fusion.baselines import BASELINES
 from ssl_fusion.config import LabelsConfig, as_plain
 from ssl_fusion.data.augment import random_shift_flip
 from ssl_fusion.data.splits import EvaluationConfig, split_validation
-from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.probe import extract_features
 from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
-from ssl_fusion.fusion import FusionMethod
+from ssl_fusion.fusion import FusionMethod, schedule_rules
 from ssl_fusion.fusion.protocol import changed_options
-from ssl_fusion.fusion.training import score
+from ssl_fusion.fusion.training import score, split_metrics
 from ssl_fusion.models.encoders import EncoderConfig, build_encoder
-from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, within
+from ssl_fusion.runtime.checks import Checked, Rule, at_least, within
 from ssl_fusion.runtime.device import autocast, grad_scaler, prepare_model
 from ssl_fusion.runtime.errors import UserError
 
@@ -58,12 +57,7 @@ class SupervisedScratchConfig(Checked):
 
     def rules(self) -> dict[str, Rule]:
         return {
-            "steps": at_least(1),
-            "eval_every": Rule(
-                lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]", self.steps + 1
-            ),
-            "batch_size": at_least(1),
-            "lr": above(0),
+            **schedule_rules(self.steps),
             "weight_decay": at_least(0),
             "max_shift": within(0, 0.5, "[)"),
             "val_fraction": within(0, 1, "()"),
@@ -218,8 +212,6 @@ class SupervisedScratch(FusionMethod):
             seed,
         )
         probs = predict_proba(network, images, ctx.device, ctx.dtype)
-        accuracy, nll = score(probs, eval_labels)
-        split = evaluation.split
         options = changed_options(self.cfg, BASELINES)
         return FuseResult(
             method=f"{titled(self.cfg.name, options)}({ctx.encoder_cfg.name})",
@@ -228,18 +220,14 @@ class SupervisedScratch(FusionMethod):
             options=options,
             pretexts=[],
             labels=labels_cfg.fields(labeled, seed, data.train_labels),
-            metrics={
-                f"{split}_accuracy": accuracy,
-                f"{split}_macro_f1": macro_f1(probs.argmax(1), eval_labels),
-                f"{split}_nll": nll,
-            },
+            metrics=split_metrics(evaluation.split, probs, eval_labels),
             selection={
                 "selected_l2": None,  # no L2 grid: a fixed AdamW weight decay (fusion_config)
                 "selected_steps": selection.steps,
                 "val_accuracy": selection.val_accuracy,
                 "selection": "validation split" if self.cfg.refit else "validation split, best checkpoint",
             },
-            split=split,
+            split=evaluation.split,
             evaluation=evaluation.record(evaluated, eval_labels),
             details={
                 "first_loss": losses[0],

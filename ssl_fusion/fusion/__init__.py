@@ -14,6 +14,17 @@ from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, within
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
 
+def schedule_rules(steps: int) -> dict[str, Rule]:
+    """The rules of a method trained by gradient steps (the heads, and the baselines that train on images): how many
+    steps, how often it is scored, batch size and learning rate."""
+    return {
+        "steps": at_least(1),
+        "eval_every": Rule(lambda every: 1 <= every <= steps, f"in [1, fusion.steps] = [1, {steps}]", steps + 1),
+        "batch_size": at_least(1),
+        "lr": above(0),
+    }
+
+
 @dataclass
 class FusionConfig(Checked):
     """How every head is trained (see ``ssl_fusion.fusion.training``); heads add their own fields."""
@@ -33,12 +44,7 @@ class FusionConfig(Checked):
     def rules(self) -> dict[str, Rule]:
         """Heads with options of their own extend it (see ``ssl_fusion.runtime.checks``)."""
         return {
-            "steps": at_least(1),
-            "eval_every": Rule(
-                lambda every: 1 <= every <= self.steps, f"in [1, fusion.steps] = [1, {self.steps}]", self.steps + 1
-            ),
-            "batch_size": at_least(1),
-            "lr": above(0),
+            **schedule_rules(self.steps),
             "l2_grid": Rule(lambda grid: len(grid) > 0 and min(grid) >= 0, "a non-empty list of values >= 0", []),
             "folds": at_least(2),
             "restarts": at_least(1),

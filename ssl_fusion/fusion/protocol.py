@@ -22,7 +22,6 @@ from sklearn.preprocessing import LabelEncoder
 from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import EvaluationConfig, complement, fold_count
-from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
 from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
 from ssl_fusion.fusion.screen import screen_pretexts
@@ -32,6 +31,7 @@ from ssl_fusion.fusion.training import (
     cross_validate,
     predict_proba,
     score,
+    split_metrics,
     train_selected,
 )
 from ssl_fusion.runtime.errors import UserError
@@ -257,8 +257,6 @@ def fuse_result(
         train, test = [train[chosen]], [test[chosen]]
     fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
     probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
-    accuracy, nll = score(probs, test_labels)
-    split = evaluation.split
     details = {
         "classes": list(range(num_classes)),
         "head_parameters": parameters,
@@ -280,11 +278,7 @@ def fuse_result(
         options=changed_options(fusion),
         pretexts=pretexts,
         labels=labels_cfg.fields(labeled, seed, full.train_labels),
-        metrics={
-            f"{split}_accuracy": accuracy,
-            f"{split}_macro_f1": macro_f1(probs.argmax(1), test_labels),
-            f"{split}_nll": nll,
-        },
+        metrics=split_metrics(evaluation.split, probs, test_labels),
         selection={
             "selected_l2": selection.l2,
             "selected_steps": selection.steps,
@@ -296,7 +290,7 @@ def fuse_result(
         uses_test=head_class(fusion).peeks_at_test(fusion),
         uses_all_labels=any(s.uses_labels for s in sets),
         cached_views=len(train[0]) - 1,
-        split=split,
+        split=evaluation.split,
         evaluation=evaluation.record(evaluated, test_labels),
         details=details,
         predictions=Predictions(probs.argmax(1).numpy(), test_labels.numpy()),

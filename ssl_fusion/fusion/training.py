@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from ssl_fusion.data.splits import fold_count, stratified_folds
+from ssl_fusion.evaluation.metrics import macro_f1
 from ssl_fusion.fusion import FusionConfig, FusionHead
 from ssl_fusion.runtime.errors import UserError
 
@@ -171,6 +172,16 @@ def score(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     accuracy = float((probs.argmax(1) == labels).float().mean())
     nll = float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
     return accuracy, nll
+
+
+def split_metrics(split: str, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """A result's metrics on the evaluation ``split``, each key prefixed by it: accuracy, macro-F1 and NLL."""
+    accuracy, nll = score(probs, labels)
+    return {
+        f"{split}_accuracy": accuracy,
+        f"{split}_macro_f1": macro_f1(probs.argmax(1), labels),
+        f"{split}_nll": nll,
+    }
 
 
 @dataclass
