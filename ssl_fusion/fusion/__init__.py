@@ -41,6 +41,12 @@ class FusionConfig(Checked):
     feature_dropout: float = 0.2
     screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.fusion.screen)
 
+    def grid(self) -> list[dict[str, float]]:
+        """The settings cross-validation chooses among, each a strength per penalty: ``l2`` for every head (the
+        L2 of ``training.fit_stack``), and the strengths a head applies itself (``FusionHead.proximal``). Default:
+        one setting per L2 strength."""
+        return [{"l2": l2} for l2 in self.l2_grid]
+
     def rules(self) -> dict[str, Rule]:
         """Heads with options of their own extend it (see ``ssl_fusion.runtime.checks``)."""
         return {
@@ -120,6 +126,19 @@ class FusionHead(FusionMethod, nn.Module):
     def regularization(self) -> torch.Tensor:
         """Extra loss term added while training (e.g. an entropy penalty); zero by default."""
         return torch.zeros(())
+
+    def proximal(
+        self,
+        params: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor],
+        step_sizes: dict[str, torch.Tensor],
+        strengths: dict[str, torch.Tensor],
+    ) -> None:
+        """The proximal step of a non-smooth penalty, applied in place after every optimizer step to the parameters
+        stacked on a leading member dimension. Of that update, per parameter: ``moments``, the gradient it followed,
+        and ``step_sizes``, the step it gave each coordinate along it (Adam: rate over root mean square gradient);
+        ``strengths``: each of the head's own penalties' strength per member (the keys of ``FusionConfig.grid`` but
+        ``l2``). Nothing by default."""
 
 
 FUSIONS: Registry[type[FusionMethod]] = Registry("fusion")

@@ -280,7 +280,7 @@ def fuse_result(
         labels=labels_cfg.fields(labeled, seed, full.train_labels),
         metrics=split_metrics(evaluation.split, probs, test_labels),
         selection={
-            "selected_l2": selection.l2,
+            **{f"selected_{key}": strength for key, strength in selection.setting.items()},  # selected_l2, ...
             "selected_steps": selection.steps,
             "cv_accuracy": selection.accuracy,
             "cv_nll": selection.nll,
