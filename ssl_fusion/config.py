@@ -29,6 +29,10 @@ DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
 # within this bound every derived seed stays inside torch's 64-bit range.
 MAX_SEED = 2**32 - 1
 SEED_KEYS = ("seed", "encoder_seed", "seeds", "encoder_seeds")
+# ``<pretext>@<k>`` in ``pretexts``: replica k of the pretext, its recipe pretrained again with the seed
+# encoder_seed + REPLICA_SEED_STRIDE * k (a stride above any seed list's length, so replicas and encoder_seeds differ)
+REPLICA_SEED_STRIDE = 1000
+REPLICA_MARK = "@"
 
 
 @dataclass
@@ -224,8 +228,37 @@ def load_option(registry: Registry, name: str) -> Any:
     return registry.typed_config(node, key=f"{registry.kind} {name}")
 
 
-def check_names(key: str, names: list[str], registry: Registry, also: Iterable[str] = ()) -> list[str]:
-    """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave)."""
+def replica_of(name: str) -> tuple[str, int]:
+    """Pretext and replica of a ``pretexts`` entry: ``simclr@2`` -> (simclr, 2), ``simclr`` -> (simclr, 0)."""
+    pretext, _, replica = name.partition(REPLICA_MARK)
+    return pretext, int(replica) if replica else 0
+
+
+def replica_seed(encoder_seed: int, replica: int) -> int:
+    """The pretraining seed of replica ``replica`` (0: the pretext itself) of encoders of ``encoder_seed``."""
+    return encoder_seed + REPLICA_SEED_STRIDE * replica
+
+
+def check_replica(key: str, name: str, registry: Registry, also: list[str]) -> None:
+    """Refuse, in one line naming ``key``, an entry ``<base>@<k>`` that is no replica of one of ``registry``'s options
+    with k a positive integer (written without leading zeros): a name in ``also`` (made elsewhere) has no pretraining
+    seed to vary."""
+    base, _, replica = name.partition(REPLICA_MARK)
+    allowed = (
+        f"a replica is <{registry.kind}>@<k>, k a positive integer, of a {registry.kind} "
+        f"({', '.join(registry.names())}), pretrained with seed encoder_seed + {REPLICA_SEED_STRIDE} k"
+    )
+    if base in also:
+        raise UserError(f"{key}: '{name}' replicates '{base}', made elsewhere with no pretraining seed; {allowed}")
+    if base not in registry.names() or not replica.isdigit() or replica != str(int(replica)) or int(replica) < 1:
+        raise UserError(f"{key}: '{name}' is not a replica; {allowed}")
+
+
+def check_names(
+    key: str, names: list[str], registry: Registry, also: Iterable[str] = (), replicas: bool = False
+) -> list[str]:
+    """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave), or
+    with ``replicas`` a replica ``<option>@<k>`` of an option (``check_replica``)."""
     if not names:
         raise UserError(f"{key} is empty; give at least one of: {', '.join(registry.names())}")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -233,7 +266,9 @@ def check_names(key: str, names: list[str], registry: Registry, also: Iterable[s
         raise UserError(f"{key} lists {', '.join(repeated)} more than once")
     also = list(also)
     for name in names:
-        if name not in also and name not in registry.names():
+        if replicas and REPLICA_MARK in name and name not in also:
+            check_replica(key, name, registry, also)
+        elif name not in also and name not in registry.names():
             imported = f"; imported: {', '.join(also)}" if also else ""
             raise UserError(
                 f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: "
