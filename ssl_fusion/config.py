@@ -8,11 +8,13 @@ before any work starts.
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterable, List, Optional
 
 import torch
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -217,15 +219,44 @@ def check_seeds(cfg: Any) -> None:
             check_seed(key, seed)
 
 
-def load_option(registry: Registry, name: str) -> Any:
-    """An option of a group as written in ``conf/<group>/<name>.yaml`` (typed), outside Hydra's composition.
+def load_option(registry: Registry, name: str, options: Optional[dict[str, Any]] = None) -> Any:
+    """An option of a group as written in ``conf/<group>/<name>.yaml`` (typed), outside Hydra's composition, with
+    ``options`` replacing some of its values.
 
     Stages that take a list of names (``pretexts=[a,b]``, ``fusions=[...]``) use each one's YAML as is.
     """
     registry.get(name)
     path = CONF_DIR / registry.kind / f"{name}.yaml"
-    node = OmegaConf.load(path) if path.is_file() else {"name": name}
+    node = OmegaConf.load(path) if path.is_file() else OmegaConf.create({"name": name})
+    for key, value in (options or {}).items():
+        if key == "name" or key not in node:
+            raise UserError(f"{registry.kind} {name}: '{key}' is not an option of it; options: {', '.join(node)}")
+        node[key] = value
     return registry.typed_config(node, key=f"{registry.kind} {name}")
+
+
+ENTRY = re.compile(r"(?P<name>[A-Za-z0-9_]+)(?:\[(?P<options>[^\[\]]*)\])?")
+
+
+def split_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``attention[scorer=uniform,pretext_dropout=0.5]`` -> (``attention``, its options): a method with changed
+    options, written as the tables title it. Values are read as YAML (``0.5``, ``false``, ``[0.1,1]``)."""
+    match = ENTRY.fullmatch(entry.strip())
+    if match is None:
+        raise UserError(f"'{entry}': give a method as <name> or <name>[<option>=<value>,...]")
+    options = {}
+    for item in filter(None, (part.strip() for part in (match["options"] or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"'{entry}': '{item}' is not <option>=<value>")
+        options[key.strip()] = yaml.safe_load(value)
+    return match["name"], options
+
+
+def load_entry(registry: Registry, entry: str) -> Any:
+    """The typed option an entry names (``split_entry``): its YAML with the entry's options."""
+    name, options = split_entry(entry)
+    return load_option(registry, name, options)
 
 
 def replica_of(name: str) -> tuple[str, int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,17 @@ class CrossValidation:
     accuracy: Optional[float]
     nll: Optional[float]
     folds: int
+
+    def record(self) -> dict[str, Any]:
+        """The result's ``selection`` fields."""
+        return {
+            "selected_l2": self.l2,
+            "selected_steps": self.steps,
+            "cv_accuracy": self.accuracy,
+            "cv_nll": self.nll,
+            "folds": self.folds,
+            "selection": "cross-validation" if self.folds else "fixed: a class has one labeled image",
+        }
 
 
 def cross_validate(
