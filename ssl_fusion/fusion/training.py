@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -227,9 +227,16 @@ class CrossValidation:
     nll: Optional[float]
     folds: int
 
-    @property
-    def l2(self) -> float:
-        return self.setting["l2"]
+    def record(self) -> dict[str, Any]:
+        """The result's ``selection`` fields."""
+        return {
+            **{f"selected_{key}": strength for key, strength in self.setting.items()},  # selected_l2, ...
+            "selected_steps": self.steps,
+            "cv_accuracy": self.accuracy,
+            "cv_nll": self.nll,
+            "folds": self.folds,
+            "selection": "cross-validation" if self.folds else "fixed: a class has one labeled image",
+        }
 
 
 def fixed_setting(grid: list[dict[str, float]]) -> dict[str, float]:

@@ -201,9 +201,9 @@ def check_study(node: Any) -> Plan:
             check_names(f"study.{key}", getattr(study, key), DATASETS)
     check_names("study.encoder", [study.encoder], ENCODERS)
     imported, external = check_imported(node.imported, PRETEXTS), check_external(node.external, PRETEXTS)
-    pretexts = check_names("study.pretexts", study.pretexts, PRETEXTS, [*imported, *external])
+    pretexts = check_names("study.pretexts", study.pretexts, PRETEXTS, [*imported, *external], replicas=True)
     if study.controls:
-        check_names("study.controls", study.controls, PRETEXTS)
+        check_names("study.controls", study.controls, PRETEXTS, replicas=True)
         both = sorted(set(study.controls) & set(pretexts))
         if both:
             raise UserError(f"study.controls: {both[0]} is also in study.pretexts; list it once")

@@ -13,7 +13,8 @@ from ssl_fusion.config import (
     LabelsConfig,
     ProbeConfig,
     check_names,
-    load_option,
+    load_entry,
+    split_entry,
 )
 from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
@@ -37,11 +38,12 @@ log = logging.getLogger("sslfuse")
 
 
 def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionConfig, list[str]]]:
-    """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext)."""
+    """Each configured fusion (``attention``, or with options: ``attention[scorer=uniform]``) over all pretexts, as its
+    head class expands it (``single``: one per pretext)."""
     heads = []
-    for name in fusions:
-        fusion = load_option(METHODS, name)
-        heads += lookup_method(name).variants(fusion, pretexts)
+    for entry in fusions:
+        fusion = load_entry(METHODS, entry)
+        heads += lookup_method(fusion.name).variants(fusion, pretexts)
     return heads
 
 
@@ -72,7 +74,8 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
-    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts)
+    check_names("fusions", [split_entry(entry)[0] for entry in cfg.fusions], METHODS)
+    heads = planned_heads(list(cfg.fusions), pretexts)
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:
