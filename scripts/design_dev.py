@@ -5,7 +5,6 @@ The design seeds are encoder seed 0 and label seeds 0, 1, 2; every fuse scores `
 class of the training split, held out of the labels and of everything a head is fit on). The confirmatory study
 (``conf/study/paper_claims.yaml``) runs on other encoder and label seeds; only its frozen choices see the test split.
 
-
 Each question is a list of variants, each a list of ``sslfuse`` commands (``run`` with its fusions, or ``fuse`` over
 the label seeds). A variant's fuses go to ``outputs/design_dev/<question>/<variant>/`` and are reused when present, so
 an interrupted run resumes. Every result lands in ``outputs/results/design_dev/variants.csv`` (one row per fuse) and
