@@ -177,7 +177,18 @@ def main() -> None:
         .reset_index()
     )
     summary.to_csv(TABLE / "summary.csv", index=False)
+    (TABLE / "summary.md").write_text(markdown(summary))
     print(summary.to_string(index=False))
+
+
+def markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table: dev accuracy (%) mean ± std over the label seeds."""
+    lines = ["| question | variant | cell | method | dev accuracy (%) | n |", "|:--|:--|:--|:--|--:|--:|"]
+    for row in summary.itertuples():
+        spread = f" ± {100 * row.std:.2f}" if row.count > 1 else ""
+        score = f"{100 * row.mean:.2f}{spread}"
+        lines.append(f"| {row.question} | {row.variant} | {row.cell} | {row.method} | {score} | {row.count} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
