@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,6 +13,7 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     ProbeConfig,
+    as_plain,
     check_names,
     load_option,
 )
@@ -36,11 +38,30 @@ from ssl_fusion.stages.sources import FeatureSource, feature_sources
 log = logging.getLogger("sslfuse")
 
 
-def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionConfig, list[str]]]:
-    """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext)."""
+def head_options(overrides: list[str]) -> dict[str, Any]:
+    """``head_overrides`` (``fusion.<option>=<value>``, as ``sslfuse fuse`` takes them) as {option: value}; a
+    one-line UserError for an item of another form."""
+    options = {}
+    for item in overrides:
+        key, equals, _ = item.partition("=")
+        if not equals or not key.startswith("fusion.") or key.count(".") != 1:
+            raise UserError(f"head_overrides: '{item}' is not fusion.<option>=<value>, e.g. fusion.screen=false")
+        options |= OmegaConf.to_container(OmegaConf.from_dotlist([item]))["fusion"]
+    return options
+
+
+def planned_heads(
+    fusions: list[str], pretexts: list[str], head_overrides: list[str] = ()
+) -> list[tuple[FusionConfig, list[str]]]:
+    """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext), with the
+    options of ``head_overrides`` (``head_options``) set on every head: an option a head lacks is refused in one line
+    naming it."""
+    options = head_options(list(head_overrides))
     heads = []
     for name in fusions:
         fusion = load_option(METHODS, name)
+        if options:
+            fusion = METHODS.typed_config({**as_plain(fusion), **options}, key="head_overrides: fusion")
         heads += lookup_method(name).variants(fusion, pretexts)
     return heads
 
@@ -72,7 +93,7 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
-    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts)
+    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts, list(cfg.head_overrides))
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:
