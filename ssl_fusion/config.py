@@ -8,11 +8,13 @@ before any work starts.
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterable, List, Optional
 
 import torch
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -29,6 +31,10 @@ DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
 # within this bound every derived seed stays inside torch's 64-bit range.
 MAX_SEED = 2**32 - 1
 SEED_KEYS = ("seed", "encoder_seed", "seeds", "encoder_seeds")
+# ``<pretext>@<k>`` in ``pretexts``: replica k of the pretext, its recipe pretrained again with the seed
+# encoder_seed + REPLICA_SEED_STRIDE * k (a stride above any seed list's length, so replicas and encoder_seeds differ)
+REPLICA_SEED_STRIDE = 1000
+REPLICA_MARK = "@"
 
 
 @dataclass
@@ -214,19 +220,77 @@ def check_seeds(cfg: Any) -> None:
             check_seed(key, seed)
 
 
-def load_option(registry: Registry, name: str) -> Any:
-    """An option of a group as written in ``conf/<group>/<name>.yaml`` (typed), outside Hydra's composition.
+def load_option(registry: Registry, name: str, options: Optional[dict[str, Any]] = None) -> Any:
+    """An option of a group as written in ``conf/<group>/<name>.yaml`` (typed), outside Hydra's composition, with
+    ``options`` replacing some of its values.
 
     Stages that take a list of names (``pretexts=[a,b]``, ``fusions=[...]``) use each one's YAML as is.
     """
     registry.get(name)
     path = CONF_DIR / registry.kind / f"{name}.yaml"
-    node = OmegaConf.load(path) if path.is_file() else {"name": name}
+    node = OmegaConf.load(path) if path.is_file() else OmegaConf.create({"name": name})
+    for key, value in (options or {}).items():
+        if key == "name" or key not in node:
+            raise UserError(f"{registry.kind} {name}: '{key}' is not an option of it; options: {', '.join(node)}")
+        node[key] = value
     return registry.typed_config(node, key=f"{registry.kind} {name}")
 
 
-def check_names(key: str, names: list[str], registry: Registry, also: Iterable[str] = ()) -> list[str]:
-    """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave)."""
+ENTRY = re.compile(r"(?P<name>[A-Za-z0-9_]+)(?:\[(?P<options>[^\[\]]*)\])?")
+
+
+def split_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``attention[scorer=uniform,pretext_dropout=0.5]`` -> (``attention``, its options): a method with changed
+    options, written as the tables title it. Values are read as YAML (``0.5``, ``false``, ``[0.1,1]``)."""
+    match = ENTRY.fullmatch(entry.strip())
+    if match is None:
+        raise UserError(f"'{entry}': give a method as <name> or <name>[<option>=<value>,...]")
+    options = {}
+    for item in filter(None, (part.strip() for part in (match["options"] or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"'{entry}': '{item}' is not <option>=<value>")
+        options[key.strip()] = yaml.safe_load(value)
+    return match["name"], options
+
+
+def load_entry(registry: Registry, entry: str) -> Any:
+    """The typed option an entry names (``split_entry``): its YAML with the entry's options."""
+    name, options = split_entry(entry)
+    return load_option(registry, name, options)
+
+
+def replica_of(name: str) -> tuple[str, int]:
+    """Pretext and replica of a ``pretexts`` entry: ``simclr@2`` -> (simclr, 2), ``simclr`` -> (simclr, 0)."""
+    pretext, _, replica = name.partition(REPLICA_MARK)
+    return pretext, int(replica) if replica else 0
+
+
+def replica_seed(encoder_seed: int, replica: int) -> int:
+    """The pretraining seed of replica ``replica`` (0: the pretext itself) of encoders of ``encoder_seed``."""
+    return encoder_seed + REPLICA_SEED_STRIDE * replica
+
+
+def check_replica(key: str, name: str, registry: Registry, also: list[str]) -> None:
+    """Refuse, in one line naming ``key``, an entry ``<base>@<k>`` that is no replica of one of ``registry``'s options
+    with k a positive integer (written without leading zeros): a name in ``also`` (made elsewhere) has no pretraining
+    seed to vary."""
+    base, _, replica = name.partition(REPLICA_MARK)
+    allowed = (
+        f"a replica is <{registry.kind}>@<k>, k a positive integer, of a {registry.kind} "
+        f"({', '.join(registry.names())}), pretrained with seed encoder_seed + {REPLICA_SEED_STRIDE} k"
+    )
+    if base in also:
+        raise UserError(f"{key}: '{name}' replicates '{base}', made elsewhere with no pretraining seed; {allowed}")
+    if base not in registry.names() or not replica.isdigit() or replica != str(int(replica)) or int(replica) < 1:
+        raise UserError(f"{key}: '{name}' is not a replica; {allowed}")
+
+
+def check_names(
+    key: str, names: list[str], registry: Registry, also: Iterable[str] = (), replicas: bool = False
+) -> list[str]:
+    """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave), or
+    with ``replicas`` a replica ``<option>@<k>`` of an option (``check_replica``)."""
     if not names:
         raise UserError(f"{key} is empty; give at least one of: {', '.join(registry.names())}")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -234,7 +298,9 @@ def check_names(key: str, names: list[str], registry: Registry, also: Iterable[s
         raise UserError(f"{key} lists {', '.join(repeated)} more than once")
     also = list(also)
     for name in names:
-        if name not in also and name not in registry.names():
+        if replicas and REPLICA_MARK in name and name not in also:
+            check_replica(key, name, registry, also)
+        elif name not in also and name not in registry.names():
             imported = f"; imported: {', '.join(also)}" if also else ""
             raise UserError(
                 f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: "

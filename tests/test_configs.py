@@ -77,3 +77,42 @@ def test_train_overrides_change_the_recipe():
     assert pretext_recipe("simclr", TrainOverrides(epochs_scale=4.0)).epochs == 4 * base.epochs
     assert pretext_recipe("simclr", TrainOverrides(epochs=1, epochs_scale=4.0)).epochs == 1
     assert pretext_recipe("simclr", TrainOverrides(batch_size=32)).batch_size == 32
+
+
+def test_a_method_entry_with_options_is_its_yaml_with_those_values_and_is_titled_as_written():
+    """``attention[scorer_hidden=8,screen=false]`` is attention's YAML with two values replaced, YAML-typed; a table
+    titles the result with those options, and that title read back as an entry is the same head."""
+    from ssl_fusion.fusion.protocol import method_title
+    from ssl_fusion.stages.run import planned_heads
+
+    default = load_option(METHODS, "attention")
+    (fusion, used), *_ = planned_heads(["attention[scorer_hidden=8,screen=false]"], ["rotation", "simclr"])
+    assert (fusion.scorer_hidden, fusion.screen) == (8, False)
+    assert {k: v for k, v in vars(fusion).items() if k not in ("scorer_hidden", "screen")} == {
+        k: v for k, v in vars(default).items() if k not in ("scorer_hidden", "screen")
+    }
+    assert used == ["rotation", "simclr"]
+    title = method_title(fusion, {"rotation": _Views(), "simclr": _Views()})
+    assert title == "attention[screen=False,scorer_hidden=8]"
+    assert planned_heads([title], ["rotation", "simclr"])[0][0] == fusion  # the title, as an entry, is the same head
+
+
+class _Views:
+    train_views = None
+
+
+@pytest.mark.parametrize(
+    ("entry", "names"),
+    [
+        ("attention[nope=1]", "'nope' is not an option"),
+        ("attention[temperature=0]", "fusion.temperature"),
+        ("attention[scorer_hidden]", "is not <option>=<value>"),
+        ("attention[[x]]", "<name>[<option>=<value>,...]"),
+    ],
+)
+def test_a_bad_method_entry_is_refused_in_one_line_naming_the_option(entry, names):
+    from ssl_fusion.stages.run import planned_heads
+
+    with pytest.raises(UserError, match=names.replace("[", r"\[").replace("]", r"\]")) as err:
+        planned_heads([entry], ["rotation"])
+    assert "\n" not in str(err.value)

@@ -28,6 +28,7 @@ import numpy as np
 RESULT_VERSION = 2  # 1: results without the fields below (before the contract); the report refuses them
 SELECTION_KEYS = (
     "selected_l2",
+    "selected_group",  # the group penalty's strength (fusion=group_lasso)
     "selected_steps",
     "selected_c",
     "cv_accuracy",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 import torch
 from omegaconf import MISSING
@@ -41,6 +41,12 @@ class FusionConfig(Checked):
     feature_dropout: float = 0.2
     screen: bool = True  # leave out pretexts whose features show no label information (ssl_fusion.fusion.screen)
 
+    def grid(self) -> list[dict[str, float]]:
+        """The settings cross-validation chooses among, each a strength per penalty: ``l2`` for every head (the
+        L2 of ``training.fit_stack``), and the strengths a head applies itself (``FusionHead.proximal``). Default:
+        one setting per L2 strength."""
+        return [{"l2": l2} for l2 in self.l2_grid]
+
     def rules(self) -> dict[str, Rule]:
         """Heads with options of their own extend it (see ``ssl_fusion.runtime.checks``)."""
         return {
@@ -52,6 +58,18 @@ class FusionConfig(Checked):
         }
 
 
+@dataclass
+class Fitted:
+    """A method fit on the labeled features, as the protocol records it: the evaluated images' class probabilities,
+    their pretext weights (for heads that have them), how its settings were chosen (``FuseResult.selection``) and
+    what else its fit tells (``FuseResult.details``: parameters, losses)."""
+
+    probs: torch.Tensor
+    weights: Optional[torch.Tensor]
+    selection: dict[str, Any]
+    details: dict[str, Any]
+
+
 class FusionMethod:
     """What every method in ``FUSIONS`` tells the protocol and the stages about itself, so that they never compare
     method names: class attributes and class methods, read before any instance exists."""
@@ -59,6 +77,7 @@ class FusionMethod:
     needs_images: ClassVar[bool] = False  # trains on the labeled images (a baseline), not on cached features
     reads_one_pretext: ClassVar[bool] = False  # trained on one pretext's features (single, select)
     hidden_options: ClassVar[tuple[str, ...]] = ()  # options a method label shows in its own way
+    fits_itself: ClassVar[bool] = False  # fit on the features by its own ``fit_predict``, not trained as a head
 
     @classmethod
     def inputs(cls, cfg: FusionConfig, pretexts: list[str]) -> list[str]:
@@ -120,6 +139,27 @@ class FusionHead(FusionMethod, nn.Module):
     def regularization(self) -> torch.Tensor:
         """Extra loss term added while training (e.g. an entropy penalty); zero by default."""
         return torch.zeros(())
+
+    def proximal(
+        self,
+        params: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor],
+        step_sizes: dict[str, torch.Tensor],
+        strengths: dict[str, torch.Tensor],
+    ) -> None:
+        """The proximal step of a non-smooth penalty, applied in place after every optimizer step to the parameters
+        stacked on a leading member dimension. Of that update, per parameter: ``moments``, the gradient it followed,
+        and ``step_sizes``, the step it gave each coordinate along it (Adam: rate over root mean square gradient);
+        ``strengths``: each of the head's own penalties' strength per member (the keys of ``FusionConfig.grid`` but
+        ``l2``). Nothing by default."""
+
+
+def dropped_pretexts(like: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Which pretexts (columns of a (batch, pretexts) ``like``) each sample leaves out in training, each with
+    probability ``dropout``, never all of a sample's: the one draw of ``attention``'s and ``concat``'s pretext
+    dropout, so that both see the same masks from the same random state."""
+    dropped = torch.rand_like(like) < dropout
+    return dropped & ~dropped.all(dim=1, keepdim=True)
 
 
 FUSIONS: Registry[type[FusionMethod]] = Registry("fusion")

@@ -10,6 +10,10 @@ is exactly ``concat``'s (logistic regression's) start; the attention only depart
 pay for it, under the L2 strength and length the k-fold protocol chooses. With ``scorer_hidden: 0`` the scorer is
 linear; its parameters (P per feature) stay below the classifiers' (one per class and feature), so the head has
 about ``(1 + P / classes)`` times ``concat``'s parameters.
+
+``scorer: uniform`` is the ablation "attention without attention": no scorer, the weights are uniform over the
+pretexts kept (``1 / kept``, pretext dropout still applied in training), which is ``concat`` with the same
+``pretext_dropout``. Where it matches the learned scorer, attention's gain is the dropout's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead, dropped_pretexts
 from ssl_fusion.runtime.checks import Rule, above, at_least, one_of, within
 
 
@@ -31,6 +35,7 @@ class AttentionConfig(FusionConfig):
     feature_dropout: float = 0.0
     restarts: int = 1  # from zero and without dropout every refit is the same
     scores_from: str = "features"  # features: all pretexts' features; logits: all pretexts' class logits
+    scorer: str = "learned"  # learned: weights from the scorer; uniform: none trained, equal weights over the kept
 
     def rules(self) -> dict[str, Rule]:
         return {
@@ -39,6 +44,7 @@ class AttentionConfig(FusionConfig):
             "temperature": above(0),
             "pretext_dropout": within(0, 1, "[)"),
             "scores_from": one_of(("features", "logits")),
+            "scorer": one_of(("learned", "uniform")),
         }
 
 
@@ -46,9 +52,7 @@ def softmax_dropping_pretexts(scores: torch.Tensor, dropout: float) -> torch.Ten
     """Softmax over pretexts (dim 1) after leaving out each pretext of each sample with probability ``dropout``
     (never all of a sample's): the weights of the pretexts kept renormalise."""
     if dropout > 0:
-        dropped = torch.rand_like(scores) < dropout
-        dropped &= ~dropped.all(dim=1, keepdim=True)
-        scores = scores.masked_fill(dropped, float("-inf"))
+        scores = scores.masked_fill(dropped_pretexts(scores, dropout), float("-inf"))
     return scores.softmax(dim=1)
 
 
@@ -72,14 +76,21 @@ class AttentionFusion(FusionHead):
         for classify in self.classifiers:
             nn.init.zeros_(classify.weight)
         self.bias = nn.Parameter(torch.zeros(num_classes))
-        reads = sum(feature_dims) if cfg.scores_from == "features" else num_classes * len(feature_dims)
-        self.scorer = scorer(reads, cfg.scorer_hidden, len(feature_dims))
-        self.input_scale = reads**-0.5
+        if cfg.scorer == "learned":
+            reads = sum(feature_dims) if cfg.scores_from == "features" else num_classes * len(feature_dims)
+            self.scorer = scorer(reads, cfg.scorer_hidden, len(feature_dims))
+            self.input_scale = reads**-0.5
+
+    def scores_of(self, features: list[torch.Tensor], per_pretext: torch.Tensor) -> torch.Tensor:
+        """(batch, pretexts) scores: the scorer's, or with ``scorer: uniform`` zeros (equal weights)."""
+        if self.cfg.scorer == "uniform":
+            return per_pretext.new_zeros(per_pretext.shape[:2])
+        reads = torch.cat(features, dim=1) if self.cfg.scores_from == "features" else per_pretext.flatten(1)
+        return self.scorer(reads * self.input_scale) / self.cfg.temperature
 
     def weights_of(self, features: list[torch.Tensor], per_pretext: torch.Tensor) -> torch.Tensor:
         """(batch, pretexts) weights summing to one per sample."""
-        reads = torch.cat(features, dim=1) if self.cfg.scores_from == "features" else per_pretext.flatten(1)
-        scores = self.scorer(reads * self.input_scale) / self.cfg.temperature
+        scores = self.scores_of(features, per_pretext)
         return softmax_dropping_pretexts(scores, self.cfg.pretext_dropout if self.training else 0.0)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:

@@ -23,11 +23,10 @@ from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import EvaluationConfig, complement, fold_count
 from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
-from ssl_fusion.fusion import FUSIONS, FusionConfig, FusionHead
+from ssl_fusion.fusion import FUSIONS, Fitted, FusionConfig, FusionMethod
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
 from ssl_fusion.fusion.training import (
-    CrossValidation,
     cross_validate,
     predict_proba,
     score,
@@ -38,7 +37,7 @@ from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
 
 
-def head_class(fusion: FusionConfig) -> type[FusionHead]:
+def head_class(fusion: FusionConfig) -> type[FusionMethod]:
     return FUSIONS.get(fusion.name).impl
 
 
@@ -89,15 +88,20 @@ def fit_and_predict(
     test: list[torch.Tensor],
     num_classes: int,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, CrossValidation, list[float], int]:
-    """Select and refit ``fusion``'s head on the labeled features: test-set probabilities and weights, the
-    selection, the last refit's loss curve and the head's number of trained parameters."""
+) -> Fitted:
+    """Select and refit ``fusion``'s head on the labeled features (a method that ``fits_itself`` fits its own way):
+    test-set probabilities and weights, the selection, the head's number of trained parameters and the last refit's
+    first and final loss."""
     dims = [f.shape[-1] for f in train]
+    if head_class(fusion).fits_itself:
+        return head_class(fusion)(fusion, dims, num_classes).fit_predict(train, labels, test, seed)
     heads, selection, losses = train_selected(
         lambda: head_class(fusion)(fusion, dims, num_classes), train, labels, fusion, seed
     )
     probs, weights = predict_proba(heads, test)
-    return probs, weights, selection, losses, sum(p.numel() for p in heads[0].parameters())
+    parameters = sum(p.numel() for p in heads[0].parameters())
+    details = {"head_parameters": parameters, "first_loss": losses[0], "final_loss": losses[-1]}
+    return Fitted(probs, weights, selection.record(), details)
 
 
 def choose_pretext(
@@ -120,8 +124,7 @@ def choose_pretext(
 
     def test_accuracy(name: str) -> float:
         i = position[name]
-        probs = fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed)[0]
-        return score(probs, test_labels)[0]
+        return score(fit_and_predict(fusion, [train[i]], labels, [test[i]], num_classes, seed).probs, test_labels)[0]
 
     plain = {name: views[0] for name, views in zip(names, train)}
     scores = criterion_scores(fusion, plain, labels, seed, cv_accuracy, test_accuracy)
@@ -261,12 +264,11 @@ def fuse_result(
         extra |= {"chosen_pretext": used[chosen], "selection_scores": scores}
         train, test = [train[chosen]], [test[chosen]]
     fitted, adjusted = head_class(fusion).fit_to(fusion, len(train))
-    probs, weights, selection, losses, parameters = fit_and_predict(fitted, train, labels, test, num_classes, seed)
+    fit = fit_and_predict(fitted, train, labels, test, num_classes, seed)
+    probs, weights = fit.probs, fit.weights
     details = {
         "classes": list(range(num_classes)),
-        "head_parameters": parameters,
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
+        **fit.details,
         "fit_seconds": time.perf_counter() - started,
         "fusion_config": as_plain(fusion),
         "adjusted_options": adjusted,
@@ -284,14 +286,7 @@ def fuse_result(
         pretexts=pretexts,
         labels=labels_cfg.fields(labeled, seed, full.train_labels),
         metrics=split_metrics(evaluation.split, probs, test_labels),
-        selection={
-            "selected_l2": selection.l2,
-            "selected_steps": selection.steps,
-            "cv_accuracy": selection.accuracy,
-            "cv_nll": selection.nll,
-            "folds": selection.folds,
-            "selection": "cross-validation" if selection.folds else "fixed: a class has one labeled image",
-        },
+        selection=fit.selection,
         uses_test=head_class(fusion).peeks_at_test(fusion),
         uses_all_labels=any(s.uses_labels for s in sets),
         cached_views=len(train[0]) - 1,

@@ -16,14 +16,14 @@ import torch
 from ssl_fusion.evaluation.logme import logme_evidence
 from ssl_fusion.evaluation.probe import cross_validated_knn
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.fusion.concat import ConcatConfig, LinearFusion
+from ssl_fusion.fusion.concat import LinearConfig, LinearFusion
 from ssl_fusion.runtime.checks import Rule, at_least, one_of
 
 CRITERIA = ("val", "logme", "knn", "oracle")
 
 
 @dataclass
-class SelectConfig(ConcatConfig):
+class SelectConfig(LinearConfig):
     by: str = "val"
     knn_k: int = 10
     knn_folds: int = 5

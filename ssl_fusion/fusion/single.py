@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ssl_fusion.fusion import FUSIONS
-from ssl_fusion.fusion.concat import ConcatConfig, LinearFusion
+from ssl_fusion.fusion.concat import LinearConfig, LinearFusion
 from ssl_fusion.runtime.errors import UserError
 
 
 @dataclass
-class SingleConfig(ConcatConfig):
+class SingleConfig(LinearConfig):
     pretext: Optional[str] = None
 
 

@@ -1,8 +1,9 @@
 """Training fusion heads on cached features the way a good linear model is trained.
 
-Protocol: split the labeled set into stratified folds; for every L2 strength in the grid and every fold,
-train a head on the other folds and score it on its fold every ``eval_every`` steps; pick the
-(L2, steps) pair with the best cross-validated accuracy over all labeled samples (ties: lower NLL);
+Protocol: split the labeled set into stratified folds; for every setting of the grid (``FusionConfig.grid``: an
+L2 strength, and a strength per penalty of the head's own) and every fold, train a head on the other folds and score
+it on its fold every ``eval_every`` steps; pick the (setting, steps) pair with the best cross-validated accuracy over
+all labeled samples (ties: lower NLL);
 then refit ``restarts`` heads with it on *all* labeled samples and average their predicted probabilities.
 
 The heads of each phase train together as one model (``HeadStack``): their parameters are stacked
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,24 @@ class HeadStack:
         run = torch.vmap(self._member, in_dims=(0, 0, None), randomness="same")
         return run(self.params, self.buffers, features)
 
+    def proximal(self, optimizer: torch.optim.Adam, strengths: dict[str, torch.Tensor]) -> None:
+        """The head's proximal step (``FusionHead.proximal``) after ``optimizer``'s last step, given the gradient that
+        step followed (Adam's bias-corrected first moment ``m_hat``) and the step size it gave each coordinate
+        (``lr / (sqrt(v_hat) + eps)``, which multiplied ``m_hat``). Nothing without strengths of the head's own."""
+        if not strengths:
+            return
+        group = optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        moments, step_sizes = {}, {}
+        for name, param in self.params.items():
+            state, key = optimizer.state[param], name.removeprefix("head.")
+            step = float(state["step"])
+            moments[key] = state["exp_avg"] / (1 - beta1**step)
+            step_sizes[key] = group["lr"] / ((state["exp_avg_sq"] / (1 - beta2**step)).sqrt() + group["eps"])
+        params = {name.removeprefix("head."): p for name, p in self.params.items()}
+        with torch.no_grad():
+            self.template.head.proximal(params, moments, step_sizes, strengths)
+
     def penalty(self) -> torch.Tensor:
         """Each member's sum of squared weight matrices (members,)."""
         return sum((self.params[name].pow(2).flatten(1).sum(1) for name in self.penalised), torch.zeros(len(self)))
@@ -104,18 +123,21 @@ def fit_stack(
     seed: int,
     trains_on: Optional[torch.Tensor] = None,
     on_eval: Optional[Callable[[int, HeadStack], None]] = None,
+    strengths: Optional[dict[str, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``features``: per pretext, (views, samples, dim), the plain features first (see ``FeatureSet.labeled_rows``).
     Minimise each member's cross entropy over the samples ``trains_on[member]`` marks (all when None) +
     ``l2[member]`` * L2 + the head's regulariser for ``steps`` Adam steps at a constant rate (a refit for N steps
-    retraces selection); returns the loss curves (members, steps). Full-batch when the labeled set fits in
-    ``cfg.batch_size``, else every member reads the same random batch. ``on_eval(step, stack)`` runs every
-    ``cfg.eval_every`` steps. Each sample of a batch is read from one of its views, drawn at random, the same
-    view for every pretext (all pretexts saw the same augmented image)."""
+    retraces selection), each followed by the head's proximal step for its own penalties' ``strengths`` (each
+    (members,), in units of ``per_sample_scale``); returns the loss curves (members, steps). Full-batch when the
+    labeled set fits in ``cfg.batch_size``, else every member reads the same random batch. ``on_eval(step, stack)``
+    runs every ``cfg.eval_every`` steps. Each sample of a batch is read from one of its views, drawn at random, the
+    same view for every pretext (all pretexts saw the same augmented image)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws
     optimizer = torch.optim.Adam(stack.params.values(), lr=cfg.lr)
     weights = torch.ones(len(stack), len(labels)) if trains_on is None else trains_on.float()
+    own = per_sample_scale(strengths or {}, weights.sum(1))
     losses = torch.empty(steps, len(stack))
     stack.template.train()
     for step in range(1, steps + 1):
@@ -130,11 +152,19 @@ def fit_stack(
         optimizer.zero_grad(set_to_none=True)
         objective.sum().backward()
         optimizer.step()
+        stack.proximal(optimizer, own)
         losses[step - 1] = loss.detach()
         if on_eval is not None and step % cfg.eval_every == 0:
             on_eval(step, stack)
     check_finite(cfg, torch.stack([p.detach().abs().max() for p in stack.params.values()]), steps, "a weight")
     return losses.T
+
+
+def per_sample_scale(strengths: dict[str, torch.Tensor], samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A head's own strengths, given in units of ``1 / sqrt(samples)`` (each member's training samples), as the head
+    applies them: the norm at which the mean gradient of features without label information falls with the samples,
+    so that one grid fits every label regime and a refit on all labels keeps the strength cross-validation chose."""
+    return {key: strength / samples.clamp_min(1).sqrt() for key, strength in strengths.items()}
 
 
 def check_finite(cfg: FusionConfig, values: torch.Tensor, step: int, what: str = "the training loss") -> None:
@@ -186,34 +216,62 @@ def split_metrics(split: str, probs: torch.Tensor, labels: torch.Tensor) -> dict
 
 @dataclass
 class CrossValidation:
-    """The chosen setting and its k-fold score: accuracy and NLL over all labeled samples, each predicted by the
-    head that did not train on it. With a single labeled sample in some class nothing can be held out: ``folds``
-    is 0, the setting is fixed (the grid's largest L2, all ``steps``) and there is no score."""
+    """The chosen setting (a strength per penalty, ``FusionConfig.grid``) and its k-fold score: accuracy and NLL over
+    all labeled samples, each predicted by the head that did not train on it. With a single labeled sample in some
+    class nothing can be held out: ``folds`` is 0, the setting is fixed (``fixed_setting``, all ``steps``) and there
+    is no score."""
 
-    l2: float
+    setting: dict[str, float]
     steps: int
     accuracy: Optional[float]
     nll: Optional[float]
     folds: int
 
+    def record(self) -> dict[str, Any]:
+        """The result's ``selection`` fields."""
+        return {
+            **{f"selected_{key}": strength for key, strength in self.setting.items()},  # selected_l2, ...
+            "selected_steps": self.steps,
+            "cv_accuracy": self.accuracy,
+            "cv_nll": self.nll,
+            "folds": self.folds,
+            "selection": "cross-validation" if self.folds else "fixed: a class has one labeled image",
+        }
+
+
+def fixed_setting(grid: list[dict[str, float]]) -> dict[str, float]:
+    """The setting without cross-validation: the grid's largest L2, and the smallest of each of the head's own
+    strengths. One label per class cannot tell a pretext that pays from one that does not, so no head penalty
+    of its own leaves one out (the group lasso's largest strength sets every block to zero there)."""
+    return {key: (max if key == "l2" else min)(s[key] for s in grid) for key in grid[0]}
+
+
+def member_strengths(settings: list[dict[str, float]], repeats: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each member's L2 strength and its head's own strengths, for members ``g * repeats + r`` trained with
+    ``settings[g]``."""
+    column = {key: torch.tensor([s[key] for s in settings]).repeat_interleave(repeats) for key in settings[0]}
+    return column.pop("l2"), column
+
 
 def cross_validate(
     make_head: HeadFactory, features: list[torch.Tensor], labels: torch.Tensor, cfg: FusionConfig, seed: int
 ) -> CrossValidation:
-    """Grid over L2 strengths × training length, scored by stratified k-fold cross-validation on the labeled set
-    (plain features; ``features`` as for ``fit_stack``). Members: one head per (L2, fold), trained together."""
+    """Grid over settings (``cfg.grid()``) × training length, scored by stratified k-fold cross-validation on the
+    labeled set (plain features; ``features`` as for ``fit_stack``). Members: one head per (setting, fold), trained
+    together."""
+    grid = cfg.grid()
     if fold_count(labels, cfg.folds) == 0:
-        return CrossValidation(max(cfg.l2_grid), cfg.steps, None, None, 0)
+        return CrossValidation(fixed_setting(grid), cfg.steps, None, None, 0)
     fold_of = stratified_folds(labels, cfg.folds, seed)
     folds = int(fold_of.max()) + 1
     held_out = fold_of[None, :] == torch.arange(folds)[:, None]  # (folds, samples)
-    trains_on = (~held_out).repeat(len(cfg.l2_grid), 1)  # member g * folds + k trains without fold k
+    trains_on = (~held_out).repeat(len(grid), 1)  # member g * folds + k trains without fold k
     plain = [f[0] for f in features]
     scores: dict[int, torch.Tensor] = {}  # step -> (grid, 2): correct predictions and summed NLL over held-out samples
 
     def record(step: int, stack: HeadStack) -> None:
         log_probs = (
-            stack.logits(plain).log_softmax(-1).unflatten(0, (len(cfg.l2_grid), folds))
+            stack.logits(plain).log_softmax(-1).unflatten(0, (len(grid), folds))
         )  # (grid, folds, samples, classes)
         mask = held_out[None].float()
         correct = ((log_probs.argmax(-1) == labels).float() * mask).sum((1, 2))
@@ -223,13 +281,13 @@ def cross_validate(
     torch.manual_seed(seed)
     head = make_head()
     stack = HeadStack([head] + [copy.deepcopy(head) for _ in range(len(trains_on) - 1)])
-    l2 = torch.tensor(cfg.l2_grid, dtype=torch.float32).repeat_interleave(folds)
-    fit_stack(stack, features, labels, cfg, l2, cfg.steps, seed, trains_on, record)
+    l2, strengths = member_strengths(grid, folds)
+    fit_stack(stack, features, labels, cfg, l2, cfg.steps, seed, trains_on, record, strengths)
     candidates = [
-        (float(s[g, 0]), -float(s[g, 1]), -step, g, step) for step, s in scores.items() for g in range(len(cfg.l2_grid))
+        (float(s[g, 0]), -float(s[g, 1]), -step, g, step) for step, s in scores.items() for g in range(len(grid))
     ]
     correct, neg_nll, _, grid_index, step = max(candidates)
-    return CrossValidation(cfg.l2_grid[grid_index], step, correct / len(labels), -neg_nll / len(labels), folds)
+    return CrossValidation(grid[grid_index], step, correct / len(labels), -neg_nll / len(labels), folds)
 
 
 def train_selected(
@@ -243,7 +301,6 @@ def train_selected(
         torch.manual_seed(seed * 1000 + 500 + restart)
         heads.append(make_head())
     stack = HeadStack(heads)
-    losses = fit_stack(
-        stack, features, labels, cfg, torch.full((len(heads),), selection.l2), selection.steps, seed * 1000 + 500
-    )
+    l2, strengths = member_strengths([selection.setting], len(heads))
+    losses = fit_stack(stack, features, labels, cfg, l2, selection.steps, seed * 1000 + 500, strengths=strengths)
     return stack.unstack(), selection, losses[-1].tolist()

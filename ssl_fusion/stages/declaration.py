@@ -269,7 +269,7 @@ def check_input_set(
         raise UserError(
             f"{key}: a set is named by a word of letters, digits, _ and - that is not '{MAIN}' (the study's pretexts)"
         )
-    check_names(f"{key}.pretexts", config.pretexts, PRETEXTS, sources)
+    check_names(f"{key}.pretexts", config.pretexts, PRETEXTS, sources, replicas=True)
     both = sorted(set(config.pretexts) & set(study.controls))
     if both:
         raise UserError(f"{key}.pretexts: {both[0]} is a control, which every set fuses already; list it once")
@@ -299,9 +299,9 @@ def check_study(node: Any) -> Plan:
             check_names(f"study.{key}", getattr(study, key), DATASETS)
     check_names("study.encoder", [study.encoder], ENCODERS)
     imported, external = check_imported(node.imported, PRETEXTS), check_external(node.external, PRETEXTS)
-    pretexts = check_names("study.pretexts", study.pretexts, PRETEXTS, [*imported, *external])
+    pretexts = check_names("study.pretexts", study.pretexts, PRETEXTS, [*imported, *external], replicas=True)
     if study.controls:
-        check_names("study.controls", study.controls, PRETEXTS)
+        check_names("study.controls", study.controls, PRETEXTS, replicas=True)
         both = sorted(set(study.controls) & set(pretexts))
         if both:
             raise UserError(f"study.controls: {both[0]} is also in study.pretexts; list it once")

@@ -16,6 +16,7 @@ from ssl_fusion.config import (
     as_plain,
     check_names,
     load_option,
+    split_entry,
 )
 from ssl_fusion.data.convert import check_conversion
 from ssl_fusion.data.features import FeatureSet
@@ -53,15 +54,16 @@ def head_options(overrides: list[str]) -> dict[str, Any]:
 def planned_heads(
     fusions: list[str], pretexts: list[str], head_overrides: list[str] = ()
 ) -> list[tuple[FusionConfig, list[str]]]:
-    """Each configured fusion over all pretexts, as its head class expands it (``single``: one per pretext), with the
-    options of ``head_overrides`` (``head_options``) set on every head: an option a head lacks is refused in one line
-    naming it."""
+    """Each configured fusion (``attention``, or with options: ``attention[scorer=uniform]``) over all pretexts, as its
+    head class expands it (``single``: one per pretext), with the options of ``head_overrides`` (``head_options``)
+    set on every head where its entry does not set them: an option a head lacks is refused in one line naming it."""
     options = head_options(list(head_overrides))
     heads = []
-    for name in fusions:
-        fusion = load_option(METHODS, name)
+    for entry in fusions:
+        name, own = split_entry(entry)
+        fusion = load_option(METHODS, name, own)
         if options:
-            fusion = METHODS.typed_config({**as_plain(fusion), **options}, key="head_overrides: fusion")
+            fusion = METHODS.typed_config({**as_plain(fusion), **options, **own}, key="head_overrides: fusion")
         heads += lookup_method(name).variants(fusion, pretexts)
     return heads
 
@@ -93,7 +95,8 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
-    heads = planned_heads(check_names("fusions", list(cfg.fusions), METHODS), pretexts, list(cfg.head_overrides))
+    check_names("fusions", [split_entry(entry)[0] for entry in cfg.fusions], METHODS)
+    heads = planned_heads(list(cfg.fusions), pretexts, list(cfg.head_overrides))
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:

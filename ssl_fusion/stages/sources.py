@@ -15,17 +15,22 @@ from typing import Any, ClassVar, Iterable, Iterator
 from omegaconf import DictConfig
 
 from ssl_fusion.config import (
+    REPLICA_SEED_STRIDE,
     CacheConfig,
     ProbeConfig,
     check_external,
     check_imported,
     check_names,
+    check_seed,
+    replica_of,
+    replica_seed,
 )
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.imported import ImportedFeatures, load_imported
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.stages import user_overrides
 from ssl_fusion.stages.caching import (
     encoder_conversion,
     ensure_external_features,
@@ -91,31 +96,56 @@ class FeatureSource(ABC):
 
 
 class OwnPretext(FeatureSource):
-    """An encoder sslfuse pretrains on a pretext task (``conf/pretext/<name>.yaml``), with augmented views on demand."""
+    """An encoder sslfuse pretrains on a pretext task (``conf/pretext/<name>.yaml``), with augmented views on demand.
+    Named ``<pretext>@<k>``, replica k of it: the same recipe pretrained with the seed encoder_seed +
+    ``REPLICA_SEED_STRIDE`` k, stored as the encoder that ``sslfuse pretrain`` makes with that seed."""
 
     has_views = True
     cached_by_every_rank = True
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.pretext, self.replica = replica_of(name)
+
+    def context(self, ctx: StageContext) -> StageContext:
+        """``ctx`` with this source's pretraining seed: the stage's, or a replica's."""
+        if not self.replica:
+            return ctx
+        seed = replica_seed(ctx.seed, self.replica)
+        check_seed(
+            f"encoder_seed + {REPLICA_SEED_STRIDE} * {self.replica} (the seed of pretexts entry '{self.name}')", seed
+        )
+        return dataclasses.replace(ctx, seed=seed)
+
     def recipe(self, ctx: StageContext) -> PretextConfig:
-        return pretext_recipe(self.name, ctx.overrides)
+        return pretext_recipe(self.pretext, ctx.overrides)
 
     def encoder_name(self, ctx: StageContext) -> str:
-        return encoder_artifact(ctx, self.recipe(ctx), ctx.overrides.max_steps_per_epoch)
+        return encoder_artifact(self.context(ctx), self.recipe(ctx), ctx.overrides.max_steps_per_epoch)
+
+    def pretrain_command(self, ctx: StageContext) -> str:
+        """The command that pretrains this source's encoder (``ctx``: the stage's): a replica's names its seed."""
+        if not self.replica:
+            return pretrain_command(self.pretext)
+        extra = user_overrides(("pretexts", "cache", "pretext", "seed", "encoder_seed"))
+        return " ".join(["sslfuse pretrain", f"pretext={self.pretext}", f"seed={self.context(ctx).seed}", *extra])
 
     def check(self, ctx: StageContext) -> None:
-        """The pretext must be able to run on the pretraining data."""
-        PRETEXTS.get(self.name).impl.check(self.recipe(ctx), ctx.pretraining)
+        """The pretext must be able to run on the pretraining data (and a replica's seed be in range)."""
+        PRETEXTS.get(self.pretext).impl.check(self.recipe(ctx), self.context(ctx).pretraining)
 
     def check_cacheable(self, ctx: StageContext) -> None:
         """The encoder must be stored, and the downstream images convertible to its input."""
-        encoder_conversion(ctx, stored_encoder(ctx, self.name, pretrain_command(self.name)))
+        own = self.context(ctx)
+        encoder_conversion(own, stored_encoder(own, self.pretext, self.pretrain_command(ctx)))
 
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
-        encoder_name, manifest, reused = ensure_encoder(ctx.for_pretraining(), self.recipe(ctx), probe)
-        _, _, cached = ensure_features(ctx, encoder_name, cache.batch_size)
+        own = self.context(ctx)
+        encoder_name, manifest, reused = ensure_encoder(own.for_pretraining(), self.recipe(ctx), probe)
+        _, _, cached = ensure_features(own, encoder_name, cache.batch_size)
         views = ""
         if cache.views:
-            _, views_reused = ensure_views(ctx, encoder_name, cache)
+            _, views_reused = ensure_views(own, encoder_name, cache)
             views = f", {cache.views} views {'reused' if views_reused else 'cached'}"
         done = (
             f"encoder {'reused' if reused else 'made'} ({probe_summary(manifest['metrics'])}), "
@@ -124,11 +154,12 @@ class OwnPretext(FeatureSource):
         return self.load(ctx, cache, ""), done
 
     def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
+        own = self.context(ctx)
         encoder_name = self.encoder_name(ctx)  # stored: ``check_cacheable`` made sure
-        name, _, reused = ensure_features(ctx, encoder_name, cache.batch_size, cache.num_workers)
+        name, _, reused = ensure_features(own, encoder_name, cache.batch_size, cache.num_workers)
         yield f"features {name} ({'reused' if reused else 'computed'}): {ctx.store.folder(FEATURES_KIND, name)}"
         if cache.views:
-            name, reused = ensure_views(ctx, encoder_name, cache)
+            name, reused = ensure_views(own, encoder_name, cache)
             folder = ctx.store.folder(VIEWS_KIND, name)
             yield f"{cache.views} views {name} ({'reused' if reused else 'computed'}): {folder}"
 
@@ -246,8 +277,10 @@ def sources_named(
     declared: dict[str, FeatureSource],
     key: str = "pretexts",
 ) -> list[FeatureSource]:
-    """The sources of ``names``, checked (``check_names`` under ``key``): a declared one, else sslfuse's own pretext."""
-    return [declared.get(name) or OwnPretext(name) for name in check_names(key, list(names), PRETEXTS, declared)]
+    """The sources of ``names``, checked (``check_names`` under ``key``): a declared one, else sslfuse's own pretext
+    or a replica of it."""
+    checked = check_names(key, list(names), PRETEXTS, declared, replicas=True)
+    return [declared.get(name) or OwnPretext(name) for name in checked]
 
 
 def feature_sources(cfg: DictConfig) -> list[FeatureSource]:
