@@ -182,6 +182,7 @@ class RunStage(UsesEncoders):
     imported: Dict[str, Any] = field(default_factory=dict)  # +imported.<name>.train=/.test=: features made elsewhere
     external: Dict[str, Any] = field(default_factory=dict)  # +external.<name>.arch=...: encoders made elsewhere
     fusions: List[str] = field(default_factory=lambda: ["attention", "concat", "select", "single"])
+    head_overrides: List[str] = field(default_factory=list)  # options of every head, e.g. ['fusion.screen=false']
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     encoder_seeds: List[int] = field(
         default_factory=list

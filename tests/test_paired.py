@@ -96,6 +96,29 @@ def test_best_single_is_chosen_on_validation_not_test(tmp_path):
     assert row["low"] == pytest.approx(6.0 - stats.t.ppf(0.975, 2) * row["standard_error"])
 
 
+def test_best_single_is_chosen_per_label_seed_on_that_runs_own_labels(tmp_path):
+    """Each (encoder seed, label seed) has its own labeled images, so its own best single: b wins the cross-validation
+    of label seeds 0 and 1, a that of label seed 2 (pooled over the seeds, b would be chosen everywhere, with 3 times
+    the labels one run has); on encoder seed 1 a wins every seed. A tie goes to the lower cross-validation loss."""
+    cv = {(0, 0): (0.5, 0.9), (0, 1): (0.4, 0.8), (0, 2): (0.7, 0.3), (1, 0): (0.9, 0.1), (1, 1): (0.9, 0.1)}
+    records = []
+    for (encoder_seed, seed), (cv_a, cv_b) in cv.items():
+        records += [
+            result("single", ["a"], 0.60 + 0.01 * seed, seed, encoder_seed, cv_accuracy=cv_a),
+            result("single", ["b"], 0.70 + 0.01 * seed, seed, encoder_seed, cv_accuracy=cv_b),
+            result("concat", ["a", "b"], 0.80, seed, encoder_seed),
+        ]
+    tied = [result("single", [name], 0.5 + 0.1 * i, 3, cv_accuracy=0.5) for i, name in enumerate(["a", "b"])]
+    for record, loss in zip(tied, [0.9, 0.4]):
+        record["cv_nll"] = loss
+    records += [*tied, result("concat", ["a", "b"], 0.80, 3)]
+    row = paired_differences(write(tmp_path, records), ["best-single"]).set_index("method").loc["concat(a+b)"]
+    # the test accuracy of each run's pick: b, b, a, b (the tie) on encoder seed 0; a, a on encoder seed 1
+    picks = [70, 71, 62, 60, 60, 61]
+    assert row["difference"] == pytest.approx(np.mean([80 - pick for pick in picks]), abs=0.005)  # 16; pooled: 14.33
+    assert (row["pairs"], row["reference"]) == ("6", "best single on validation (a+b)")
+
+
 def test_encoder_seeds_pool_only_under_their_names_with_n_as_a_product(tmp_path):
     records = [
         result("concat", ["a", "b"], 0.70 + 0.1 * encoder_seed + 0.01 * seed, seed, encoder_seed)

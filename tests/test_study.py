@@ -5,6 +5,8 @@ amendment; the verdict rule; the smoke study runs end to end through the CLI, an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -18,13 +20,23 @@ from hydra import compose, initialize_config_dir
 
 from ssl_fusion.cli import composition_problem
 from ssl_fusion.config import CONF_DIR
-from ssl_fusion.evaluation.result import FuseResult
-from ssl_fusion.report.paired import Primary, paired_differences
-from ssl_fusion.report.results import results_frame
-from ssl_fusion.report.verdicts import INCONCLUSIVE, MET, NOT_MET, ClaimConfig, judge, verdict, write_verdicts
+from ssl_fusion.evaluation.result import FuseResult, Predictions
+from ssl_fusion.report.paired import Primary, Side, paired_differences
+from ssl_fusion.report.results import collect_results, results_frame
+from ssl_fusion.report.verdicts import (
+    INCONCLUSIVE,
+    MAIN,
+    MET,
+    NOT_MET,
+    Claim,
+    ClaimConfig,
+    judge,
+    verdict,
+    write_verdicts,
+)
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.declaration import CLAIMS_FILE, check_study, declare
-from ssl_fusion.stages.study import check_jobs
+from ssl_fusion.stages.study import cell_overrides, check_jobs
 
 
 def refusal(*overrides: str) -> str:
@@ -101,6 +113,58 @@ def refusal(*overrides: str) -> str:
             ["study=smoke", "study.overrides=['preset=smoke','evaluation.split=dev']"],
             "study: evaluation.split=dev: a study's claims are judged on the test split",
         ),
+        (
+            ["study=smoke_inputs", "study.claims.1.inputs=adde"],
+            "study.claims[1].inputs: 'adde' is not an input set of this study; sets: main, added",
+        ),
+        (
+            ["study=smoke_inputs", "study.claims.1.method=concat"],
+            "study.claims[1].method: 'concat' never runs on input set added",
+        ),
+        (
+            ["study=smoke_inputs", "study.claims.1.reference=concat", "study.claims.1.reference_inputs=added"],
+            "study.claims[1].reference: 'concat' never runs on input set added as a reference",
+        ),
+        (
+            ["study=smoke_inputs", "study.claims.1.reference_inputs=null"],
+            "only methods over the same inputs pair, unless the claim names both sides' input sets",
+        ),
+        (
+            ["study=smoke_inputs", "study.claims.1.reference_inputs=added"],
+            "study.claims[1]: method and reference are both attention on added",
+        ),
+        (
+            ["study=smoke_inputs", "study.claims.1.reference=best-single"],
+            "study.claims[1]: best-single is chosen among the single heads over the main set",
+        ),
+        (
+            ["study=smoke_inputs", "study.input_sets.added.pretexts=[rotation,rotation]"],
+            "study.input_sets.added.pretexts must be a non-empty list without repeats",
+        ),
+        (
+            ["study=smoke_inputs", "study.input_sets.added.pretexts=[rotation]"],
+            "study.input_sets.added.pretexts: rotation+random are the inputs of main already",
+        ),
+        (
+            ["study=smoke_inputs", "study.input_sets.added.pretexts=[rotation,random]"],
+            "study.input_sets.added.pretexts: random is a control, which every set fuses already",
+        ),
+        (
+            ["study=smoke_inputs", "study.input_sets.added.heads=[single]"],
+            "study.input_sets.added.heads: single does not fuse the set's pretexts in one head",
+        ),
+        (
+            ["study=smoke_inputs", "study.input_sets.added.heads=[atention]"],
+            "unknown fusion 'atention' in study.input_sets.added.heads",
+        ),
+        (
+            ["study=smoke_inputs", "study.head_overrides=['fusion.scren=false']"],
+            "study.head_overrides: fusion.scren: Key 'scren' not in 'AttentionConfig'",
+        ),
+        (
+            ["study=smoke_inputs", "study.head_overrides=['screen=false']"],
+            "study.head_overrides: 'screen=false' is not fusion.<option>=<value>",
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value) or "no study",
 )
@@ -117,7 +181,7 @@ def test_every_shipped_study_passes_its_checks(name):
         plan = check_study(cfg.study)
         check_jobs(plan, [])
     assert plan.claims and all(
-        claim.reference in {*plan.fusions, "best-single", "select[by=val]"} for claim in plan.claims
+        claim.config.reference in {*plan.main.fusions, "best-single", "select[by=val]"} for claim in plan.claims
     )
 
 
@@ -153,13 +217,20 @@ def test_the_verdict_rule(direction, margin, low, high, expected):
     assert verdict(direction, margin, low, high) == expected
 
 
-def fake_result(title: str, encoder_seed: int, seed: int, accuracy: float, regime: str = "1%") -> FuseResult:
+def fake_result(
+    title: str,
+    encoder_seed: int,
+    seed: int,
+    accuracy: float,
+    regime: str = "1%",
+    pretexts: tuple[str, ...] = ("a", "b"),
+) -> FuseResult:
     return FuseResult(
-        method=f"{title}(a+b)",
+        method=f"{title}({'+'.join(pretexts)})",
         title=title,
         family=title,
         options={},
-        pretexts=["a", "b"],
+        pretexts=list(pretexts),
         labels={"regime": regime, "seed": seed},
         metrics={"test_accuracy": accuracy},
         dataset="synthetic",
@@ -183,12 +254,18 @@ def fake_results() -> pd.DataFrame:
     return results_frame(results)
 
 
+def on_main(*configs: ClaimConfig) -> list[Claim]:
+    """Claims whose two sides read the fake results' pretexts, a and b."""
+    read = frozenset({"a", "b"})
+    return [Claim(c, Side(c.method, MAIN, read), Side(c.reference, MAIN, read)) for c in configs]
+
+
 def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
-    claims = [
+    claims = on_main(
         ClaimConfig("attention", "concat", "1%", 1.0, "greater"),
         ClaimConfig("mean", "concat", "1%", 0.0, "greater"),
         ClaimConfig("attention", "concat", "5/class", 0.0, "greater"),
-    ]
+    )
     verdicts = judge(fake_results(), claims)
     assert verdicts["verdict"].tolist() == [MET, NOT_MET, INCONCLUSIVE]
     assert verdicts["note"].tolist() == ["", "", "no paired results"]
@@ -203,10 +280,10 @@ def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
 
 def test_at_a_margin_of_0_the_verdict_intervals_are_the_reports_primary_ones():
     """The claims' Holm adjustment is ``sslfuse report --primary``'s when every margin is 0."""
-    claims = [
+    claims = on_main(
         ClaimConfig("attention", "concat", "1%", 0.0, "greater"),
         ClaimConfig("mean", "concat", "1%", 0.0, "less"),
-    ]
+    )
     verdicts = judge(fake_results(), claims)
     report = paired_differences(fake_results(), ["concat"], [Primary("attention", "concat"), Primary("mean", "concat")])
     report = report.set_index("method_title").loc[["attention", "mean"]]
@@ -221,11 +298,88 @@ def test_a_claim_against_a_margin_is_tested_against_the_margin():
     adjusted as if tested against 0."""
     verdicts = judge(
         fake_results(),
-        [ClaimConfig("attention", "concat", "1%", 4.9, "greater"), ClaimConfig("mean", "concat", "1%", 0.0, "less")],
+        on_main(
+            ClaimConfig("attention", "concat", "1%", 4.9, "greater"), ClaimConfig("mean", "concat", "1%", 0.0, "less")
+        ),
     )
     near = verdicts.iloc[0]
     assert near["p_margin"] > 0.05 and near["verdict"] == INCONCLUSIVE
     assert near["holm_low"] < 4.9 < near["holm_high"]
+
+
+def test_a_cross_set_claim_pairs_the_same_head_over_two_input_sets():
+    """attention over a+b+c against attention over a+b, on the same encoder and label seeds: the estimate is the mean
+    of the paired differences computed here; a claim on the main set is not paired with the other set's results."""
+    noise = np.random.default_rng(1).normal(0, 0.01, (3, 4))
+    results = [
+        fake_result(title, e, s, accuracy, pretexts=pretexts)
+        for e in range(3)
+        for s in range(4)
+        for title, accuracy, pretexts in (
+            ("attention", 0.80 + 0.01 * s, ("a", "b")),
+            ("concat", 0.78 + 0.01 * s, ("a", "b")),
+            ("attention", 0.79 + 0.01 * s + noise[e, s], ("a", "b", "c")),
+            ("concat", 0.10, ("a", "b", "c")),
+        )
+    ]
+    frame = results_frame(results)
+    main, wide = frozenset({"a", "b"}), frozenset({"a", "b", "c"})
+    cross = ClaimConfig("attention", "attention", "1%", -0.3, "greater", inputs="wide", reference_inputs=MAIN)
+    within = ClaimConfig("attention", "concat", "1%", 0.0, "greater")
+    verdicts = judge(
+        frame,
+        [
+            Claim(cross, Side("attention", "wide", wide), Side("attention", MAIN, main)),
+            Claim(within, Side("attention", MAIN, main), Side("concat", MAIN, main)),
+        ],
+    )
+    accuracy = frame.set_index(["encoder_seed", "seed", "method"])["test_accuracy"] * 100
+    direct = np.mean(
+        [
+            accuracy[(str(e), s, "attention(a+b+c)")] - accuracy[(str(e), s, "attention(a+b)")]
+            for e in range(3)
+            for s in range(4)
+        ]
+    )
+    assert verdicts["estimate"].iloc[0] == pytest.approx(direct, abs=1e-9)
+    assert verdicts["statement"].tolist() == [
+        "attention@wide − attention@main > -0.3 at 1%",
+        "attention − concat > 0 at 1%",
+    ]
+    assert verdicts[["inputs", "reference_inputs"]].values.tolist() == [["wide", "main"], ["main", "main"]]
+    assert verdicts["estimate"].iloc[1] == pytest.approx(2.0)  # concat over a+b+c never pairs with attention over a+b
+    assert verdicts["pairs"].tolist() == ["12 (3×4)", "12 (3×4)"]
+
+
+def test_head_overrides_reach_every_head_of_every_set_and_make_another_study():
+    """``fusion.screen=false`` names every head of every set as the results will (``attention[screen=False]``),
+    enters the run jobs' settings, and the claims record: the same claims with the screen off hash differently."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        plain = check_study(compose(config_name="study", overrides=["study=smoke_inputs"]).study)
+        screen_off = check_study(
+            compose(
+                config_name="study", overrides=["study=smoke_inputs", "study.head_overrides=['fusion.screen=false']"]
+            ).study
+        )
+    assert [(c.method.method, c.reference.method) for c in screen_off.claims] == [
+        ("attention[screen=False]", "concat[screen=False]"),
+        ("attention[screen=False]", "attention[screen=False]"),
+    ]
+    assert (
+        screen_off.conditions["head_overrides"] == ["fusion.screen=false"] and "head_overrides" not in plain.conditions
+    )
+    cell = plain.cells[0]
+    assert "head_overrides=['fusion.screen=false']" in cell_overrides(screen_off, cell, screen_off.inputs[1])
+    assert cell_overrides(plain, cell, plain.main) != cell_overrides(screen_off, cell, screen_off.main)
+
+
+def test_claims_without_input_sets_hash_as_before_sets_existed(tmp_path):
+    """The record of a study whose claims name no set is the five keys only, so a study declared before input sets
+    existed needs no amendment."""
+    record = declare(tmp_path, CLAIMS, 0, None)
+    five = {key: getattr(CLAIMS[0], key) for key in ("method", "reference", "regime", "margin", "direction")}
+    assert record["versions"][0]["claims"] == [five]
+    assert record["versions"][0]["sha256"] == hashlib.sha256(json.dumps([five], sort_keys=True).encode()).hexdigest()
 
 
 CLAIMS = [ClaimConfig("attention", "concat", "1%", 0.0, "greater")]
@@ -253,13 +407,15 @@ def test_an_amended_verdict_page_says_so_and_shows_both_versions(tmp_path):
     declare(tmp_path, CLAIMS, 0, None)
     changed = [dataclasses.replace(CLAIMS[0], margin=1.0)]
     versions = declare(tmp_path, changed, 12, "why")["versions"]
-    md_path, csv_path = write_verdicts(tmp_path, "demo", judge(fake_results(), changed), versions, "Design: a test.")
+    md_path, csv_path = write_verdicts(
+        tmp_path, "demo", judge(fake_results(), on_main(*changed)), versions, "Design: a test."
+    )
     page = md_path.read_text()
     assert "**Amended.**" in page and "latest reason: why" in page
     assert "### Version 1 (as first declared)" in page and "### Version 2 (amendment: why)" in page
     assert all(version["sha256"] in page for version in versions)
     assert pd.read_csv(csv_path)["statement"].tolist() == ["attention − concat > 1 at 1%"]
-    unamended, _ = write_verdicts(tmp_path, "demo", judge(fake_results(), CLAIMS), versions[:1], "")
+    unamended, _ = write_verdicts(tmp_path, "demo", judge(fake_results(), on_main(*CLAIMS)), versions[:1], "")
     assert "Amended" not in unamended.read_text()
 
 
@@ -267,7 +423,7 @@ def test_claims_first_declared_after_results_existed_are_shown_as_an_amendment(t
     """A claims file removed while results exist and declared again with ``amend``: one version, and an amendment."""
     versions = declare(tmp_path, CLAIMS, 12, "the claims file was lost")["versions"]
     assert len(versions) == 1
-    page = write_verdicts(tmp_path, "demo", judge(fake_results(), CLAIMS), versions, "")[0].read_text()
+    page = write_verdicts(tmp_path, "demo", judge(fake_results(), on_main(*CLAIMS)), versions, "")[0].read_text()
     assert "**Amended.**" in page and "### Version 1 (amendment: the claims file was lost)" in page
 
 
@@ -335,3 +491,43 @@ def test_the_cli_refuses_changed_claims_after_results_unless_amended(smoke_study
     page = (tmp_path / "amended" / "verdicts.md").read_text()
     assert "**Amended.**" in page and "### Version 2 (amendment: non-inferiority is the claim)" in page
     assert "attention − concat > -2 at 1%" in page
+
+
+@pytest.mark.slow
+def test_a_cross_set_claim_is_judged_on_the_paired_predictions_of_its_two_sets(smoke_study, tmp_path):
+    """``smoke_inputs`` with the screen off on every head: the added set runs in jobs of its own; the cross-set claim's
+    estimate is the mean, over (encoder seed, label seed), of the two sets' attention accuracies computed here from
+    their kept per-image predictions, on the same labeled images and test images; a rerun computes nothing new."""
+    shutil.copytree(smoke_study[0] / "outputs" / "artifacts", tmp_path / "outputs" / "artifacts")  # the encoders
+    screen_off = "study.head_overrides=['fusion.screen=false']"
+    printed = sslfuse("study", "study=smoke_inputs", screen_off, "hydra.run.dir=first", cwd=tmp_path).stdout
+    assert "input set added" in printed
+    root = tmp_path / "outputs/studies/smoke_inputs"
+    results = collect_results(root / "results")
+    assert len(results) == 2 * 2 * 3  # encoder seeds × label seeds × (attention, concat on main; attention on added)
+    assert all(options == {"screen": False} for options in results["options"])  # every head of every set
+    correct = {}
+    for _, row in results.iterrows():
+        kept = Predictions.from_file(Path(row["result_dir"]) / row["predictions_file"])
+        key = (row["family"], frozenset(row["pretexts"]), row["encoder_seed"], row["seed"])
+        correct[key] = (kept.predicted == kept.labels, row["labeled_indices_sha256"], row["evaluation_sha256"])
+    main, added = frozenset({"rotation", "random"}), frozenset({"rotation", "noise", "random"})
+    differences = []
+    for encoder_seed, seed in itertools.product(["0", "1"], [0, 1]):
+        mine, theirs = (
+            correct[("attention", added, encoder_seed, seed)],
+            correct[("attention", main, encoder_seed, seed)],
+        )
+        assert mine[1:] == theirs[1:]  # the same labeled images, the same test images
+        differences.append((mine[0].mean() - theirs[0].mean()) * 100)
+    verdicts = pd.read_csv(tmp_path / "first" / "verdicts.csv")
+    cross = verdicts.iloc[1]
+    assert cross["statement"] == "attention[screen=False]@added − attention[screen=False]@main > -0.3 at 1%"
+    assert cross["estimate"] == pytest.approx(np.mean(differences), abs=1e-9)
+    assert cross["pairs"] == "4 (2×2)" and cross["resampled"] == "2 encoder seeds × 2 label seeds, 256 test images"
+    assert cross["verdict"] in {MET, NOT_MET, INCONCLUSIVE}
+    version = json.loads((root / CLAIMS_FILE).read_text())["versions"][0]
+    assert version["head_overrides"] == ["fusion.screen=false"]
+    assert version["input_sets"] == {"main": ["rotation", "random"], "added": ["rotation", "noise", "random"]}
+    again = sslfuse("study", "study=smoke_inputs", screen_off, "hydra.run.dir=again", cwd=tmp_path).stdout
+    assert "nothing to run" in again

@@ -48,12 +48,17 @@ def changed_options(fusion: FusionConfig, registry: Registry = FUSIONS) -> dict[
     return {key: value for key, value in current.items() if value != default.get(key)}
 
 
+def head_title(fusion: FusionConfig, registry: Registry = FUSIONS) -> str:
+    """E.g. ``attention``, ``select[by=knn]``, ``attention[combine=concat]``: the method's title with the options
+    changed from its YAML, but for those it shows in its own way (``fusion`` an option of ``registry``)."""
+    method = registry.get(fusion.name).impl
+    shown = {key: value for key, value in changed_options(fusion, registry).items() if key not in method.hidden_options}
+    return titled(method.title(fusion), shown)
+
+
 def method_title(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
-    """E.g. ``attention``, ``select[by=knn]``, ``attention[combine=concat]`` (options changed from the YAML, but for
-    those the head shows in its own way), ``concat[4 views]``."""
-    hidden = head_class(fusion).hidden_options
-    shown = {key: value for key, value in changed_options(fusion).items() if key not in hidden}
-    title = titled(head_class(fusion).title(fusion), shown)
+    """``head_title``, with the cached views the head trained on: ``concat[4 views]``."""
+    title = head_title(fusion)
     views = next(iter(features.values())).train_views
     return title if views is None else f"{title}[{len(views)} views]"
 

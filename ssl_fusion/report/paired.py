@@ -4,8 +4,9 @@ Two results form a pair when they share dataset, encoder, encoder seed, label re
 the same labeled images fed to the same frozen encoders, so the seed-to-seed spread that both share cancels in
 their difference. Results without such a partner are left out, never paired with another seed's.
 
-The reference ``best-single`` is, for each encoder seed and regime, the ``single`` head whose pretext had the best
-mean cross-validation accuracy over the label seeds: chosen on the labeled training images, never on test.
+The reference ``best-single`` is, for each encoder seed, label seed and regime, the ``single`` head whose pretext had
+the best cross-validation accuracy on that run's own labeled images: chosen with the labels one run has, never on
+test.
 Other references are named by a method's ``title`` (``concat``, ``select[by=val]``).
 
 Each row's interval and P(method > reference) resample what the study randomised: encoder seeds, label seeds and,
@@ -84,22 +85,20 @@ def check_references(results: pd.DataFrame, references: list[str]) -> None:
 
 
 def best_single(group: pd.DataFrame, pretexts: list[str]) -> tuple[pd.DataFrame, str] | None:
-    """Per encoder seed, the ``single`` results of the pretext (among ``pretexts``) and variant (options, cached
-    views) with the best mean cross-validation accuracy over label seeds; None when no single head ran or none has a
-    validation score."""
+    """Per encoder seed and label seed, the ``single`` result (among ``pretexts``, any variant: options, cached views)
+    with the best cross-validation accuracy on that run's own labeled images; ties go to the lower cross-validation
+    loss, then to the pretext first in name order. None when no single head ran or none has a cross-validation
+    score (a run with a class of one labeled image has none: its label seed has no best single)."""
     singles = group[(group["family"] == "single") & group["pretext_set"].isin(pretexts)]
     if "cv_accuracy" not in singles or singles["cv_accuracy"].isna().all():
         return None
-    chosen, names = [], set()
-    candidate = ["pretext_set", "options_key", "cached_views"]
-    for _, part in singles.groupby("encoder_seed"):
-        scores = part.groupby(candidate)["cv_accuracy"].mean().dropna()
-        if scores.empty:
-            continue
-        best = scores.idxmax()
-        names.add(best[0])
-        chosen.append(part[(part[candidate] == pd.Series(best, index=candidate)).all(axis=1)])
-    return (pd.concat(chosen), "+".join(sorted(names))) if chosen else None
+    loss = singles["cv_nll"] if "cv_nll" in singles else pd.Series(np.nan, index=singles.index)
+    scored = singles.assign(cv_score=singles["cv_accuracy"].astype(float), cv_loss=loss.astype(float).fillna(np.inf))
+    ranked = scored.dropna(subset=["cv_score"]).sort_values(
+        ["cv_score", "cv_loss", "pretext_set"], ascending=[False, True, True], kind="stable"
+    )
+    chosen = ranked.drop_duplicates(PAIR_KEYS).drop(columns=["cv_score", "cv_loss"])
+    return chosen, "+".join(sorted(set(chosen["pretext_set"])))
 
 
 def reference_rows(group: pd.DataFrame, reference: str, mine: pd.Series) -> tuple[pd.DataFrame, str] | None:
@@ -109,6 +108,45 @@ def reference_rows(group: pd.DataFrame, reference: str, mine: pd.Series) -> tupl
         return None if found is None else (found[0], f"best single on validation ({found[1]})")
     rows = group[(group["title"] == reference) & (group["pretext_set"] == mine["pretext_set"])]
     return (rows, reference) if not rows.empty else None
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a declared comparison: a method (its title, its label, or ``best-single``) over a named input
+    set, ``pretexts`` being what its results record (empty for a method that reads the images)."""
+
+    method: str
+    inputs: str
+    pretexts: frozenset[str]
+
+    def named(self, results: pd.DataFrame) -> pd.DataFrame:
+        """This side's results among ``results``: the method, over exactly these pretexts (``best-single``: the
+        single results over one of them)."""
+        read = results["pretexts"].map(frozenset) == self.pretexts
+        return results[((results["title"] == self.method) | (results["method"] == self.method)) & read]
+
+    def __str__(self) -> str:
+        return f"{self.method}@{self.inputs}"
+
+
+def paired_sides(results: pd.DataFrame, mine: Side, theirs: Side) -> pd.DataFrame:
+    """``mine`` − ``theirs``, one row per (dataset, encoder, regime) with at least one pair, as ``paired_differences``
+    gives them, the difference not rounded: the two sides may read different inputs (the same head with and without
+    an encoder), and pair on the encoder seed, the label seed and, where both kept them, the test images."""
+    results = results.assign(accuracy=results["test_accuracy"] * 100)
+    rows = []
+    for (dataset, encoder, regime), group in results.groupby(GROUP_KEYS, sort=False):
+        found = best_single(group, sorted(mine.pretexts)) if theirs.method == BEST_SINGLE else None
+        reference, other = (
+            (f"best single on validation ({found[1]})", found[0]) if found else (str(theirs), theirs.named(group))
+        )
+        paired = paired_stats(mine.named(group), other)
+        if paired is not None:
+            rows.append(
+                {"dataset": dataset, "encoder": encoder, "regime": regime, "method": str(mine)}
+                | {"reference": reference, **paired}
+            )
+    return pd.DataFrame(rows)
 
 
 def pair_count(pairs: pd.DataFrame) -> str:

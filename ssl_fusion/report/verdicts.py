@@ -11,15 +11,16 @@ p-values and intervals. The verdict reads the interval (``verdict``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import pandas as pd
 from omegaconf import MISSING
 
-from ssl_fusion.report.paired import CORRECT, interval_text, paired_differences
+from ssl_fusion.report.paired import CORRECT, Side, interval_text, paired_sides
 from ssl_fusion.report.results import correctness
 from ssl_fusion.report.statistics import CONFIDENCE, holm, holm_confidence, p_value, t_bounds
 from ssl_fusion.runtime.checks import Checked, Rule, one_of
@@ -28,6 +29,8 @@ from ssl_fusion.store.files import atomic_write_text
 GREATER, LESS, EQUIVALENT = "greater", "less", "equivalent"
 DIRECTIONS = (GREATER, LESS, EQUIVALENT)
 CLAIM_KEYS = ("method", "reference", "regime", "direction", "margin")
+INPUT_KEYS = ("inputs", "reference_inputs")
+MAIN = "main"  # the input set of a study's ``pretexts``
 MET, NOT_MET, INCONCLUSIVE = "met", "not met", "inconclusive"
 RULE_TEXT = (
     "A claim is **met** when its Holm-adjusted 95% interval of method − reference (accuracy points) lies entirely "
@@ -41,7 +44,9 @@ RULE_TEXT = (
 @dataclass
 class ClaimConfig(Checked):
     """One declared claim: ``method`` − ``reference`` on the ``regime`` (a table's name: ``1%``, ``5/class``) is
-    greater than / less than ``margin`` accuracy points, or within ±``margin`` of 0 (``equivalent``)."""
+    greater than / less than ``margin`` accuracy points, or within ±``margin`` of 0 (``equivalent``). ``inputs`` and
+    ``reference_inputs`` name each side's input set (unset: the study's main set); only a claim that names both may
+    pair methods over different inputs."""
 
     section: ClassVar[str] = "claim"
     method: str = MISSING
@@ -49,6 +54,8 @@ class ClaimConfig(Checked):
     regime: str = MISSING
     margin: float = MISSING
     direction: str = GREATER
+    inputs: Optional[str] = None
+    reference_inputs: Optional[str] = None
 
     def rules(self) -> dict[str, Rule]:
         return {
@@ -56,15 +63,37 @@ class ClaimConfig(Checked):
             "direction": one_of(DIRECTIONS),
         }
 
+    def sides(self) -> tuple[str, str]:
+        """The two sides as tables name them: ``attention``, or with their input sets where the claim names a set
+        (``attention@harmful``, ``attention@main``)."""
+        if self.inputs is None and self.reference_inputs is None:
+            return self.method, self.reference
+        return f"{self.method}@{self.inputs or MAIN}", f"{self.reference}@{self.reference_inputs or MAIN}"
+
     def text(self) -> str:
-        """The claim in words: ``attention − concat > 0 at 1%``, ``mean − concat within ±1 at 1%``."""
-        difference = f"{self.method} − {self.reference}"
+        """The claim in words: ``attention − concat > 0 at 1%``, ``attention@harmful − attention@main > -0.3 at 1%``."""
+        difference = " − ".join(self.sides())
         claim = {
             GREATER: f"{difference} > {self.margin:g}",
             LESS: f"{difference} < {self.margin:g}",
             EQUIVALENT: f"{difference} within ±{self.margin:g}",
         }[self.direction]
         return f"{claim} at {self.regime}"
+
+    def declared(self) -> dict[str, Any]:
+        """The claim as the claims record keeps and hashes it: its keys, an unset input set left out (so that a
+        claim without sets hashes as claims did before sets existed)."""
+        fields = dataclasses.asdict(self).items()
+        return {key: value for key, value in fields if value is not None or key not in INPUT_KEYS}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A checked claim: as declared, with its methods named as the results name them, and the two sides it pairs."""
+
+    config: ClaimConfig
+    method: Side
+    reference: Side
 
 
 def verdict(direction: str, margin: float, low: float, high: float) -> str:
@@ -78,16 +107,6 @@ def verdict(direction: str, margin: float, low: float, high: float) -> str:
     if -margin < low and high < margin:
         return MET
     return NOT_MET if low >= margin or high <= -margin else INCONCLUSIVE
-
-
-def claim_rows(differences: pd.DataFrame, claim: ClaimConfig) -> pd.DataFrame:
-    """The paired rows a claim names: its method (a title or a label), reference and regime, on every dataset."""
-    if differences.empty:
-        return differences
-    method = (differences["method_title"] == claim.method) | (differences["method"] == claim.method)
-    return differences[
-        method & (differences["reference_title"] == claim.reference) & (differences["regime"] == claim.regime)
-    ]
 
 
 def boundary(claim: ClaimConfig, estimate: float) -> float:
@@ -123,21 +142,23 @@ def adjust(family: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     )
 
 
-def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
+def judge(results: pd.DataFrame, claims: list[Claim]) -> pd.DataFrame:
     """One row per claim and dataset: the estimate, its interval Holm-adjusted with the claims' rows as one family
     (``adjust``), P(improvement) with its unadjusted interval, and the verdict; a claim without paired results gets
     one inconclusive row that says so. ``results``: the report's frame (``results_frame``), scored on test; where
-    its rows name their folders, the kept predictions give the intervals their test-image level."""
+    its rows name their folders, the kept predictions give the intervals their test-image level. Each claim pairs
+    its two sides (``paired.paired_sides``), each over its own input set, on its regime."""
     if CORRECT not in results:
         results = results.assign(**{CORRECT: correctness(results)})
-    differences = paired_differences(results, sorted({claim.reference for claim in claims}))
-    if not differences.empty:
-        # paired_differences rounds the estimate for its tables; the unadjusted interval is symmetric about it
-        exact = (differences["low"] + differences["high"]) / 2
-        differences = differences.assign(difference=exact.where(exact.notna(), differences["difference"]))
-    parts = [claim_rows(differences, claim).assign(claim=number) for number, claim in enumerate(claims, start=1)]
+    parts = [
+        paired_sides(results[results["regime"] == claim.config.regime], claim.method, claim.reference).assign(
+            claim=number
+        )
+        for number, claim in enumerate(claims, start=1)
+    ]
     found = [part for part in parts if not part.empty]
-    family = adjust(pd.concat(found, ignore_index=True), claims) if found else pd.DataFrame()
+    specs = [claim.config for claim in claims]
+    family = adjust(pd.concat(found, ignore_index=True), specs) if found else pd.DataFrame()
     missing = pd.DataFrame(
         [
             {"claim": number, "pairs": "0", "note": "no paired results"}
@@ -145,7 +166,7 @@ def judge(results: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
             if part.empty
         ]
     )
-    return verdict_table(pd.concat([family, missing], ignore_index=True), claims)
+    return verdict_table(pd.concat([family, missing], ignore_index=True), specs)
 
 
 def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
@@ -175,7 +196,9 @@ def verdict_table(table: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFram
             "dataset": table["dataset"],
             "encoder": table["encoder"],
             "method": [c.method for c in spec],
+            "inputs": [c.inputs or MAIN for c in spec],
             "reference": [c.reference for c in spec],
+            "reference_inputs": [c.reference_inputs or MAIN for c in spec],
             "regime": [c.regime for c in spec],
             "direction": [c.direction for c in spec],
             "margin": [c.margin for c in spec],
@@ -222,16 +245,27 @@ def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
     return view.drop(columns="dataset") if verdicts["dataset"].nunique() <= 1 else view
 
 
+def claim_columns(claims: list[dict[str, Any]]) -> list[str]:
+    """The claims record's columns: the five keys, and the input sets where a claim names one."""
+    return [*CLAIM_KEYS, *(key for key in INPUT_KEYS if any(key in claim for claim in claims))]
+
+
 def versions_markdown(versions: list[dict[str, Any]]) -> str:
-    """Each declared version of the claims, the first as declared and each amendment with its reason."""
+    """Each declared version of the claims, the first as declared and each amendment with its reason, with the input
+    sets its claims name and the head options it holds under."""
     text = ""
     for number, version in enumerate(versions, start=1):
         kind = f"amendment: {version['amendment']}" if version.get("amendment") else "as first declared"
         text += (
             f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
             f" with {version['results_before']} result(s) present.\n\n"
-            + pd.DataFrame(version["claims"], columns=list(CLAIM_KEYS)).to_markdown(index=False)
+            + pd.DataFrame(version["claims"], columns=claim_columns(version["claims"])).to_markdown(index=False)
             + "\n"
+            + "".join(
+                f"\nInput set {name}: {', '.join(pretexts)}.\n"
+                for name, pretexts in version.get("input_sets", {}).items()
+            )
+            + (f"\nEvery head with {', '.join(version['head_overrides'])}.\n" if version.get("head_overrides") else "")
         )
     return text
 

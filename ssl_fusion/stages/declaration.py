@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
@@ -20,7 +21,6 @@ from omegaconf import MISSING, OmegaConf
 
 from ssl_fusion.config import (
     LabelsConfig,
-    as_plain,
     check_external,
     check_imported,
     check_names,
@@ -28,10 +28,11 @@ from ssl_fusion.config import (
 )
 from ssl_fusion.data.datasets import DATASETS
 from ssl_fusion.data.splits import regime_name
+from ssl_fusion.fusion.protocol import head_title
 from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
-from ssl_fusion.report.paired import BEST_SINGLE
-from ssl_fusion.report.verdicts import EQUIVALENT, ClaimConfig
+from ssl_fusion.report.paired import BEST_SINGLE, Side
+from ssl_fusion.report.verdicts import EQUIVALENT, INPUT_KEYS, MAIN, Claim, ClaimConfig
 from ssl_fusion.runtime.checks import Checked, Rule
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.methods import METHODS, lookup_method
@@ -42,6 +43,19 @@ CLAIMS_FILE = "claims.json"
 DISTINCT = Rule(
     lambda values: len(values) > 0 and len(set(values)) == len(values), "a non-empty list without repeats", []
 )
+
+
+@dataclass
+class InputSetConfig(Checked):
+    """An input set besides the study's main one (its ``pretexts``): the pretexts its heads fuse, with the study's
+    controls, and the heads that run on it."""
+
+    section: ClassVar[str] = "input set"
+    pretexts: List[str] = MISSING  # pretexts, or names of the study's external encoders or imported features
+    heads: List[str] = MISSING  # options of conf/fusion, each fusing the set's pretexts in one head
+
+    def rules(self) -> dict[str, Rule]:
+        return {key: DISTINCT for key in ("pretexts", "heads")}
 
 
 @dataclass
@@ -63,6 +77,8 @@ class StudyConfig(Checked):
     references: List[str] = field(default_factory=list)  # options of conf/fusion, or best-single
     claims: List[ClaimConfig] = MISSING
     overrides: List[str] = field(default_factory=list)  # more overrides of every run job, e.g. [preset=smoke]
+    input_sets: Dict[str, InputSetConfig] = field(default_factory=dict)  # <name>: {pretexts, heads}, besides main
+    head_overrides: List[str] = field(default_factory=list)  # options of every head of every set: [fusion.screen=false]
 
     def rules(self) -> dict[str, Rule]:
         return {key: DISTINCT for key in ("datasets", "pretexts", "encoder_seeds", "label_seeds", "heads")} | {
@@ -100,16 +116,31 @@ def regime_of(labels: LabelsConfig) -> str:
 
 
 @dataclass
+class Inputs:
+    """One input set of a checked study: its name, what its run jobs fuse (its pretexts, then the controls), the
+    methods that run on it, and (family, pretexts) of every result it gives per label seed."""
+
+    name: str
+    pretexts: list[str]
+    fusions: list[str]
+    expected: set[tuple[str, frozenset[str]]]
+
+
+@dataclass
 class Plan:
-    """A checked study: what runs (``fusions`` over ``pretexts`` in each cell) and its claims with the methods named
-    as the results name them (``select`` as ``select[by=val]``)."""
+    """A checked study: what runs (each input set's ``fusions`` over its ``pretexts`` in each cell; ``main`` first),
+    its claims with the methods named as the results name them (``select`` as ``select[by=val]``) and the sides
+    they pair, and what the claims record keeps besides the claims (``conditions``)."""
 
     study: StudyConfig
-    fusions: list[str]
-    pretexts: list[str]
-    expected: set[tuple[str, frozenset[str]]]  # (family, pretexts) of every result a cell holds per label seed
+    inputs: list[Inputs]
     cells: list[Cell]
-    claims: list[ClaimConfig]
+    claims: list[Claim]
+    conditions: dict[str, Any]
+
+    @property
+    def main(self) -> Inputs:
+        return self.inputs[0]
 
 
 def typed_study(node: Any) -> StudyConfig:
@@ -126,57 +157,91 @@ def typed_study(node: Any) -> StudyConfig:
                 OmegaConf.to_object(item)
             except UserError as err:
                 raise UserError(f"study.{key}[{index}]: {str(err).removeprefix(part + '.')}") from None
+    for name, item in node.input_sets.items():
+        try:
+            OmegaConf.to_object(item)
+        except UserError as err:
+            raise UserError(f"study.input_sets.{name}.{str(err).removeprefix('input set.')}") from None
     return OmegaConf.to_object(node)
 
 
-def method_names(fusions: list[str], pretexts: list[str]) -> dict[str, tuple[str, frozenset[str]]]:
+def method_names(
+    fusions: list[str], pretexts: list[str], head_overrides: list[str]
+) -> dict[str, tuple[str, frozenset[str]]]:
     """Each way a claim may name a method that runs -> (its name in the results, the pretexts it reads): a method
-    with one variant by its option's name or its title (``select``, ``select[by=val]``), every variant by its label
-    (``single(rotation)``)."""
+    with one variant by its option's name or its title (``select``, ``select[by=val]``, with the options
+    ``head_overrides`` change: ``attention[screen=False]``), every variant by its label (``single(rotation)``)."""
     names = {}
     for fusion in fusions:
-        variants = planned_heads([fusion], pretexts)
+        variants = planned_heads([fusion], pretexts, head_overrides)
         for config, used in variants:
-            method = lookup_method(config.name)
-            title = method.title(config)
-            read = frozenset() if method.needs_images else frozenset(used)
+            title = head_title(config, METHODS)
+            read = frozenset() if lookup_method(config.name).needs_images else frozenset(used)
             names[f"{title}({'+'.join(used)})"] = (f"{title}({'+'.join(used)})", read)
             if len(variants) == 1:
                 names[title] = names[fusion] = (title, read)
     return names
 
 
+def expected_results(fusions: list[str], pretexts: list[str], head_overrides: list[str]) -> set:
+    """(family, pretexts) of every result ``fusions`` over ``pretexts`` give per label seed."""
+    return {
+        (config.name, frozenset() if lookup_method(config.name).needs_images else frozenset(used))
+        for config, used in planned_heads(fusions, pretexts, head_overrides)
+    }
+
+
+def check_sides(key: str, claim: ClaimConfig, names: dict[str, dict[str, tuple[str, frozenset[str]]]]) -> tuple:
+    """The claim's two sides as (input set, name in the results, pretexts read); a one-line UserError for an unknown
+    input set, or a method or reference that never runs on its side's set."""
+    for field_name in INPUT_KEYS:
+        inputs = getattr(claim, field_name)
+        if inputs is not None and inputs not in names:
+            raise UserError(
+                f"{key}.{field_name}: '{inputs}' is not an input set of this study; sets: {', '.join(names)}"
+            )
+    mine, theirs = claim.inputs or MAIN, claim.reference_inputs or MAIN
+    where = "in this study" if len(names) == 1 else f"on input set {mine}"
+    runs = ", ".join(sorted({name for name, _ in names[mine].values()}))
+    if claim.method not in names[mine]:
+        raise UserError(f"{key}.method: '{claim.method}' never runs {where}; methods that run: {runs}")
+    if claim.reference == BEST_SINGLE:
+        if MAIN != mine or MAIN != theirs:
+            raise UserError(f"{key}: best-single is chosen among the single heads over the main set; claim it on main")
+        return (mine, *names[mine][claim.method]), (theirs, BEST_SINGLE, frozenset())
+    references = {name for name, _ in names[theirs].values() if not name.endswith(")")}
+    if claim.reference not in names[theirs] or names[theirs][claim.reference][0].endswith(")"):
+        where = "in this study" if len(names) == 1 else f"on input set {theirs}"
+        choices = ", ".join([*sorted(references), *([BEST_SINGLE] if theirs == MAIN else [])])
+        raise UserError(
+            f"{key}.reference: '{claim.reference}' never runs {where} as a reference; references that run: {choices}"
+        )
+    return (mine, *names[mine][claim.method]), (theirs, *names[theirs][claim.reference])
+
+
 def check_claims(
-    claims: list[ClaimConfig], names: dict[str, tuple[str, frozenset[str]]], regimes: list[str]
-) -> list[ClaimConfig]:
-    """The claims with their methods named as the results name them; a one-line UserError for a claim whose
-    method or reference never runs, whose regime the study has not, or that cannot be paired."""
-    runs = ", ".join(sorted({name for name, _ in names.values()}))
-    references = ", ".join([*sorted({name for name, _ in names.values() if not name.endswith(")")}), BEST_SINGLE])
+    claims: list[ClaimConfig], names: dict[str, dict[str, tuple[str, frozenset[str]]]], regimes: list[str]
+) -> list[Claim]:
+    """The claims with their methods named as the results name them, and the sides they pair; a one-line UserError
+    for a claim whose method or reference never runs on its input set (``check_sides``), whose regime the study has
+    not, or that cannot be paired: methods over different inputs pair only where the claim names both sets."""
     normalised, seen = [], set()
     for index, claim in enumerate(claims):
         key = f"study.claims[{index}]"
-        if claim.method not in names:
-            raise UserError(f"{key}.method: '{claim.method}' never runs in this study; methods that run: {runs}")
-        method, read = names[claim.method]
-        if claim.reference == BEST_SINGLE:
-            if not read or "single" not in {name.partition("(")[0] for name, _ in names.values()}:
-                raise UserError(f"{key}.reference: best-single needs single heads over the method's pretexts")
-            reference = BEST_SINGLE
-        elif claim.reference not in names or names[claim.reference][0].endswith(")"):
+        (mine, method, read), (theirs, reference, their_read) = check_sides(key, claim, names)
+        if claim.reference == BEST_SINGLE and (
+            not read or "single" not in {name.partition("(")[0] for name, _ in names[MAIN].values()}
+        ):
+            raise UserError(f"{key}.reference: best-single needs single heads over the method's pretexts")
+        explicit = claim.inputs is not None and claim.reference_inputs is not None
+        if reference != BEST_SINGLE and their_read != read and not explicit:
             raise UserError(
-                f"{key}.reference: '{claim.reference}' never runs in this study as a reference; "
-                f"references that run: {references}"
+                f"{key}: {method} reads {'+'.join(sorted(read)) or 'images'}, {reference} reads "
+                f"{'+'.join(sorted(their_read)) or 'images'}; only methods over the same inputs pair, unless the "
+                "claim names both sides' input sets (inputs, reference_inputs)"
             )
-        else:
-            reference, theirs = names[claim.reference]
-            if theirs != read:
-                raise UserError(
-                    f"{key}: {method} reads {'+'.join(sorted(read)) or 'images'}, {reference} reads "
-                    f"{'+'.join(sorted(theirs)) or 'images'}; only methods over the same inputs pair"
-                )
-        if method == reference:
-            raise UserError(f"{key}: method and reference are both {method}")
+        if (method, mine) == (reference, theirs):
+            raise UserError(f"{key}: method and reference are both {method}" + (f" on {mine}" if explicit else ""))
         if claim.regime not in regimes:
             raise UserError(
                 f"{key}.regime: '{claim.regime}' is not a regime of this study; regimes: {', '.join(regimes)}"
@@ -185,16 +250,49 @@ def check_claims(
             raise UserError(
                 f"{key}.margin must be > 0 for direction equivalent (|difference| < margin), got {claim.margin}"
             )
-        if (method, reference, claim.regime) in seen:
-            raise UserError(f"{key}: {method} against {reference} at {claim.regime} is claimed twice; claim it once")
-        seen.add((method, reference, claim.regime))
-        normalised.append(dataclasses.replace(claim, method=method, reference=reference))
+        config = dataclasses.replace(claim, method=method, reference=reference)
+        shown = " against ".join(config.sides())
+        if (shown, claim.regime) in seen:
+            raise UserError(f"{key}: {shown} at {claim.regime} is claimed twice; claim it once")
+        seen.add((shown, claim.regime))
+        normalised.append(Claim(config, Side(method, mine, read), Side(reference, theirs, their_read)))
     return normalised
+
+
+def check_input_set(
+    name: str, config: InputSetConfig, study: StudyConfig, sources: list[str], taken: list[Inputs]
+) -> Inputs:
+    """An input set besides main, checked: a plain name, known pretexts that are not controls, heads that each fuse
+    the set's pretexts in one head (not once per pretext, not over the images), and inputs no other set has."""
+    key = f"study.input_sets.{name}"
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name == MAIN:
+        raise UserError(
+            f"{key}: a set is named by a word of letters, digits, _ and - that is not '{MAIN}' (the study's pretexts)"
+        )
+    check_names(f"{key}.pretexts", config.pretexts, PRETEXTS, sources, replicas=True)
+    both = sorted(set(config.pretexts) & set(study.controls))
+    if both:
+        raise UserError(f"{key}.pretexts: {both[0]} is a control, which every set fuses already; list it once")
+    check_names(f"{key}.heads", config.heads, METHODS)
+    fused = [*config.pretexts, *study.controls]
+    for head in config.heads:
+        if lookup_method(head).needs_images or len(planned_heads([head], fused, study.head_overrides)) != 1:
+            raise UserError(
+                f"{key}.heads: {head} does not fuse the set's pretexts in one head (it runs once per pretext or "
+                "reads the images); it runs on main only"
+            )
+    for other in taken:
+        if set(other.pretexts) == set(fused):
+            raise UserError(
+                f"{key}.pretexts: {'+'.join(fused)} are the inputs of {other.name} already; a set needs inputs of "
+                "its own"
+            )
+    return Inputs(name, fused, list(config.heads), expected_results(config.heads, fused, study.head_overrides))
 
 
 def check_study(node: Any) -> Plan:
     """Every check of a study file that needs no data, in one line naming the key: names of datasets, encoder,
-    pretexts, methods; seeds; regimes; claims (``check_claims``)."""
+    pretexts, methods; seeds; regimes; input sets (``check_input_set``); head overrides; claims (``check_claims``)."""
     study = typed_study(node)
     for key in ("datasets", "pretrain_datasets"):
         if getattr(study, key):
@@ -220,26 +318,42 @@ def check_study(node: Any) -> Plan:
     fusions = [*study.heads, *references]
     if BEST_SINGLE in study.references and "single" not in fusions:
         fusions.append("single")
+    try:
+        planned_heads(fusions, [*pretexts, *study.controls], study.head_overrides)
+    except UserError as err:
+        raise UserError(f"study.{err}") from None
     fused = [*pretexts, *study.controls]
+    inputs = [Inputs(MAIN, fused, fusions, expected_results(fusions, fused, study.head_overrides))]
+    for name, config in study.input_sets.items():
+        inputs.append(check_input_set(name, config, study, [*imported, *external], inputs))
     regimes = [regime_of(regime) for regime in study.regimes]
     if len(set(regimes)) != len(regimes):
         raise UserError(f"study.regimes: {', '.join(regimes)} names a regime twice")
-    claims = check_claims(study.claims, method_names(fusions, fused), regimes)
-    expected = {
-        (config.name, frozenset() if lookup_method(config.name).needs_images else frozenset(used))
-        for config, used in planned_heads(fusions, fused)
-    }
+    names = {item.name: method_names(item.fusions, item.pretexts, study.head_overrides) for item in inputs}
+    claims = check_claims(study.claims, names, regimes)
     cells = [
         Cell(dataset, pretrain, regime)
         for dataset in study.datasets
         for pretrain in (study.pretrain_datasets or [None])
         for regime in study.regimes
     ]
-    return Plan(study, fusions, fused, expected, cells, claims)
+    return Plan(study, inputs, cells, claims, conditions(study, inputs))
 
 
-def claims_hash(claims: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).hexdigest()
+def conditions(study: StudyConfig, inputs: list[Inputs]) -> dict[str, Any]:
+    """What the claims record keeps and hashes besides the claims, where the study has it: the pretexts of every
+    input set a claim names, and the head overrides. The same claim over other inputs, or with the screen off, is
+    another claim; a study without either hashes as before they existed."""
+    named = {name for claim in study.claims for name in (claim.inputs, claim.reference_inputs) if name}
+    sets = {item.name: item.pretexts for item in inputs if item.name in named}
+    return {
+        **({"input_sets": sets} if sets else {}),
+        **({"head_overrides": list(study.head_overrides)} if study.head_overrides else {}),
+    }
+
+
+def claims_hash(declared: Any) -> str:
+    return hashlib.sha256(json.dumps(declared, sort_keys=True).encode()).hexdigest()
 
 
 def read_record(path: Path) -> Optional[dict[str, Any]]:
@@ -258,13 +372,20 @@ def read_record(path: Path) -> Optional[dict[str, Any]]:
         ) from None
 
 
-def declare(folder: Path, claims: list[ClaimConfig], results: int, amend: Optional[str]) -> dict[str, Any]:
-    """Record the claims in ``folder/claims.json`` (before any result exists, they simply replace the record), or
-    check them against the last version recorded; with ``results`` present, different claims are refused unless
-    ``amend`` gives the reason, which adds a version. Returns the record."""
+def declare(
+    folder: Path,
+    claims: list[ClaimConfig],
+    results: int,
+    amend: Optional[str],
+    conditions: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Record the claims, with the ``conditions`` they hold under (``declaration.conditions``), in
+    ``folder/claims.json`` (before any result exists, they simply replace the record), or check them against the last
+    version recorded; with ``results`` present, different claims are refused unless ``amend`` gives the reason, which
+    adds a version. Returns the record."""
     path = folder / CLAIMS_FILE
-    declared = [as_plain(claim) for claim in claims]
-    digest = claims_hash(declared)
+    declared = [claim.declared() for claim in claims]
+    digest = claims_hash({"claims": declared, **conditions} if conditions else declared)
     record = read_record(path)
     if record is not None and record["versions"][-1]["sha256"] == digest:
         return record
@@ -272,6 +393,7 @@ def declare(folder: Path, claims: list[ClaimConfig], results: int, amend: Option
         "sha256": digest,
         "declared": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "claims": declared,
+        **(conditions or {}),
         "amendment": None,
         "results_before": results,
     }

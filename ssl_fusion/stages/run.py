@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,8 +13,9 @@ from ssl_fusion.config import (
     CacheConfig,
     LabelsConfig,
     ProbeConfig,
+    as_plain,
     check_names,
-    load_entry,
+    load_option,
     split_entry,
 )
 from ssl_fusion.data.convert import check_conversion
@@ -37,13 +39,32 @@ from ssl_fusion.stages.sources import FeatureSource, feature_sources
 log = logging.getLogger("sslfuse")
 
 
-def planned_heads(fusions: list[str], pretexts: list[str]) -> list[tuple[FusionConfig, list[str]]]:
+def head_options(overrides: list[str]) -> dict[str, Any]:
+    """``head_overrides`` (``fusion.<option>=<value>``, as ``sslfuse fuse`` takes them) as {option: value}; a
+    one-line UserError for an item of another form."""
+    options = {}
+    for item in overrides:
+        key, equals, _ = item.partition("=")
+        if not equals or not key.startswith("fusion.") or key.count(".") != 1:
+            raise UserError(f"head_overrides: '{item}' is not fusion.<option>=<value>, e.g. fusion.screen=false")
+        options |= OmegaConf.to_container(OmegaConf.from_dotlist([item]))["fusion"]
+    return options
+
+
+def planned_heads(
+    fusions: list[str], pretexts: list[str], head_overrides: list[str] = ()
+) -> list[tuple[FusionConfig, list[str]]]:
     """Each configured fusion (``attention``, or with options: ``attention[scorer=uniform]``) over all pretexts, as its
-    head class expands it (``single``: one per pretext)."""
+    head class expands it (``single``: one per pretext), with the options of ``head_overrides`` (``head_options``)
+    set on every head where its entry does not set them: an option a head lacks is refused in one line naming it."""
+    options = head_options(list(head_overrides))
     heads = []
     for entry in fusions:
-        fusion = load_entry(METHODS, entry)
-        heads += lookup_method(fusion.name).variants(fusion, pretexts)
+        name, own = split_entry(entry)
+        fusion = load_option(METHODS, name, own)
+        if options:
+            fusion = METHODS.typed_config({**as_plain(fusion), **options, **own}, key="head_overrides: fusion")
+        heads += lookup_method(name).variants(fusion, pretexts)
     return heads
 
 
@@ -75,7 +96,7 @@ def main(cfg: DictConfig) -> None:
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
     check_names("fusions", [split_entry(entry)[0] for entry in cfg.fusions], METHODS)
-    heads = planned_heads(list(cfg.fusions), pretexts)
+    heads = planned_heads(list(cfg.fusions), pretexts, list(cfg.head_overrides))
     for fusion, used in heads:
         check_head(fusion, len(used))
     if not cfg.seeds:

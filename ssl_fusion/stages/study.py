@@ -5,20 +5,22 @@
 2. The claims and their sha256 are recorded in ``<studies_dir>/<name>/claims.json`` before the first fuse; once
    results exist, changed claims need ``amend="<reason>"`` (``declaration.declare``).
 3. Whatever results the study lacks are made by ``sslfuse run -m`` jobs through the configured Hydra launcher (the
-   study's own ``hydra/launcher`` and ``hydra.launcher.*`` overrides), one job per encoder seed, each pretraining
-   and caching only what the store lacks. Results live in the study's folder, one folder per cell (dataset,
-   pretraining data, regime, and a hash of the settings that change results), so that a rerun finds them and runs
-   nothing.
+   study's own ``hydra/launcher`` and ``hydra.launcher.*`` overrides), one job per encoder seed and input set, each
+   pretraining and caching only what the store lacks. Results live in the study's folder, one folder per cell and
+   input set (dataset, pretraining data, regime, and a hash of the settings that change results, the set's pretexts
+   among them), so that a rerun finds them and runs nothing.
 4. ``verdicts.md`` and ``verdicts.csv`` (``report.verdicts``) are written in this run's folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,7 +38,7 @@ from ssl_fusion.report.results import load_result, results_frame
 from ssl_fusion.report.verdicts import judge, shown, write_verdicts
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
-from ssl_fusion.stages.declaration import Cell, Plan, StudyStage, check_study, declare, regime_of
+from ssl_fusion.stages.declaration import Cell, Inputs, Plan, StudyStage, check_study, declare, regime_of
 from ssl_fusion.store.files import content_key
 
 log = logging.getLogger("sslfuse")
@@ -59,39 +61,42 @@ def hydra_value(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def cell_overrides(plan: Plan, cell: Cell) -> list[str]:
-    """The overrides of every run job of ``cell``, as the study declares them (the settings its results depend on)."""
+def cell_overrides(plan: Plan, cell: Cell, inputs: Inputs) -> list[str]:
+    """The overrides of every run job of ``cell`` over ``inputs``, as the study declares them (the settings its
+    results depend on)."""
     study, regime = plan.study, cell.regime
     return [
         f"dataset={cell.dataset}",
         *([f"pretrain_dataset={cell.pretrain_dataset}"] if cell.pretrain_dataset else []),
         f"encoder={study.encoder}",
-        f"pretexts={hydra_value(plan.pretexts)}",
+        f"pretexts={hydra_value(inputs.pretexts)}",
         f"labels.fraction={hydra_value(regime.fraction)}",
         f"labels.per_class={hydra_value(regime.per_class)}",
         f"labels.indices_file={hydra_value(regime.indices_file)}",
         *([f"external={hydra_value(study.external)}"] if study.external else []),
         *([f"imported={hydra_value(study.imported)}"] if study.imported else []),
+        *([f"head_overrides={hydra_value(study.head_overrides)}"] if study.head_overrides else []),
         *study.overrides,
     ]
 
 
-def cell_folder(root: Path, plan: Plan, cell: Cell) -> Path:
+def cell_folder(root: Path, plan: Plan, cell: Cell, inputs: Inputs) -> Path:
     """``<study>/results/<dataset>[-on-<pretraining data>]/<regime>/<hash of the cell's overrides>``: settings that
-    change results get a folder of their own, so that a changed setting never reuses a result made without it."""
+    change results get a folder of their own, so that a changed setting never reuses a result made without it (each
+    input set, with pretexts of its own, too)."""
     data = cell.dataset + (f"-on-{cell.pretrain_dataset}" if cell.pretrain_dataset else "")
     regime = re.sub(r"[^A-Za-z0-9._-]+", "_", cell.regime_name.replace("%", "pct").replace("/class", "-per-class"))
-    return root / "results" / data / regime / content_key({"overrides": cell_overrides(plan, cell)})[:8]
+    return root / "results" / data / regime / content_key({"overrides": cell_overrides(plan, cell, inputs)})[:8]
 
 
 def seed_folder(folder: Path, encoder_seed: int) -> Path:
     return folder / f"encoder_seed{encoder_seed}"
 
 
-def kept_results(folder: Path, plan: Plan) -> list[tuple[Path, FuseResult]]:
-    """The results under ``folder`` that the study declares, each with its file: scored on test, with a declared
-    label seed, by a method over the pretexts it runs on (results of heads or seeds the study no longer lists are
-    left out)."""
+def kept_results(folder: Path, plan: Plan, inputs: Inputs) -> list[tuple[Path, FuseResult]]:
+    """The results under ``folder`` that the study declares on ``inputs``, each with its file: scored on test, with a
+    declared label seed, by a method over the pretexts it runs on (results of heads or seeds the study no longer
+    lists are left out)."""
     seeds = set(plan.study.label_seeds)
     found = [(path, load_result(path)) for path in sorted(folder.rglob("results.json"))] if folder.is_dir() else []
     return [
@@ -99,58 +104,68 @@ def kept_results(folder: Path, plan: Plan) -> list[tuple[Path, FuseResult]]:
         for path, result in found
         if result.split == "test"
         and result.labels.get("seed") in seeds
-        and (result.family, frozenset(result.pretexts)) in plan.expected
+        and (result.family, frozenset(result.pretexts)) in inputs.expected
     ]
 
 
-def missing_runs(plan: Plan, folder: Path) -> tuple[list[str], list[int]]:
-    """The fusions and label seeds one encoder seed's folder lacks a result of (every variant, every seed)."""
+def missing_runs(plan: Plan, inputs: Inputs, folder: Path) -> tuple[list[str], list[int]]:
+    """The fusions and label seeds one encoder seed's folder of ``inputs`` lacks a result of (every variant, every
+    seed)."""
     done = {
-        (result.family, frozenset(result.pretexts), result.labels["seed"]) for _, result in kept_results(folder, plan)
+        (result.family, frozenset(result.pretexts), result.labels["seed"])
+        for _, result in kept_results(folder, plan, inputs)
     }
     missing = {
         (family, seed)
-        for family, pretexts in plan.expected
+        for family, pretexts in inputs.expected
         for seed in plan.study.label_seeds
         if (family, pretexts, seed) not in done
     }
-    fusions = [fusion for fusion in plan.fusions if any(family == fusion for family, _ in missing)]
+    fusions = [fusion for fusion in inputs.fusions if any(family == fusion for family, _ in missing)]
     seeds = [seed for seed in plan.study.label_seeds if any((fusion, seed) in missing for fusion in fusions)]
     return fusions, seeds
 
 
-def planned_jobs(root: Path, plan: Plan) -> list[tuple[Cell, list[str], list[int], list[int]]]:
-    """(cell, fusions, label seeds, encoder seeds) of each ``sslfuse run -m`` the study still needs: the encoder
-    seeds of a cell that lack the same fusions and seeds share one sweep."""
+@dataclass(frozen=True)
+class Job:
+    """One ``sslfuse run -m`` the study still needs: ``fusions`` on ``label_seeds`` over one input set of a cell, for
+    the encoder seeds that lack the same."""
+
+    cell: Cell
+    inputs: Inputs
+    fusions: tuple[str, ...]
+    label_seeds: tuple[int, ...]
+    encoder_seeds: tuple[int, ...]
+
+
+def planned_jobs(root: Path, plan: Plan) -> list[Job]:
+    """The run jobs the study still needs, per cell and input set: the encoder seeds that lack the same fusions and
+    seeds share one sweep."""
     jobs = []
     for cell in plan.cells:
-        folder = cell_folder(root, plan, cell)
-        lacking: dict[tuple[tuple[str, ...], tuple[int, ...]], list[int]] = defaultdict(list)
-        for encoder_seed in plan.study.encoder_seeds:
-            fusions, seeds = missing_runs(plan, seed_folder(folder, encoder_seed))
-            if fusions:
-                lacking[tuple(fusions), tuple(seeds)].append(encoder_seed)
-        jobs += [
-            (cell, list(fusions), list(seeds), seeds_of_encoders)
-            for (fusions, seeds), seeds_of_encoders in lacking.items()
-        ]
+        for inputs in plan.inputs:
+            folder = cell_folder(root, plan, cell, inputs)
+            lacking: dict[tuple[tuple[str, ...], tuple[int, ...]], list[int]] = defaultdict(list)
+            for encoder_seed in plan.study.encoder_seeds:
+                fusions, seeds = missing_runs(plan, inputs, seed_folder(folder, encoder_seed))
+                if fusions:
+                    lacking[tuple(fusions), tuple(seeds)].append(encoder_seed)
+            jobs += [Job(cell, inputs, *key, tuple(encoder_seeds)) for key, encoder_seeds in lacking.items()]
     return jobs
 
 
-def job_arguments(
-    root: Path, plan: Plan, job: tuple[Cell, list[str], list[int], list[int]], extra: list[str]
-) -> list[str]:
+def job_arguments(root: Path, plan: Plan, job: Job, extra: list[str]) -> list[str]:
     """``sslfuse run -m`` arguments of one job: the cell's overrides, its fusions and seeds, a sweep over its
-    encoder seeds into the cell's folder, then ``extra`` (the stage's ``run`` list and launcher overrides)."""
-    cell, fusions, seeds, encoder_seeds = job
+    encoder seeds into the folder of its cell and input set, then ``extra`` (the stage's ``run`` list and launcher
+    overrides)."""
     return [
         "run",
         "-m",
-        *cell_overrides(plan, cell),
-        f"fusions={hydra_value(fusions)}",
-        f"seeds={hydra_value(seeds)}",
-        f"encoder_seed={','.join(map(str, encoder_seeds))}",
-        f"hydra.sweep.dir={hydra_value(str(cell_folder(root, plan, cell)))}",
+        *cell_overrides(plan, job.cell, job.inputs),
+        f"fusions={hydra_value(job.fusions)}",
+        f"seeds={hydra_value(job.label_seeds)}",
+        f"encoder_seed={','.join(map(str, job.encoder_seeds))}",
+        f"hydra.sweep.dir={hydra_value(str(cell_folder(root, plan, job.cell, job.inputs)))}",
         "hydra.sweep.subdir=encoder_seed${encoder_seed}",
         *extra,
     ]
@@ -160,10 +175,10 @@ def check_jobs(plan: Plan, extra: list[str]) -> None:
     """Compose every cell's run config as its jobs will, so that an override the run stage refuses (a misspelled
     key in ``overrides``, an unknown dataset option) is refused before any work, in one line; and a study scored on
     another split than test."""
-    for cell in plan.cells:
+    for cell, inputs in itertools.product(plan.cells, plan.inputs):
         overrides = [
-            *cell_overrides(plan, cell),
-            f"fusions={hydra_value(plan.fusions)}",
+            *cell_overrides(plan, cell, inputs),
+            f"fusions={hydra_value(inputs.fusions)}",
             f"seeds={hydra_value(plan.study.label_seeds)}",
             f"encoder_seed={plan.study.encoder_seeds[0]}",
             *(o for o in extra if not o.lstrip("+~").startswith("hydra")),
@@ -205,23 +220,27 @@ def describe(plan: Plan) -> str:
     study = plan.study
     pretrained = f", pretrained on {', '.join(study.pretrain_datasets)}" if study.pretrain_datasets else ""
     controls = f" (controls: {', '.join(study.controls)})" if study.controls else ""
+    sets = "".join(
+        f"; input set {inputs.name}: {', '.join(inputs.fusions)} over {', '.join(inputs.pretexts)}"
+        for inputs in plan.inputs[1:]
+    )
+    head_options = f"; every head with {', '.join(study.head_overrides)}" if study.head_overrides else ""
     return (
         f"Design: {', '.join(study.datasets)}{pretrained}; encoder {study.encoder}; pretexts "
         f"{', '.join(study.pretexts)}{controls}; {len(study.encoder_seeds)} encoder seeds "
         f"({', '.join(map(str, study.encoder_seeds))}) × {len(study.label_seeds)} label seeds "
         f"({', '.join(map(str, study.label_seeds))}); regimes {', '.join(map(regime_of, study.regimes))}; "
-        f"methods {', '.join(plan.fusions)}."
+        f"methods {', '.join(plan.main.fusions)}{sets}{head_options}."
     )
 
 
 def study_results(root: Path, plan: Plan) -> pd.DataFrame:
-    """Every declared result of every cell and encoder seed, as the report's frame (each row with its folder, where
-    its kept predictions are read from)."""
+    """Every declared result of every cell, input set and encoder seed, as the report's frame (each row with its
+    folder, where its kept predictions are read from)."""
     found = [
         item
-        for cell in plan.cells
-        for encoder_seed in plan.study.encoder_seeds
-        for item in kept_results(seed_folder(cell_folder(root, plan, cell), encoder_seed), plan)
+        for cell, inputs, encoder_seed in itertools.product(plan.cells, plan.inputs, plan.study.encoder_seeds)
+        for item in kept_results(seed_folder(cell_folder(root, plan, cell, inputs), encoder_seed), plan, inputs)
     ]
     if not found:
         return pd.DataFrame()
@@ -249,7 +268,7 @@ def main(cfg: DictConfig) -> None:
     extra = [*cfg.run, *launcher_overrides()]
     check_jobs(plan, extra)
     root = Path(cfg.studies_dir) / name
-    record = declare(root, plan.study.claims, count_results(root), cfg.amend)
+    record = declare(root, plan.study.claims, count_results(root), cfg.amend, plan.conditions)
     print(
         f"study {name}: {len(plan.claims)} claim(s) declared in {root / 'claims.json'} "
         f"(sha256 {record['versions'][-1]['sha256'][:12]}, version {len(record['versions'])})"
@@ -258,10 +277,10 @@ def main(cfg: DictConfig) -> None:
     if not jobs:
         print(f"study {name}: every result exists in {root / 'results'}; nothing to run")
     for number, job in enumerate(jobs, start=1):
-        cell, fusions, seeds, encoder_seeds = job
         print(
-            f"study {name}: job {number} of {len(jobs)}: {cell.dataset}, {cell.regime_name}, encoder seeds "
-            f"{encoder_seeds}, label seeds {seeds}, {', '.join(fusions)}"
+            f"study {name}: job {number} of {len(jobs)}: {job.cell.dataset}, {job.cell.regime_name}, input set "
+            f"{job.inputs.name}, encoder seeds {list(job.encoder_seeds)}, label seeds {list(job.label_seeds)}, "
+            f"{', '.join(job.fusions)}"
         )
         launch(job_arguments(root, plan, job, extra))
     results = study_results(root, plan)
