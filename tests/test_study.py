@@ -67,6 +67,7 @@ def refusal(*overrides: str) -> str:
         (["study=smoke", "study.datasets=[mnist2]"], "unknown dataset 'mnist2' in study.datasets"),
         (["study=smoke", "study.references=[concat,attention]"], "study.references: attention is also a head"),
         (["study=smoke", "study.claims.0.method=mean"], "study.claims[0].method: 'mean' never runs in this study"),
+        (["study=smoke", "study.claims.0.datasets=[digits]"], "study.claims[0].datasets: digits in ['digits']"),
         (
             ["study=smoke", "study.claims.1.reference=ensemble"],
             "study.claims[1].reference: 'ensemble' never runs in this study as a reference",
@@ -276,6 +277,20 @@ def test_each_claim_gets_its_estimate_holm_interval_and_verdict():
     assert paired["holm_confidence"].max() == 0.975  # Holm over the two claims with results: one family of two
     assert paired["pairs"].tolist() == ["12 (3×4)", "12 (3×4)"]
     assert paired["p_improvement"].tolist() == [1.0, 0.0]
+
+
+def test_a_claim_naming_datasets_is_judged_on_those_only():
+    """Two datasets whose attention − concat differ in sign: a claim on one dataset pairs that dataset's 12 results
+    only, with that dataset's estimate; a claim naming none gets a row per dataset."""
+    other = fake_results().assign(dataset="digits", dataset_name="digits")
+    other["test_accuracy"] = other["test_accuracy"] - np.where(other["title"] == "attention", 0.10, 0.0)
+    both = pd.concat([fake_results(), other], ignore_index=True)
+    verdicts = judge(both, on_main(ClaimConfig("attention", "concat", "1%", 0.0, "greater", datasets=["digits"])))
+    assert verdicts["dataset"].tolist() == ["digits"]
+    assert verdicts["estimate"].iloc[0] == pytest.approx(-5.0, abs=0.5)
+    assert verdicts["verdict"].tolist() == [NOT_MET]
+    every = judge(both, on_main(ClaimConfig("attention", "concat", "1%", 0.0, "greater")))
+    assert sorted(every["dataset"]) == ["digits", "synthetic"]
 
 
 def test_at_a_margin_of_0_the_verdict_intervals_are_the_reports_primary_ones():

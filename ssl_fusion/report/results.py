@@ -88,6 +88,7 @@ def results_frame(results: list[FuseResult], folders: Optional[list[str]] = None
     frame["evaluated_on"] = evaluated_on(frame)
     frame["pretext_set"] = frame["pretexts"].map(lambda names: "+".join(sorted(names)))
     frame["options_key"] = frame["options"].map(lambda options: json.dumps(options, sort_keys=True, default=str))
+    frame["dataset_name"] = frame["dataset"]  # as configured; ``dataset`` becomes the label tables show
     frame["dataset"] = dataset_labels(frame)
     for column in CONTEXT:
         frame[column] = frame[column].astype(object).map(context_value)

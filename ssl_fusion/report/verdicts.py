@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, List, Optional
 
 import pandas as pd
 from omegaconf import MISSING
@@ -56,6 +56,7 @@ class ClaimConfig(Checked):
     direction: str = GREATER
     inputs: Optional[str] = None
     reference_inputs: Optional[str] = None
+    datasets: List[str] = field(default_factory=list)  # the datasets it is judged on; empty: every one of the study
 
     def rules(self) -> dict[str, Rule]:
         return {
@@ -84,7 +85,11 @@ class ClaimConfig(Checked):
         """The claim as the claims record keeps and hashes it: its keys, an unset input set left out (so that a
         claim without sets hashes as claims did before sets existed)."""
         fields = dataclasses.asdict(self).items()
-        return {key: value for key, value in fields if value is not None or key not in INPUT_KEYS}
+        return {
+            key: value
+            for key, value in fields
+            if (value is not None or key not in INPUT_KEYS) and (value != [] or key != "datasets")
+        }
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,14 @@ def adjust(family: pd.DataFrame, claims: list[ClaimConfig]) -> pd.DataFrame:
     )
 
 
+def judged_on(results: pd.DataFrame, claim: ClaimConfig) -> pd.DataFrame:
+    """The results a claim is judged on: its regime's, of its datasets (all where it names none)."""
+    rows = results["regime"] == claim.regime
+    if claim.datasets:
+        rows &= results["dataset_name"].isin(claim.datasets)
+    return results[rows]
+
+
 def judge(results: pd.DataFrame, claims: list[Claim]) -> pd.DataFrame:
     """One row per claim and dataset: the estimate, its interval Holm-adjusted with the claims' rows as one family
     (``adjust``), P(improvement) with its unadjusted interval, and the verdict; a claim without paired results gets
@@ -151,9 +164,7 @@ def judge(results: pd.DataFrame, claims: list[Claim]) -> pd.DataFrame:
     if CORRECT not in results:
         results = results.assign(**{CORRECT: correctness(results)})
     parts = [
-        paired_sides(results[results["regime"] == claim.config.regime], claim.method, claim.reference).assign(
-            claim=number
-        )
+        paired_sides(judged_on(results, claim.config), claim.method, claim.reference).assign(claim=number)
         for number, claim in enumerate(claims, start=1)
     ]
     found = [part for part in parts if not part.empty]
@@ -246,8 +257,8 @@ def shown(verdicts: pd.DataFrame) -> pd.DataFrame:
 
 
 def claim_columns(claims: list[dict[str, Any]]) -> list[str]:
-    """The claims record's columns: the five keys, and the input sets where a claim names one."""
-    return [*CLAIM_KEYS, *(key for key in INPUT_KEYS if any(key in claim for claim in claims))]
+    """The claims record's columns: the five keys, and the input sets and datasets where a claim names them."""
+    return [*CLAIM_KEYS, *(key for key in (*INPUT_KEYS, "datasets") if any(key in claim for claim in claims))]
 
 
 def versions_markdown(versions: list[dict[str, Any]]) -> str:

@@ -220,12 +220,15 @@ def check_sides(key: str, claim: ClaimConfig, names: dict[str, dict[str, tuple[s
 
 
 def check_claims(
-    claims: list[ClaimConfig], names: dict[str, dict[str, tuple[str, frozenset[str]]]], regimes: list[str]
+    claims: list[ClaimConfig],
+    names: dict[str, dict[str, tuple[str, frozenset[str]]]],
+    regimes: list[str],
+    datasets: list[str],
 ) -> list[Claim]:
     """The claims with their methods named as the results name them, and the sides they pair; a one-line UserError
     for a claim whose method or reference never runs on its input set (``check_sides``), whose regime the study has
     not, or that cannot be paired: methods over different inputs pair only where the claim names both sets."""
-    normalised, seen = [], set()
+    normalised, seen = [], {}
     for index, claim in enumerate(claims):
         key = f"study.claims[{index}]"
         (mine, method, read), (theirs, reference, their_read) = check_sides(key, claim, names)
@@ -246,15 +249,22 @@ def check_claims(
             raise UserError(
                 f"{key}.regime: '{claim.regime}' is not a regime of this study; regimes: {', '.join(regimes)}"
             )
+        unknown = [name for name in claim.datasets if name not in datasets]
+        if unknown or len(set(claim.datasets)) != len(claim.datasets):
+            raise UserError(
+                f"{key}.datasets: {', '.join(unknown) or 'a repeat'} in {claim.datasets}; give distinct datasets of "
+                f"this study ({', '.join(datasets)}), or none for all"
+            )
         if claim.direction == EQUIVALENT and claim.margin <= 0:
             raise UserError(
                 f"{key}.margin must be > 0 for direction equivalent (|difference| < margin), got {claim.margin}"
             )
         config = dataclasses.replace(claim, method=method, reference=reference)
         shown = " against ".join(config.sides())
-        if (shown, claim.regime) in seen:
-            raise UserError(f"{key}: {shown} at {claim.regime} is claimed twice; claim it once")
-        seen.add((shown, claim.regime))
+        judged = {(claim.regime, dataset) for dataset in claim.datasets or datasets}
+        if judged & seen.get(shown, set()):
+            raise UserError(f"{key}: {shown} at {claim.regime} is claimed twice on a dataset; claim it once")
+        seen[shown] = seen.get(shown, set()) | judged
         normalised.append(Claim(config, Side(method, mine, read), Side(reference, theirs, their_read)))
     return normalised
 
@@ -330,7 +340,7 @@ def check_study(node: Any) -> Plan:
     if len(set(regimes)) != len(regimes):
         raise UserError(f"study.regimes: {', '.join(regimes)} names a regime twice")
     names = {item.name: method_names(item.fusions, item.pretexts, study.head_overrides) for item in inputs}
-    claims = check_claims(study.claims, names, regimes)
+    claims = check_claims(study.claims, names, regimes, list(study.datasets))
     cells = [
         Cell(dataset, pretrain, regime)
         for dataset in study.datasets
