@@ -69,7 +69,7 @@ def length_variants() -> list[Variant]:
 
 def harmful_variants() -> list[Variant]:
     """Candidate harmful encoders: each alone, beside the main pretexts and the untrained control."""
-    candidates = ["random", "shuffled_labels", "jigsaw", "denoising", "inpainting", "relative_location"]
+    candidates = ["random", "shuffled_labels", "jigsaw", "denoising"]
     return [Variant("harmful", "candidates", "run", (f"pretexts=[{','.join(candidates)}]", "fusions=[single]", EPOCHS))]
 
 

@@ -254,6 +254,24 @@ def split_entry(entry: str) -> tuple[str, dict[str, Any]]:
     return match["name"], options
 
 
+def check_entries(key: str, entries: list[str], registry: Registry) -> list[str]:
+    """A non-empty list of distinct method entries (``split_entry``), each naming an option of ``registry`` with
+    options it has and values its rules allow."""
+    if not entries:
+        check_names(key, [], registry)
+    for entry in entries:
+        check_names(key, [split_entry(entry)[0]], registry)
+    repeated = sorted({entry for entry in entries if entries.count(entry) > 1})
+    if repeated:
+        raise UserError(f"{key} lists {', '.join(repeated)} more than once")
+    for entry in entries:
+        try:
+            load_entry(registry, entry)
+        except UserError as err:
+            raise UserError(f"{key}: {err}") from None
+    return list(entries)
+
+
 def load_entry(registry: Registry, entry: str) -> Any:
     """The typed option an entry names (``split_entry``): its YAML with the entry's options."""
     name, options = split_entry(entry)

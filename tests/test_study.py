@@ -546,3 +546,34 @@ def test_a_cross_set_claim_is_judged_on_the_paired_predictions_of_its_two_sets(s
     assert version["input_sets"] == {"main": ["rotation", "random"], "added": ["rotation", "noise", "random"]}
     again = sslfuse("study", "study=smoke_inputs", screen_off, "hydra.run.dir=again", cwd=tmp_path).stdout
     assert "nothing to run" in again
+
+
+def test_a_method_with_changed_options_is_planned_apart_from_its_default(tmp_path):
+    """``attention`` and ``attention[scorer=uniform]`` share a family; with only the first's results on disk, the
+    study still plans the second for every label seed, and nothing once both exist."""
+    from ssl_fusion.stages.fuse import write_result
+    from ssl_fusion.stages.study import missing_runs
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(
+            config_name="study",
+            overrides=["study=smoke", "study.references=[concat,select,'attention[scorer=uniform]']"],
+        )
+    plan = check_study(cfg.study)
+    pretexts = plan.main.pretexts
+
+    def write(title: str, name: str, seed: int) -> None:
+        result = dataclasses.replace(fake_result(title, 0, seed, 0.8, pretexts=tuple(pretexts)), family=name)
+        folder = tmp_path / f"{title}-{seed}"
+        folder.mkdir()
+        write_result(folder, result)
+
+    for seed in plan.study.label_seeds:
+        write("attention", "attention", seed)
+        write("concat", "concat", seed)
+        write("select[by=val]", "select", seed)
+    fusions, seeds = missing_runs(plan, plan.main, tmp_path)
+    assert fusions == ["attention[scorer=uniform]"] and seeds == list(plan.study.label_seeds)
+    for seed in plan.study.label_seeds:
+        write("attention[scorer=uniform]", "attention", seed)
+    assert missing_runs(plan, plan.main, tmp_path) == ([], [])

@@ -21,10 +21,12 @@ from omegaconf import MISSING, OmegaConf
 
 from ssl_fusion.config import (
     LabelsConfig,
+    check_entries,
     check_external,
     check_imported,
     check_names,
     check_seed,
+    split_entry,
 )
 from ssl_fusion.data.datasets import DATASETS
 from ssl_fusion.data.splits import regime_name
@@ -118,12 +120,16 @@ def regime_of(labels: LabelsConfig) -> str:
 @dataclass
 class Inputs:
     """One input set of a checked study: its name, what its run jobs fuse (its pretexts, then the controls), the
-    methods that run on it, and (family, pretexts) of every result it gives per label seed."""
+    methods that run on it, and per method (title, pretexts) of every result it gives per label seed."""
 
     name: str
     pretexts: list[str]
     fusions: list[str]
-    expected: set[tuple[str, frozenset[str]]]
+    expected: dict[str, set[tuple[str, frozenset[str]]]]
+
+    def expects(self, result_title: str, pretexts: list[str]) -> bool:
+        """Whether a result of this title over these pretexts is one of the set's."""
+        return any((result_title, frozenset(pretexts)) in keys for keys in self.expected.values())
 
 
 @dataclass
@@ -183,11 +189,17 @@ def method_names(
     return names
 
 
-def expected_results(fusions: list[str], pretexts: list[str], head_overrides: list[str]) -> set:
-    """(family, pretexts) of every result ``fusions`` over ``pretexts`` give per label seed."""
+def expected_results(
+    fusions: list[str], pretexts: list[str], head_overrides: list[str]
+) -> dict[str, set[tuple[str, frozenset[str]]]]:
+    """Per method of ``fusions``, (title, pretexts) of every result it gives over ``pretexts`` per label seed: the
+    title tells ``attention`` from ``attention[scorer=uniform]``."""
     return {
-        (config.name, frozenset() if lookup_method(config.name).needs_images else frozenset(used))
-        for config, used in planned_heads(fusions, pretexts, head_overrides)
+        fusion: {
+            (head_title(config, METHODS), frozenset() if lookup_method(config.name).needs_images else frozenset(used))
+            for config, used in planned_heads([fusion], pretexts, head_overrides)
+        }
+        for fusion in fusions
     }
 
 
@@ -283,10 +295,13 @@ def check_input_set(
     both = sorted(set(config.pretexts) & set(study.controls))
     if both:
         raise UserError(f"{key}.pretexts: {both[0]} is a control, which every set fuses already; list it once")
-    check_names(f"{key}.heads", config.heads, METHODS)
+    check_entries(f"{key}.heads", config.heads, METHODS)
     fused = [*config.pretexts, *study.controls]
     for head in config.heads:
-        if lookup_method(head).needs_images or len(planned_heads([head], fused, study.head_overrides)) != 1:
+        if (
+            lookup_method(split_entry(head)[0]).needs_images
+            or len(planned_heads([head], fused, study.head_overrides)) != 1
+        ):
             raise UserError(
                 f"{key}.heads: {head} does not fuse the set's pretexts in one head (it runs once per pretext or "
                 "reads the images); it runs on main only"
@@ -319,9 +334,9 @@ def check_study(node: Any) -> Plan:
         for seed in getattr(study, key):
             check_seed(f"study.{key}", seed)
     references = [name for name in study.references if name != BEST_SINGLE]
-    check_names("study.heads", study.heads, METHODS)
+    check_entries("study.heads", study.heads, METHODS)
     if references:
-        check_names("study.references", references, METHODS)
+        check_entries("study.references", references, METHODS)
     both = sorted(set(study.heads) & set(references))
     if both:
         raise UserError(f"study.references: {both[0]} is also a head; list it once")

@@ -14,7 +14,7 @@ from ssl_fusion.config import (
     LabelsConfig,
     ProbeConfig,
     as_plain,
-    check_names,
+    check_entries,
     load_option,
     split_entry,
 )
@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
-    check_names("fusions", [split_entry(entry)[0] for entry in cfg.fusions], METHODS)
+    check_entries("fusions", list(cfg.fusions), METHODS)
     heads = planned_heads(list(cfg.fusions), pretexts, list(cfg.head_overrides))
     for fusion, used in heads:
         check_head(fusion, len(used))

@@ -104,7 +104,7 @@ def kept_results(folder: Path, plan: Plan, inputs: Inputs) -> list[tuple[Path, F
         for path, result in found
         if result.split == "test"
         and result.labels.get("seed") in seeds
-        and (result.family, frozenset(result.pretexts)) in inputs.expected
+        and inputs.expects(result.title, result.pretexts)
     ]
 
 
@@ -112,16 +112,16 @@ def missing_runs(plan: Plan, inputs: Inputs, folder: Path) -> tuple[list[str], l
     """The fusions and label seeds one encoder seed's folder of ``inputs`` lacks a result of (every variant, every
     seed)."""
     done = {
-        (result.family, frozenset(result.pretexts), result.labels["seed"])
+        (result.title, frozenset(result.pretexts), result.labels["seed"])
         for _, result in kept_results(folder, plan, inputs)
     }
     missing = {
-        (family, seed)
-        for family, pretexts in inputs.expected
+        (fusion, seed)
+        for fusion, keys in inputs.expected.items()
         for seed in plan.study.label_seeds
-        if (family, pretexts, seed) not in done
+        if any((title, pretexts, seed) not in done for title, pretexts in keys)
     }
-    fusions = [fusion for fusion in inputs.fusions if any(family == fusion for family, _ in missing)]
+    fusions = [fusion for fusion in inputs.fusions if any(fusion == lacking for lacking, _ in missing)]
     seeds = [seed for seed in plan.study.label_seeds if any((fusion, seed) in missing for fusion in fusions)]
     return fusions, seeds
 
