@@ -140,9 +140,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(QUESTIONS), default=list(QUESTIONS))
     parser.add_argument("--cells", nargs="*", choices=sorted(CELLS), default=list(CELLS))
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--match", default="", help="only the variants whose name holds this text")
     parser.add_argument("--epochs", nargs="*", type=int, default=list(EPOCH_CHOICES), help="length: these only")
     args = parser.parse_args()
-    variants = [v for question in args.only for v in QUESTIONS[question]()]
+    variants = [v for question in args.only for v in QUESTIONS[question]() if args.match in v.name]
     variants = [v for v in variants if v.question != "length" or int(v.name.split("=")[1]) in args.epochs]
     if args.list:
         for variant in variants:
