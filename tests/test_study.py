@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from conftest import sslfuse
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ssl_fusion.cli import composition_problem
 from ssl_fusion.config import CONF_DIR
@@ -36,7 +37,7 @@ from ssl_fusion.report.verdicts import (
 )
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.declaration import CLAIMS_FILE, check_study, declare
-from ssl_fusion.stages.study import cell_overrides, check_jobs
+from ssl_fusion.stages.study import cell_folder, cell_overrides, check_jobs
 
 
 def refusal(*overrides: str) -> str:
@@ -68,6 +69,14 @@ def refusal(*overrides: str) -> str:
         (["study=smoke", "study.references=[concat,attention]"], "study.references: attention is also a head"),
         (["study=smoke", "study.claims.0.method=mean"], "study.claims[0].method: 'mean' never runs in this study"),
         (["study=smoke", "study.claims.0.datasets=[digits]"], "study.claims[0].datasets: digits in ['digits']"),
+        (
+            ["study=smoke", "study.regimes=[{fraction:0.01,datasets:[digits]}]"],
+            "study.regimes[0].datasets: digits is not a dataset of this study (synthetic)",
+        ),
+        (
+            ["study=smoke", "study.datasets=[synthetic,digits]", "study.regimes=[{fraction:0.01,datasets:[digits]}]"],
+            "study.claims[0]: 1% does not run on synthetic",
+        ),
         (
             ["study=smoke", "study.claims.1.reference=ensemble"],
             "study.claims[1].reference: 'ensemble' never runs in this study as a reference",
@@ -581,3 +590,20 @@ def test_a_method_with_changed_options_is_planned_apart_from_its_default(tmp_pat
     for seed in plan.study.label_seeds:
         write("attention[scorer=uniform]", "attention", seed)
     assert missing_runs(plan, plan.main, tmp_path) == ([], [])
+
+
+def test_a_regime_naming_datasets_runs_on_those_only():
+    """Two datasets, one regime each: two cells, not four, and each keeps the folder it has without the key."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="study", overrides=["study=paper_claims"])
+    plan = check_study(cfg.study)
+    assert [(cell.dataset, cell.regime_name) for cell in plan.cells] == [("fashion_mnist", "1%"), ("digits", "5/class")]
+    crossed = check_study(
+        OmegaConf.merge(cfg.study, {"regimes": [{"fraction": 0.01}, {"per_class": 5}], "claims": cfg.study.claims})
+    )
+    assert len(crossed.cells) == 4
+    folders = {(c.dataset, c.regime_name): cell_folder(Path("s"), crossed, c, crossed.main) for c in crossed.cells}
+    assert [cell_folder(Path("s"), plan, c, plan.main) for c in plan.cells] == [
+        folders["fashion_mnist", "1%"],
+        folders["digits", "5/class"],
+    ]

@@ -61,6 +61,13 @@ class InputSetConfig(Checked):
 
 
 @dataclass
+class StudyRegime(LabelsConfig):
+    """A label regime of a study: the ``labels`` keys of ``run``, and the datasets it runs on (empty: every one)."""
+
+    datasets: List[str] = field(default_factory=list)
+
+
+@dataclass
 class StudyConfig(Checked):
     """What a study runs and what it claims (``conf/study/<name>.yaml``)."""
 
@@ -74,7 +81,7 @@ class StudyConfig(Checked):
     imported: Dict[str, Any] = field(default_factory=dict)  # <name>: {train: <file>, test: <file>}, as in run
     encoder_seeds: List[int] = MISSING  # pretraining runs
     label_seeds: List[int] = MISSING  # labeled subsets, the same for every encoder seed (crossed)
-    regimes: List[LabelsConfig] = MISSING  # e.g. [{fraction: 0.01}, {per_class: 5}]
+    regimes: List[StudyRegime] = MISSING  # e.g. [{fraction: 0.01}, {per_class: 5, datasets: [digits]}]
     heads: List[str] = MISSING  # the methods the claims are about (options of conf/fusion)
     references: List[str] = field(default_factory=list)  # options of conf/fusion, or best-single
     claims: List[ClaimConfig] = MISSING
@@ -354,13 +361,29 @@ def check_study(node: Any) -> Plan:
     regimes = [regime_of(regime) for regime in study.regimes]
     if len(set(regimes)) != len(regimes):
         raise UserError(f"study.regimes: {', '.join(regimes)} names a regime twice")
+    for index, regime in enumerate(study.regimes):
+        unknown = [name for name in regime.datasets if name not in study.datasets]
+        if unknown:
+            raise UserError(
+                f"study.regimes[{index}].datasets: {unknown[0]} is not a dataset of this study "
+                f"({', '.join(study.datasets)}); give some of them, or none for all"
+            )
     names = {item.name: method_names(item.fusions, item.pretexts, study.head_overrides) for item in inputs}
     claims = check_claims(study.claims, names, regimes, list(study.datasets))
+    for index, claim in enumerate(study.claims):
+        runs_on = study.regimes[regimes.index(claim.regime)].datasets or study.datasets
+        outside = [name for name in claim.datasets or study.datasets if name not in runs_on]
+        if outside:
+            raise UserError(
+                f"study.claims[{index}]: {claim.regime} does not run on {outside[0]} (study.regimes gives it "
+                f"{', '.join(runs_on)}); judge the claim on those datasets (claims.datasets)"
+            )
     cells = [
         Cell(dataset, pretrain, regime)
         for dataset in study.datasets
         for pretrain in (study.pretrain_datasets or [None])
         for regime in study.regimes
+        if not regime.datasets or dataset in regime.datasets
     ]
     return Plan(study, inputs, cells, claims, conditions(study, inputs))
 
