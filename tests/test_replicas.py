@@ -59,7 +59,7 @@ def test_a_study_accepts_replicas_and_refuses_a_bad_one():
         "references": ["best-single"],
     }
     node = OmegaConf.merge(OmegaConf.structured(StudyConfig), study)
-    assert check_study(node).pretexts == ["rotation", "rotation@1", "random", "random@1"]
+    assert check_study(node).main.pretexts == ["rotation", "rotation@1", "random", "random@1"]
     node.pretexts = ["rotation", "rotation@0"]
     with pytest.raises(UserError, match="study.pretexts: 'rotation@0' is not a replica"):
         check_study(node)
