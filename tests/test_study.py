@@ -607,3 +607,19 @@ def test_a_regime_naming_datasets_runs_on_those_only():
         folders["fashion_mnist", "1%"],
         folders["digits", "5/class"],
     ]
+
+
+def test_the_claims_record_shows_what_an_unset_input_set_or_dataset_list_means():
+    """A claim without sets is on the main set, one without datasets on every dataset: the page says so, not nan."""
+    from ssl_fusion.report.verdicts import versions_markdown
+
+    claims = [
+        ClaimConfig("attention", "concat", "1%", 0.0).declared(),
+        ClaimConfig("attention", "attention", "1%", 0.0, inputs="weak", reference_inputs="main").declared(),
+        ClaimConfig("attention", "concat", "5/class", 0.0, datasets=["digits"]).declared(),
+    ]
+    page = versions_markdown([{"sha256": "0", "declared": "now", "results_before": 0, "claims": claims}])
+    assert "nan" not in page
+    rows = [line for line in page.splitlines() if line.startswith("| attention")]
+    assert [cell.strip() for cell in rows[0].split("|")[6:9]] == ["main", "main", "all"]
+    assert [cell.strip() for cell in rows[1].split("|")[6:8]] == ["weak", "main"]

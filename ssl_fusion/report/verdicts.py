@@ -270,7 +270,9 @@ def versions_markdown(versions: list[dict[str, Any]]) -> str:
         text += (
             f"\n### Version {number} ({kind})\n\nsha256 `{version['sha256']}`, declared {version['declared']}"
             f" with {version['results_before']} result(s) present.\n\n"
-            + pd.DataFrame(version["claims"], columns=claim_columns(version["claims"])).to_markdown(index=False)
+            + pd.DataFrame(version["claims"], columns=claim_columns(version["claims"]))
+            .fillna({**{key: MAIN for key in INPUT_KEYS}, "datasets": "all"})  # what an unset key means
+            .to_markdown(index=False)
             + "\n"
             + "".join(
                 f"\nInput set {name}: {', '.join(pretexts)}.\n"

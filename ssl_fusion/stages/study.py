@@ -38,7 +38,16 @@ from ssl_fusion.report.results import load_result, results_frame
 from ssl_fusion.report.verdicts import judge, shown, write_verdicts
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import run_dir, stage_app
-from ssl_fusion.stages.declaration import Cell, Inputs, Plan, StudyStage, check_study, declare, regime_of
+from ssl_fusion.stages.declaration import (
+    Cell,
+    Inputs,
+    Plan,
+    StudyRegime,
+    StudyStage,
+    check_study,
+    declare,
+    regime_of,
+)
 from ssl_fusion.store.files import content_key
 
 log = logging.getLogger("sslfuse")
@@ -215,6 +224,11 @@ def launch(arguments: list[str]) -> None:
         )
 
 
+def regime_text(regime: StudyRegime) -> str:
+    """``1%``, or ``1% on fashion_mnist`` for a regime that runs on some datasets only."""
+    return regime_of(regime) + (f" on {' and '.join(regime.datasets)}" if regime.datasets else "")
+
+
 def describe(plan: Plan) -> str:
     """The study's design in a sentence, for its verdict page."""
     study = plan.study
@@ -229,7 +243,7 @@ def describe(plan: Plan) -> str:
         f"Design: {', '.join(study.datasets)}{pretrained}; encoder {study.encoder}; pretexts "
         f"{', '.join(study.pretexts)}{controls}; {len(study.encoder_seeds)} encoder seeds "
         f"({', '.join(map(str, study.encoder_seeds))}) × {len(study.label_seeds)} label seeds "
-        f"({', '.join(map(str, study.label_seeds))}); regimes {', '.join(map(regime_of, study.regimes))}; "
+        f"({', '.join(map(str, study.label_seeds))}); regimes {', '.join(map(regime_text, study.regimes))}; "
         f"methods {', '.join(plan.main.fusions)}{sets}{head_options}."
     )
 
