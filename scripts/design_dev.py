@@ -48,14 +48,15 @@ class Variant:
     question: str
     name: str
     stage: str  # run | fuse
+    pretexts: str  # comma-separated, as pretexts=[...] takes them
     overrides: tuple[str, ...]
 
     def commands(self, cell: list[str]) -> list[list[str]]:
+        pretexts = f"pretexts=[{self.pretexts}]"
         if self.stage == "run":
-            return [["sslfuse", "run", f"seeds=[{LABEL_SEEDS}]", *DEV, *cell, *self.overrides]]
-        pretexts = next(o for o in self.overrides if o.startswith("pretexts="))
+            return [["sslfuse", "run", f"seeds=[{LABEL_SEEDS}]", *DEV, *cell, pretexts, *self.overrides]]
         cache = ["sslfuse", "cache", *DEV[1:], *[c for c in cell if not c.startswith("labels.")], pretexts, EPOCHS]
-        fuse = ["sslfuse", "fuse", "-m", f"seed={LABEL_SEEDS}", *DEV, *cell, EPOCHS, *self.overrides]
+        fuse = ["sslfuse", "fuse", "-m", f"seed={LABEL_SEEDS}", *DEV, *cell, EPOCHS, pretexts, *self.overrides]
         return [cache, fuse]
 
 
@@ -63,22 +64,22 @@ def length_variants() -> list[Variant]:
     """How long to pretrain: rotation and SimCLR at 1 and 2 epochs, SimCLR also at 4 (rotation's four epochs did not
     fit the budget), each scored by its own linear head."""
     return [
-        Variant("length", f"epochs={e}", "run", (f"pretexts=[{pretexts}]", "fusions=[single]", f"train.epochs={e}"))
+        Variant("length", f"epochs={e}", "run", pretexts, ("fusions=[single]", f"train.epochs={e}"))
         for e, pretexts in EPOCH_CHOICES.items()
     ]
 
 
 def harmful_variants() -> list[Variant]:
     """Candidate harmful encoders: each alone, beside the main pretexts and the untrained control."""
-    candidates = ["random", "shuffled_labels", "jigsaw", "denoising"]
-    return [Variant("harmful", "candidates", "run", (f"pretexts=[{','.join(candidates)}]", "fusions=[single]", EPOCHS))]
+    candidates = "random,shuffled_labels,jigsaw,denoising"
+    return [Variant("harmful", "candidates", "run", candidates, ("fusions=[single]", EPOCHS))]
 
 
 def head_variants() -> list[Variant]:
     """Each head over the main pretexts and over them plus the harmful encoders, with the screen on and off."""
     heads = {
-        "attention": [],
-        "attention uniform": ["fusion.scorer=uniform"],
+        "attention": ["fusion=attention"],
+        "attention uniform": ["fusion=attention", "fusion.scorer=uniform"],
         "concat": ["fusion=concat"],
         "concat dropout": ["fusion=concat", "fusion.pretext_dropout=0.5"],
         "paper_attention": ["fusion=paper_attention"],
@@ -89,11 +90,8 @@ def head_variants() -> list[Variant]:
     for inputs, pretexts in (("main", MAIN), ("harmful", f"{MAIN},{HARMFUL}")):
         for screen in ("true", "false"):
             for head, options in heads.items():
-                fusion = options if options[:1] and options[0].startswith("fusion=") else ["fusion=attention", *options]
                 name = f"{head} | {inputs} | screen={screen}"
-                variants.append(
-                    Variant("heads", name, "fuse", (f"pretexts=[{pretexts}]", *fusion, f"fusion.screen={screen}"))
-                )
+                variants.append(Variant("heads", name, "fuse", pretexts, (*options, f"fusion.screen={screen}")))
     return variants
 
 

@@ -241,12 +241,13 @@ def check_sides(key: str, claim: ClaimConfig, names: dict[str, dict[str, tuple[s
 def check_claims(
     claims: list[ClaimConfig],
     names: dict[str, dict[str, tuple[str, frozenset[str]]]],
-    regimes: list[str],
+    regimes: dict[str, list[str]],
     datasets: list[str],
 ) -> list[Claim]:
     """The claims with their methods named as the results name them, and the sides they pair; a one-line UserError
     for a claim whose method or reference never runs on its input set (``check_sides``), whose regime the study has
-    not, or that cannot be paired: methods over different inputs pair only where the claim names both sets."""
+    not or runs on other datasets (``regimes``: each regime's name -> the datasets it runs on), or that cannot be
+    paired: methods over different inputs pair only where the claim names both sets."""
     normalised, seen = [], {}
     for index, claim in enumerate(claims):
         key = f"study.claims[{index}]"
@@ -273,6 +274,12 @@ def check_claims(
             raise UserError(
                 f"{key}.datasets: {', '.join(unknown) or 'a repeat'} in {claim.datasets}; give distinct datasets of "
                 f"this study ({', '.join(datasets)}), or none for all"
+            )
+        outside = [name for name in claim.datasets or datasets if name not in regimes[claim.regime]]
+        if outside:
+            raise UserError(
+                f"{key}: {claim.regime} does not run on {outside[0]} (study.regimes gives it "
+                f"{', '.join(regimes[claim.regime])}); judge the claim on those datasets (claims.datasets)"
             )
         if claim.direction == EQUIVALENT and claim.margin <= 0:
             raise UserError(
@@ -369,15 +376,8 @@ def check_study(node: Any) -> Plan:
                 f"({', '.join(study.datasets)}); give some of them, or none for all"
             )
     names = {item.name: method_names(item.fusions, item.pretexts, study.head_overrides) for item in inputs}
-    claims = check_claims(study.claims, names, regimes, list(study.datasets))
-    for index, claim in enumerate(study.claims):
-        runs_on = study.regimes[regimes.index(claim.regime)].datasets or study.datasets
-        outside = [name for name in claim.datasets or study.datasets if name not in runs_on]
-        if outside:
-            raise UserError(
-                f"study.claims[{index}]: {claim.regime} does not run on {outside[0]} (study.regimes gives it "
-                f"{', '.join(runs_on)}); judge the claim on those datasets (claims.datasets)"
-            )
+    runs_on = {name: regime.datasets or list(study.datasets) for name, regime in zip(regimes, study.regimes)}
+    claims = check_claims(study.claims, names, runs_on, list(study.datasets))
     cells = [
         Cell(dataset, pretrain, regime)
         for dataset in study.datasets
