@@ -42,10 +42,23 @@ def run_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
+def search_path_arguments() -> list[str]:
+    """This run's own config folders as arguments of another command: its ``--config-dir`` and ``hydra.searchpath``
+    (where files such as ``external/<name>.yaml`` are found)."""
+    hydra_config = HydraConfig.get()
+    folders = [
+        f"--config-dir={source.path}"
+        for source in hydra_config.runtime.config_sources
+        if source.provider == "command-line"
+    ]
+    return [*folders, *(o for o in hydra_config.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath="))]
+
+
 def user_overrides(drop: tuple[str, ...], rename: dict[str, str] | None = None) -> list[str]:
     """This run's command-line overrides without the keys in ``drop`` and with keys renamed as in
-    ``rename``: the arguments for a suggested command of another stage."""
-    kept = []
+    ``rename``, and its config folders (``search_path_arguments``): the arguments for a suggested command of another
+    stage."""
+    kept = search_path_arguments()
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.partition("=")
         bare = key.lstrip("+~")
