@@ -5,6 +5,7 @@ the one the ``+external.<name>.*`` keys declare, command-line keys over the file
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,18 @@ def result(folder: Path) -> tuple[dict, list]:
 @pytest.mark.slow
 def test_a_declared_encoder_is_the_same_encoder_as_its_keys_on_cache_fuse_and_run(tmp_path):
     """Paired: a checkpoint declared in ``mine/external/r18.yaml`` and listed by name only, then the same keys on the
-    command line. The keys find the features the file cached (the same key, reused), and a fuse of each gives the same
-    result; ``run`` finds the file too. A key on the command line replaces the file's: another size, another key."""
+    command line. The keys find the features the file cached (with the command fuse suggests: the same key, reused),
+    and a fuse of each gives the same result; ``run`` finds the file too. A key on the command line replaces the
+    file's: another size, another key."""
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     keys = {"arch": "torchvision:resnet18", "checkpoint": str(tmp_path / "r18.pth"), "image_size": 32}
     mine = ["--config-dir", str(declare(tmp_path / "mine", "r18", keys))]
 
-    by_file = sslfuse("cache", *SMALL, "pretexts=[r18]", "hydra.run.dir=c1", *mine, cwd=tmp_path).stdout
+    uncached = sslfuse("fuse", *SMALL, "pretexts=[r18]", *FUSE, *mine, cwd=tmp_path, check=False).stderr
+    suggested = shlex.split(uncached.partition("make them with: ")[2])  # the command names the user's folder
+    assert suggested[:2] == ["sslfuse", "cache"] and suggested[-1] == f"--config-dir={tmp_path / 'mine'}"
+    by_file = sslfuse(*suggested[1:], cwd=tmp_path).stdout
     by_keys = sslfuse("cache", *SMALL, "pretexts=[r18]", *as_keys("r18", keys), "hydra.run.dir=c2", cwd=tmp_path)
     (computed,) = features_named(by_file, "r18")
     assert computed.endswith("(computed)")
@@ -80,9 +85,7 @@ def test_a_declared_encoder_is_the_same_encoder_as_its_keys_on_cache_fuse_and_ru
     ).stdout
     (other,) = features_named(resized, "r18")
     assert other.endswith("(computed)") and other.split()[1] != computed.split()[1]
-    manifest = json.loads(
-        next((tmp_path / "outputs/artifacts/features").glob(f"{other.split()[1]}/manifest.json")).read_text()
-    )
+    manifest = json.loads((tmp_path / "outputs/artifacts/features" / other.split()[1] / "manifest.json").read_text())
     assert manifest["config"]["external"]["conversion"]["size"] == "28x28 -> 24x24"
 
 

@@ -199,9 +199,14 @@ class Declared(FeatureSource):
 
     @classmethod
     @abstractmethod
-    def declared(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
-        """The sources of this kind under ``node`` (the config's ``key``), and those of ``names`` (``pretexts``
-        entries) that a file of this kind declares, each checked."""
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
+        """The sources of this kind under ``node`` (the config's ``key``), each checked."""
+
+    @classmethod
+    def listed(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+        """The sources of this kind for a stage whose ``pretexts`` has the undeclared entries ``names``: those
+        ``declared`` under ``node``; a kind that files may declare also those of ``names`` it finds a file of."""
+        return cls.declared(node)
 
 
 class External(Declared):
@@ -216,7 +221,12 @@ class External(Declared):
         self.cfg = cfg
 
     @classmethod
-    def declared(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
+        return cls.listed(node, [])
+
+    @classmethod
+    def listed(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+        """Those under ``node`` and those of ``names`` that a file ``external/<name>.yaml`` declares."""
         return {name: cls(name, cfg) for name, cfg in check_external(node, PRETEXTS, names).items()}
 
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
@@ -250,7 +260,7 @@ class Imported(Declared):
         self.spec = spec
 
     @classmethod
-    def declared(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+    def declared(cls, node: Any) -> dict[str, FeatureSource]:
         return {name: cls(name, spec) for name, spec in check_imported(node, PRETEXTS).items()}
 
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
@@ -272,7 +282,7 @@ def declared_sources(cfg: DictConfig) -> dict[str, FeatureSource]:
     declared: dict[str, FeatureSource] = {}
     for kind in DECLARED:
         names = [name for name in cfg.pretexts if name not in declared]
-        for name, source in kind.declared(cfg.get(kind.key) or {}, names).items():
+        for name, source in kind.listed(cfg.get(kind.key) or {}, names).items():
             declared.setdefault(name, source)
     return declared
 
