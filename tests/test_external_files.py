@@ -5,6 +5,7 @@ the one the ``+external.<name>.*`` keys declare, command-line keys over the file
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import sslfuse
+from conftest import REPO, sslfuse
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -179,3 +180,21 @@ def test_a_study_lists_declared_encoders_by_name_and_its_runs_find_them(tmp_path
         "single(resnet18_random)",
     ]
     assert "claim 1: concat" in printed
+
+
+@pytest.mark.slow
+def test_the_file_example_of_the_own_encoders_page_caches(tmp_path):
+    """docs/own_encoders.md's file, written where its first line says, and its first command, run with a stand-in
+    checkpoint of the same architecture (random weights) and a small size given as keys that replace the file's."""
+    page = (REPO / "docs" / "own_encoders.md").read_text()
+    example = re.search(r"```yaml\n# (?P<path>\S+)\n(?P<keys>.*?)```", page, re.S)
+    command = shlex.split(re.search(r"```bash\n(sslfuse cache [^\n]*--config-dir[^\n]*)\n", page)[1])
+    path = tmp_path / example["path"]
+    path.parent.mkdir(parents=True)
+    path.write_text(example["keys"])
+    name = path.stem
+    model = getattr(torchvision.models, yaml.safe_load(example["keys"])["arch"].partition(":")[2])()
+    torch.save(model.state_dict(), tmp_path / "standin.pth")
+    stand_in = [f"+external.{name}.checkpoint={tmp_path / 'standin.pth'}", f"+external.{name}.image_size=32"]
+    printed = sslfuse(command[1], *SMALL, *stand_in, *command[2:], cwd=tmp_path).stdout
+    assert len(features_named(printed, name)) == 1
