@@ -41,22 +41,21 @@ def fit_titles(figure, rounds: int = 4) -> None:
     figure.tight_layout()
     for axis, text in titled:
         axis.title.set_text(text)
-    renderer = figure.canvas.get_renderer()
     for _ in range(rounds):
         figure.tight_layout()
-        too_wide = [(axis, text) for axis, text in titled if title_room(figure, axis, renderer) < 0]
+        too_wide = [(axis, text) for axis, text in titled if title_room(figure, axis) < 0]
         if not too_wide:
             return
         for axis, text in too_wide:
-            box, lines = axis.title.get_window_extent(renderer), axis.title.get_text().split("\n")
+            box, lines = axis.title.get_window_extent(), axis.title.get_text().split("\n")
             longest = max(len(line) for line in lines)
-            room = box.width + title_room(figure, axis, renderer)
+            room = box.width + title_room(figure, axis)
             axis.title.set_text(textwrap.fill(text, max(8, int(longest * room / box.width) - 1)))
 
 
-def title_room(figure, axis, renderer) -> float:
+def title_room(figure, axis) -> float:
     """Pixels to spare on the tighter side of ``axis``'s title within the figure (negative: it sticks out)."""
-    box, frame = axis.title.get_window_extent(renderer), figure.bbox
+    box, frame = axis.title.get_window_extent(), figure.bbox
     return 2 * min(box.x0 - frame.x0, frame.x1 - box.x1)
 
 
