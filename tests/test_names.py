@@ -23,8 +23,8 @@ from ssl_fusion.report.results import results_frame
 from ssl_fusion.report.tables import write_report
 from ssl_fusion.stages.fuse import write_result
 
-PETS = ["cat", "dog", "owl"]
-TRUE = np.array([0, 0, 1, 1, 2, 2, 2, 2])  # two cats, two dogs, four owls
+PETS = ["owl", "cat", "dog"]  # a dataset's order, not the alphabet's
+TRUE = np.array([0, 0, 1, 1, 2, 2, 2, 2])  # two owls, two cats, four dogs
 
 
 def pet_result(seed: int, predicted: list[int], classes: list[str] = PETS, **fields) -> FuseResult:
@@ -52,17 +52,17 @@ def pet_result(seed: int, predicted: list[int], classes: list[str] = PETS, **fie
 
 
 def test_the_per_class_table_names_the_classes_and_averages_each_over_seeds(tmp_path):
-    """Known truth: seed 0 misses one owl of four, seed 1 one cat of two; per class, over the two seeds, cat
-    (100 + 50) / 2, dog 100, owl (75 + 100) / 2."""
+    """Known truth: seed 0 misses one dog of four, seed 1 one owl of two; per class, over the two seeds, owl
+    (100 + 50) / 2, cat 100, dog (75 + 100) / 2."""
     write_result(tmp_path / "seed0", pet_result(0, [0, 0, 1, 1, 2, 2, 2, 0]))
     write_result(tmp_path / "seed1", pet_result(1, [0, 1, 1, 1, 2, 2, 2, 2]))
     write_report(tmp_path)
     table = pd.read_csv(tmp_path / "per_class_accuracy.csv").set_index("class")
     assert table.index.tolist() == PETS
-    assert table["accuracy"].to_dict() == pytest.approx({"cat": 75.0, "dog": 100.0, "owl": 87.5})
+    assert table["accuracy"].to_dict() == pytest.approx({"owl": 75.0, "cat": 100.0, "dog": 87.5})
     assert (table["seeds"] == 2).all() and set(table["method"]) == {"concat(a+b)"}
     markdown = (tmp_path / "report.md").read_text()
-    assert "Per-class accuracy" in markdown and re.search(r"\|\s+cat\s+\|\s+dog\s+\|\s+owl\s+\|", markdown)
+    assert "Per-class accuracy" in markdown and re.search(r"\|\s+owl\s+\|\s+cat\s+\|\s+dog\s+\|", markdown)
 
 
 def test_a_result_written_before_the_names_were_kept_names_its_classes_by_number(tmp_path):
@@ -89,10 +89,10 @@ def heatmap_labels(monkeypatch, results: list[FuseResult]) -> list[str]:
 
 
 def test_the_heatmap_rows_are_the_class_names_in_class_order(monkeypatch):
-    weights = {"owl": {"a": 0.9, "b": 0.1}, "cat": {"a": 0.2, "b": 0.8}, "dog": {"a": 0.5, "b": 0.5}}
+    weights = {"dog": {"a": 0.9, "b": 0.1}, "cat": {"a": 0.2, "b": 0.8}, "owl": {"a": 0.5, "b": 0.5}}
     named = pet_result(0, TRUE.tolist(), details={"pretext_weights_per_class": weights})
     assert heatmap_labels(monkeypatch, [named]) == PETS
-    by_number = {"0": weights["cat"], "1": weights["dog"], "2": weights["owl"]}
+    by_number = {"0": weights["owl"], "1": weights["cat"], "2": weights["dog"]}
     earlier = pet_result(0, TRUE.tolist(), classes=[], details={"pretext_weights_per_class": by_number})
     assert heatmap_labels(monkeypatch, [earlier]) == ["0", "1", "2"]
 
@@ -180,6 +180,9 @@ def test_a_torchvision_dataset_is_named_by_its_classes_or_else_by_its_labels(tmp
     assert unnamed.classes == ["0", "1"]
 
 
+FOLDERS = ["cat", "dog", "owl"]  # an image folder's classes: its class folders, sorted
+
+
 def write_named_folder(folder, names: list[str], per_class: int = 6, size: int = 12) -> None:
     """``per_class`` PNGs in a folder per class name, each class its own colour with seeded noise."""
     from PIL import Image
@@ -197,7 +200,7 @@ def test_an_image_folders_class_names_reach_the_results_and_the_per_class_table(
     """``sslfuse run`` on a folder of cat, dog and owl pictures: the results name the classes by their folders, the
     attention head's per-class weights are keyed by them, and the report's per-class table shows them."""
     folder, work = tmp_path / "pets", tmp_path / "work"
-    write_named_folder(folder, PETS)
+    write_named_folder(folder, FOLDERS)
     work.mkdir()
     before = folder_contents(folder)
     sslfuse(
@@ -221,7 +224,7 @@ def test_an_image_folders_class_names_reach_the_results_and_the_per_class_table(
     )
     assert folder_contents(folder) == before
     (result,) = [json.loads(path.read_text()) for path in (work / "run").rglob("results.json")]
-    assert result["classes"] == PETS and sorted(result["pretext_weights_per_class"]) == PETS
+    assert result["classes"] == FOLDERS and sorted(result["pretext_weights_per_class"]) == FOLDERS
     table = pd.read_csv(work / "run" / "per_class_accuracy.csv")
-    assert table["class"].tolist() == PETS
+    assert table["class"].tolist() == FOLDERS
     assert re.search(r"\|\s+cat\s+\|\s+dog\s+\|\s+owl\s+\|", (work / "run" / "report.md").read_text())
