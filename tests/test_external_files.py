@@ -18,7 +18,7 @@ from conftest import REPO, sslfuse
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from ssl_fusion.config import check_external, external_files
+from ssl_fusion.config import CONF_DIR, check_external, external_files
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import sources
@@ -198,3 +198,15 @@ def test_the_file_example_of_the_own_encoders_page_caches(tmp_path):
     stand_in = [f"+external.{name}.checkpoint={tmp_path / 'standin.pth'}", f"+external.{name}.image_size=32"]
     printed = sslfuse(command[1], *SMALL, *stand_in, *command[2:], cwd=tmp_path).stdout
     assert len(features_named(printed, name)) == 1
+
+
+def test_the_packaged_files_are_valid_declarations():
+    """Every file of ``conf/external/`` passes the checks a stage makes when it reads one (the hub examples' weights
+    are checked against the libraries' own lists, offline)."""
+    pytest.importorskip("timm")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        names = external_files()
+        declared = check_external({}, PRETEXTS, names)
+    assert names == ["dinov2_vits14", "resnet18_random", "resnet50_imagenet"] and list(declared) == names
+    assert declared["dinov2_vits14"].pretrained and declared["resnet50_imagenet"].weights == "IMAGENET1K_V2"
+    assert declared["resnet18_random"].checkpoint is None and not declared["resnet18_random"].pretrained
