@@ -106,12 +106,13 @@ def search_path(tmp_path):
     declare(tmp_path, "misspelled", {"arch": "torchvision:resnet18", "size": 32})
     declare(tmp_path, "headless", {"checkpoint": None, "image_size": 32})
     declare(tmp_path, "rotation", {"arch": "torchvision:resnet18"})
+    (tmp_path / "external" / "unclosed.yaml").write_text("arch: [torchvision:resnet18\n")
     with initialize_config_dir(version_base="1.3", config_dir=str(tmp_path)):
         yield tmp_path
 
 
 def test_files_declare_the_encoders_pretexts_names_and_keys_replace_their_keys(search_path):
-    assert external_files() == ["good", "headless", "misspelled", "rotation"]
+    assert external_files() == ["good", "headless", "misspelled", "rotation", "unclosed"]
     declared = check_external({}, PRETEXTS, ["good", "simclr"])
     assert list(declared) == ["good"] and declared["good"].image_size == 32
     assert check_external({"good": {"image_size": 24}}, PRETEXTS)["good"].image_size == 24
@@ -124,6 +125,7 @@ def test_files_declare_the_encoders_pretexts_names_and_keys_replace_their_keys(s
         (["misspelled"], r"^external/misspelled\.yaml: external\.misspelled\.size: not a key of an external encoder"),
         (["headless"], r"^external/headless\.yaml: external\.headless: give external\.headless\.arch"),
         (["rotation"], r"^'rotation' is a built-in pretext and the name of the file external/rotation\.yaml"),
+        (["unclosed"], r"^external/unclosed\.yaml: while parsing a flow sequence .* line 2"),
     ],
 )
 def test_a_bad_file_is_refused_in_one_line_naming_it_and_the_key(search_path, names, message):

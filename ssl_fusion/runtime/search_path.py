@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import yaml
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,11 +42,11 @@ def group_options(group: str) -> list[str]:
 
 def load_group_option(group: str, name: str) -> dict[str, Any]:
     """The keys of option ``name`` of ``group`` as Hydra composes it (interpolations resolved); a one-line UserError
-    naming the file when it does not compose to a mapping."""
+    naming the file when it is no YAML mapping."""
     try:
         node = OmegaConf.select(compose(overrides=[*stage_searchpath(), f"+{group}={name}"]), group)
         keys = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         raise UserError(f"{group}/{name}.yaml: {' '.join(str(err).split('Config search path')[0].split())}") from None
     if not isinstance(keys, dict):
         raise UserError(f"{group}/{name}.yaml: holds {type(keys).__name__}, not keys")
