@@ -18,10 +18,12 @@ from conftest import REPO, sslfuse
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
+from ssl_fusion.cli import composition_problem
 from ssl_fusion.config import CONF_DIR, check_external, external_files
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import sources
+from ssl_fusion.stages import study as _  # noqa: F401 (registers the study stage's schema, as the CLI does)
 
 SMALL = ["preset=smoke", "dataset.n_train=64", "dataset.n_test=32", "precision=fp32"]
 FUSE = ["fusion=concat", "labels.per_class=5"]
@@ -212,3 +214,20 @@ def test_the_packaged_files_are_valid_declarations():
     assert names == ["dinov2_vits14", "resnet18_random", "resnet50_imagenet"] and list(declared) == names
     assert declared["dinov2_vits14"].pretrained and declared["resnet50_imagenet"].weights == "IMAGENET1K_V2"
     assert declared["resnet18_random"].checkpoint is None and not declared["resnet18_random"].pretrained
+
+
+def test_the_clis_check_composes_with_the_users_folders(tmp_path):
+    """The one-line check before a stage starts composes with ``--config-dir`` and ``hydra.searchpath``: a study in
+    the user's folder composes, and a misspelled key is still refused in one line there."""
+    (tmp_path / "mine" / "study").mkdir(parents=True)
+    (tmp_path / "mine" / "study" / "mine_only.yaml").write_text("datasets: [synthetic]\n")
+    folder = str(tmp_path / "mine")
+    assert "study/mine_only" in composition_problem("study", ["study=mine_only"])
+    assert composition_problem("study", ["study=mine_only", "--config-dir", folder]) is None
+    assert composition_problem("study", [f"--config-dir={folder}", "study=mine_only"]) is None
+    assert composition_problem("study", ["study=mine_only", f"hydra.searchpath=[file://{folder}]"]) is None
+    misspelled = composition_problem("study", ["study=mine_only", "amnd=x", "--config-dir", folder])
+    assert "amnd" in misspelled and "\n" not in misspelled
+    assert composition_problem("study", ["study=mine_only", "--config-dir", str(tmp_path / "absent")]) == (
+        f"--config-dir: no folder '{tmp_path / 'absent'}'"
+    )
