@@ -347,7 +347,8 @@ def external_files() -> list[str]:
 
 
 def external_declarations(node: Any, registry: Registry, names: Iterable[str] = ()) -> dict[str, Any]:
-    """The keys of each external encoder, checked (``check_external``): those under ``node``
+    """The keys of each external encoder, as written (what a study passes to its run jobs), each checked by
+    ``external_config`` with a one-line refusal naming the file and the key: those under ``node``
     (``+external.<name>.<key>=...``), over the keys of the file ``external/<name>.yaml`` (``external_files``) where
     there is one, and those of ``names`` (``pretexts`` entries) that only a file declares. A name both a built-in
     pretext and declared is refused in one line: it would be unclear which encoder it means."""
