@@ -5,6 +5,7 @@ runs several times slower than fp32)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import ContextManager
 
@@ -63,6 +64,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 def _refuse_bf16() -> torch.dtype:
     raise UserError("precision=bf16 is not supported by this GPU; use precision=fp16 or fp32")
+
+
+@functools.cache
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` (numbers, or nested tuples of them) as a tensor on ``device``, copied there once per process: made
+    in every training step instead, it is a host-to-device copy that the host waits for. Shared: never modify it."""
+    with torch.inference_mode(False):  # usable in autograd even when first asked for under inference mode
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
