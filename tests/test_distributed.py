@@ -173,3 +173,52 @@ def test_two_rank_cache_equals_one_process_cache(ddp_workspace):
         assert merged.dtype == reference.dtype == np.float16 and merged.shape == reference.shape
         np.testing.assert_allclose(merged.astype(np.float32), reference.astype(np.float32), rtol=1e-3, atol=1e-3)
         assert np.array_equal(np.load(two / f"{stem}_labels.npy"), np.load(one / f"{stem}_labels.npy"))
+
+
+def stored_arrays(store: Path, kind: str, pattern: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The manifest and arrays of the one artifact of ``kind`` matching ``pattern`` in ``store``."""
+    (folder,) = (store / kind).glob(pattern)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest, {name: np.load(folder / name) for name in manifest["files"]}
+
+
+def assert_same_bytes(two: dict[str, np.ndarray], one: dict[str, np.ndarray]) -> None:
+    assert two.keys() == one.keys()
+    for name, array in one.items():
+        assert two[name].dtype == array.dtype and two[name].shape == array.shape, name
+        assert two[name].tobytes() == array.tobytes(), name
+
+
+EXTERNAL = ["pretexts=[r18]", "+external.r18.arch=torchvision:resnet18", "+external.r18.image_size=32"]
+SHARDED = {
+    "external": (
+        [*EXTERNAL, "dataset.n_train=256", "dataset.n_test=128", "cache.batch_size=64"],
+        [("features", "r18-*")],
+    ),
+    "views": (  # 1024 / 2 train and 256 / 2 test images per rank
+        ["pretexts=[simclr]", "cache.views=2", "cache.batch_size=128"],
+        [("features", "simclr-*"), ("views", "simclr-*")],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", SHARDED)
+def test_two_rank_external_and_views_caches_equal_one_process_caches(ddp_workspace, tmp_path, run):
+    """An external encoder (resnet18, seeded random weights), or two augmented views of an own encoder, cached by
+    two processes and by one: the same keys and the same bytes. Each rank's block of samples is a whole number of
+    cache batches, so both runs encode the very same batches (reduction order alike) and byte equality is the truth
+    to expect; the manifests record 2 and 1 processes."""
+    args, kinds = SHARDED[run]
+    two, one = tmp_path / "two", tmp_path / "one"
+    for folder in (two, one):
+        shutil.copytree(ddp_workspace / "store" / "encoders", folder / "store" / "encoders")
+    torchrun("cache", *args, *SMOKE, cwd=two)
+    sslfuse("cache", *args, *SMOKE, "hydra.run.dir=single_run", cwd=one)
+    for kind, pattern in kinds:
+        (two_manifest, two_arrays), (one_manifest, one_arrays) = (
+            stored_arrays(folder / "store", kind, pattern) for folder in (two, one)
+        )
+        assert two_manifest["name"] == one_manifest["name"], "the same artifact key"
+        assert [two_manifest["runtime"]["processes"], one_manifest["runtime"]["processes"]] == [2, 1]
+        assert_same_bytes(two_arrays, one_arrays)

@@ -117,11 +117,11 @@ def test_augmented_views_of_the_streamed_folder_are_those_of_the_folder_in_memor
     cache = CacheConfig(batch_size=8, views=2, num_workers=2)
     views = {}
     for name, data in (("streamed", folder), ("memory", folder.materialise())):
+        scratch = tmp_path / f"{name}-views"
+        scratch.mkdir()
         with image_progress(enabled=False) as progress:
-            write_views(
-                context(data, tmp_path / name), tiny_encoder(), Pretext, cache, tmp_path / f"{name}.npy", progress
-            )
-        views[name] = np.load(tmp_path / f"{name}.npy")
+            write_views(context(data, tmp_path / name), tiny_encoder(), Pretext, cache, scratch, progress)
+        views[name] = np.load(scratch / "train_views.npy")
     assert views["streamed"].shape == (2, 32, 4) and not np.array_equal(views["streamed"][0], views["streamed"][1])
     np.testing.assert_array_equal(views["streamed"], views["memory"])
 

@@ -25,7 +25,8 @@ def encode_batches(
     encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     num_workers: int = 0,
 ) -> None:
-    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result.
+    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result, on
+    ``device`` in the dtype the encoder gave (the caller copies it off the device as it needs).
     ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding;
     ``encoder_input(batch)``, if given, then turns it into what the encoder was trained on (a pretext's
     ``encoder_input``). Images on disk (a dataset) are decoded by ``num_workers`` DataLoader workers."""
@@ -41,7 +42,7 @@ def encode_batches(
         batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             features = encoder(batch)
-        on_batch(start, features.float().cpu())
+        on_batch(start, features)
         start += size
 
 
@@ -56,7 +57,7 @@ def extract_features(
     out = torch.empty(len(images), encoder.out_dim)
 
     def keep(start: int, features: torch.Tensor) -> None:
-        out[start : start + len(features)] = features
+        out[start : start + len(features)] = features  # to the host, in float32
 
     encode_batches(encoder, images, batch_size, device, dtype, keep, encoder_input=encoder_input)
     return out

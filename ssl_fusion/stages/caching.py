@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from ssl_fusion.config import CacheConfig
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
@@ -27,6 +28,7 @@ from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
 from ssl_fusion.stages import user_overrides
 from ssl_fusion.stages.context import StageContext
+from ssl_fusion.stages.feature_writer import FeatureWriter
 from ssl_fusion.store.artifacts import (
     ENCODERS_KIND,
     FEATURES_KIND,
@@ -41,6 +43,8 @@ from ssl_fusion.store.artifacts import (
 )
 
 log = logging.getLogger("sslfuse")
+
+VIEWS_STEM = "train_views"  # the views artifact's array: (views, samples, dim)
 
 
 def stored_encoder(ctx: StageContext, pretext: str, pretrain_command: str) -> str:
@@ -67,8 +71,13 @@ def stored_pretext(encoder_config: dict, encoder_name: str) -> type[Pretext]:
     return pretext_cls
 
 
-def shard_path(scratch: Path, split: str, part: int) -> Path:
-    return scratch / f"{split}.rank{part}.npy"
+def shard_path(scratch: Path, stem: str, part: int) -> Path:
+    return scratch / f"{stem}.rank{part}.npy"
+
+
+def rank_path(scratch: Path, stem: str) -> Path:
+    """The file this process writes of ``<stem>.npy``: the whole of it, or under torchrun its rank's shard."""
+    return scratch / f"{stem}.npy" if distributed.world_size() == 1 else shard_path(scratch, stem, distributed.rank())
 
 
 def open_features(path: Path, shape: tuple[int, ...]) -> np.memmap:
@@ -121,9 +130,9 @@ def write_split(
     convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     num_workers: int = 0,
 ) -> None:
-    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch; the encoder is fed the
-    images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of them, as in
-    pretraining.
+    """Stream features of one split into a float16 .npy (memory-mapped), batch by batch (``FeatureWriter``); the
+    encoder is fed the images ``convert``ed to its pretraining data's form, then the pretext's ``encoder_input`` of
+    them, as in pretraining.
     Images left on disk (an image folder) are decoded batch by batch by ``num_workers`` DataLoader workers.
 
     Under torchrun each rank writes its contiguous block of the split to a shard file for rank 0
@@ -131,30 +140,28 @@ def write_split(
     """
     images, labels = ctx.data.split(split)
     start, stop = distributed.shard_bounds(len(images))
-    target = (
-        scratch / f"{split}.npy" if distributed.world_size() == 1 else shard_path(scratch, split, distributed.rank())
-    )
-    out = open_features(target, (stop - start, encoder.out_dim))
+    out = open_features(rank_path(scratch, split), (stop - start, encoder.out_dim))
     task = progress.add_task(f"cache {split}", total=stop - start, status="")
+    with FeatureWriter(out, ctx.device) as writer:
 
-    def store_batch(offset: int, features: torch.Tensor) -> None:
-        out[offset : offset + len(features)] = features.numpy().astype(np.float16)
-        progress.advance(task, len(features))
+        def store_batch(offset: int, features: torch.Tensor) -> None:
+            writer.write((slice(offset, offset + len(features)),), features)
+            progress.advance(task, len(features))
 
-    if pretext_cls.ignores_images:
-        store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
-    else:
-        encode_batches(
-            encoder,
-            images[start:stop],
-            batch_size,
-            ctx.device,
-            ctx.dtype,
-            store_batch,
-            None if convert is None else lambda _, batch: convert(batch),
-            pretext_cls.encoder_input,
-            num_workers,
-        )
+        if pretext_cls.ignores_images:
+            store_batch(0, noise_features(ctx, split, encoder.out_dim)[start:stop])
+        else:
+            encode_batches(
+                encoder,
+                images[start:stop],
+                batch_size,
+                ctx.device,
+                ctx.dtype,
+                store_batch,
+                None if convert is None else lambda _, batch: convert(batch),
+                pretext_cls.encoder_input,
+                num_workers,
+            )
     out.flush()
     if distributed.is_main():
         np.save(scratch / f"{split}_labels.npy", labels.numpy())
@@ -166,20 +173,23 @@ def noise_features(ctx: StageContext, split: str, dim: int) -> torch.Tensor:
     return torch.randn(len(ctx.data.split(split)[1]), dim, generator=generator)
 
 
-def merge_shards(scratch: Path, split: str, length: int, dim: int, chunk: int = 1 << 16) -> None:
-    """Concatenate the ranks' shard files of a split into ``<split>.npy`` in rank order, chunk by chunk."""
-    out = open_features(scratch / f"{split}.npy", (length, dim))
+def merge_shards(scratch: Path, stem: str, shape: tuple[int, ...], chunk: int = 1 << 16) -> None:
+    """Concatenate the ranks' shard files of ``<stem>.npy`` (``shape``: ``(samples, dim)``, or ``(views, samples,
+    dim)`` with each rank's block of samples in every view) in rank order along the samples, chunk by chunk."""
+    out = open_features(scratch / f"{stem}.npy", shape)
+    blocks = out.reshape(-1, *shape[-2:])  # (views or 1, samples, dim), through the same map
     for part in range(distributed.world_size()):
-        start, _ = distributed.shard_bounds(length, part)
-        path = shard_path(scratch, split, part)
-        shard = np.load(path, mmap_mode="r")
-        for offset in range(0, len(shard), chunk):
-            piece = shard[offset : offset + chunk]
-            out[start + offset : start + offset + len(piece)] = piece
+        start, _ = distributed.shard_bounds(shape[-2], part)
+        path = shard_path(scratch, stem, part)
+        shard = np.load(path, mmap_mode="r").reshape(len(blocks), -1, shape[-1])
+        for block, rows in zip(blocks, shard):
+            for offset in range(0, len(rows), chunk):
+                piece = rows[offset : offset + chunk]
+                block[start + offset : start + offset + len(piece)] = piece
         del shard
         path.unlink()
     out.flush()
-    del out
+    del blocks, out
 
 
 def refused_on_all(check: Callable[[], None]) -> None:
@@ -198,9 +208,9 @@ def refused_on_all(check: Callable[[], None]) -> None:
 
 
 @contextlib.contextmanager
-def shared_staging(ctx: StageContext, name: str) -> Iterator[Path]:
-    """The store's staging folder for ``name``, made by rank 0; every rank gets its path."""
-    with distributed.main_only(ctx.store.staging(FEATURES_KIND, name)) as scratch:
+def shared_staging(ctx: StageContext, kind: str, name: str) -> Iterator[Path]:
+    """The store's staging folder for artifact ``name`` of ``kind``, made by rank 0; every rank gets its path."""
+    with distributed.main_only(ctx.store.staging(kind, name)) as scratch:
         yield Path(distributed.broadcast(str(scratch) if distributed.is_main() else None))
 
 
@@ -215,39 +225,62 @@ def encoder_conversion(
     return convert, {} if convert is None else {"conversion": describe(*shape)}
 
 
-def ensure_features(
-    ctx: StageContext, encoder_name: str, batch_size: int, num_workers: int = 0
+@dataclasses.dataclass
+class Encoding:
+    """What makes a features artifact and what its manifest says of it: the encoder (on the device), the pretext
+    whose ``encoder_input`` feeds it, the conversion of the downstream images, the ``encoder_artifact`` and
+    ``uses_labels`` recorded, more of the manifest's config, and the encoder's name in refusals (else ``source``)."""
+
+    encoder: nn.Module
+    pretext: type[Pretext]
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    source: str
+    uses_labels: bool
+    extra: dict
+    label: Optional[str] = None
+
+
+def sharded_features(
+    ctx: StageContext, name: str, encoding: Callable[[], Encoding], batch_size: int, num_workers: int
 ) -> tuple[str, dict, bool]:
-    """Cached features of a stored encoder: reused when present, else computed and published.
+    """The features artifact ``name``: reused when present, else computed with ``encoding()`` and published.
 
     Under torchrun every rank encodes its shard of each split; rank 0 alone holds the store lock,
     merges the shards and publishes one artifact, laid out as a single process writes it.
     """
-    name = features_artifact(ctx, encoder_name)
     with distributed.main_only(ctx.store.lock(FEATURES_KIND, name)):
         manifest = distributed.on_main(lambda: ctx.store.manifest(FEATURES_KIND, name))
         if manifest is not None:
             log.info("reused cached features %s (no encoder run)", name)
             return name, manifest, True
+        made = encoding()
+        copies = 2 if distributed.world_size() > 1 else 1
+        refused_on_all(
+            lambda: ctx.store.check_space(FEATURES_KIND, name, features_bytes(ctx, made.encoder.out_dim, copies))
+        )
+        started = time.perf_counter()
+        with shared_staging(ctx, FEATURES_KIND, name) as scratch, image_progress(enabled=distributed.is_main()) as bar:
+            for split in SPLITS:
+                write_split(ctx, made.encoder, split, batch_size, scratch, bar, made.pretext, made.convert, num_workers)
+            distributed.barrier()
+            if distributed.is_main():
+                manifest = publish_features(ctx, name, made, scratch, started)
+    return name, distributed.broadcast(manifest), False
+
+
+def ensure_features(
+    ctx: StageContext, encoder_name: str, batch_size: int, num_workers: int = 0
+) -> tuple[str, dict, bool]:
+    """Cached features of a stored encoder: reused when present, else computed and published (``sharded_features``)."""
+
+    def encoding() -> Encoding:
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
         encoder_config = ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"]
         pretext_cls = stored_pretext(encoder_config, encoder_name)
         convert, recorded = encoder_conversion(ctx, encoder_name)
-        refused_on_all(
-            lambda: ctx.store.check_space(
-                FEATURES_KIND, name, features_bytes(ctx, encoder.out_dim, 2 if distributed.world_size() > 1 else 1)
-            )
-        )
-        started = time.perf_counter()
-        with shared_staging(ctx, name) as scratch, image_progress(enabled=distributed.is_main()) as progress:
-            for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, pretext_cls, convert, num_workers)
-            distributed.barrier()
-            if distributed.is_main():
-                manifest = publish_features(
-                    ctx, name, encoder_name, encoder_config, encoder.out_dim, scratch, started, recorded
-                )
-    return name, distributed.broadcast(manifest), False
+        return Encoding(encoder, pretext_cls, convert, encoder_name, encoder_config["uses_labels"], recorded)
+
+    return sharded_features(ctx, features_artifact(ctx, encoder_name), encoding, batch_size, num_workers)
 
 
 def ensure_external_features(
@@ -258,17 +291,10 @@ def ensure_external_features(
     num_workers: int = 0,
 ) -> tuple[str, dict, bool]:
     """Cached features of the encoder made elsewhere that ``+external.<name>`` declares: reused when present, else
-    computed by one process and published, the input conversion in the manifest."""
-    if distributed.launched():
-        raise UserError(f"external encoder '{name}' is cached by one process; run it without torchrun")
-    artifact = external_features_artifact(ctx, name, cfg)
-    with ctx.store.lock(FEATURES_KIND, artifact):
-        manifest = ctx.store.manifest(FEATURES_KIND, artifact)
-        if manifest is not None:
-            log.info("reused cached features %s (no encoder run)", artifact)
-            return artifact, manifest, True
+    computed (``sharded_features``) and published, the input conversion in the manifest."""
+
+    def encoding() -> Encoding:
         encoder, found = build_external(cfg, ctx.data.channels)
-        encoder = prepare_model(encoder, ctx.device)
         extra = {
             "external": {
                 **dataclasses.asdict(cfg),
@@ -277,23 +303,10 @@ def ensure_external_features(
                 "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size),
             }
         }
-        ctx.store.check_space(FEATURES_KIND, artifact, features_bytes(ctx, encoder.out_dim))
-        started = time.perf_counter()
-        with ctx.store.staging(FEATURES_KIND, artifact) as scratch, image_progress() as progress:
-            for split in SPLITS:
-                write_split(ctx, encoder, split, batch_size, scratch, progress, Pretext, num_workers=num_workers)
-            manifest = publish_features(
-                ctx,
-                artifact,
-                f"external {cfg.arch}",
-                {"uses_labels": False},
-                encoder.out_dim,
-                scratch,
-                started,
-                extra,
-                label=name,
-            )
-    return artifact, manifest, False
+        return Encoding(prepare_model(encoder, ctx.device), Pretext, None, f"external {cfg.arch}", False, extra, name)
+
+    artifact = external_features_artifact(ctx, name, cfg)
+    return sharded_features(ctx, artifact, encoding, batch_size, num_workers)
 
 
 def write_views(
@@ -301,111 +314,119 @@ def write_views(
     encoder,
     pretext_cls: type[Pretext],
     cache: CacheConfig,
-    path: Path,
+    scratch: Path,
     progress,
     convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> None:
     """Stream the features of ``cache.views`` augmented copies of the train split into a float16 .npy
-    (views, samples, dim). View v's shifts and mirrors come from a CPU generator seeded with v, drawn for the
-    whole split at once: the same augmented images for every encoder, batch size and device. The encoder is fed
-    the pretext's ``encoder_input`` of each augmented image. The ``noise`` control's features ignore the image,
-    so each of its views repeats its plain train features. An image folder is read from disk once per view."""
+    (views, samples, dim), ``train_views.npy``. View v's shifts and mirrors come from a CPU generator seeded with v,
+    drawn for the whole split at once: the same augmented images for every encoder, batch size, device and number of
+    processes. The encoder is fed the pretext's ``encoder_input`` of each augmented image. The ``noise`` control's
+    features ignore the image, so each of its views repeats its plain train features. An image folder is read from
+    disk once per view. Under torchrun each rank writes its block of samples of every view to a shard file."""
     images = ctx.data.train_images
-    out = open_features(path, (cache.views, len(images), encoder.out_dim))
-    task = progress.add_task("cache views", total=cache.views * len(images), status="")
-    for view in range(cache.views):
-        params = shift_flip_params(len(images), cache.views_max_shift, generator=torch.Generator().manual_seed(view))
+    start, stop = distributed.shard_bounds(len(images))
+    out = open_features(rank_path(scratch, VIEWS_STEM), (cache.views, stop - start, encoder.out_dim))
+    task = progress.add_task("cache views", total=cache.views * (stop - start), status="")
+    with FeatureWriter(out, ctx.device) as writer:
+        for view in range(cache.views):
+            generator = torch.Generator().manual_seed(view)
+            params = shift_flip_params(len(images), cache.views_max_shift, generator=generator)[start:stop]
 
-        def store_batch(offset: int, features: torch.Tensor, view: int = view) -> None:
-            out[view, offset : offset + len(features)] = features.numpy().astype(np.float16)
-            progress.advance(task, len(features))
+            def store_batch(offset: int, features: torch.Tensor, view: int = view) -> None:
+                writer.write((view, slice(offset, offset + len(features))), features)
+                progress.advance(task, len(features))
 
-        def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
-            shifted = shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
-            return shifted if convert is None else convert(shifted)
+            def augment(offset: int, batch: torch.Tensor, params: torch.Tensor = params) -> torch.Tensor:
+                shifted = shift_flip(batch, params[offset : offset + len(batch)].to(batch.device))
+                return shifted if convert is None else convert(shifted)
 
-        if pretext_cls.ignores_images:
-            store_batch(0, noise_features(ctx, "train", encoder.out_dim))
-        else:
-            encode_batches(
-                encoder,
-                images,
-                cache.batch_size,
-                ctx.device,
-                ctx.dtype,
-                store_batch,
-                augment,
-                pretext_cls.encoder_input,
-                cache.num_workers,
-            )
+            if pretext_cls.ignores_images:
+                store_batch(0, noise_features(ctx, "train", encoder.out_dim)[start:stop])
+            else:
+                encode_batches(
+                    encoder,
+                    images[start:stop],
+                    cache.batch_size,
+                    ctx.device,
+                    ctx.dtype,
+                    store_batch,
+                    augment,
+                    pretext_cls.encoder_input,
+                    cache.num_workers,
+                )
     out.flush()
 
 
 def ensure_views(ctx: StageContext, encoder_name: str, cache: CacheConfig) -> tuple[str, bool]:
     """The encoder's cached features of ``cache.views`` augmented copies of every train image (``write_views``):
-    reused when stored, else computed and published. Returns the artifact name and whether it was reused."""
+    reused when stored, else computed and published. Returns the artifact name and whether it was reused.
+
+    Under torchrun every rank encodes its block of samples; rank 0 alone holds the store lock, merges the shards
+    and publishes, as ``sharded_features`` does."""
     name = views_artifact(encoder_name, cache.views, cache.views_max_shift, ctx.fingerprints, ctx.dataset_cfg.name)
-    with ctx.store.lock(VIEWS_KIND, name):
-        if ctx.store.manifest(VIEWS_KIND, name) is not None:
+    with distributed.main_only(ctx.store.lock(VIEWS_KIND, name)):
+        if distributed.on_main(lambda: ctx.store.manifest(VIEWS_KIND, name) is not None):
             log.info("reused cached views %s (no encoder run)", name)
             return name, True
         encoder = prepare_model(load_encoder(ctx.store, encoder_name), ctx.device)
         pretext_cls = stored_pretext(ctx.store.manifest(ENCODERS_KIND, encoder_name)["config"], encoder_name)
         n_images = cache.views * len(ctx.data.train_labels)
-        ctx.store.check_space(VIEWS_KIND, name, n_images * encoder.out_dim * 2)
+        copies = 2 if distributed.world_size() > 1 else 1
+        refused_on_all(lambda: ctx.store.check_space(VIEWS_KIND, name, n_images * encoder.out_dim * 2 * copies))
         started = time.perf_counter()
-        with ctx.store.staging(VIEWS_KIND, name) as scratch, image_progress() as progress:
-            write_views(
-                ctx,
-                encoder,
-                pretext_cls,
-                cache,
-                scratch / "train_views.npy",
-                progress,
-                encoder_conversion(ctx, encoder_name)[0],
-            )
-            check_features(scratch / "train_views.npy", encoder_name)
-            seconds = time.perf_counter() - started
-            ctx.store.publish(
-                VIEWS_KIND,
-                name,
-                scratch,
-                {
-                    "config": {
-                        "encoder_artifact": encoder_name,
-                        "views": cache.views,
-                        "max_shift": cache.views_max_shift,
-                        "dtype": "float16",
-                    },
-                    "data": {"train": ctx.fingerprints["train"]},
-                    "metrics": {"dim": encoder.out_dim, "n_train": len(ctx.data.train_labels)},
-                    "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
-                    "runtime": {"device": str(ctx.device), "precision": str(ctx.dtype).removeprefix("torch.")},
-                },
-            )
-    log.info("cached %d augmented images for %s in %.0f s (%.0f img/s)", n_images, name, seconds, n_images / seconds)
+        with shared_staging(ctx, VIEWS_KIND, name) as scratch, image_progress(enabled=distributed.is_main()) as bar:
+            write_views(ctx, encoder, pretext_cls, cache, scratch, bar, encoder_conversion(ctx, encoder_name)[0])
+            distributed.barrier()
+            if distributed.is_main():
+                publish_views(ctx, name, encoder_name, cache, encoder.out_dim, scratch, started)
+        distributed.barrier()  # published before any rank goes on
     return name, False
 
 
-def publish_features(
-    ctx: StageContext,
-    name: str,
-    encoder_name: str,
-    encoder_config: dict,
-    dim: int,
-    scratch: Path,
-    started: float,
-    extra: Optional[dict] = None,
-    label: Optional[str] = None,
-) -> dict:
-    """Merge the ranks' shards (if any), check the features (``check_features``; ``label``: the encoder's name for
-    the user, else ``encoder_name``), publish the features artifact and return its manifest (``extra``: more of its
-    config, such as an external encoder's input conversion)."""
+def publish_views(
+    ctx: StageContext, name: str, encoder_name: str, cache: CacheConfig, dim: int, scratch: Path, started: float
+) -> None:
+    """Merge the ranks' shards of the views (if any), check them and publish the views artifact."""
+    n_train = len(ctx.data.train_labels)
+    if distributed.world_size() > 1:
+        merge_shards(scratch, VIEWS_STEM, (cache.views, n_train, dim))
+    check_features(scratch / f"{VIEWS_STEM}.npy", encoder_name)
+    seconds = time.perf_counter() - started
+    n_images = cache.views * n_train
+    ctx.store.publish(
+        VIEWS_KIND,
+        name,
+        scratch,
+        {
+            "config": {
+                "encoder_artifact": encoder_name,
+                "views": cache.views,
+                "max_shift": cache.views_max_shift,
+                "dtype": "float16",
+            },
+            "data": {"train": ctx.fingerprints["train"]},
+            "metrics": {"dim": dim, "n_train": n_train},
+            "timings": {"seconds": seconds, "images_per_second": n_images / seconds},
+            "runtime": {
+                "device": str(ctx.device),
+                "precision": str(ctx.dtype).removeprefix("torch."),
+                "processes": distributed.world_size(),
+            },
+        },
+    )
+    log.info("cached %d augmented images for %s in %.0f s (%.0f img/s)", n_images, name, seconds, n_images / seconds)
+
+
+def publish_features(ctx: StageContext, name: str, made: Encoding, scratch: Path, started: float) -> dict:
+    """Merge the ranks' shards (if any), check the features (``check_features``), publish the features artifact and
+    return its manifest."""
+    dim = made.encoder.out_dim
     if distributed.world_size() > 1:
         for split in SPLITS:
-            merge_shards(scratch, split, len(ctx.data.split(split)[1]), dim)
+            merge_shards(scratch, split, (len(ctx.data.split(split)[1]), dim))
     for split in SPLITS:
-        check_features(scratch / f"{split}.npy", label or encoder_name)
+        check_features(scratch / f"{split}.npy", made.label or made.source)
     seconds = time.perf_counter() - started
     n_images = len(ctx.data.train_labels) + len(ctx.data.test_labels)
     manifest = ctx.store.publish(
@@ -414,11 +435,11 @@ def publish_features(
         scratch,
         {
             "config": {
-                "encoder_artifact": encoder_name,
+                "encoder_artifact": made.source,
                 "dataset": ctx.dataset_cfg.name,
                 "dtype": "float16",
-                "uses_labels": encoder_config["uses_labels"],
-                **(extra or {}),
+                "uses_labels": made.uses_labels,
+                **made.extra,
             },
             "data": ctx.fingerprints,
             "metrics": {"dim": dim, "n_train": len(ctx.data.train_labels), "n_test": len(ctx.data.test_labels)},

@@ -62,7 +62,6 @@ class FeatureSource(ABC):
 
     has_views: ClassVar[bool] = False  # it can give features of ``cache.views`` augmented train images
     made_by_cache: ClassVar[bool] = True  # ``sslfuse cache`` makes its features: fuse's suggested command names it
-    cached_by_every_rank: ClassVar[bool] = False  # under torchrun ``sslfuse cache`` runs it on every rank
     no_views: ClassVar[str] = ""  # without views: the refusal of ``cache.views``, with {name} and {verb}
 
     def __init__(self, name: str) -> None:
@@ -102,7 +101,6 @@ class OwnPretext(FeatureSource):
     ``REPLICA_SEED_STRIDE`` k, stored as the encoder that ``sslfuse pretrain`` makes with that seed."""
 
     has_views = True
-    cached_by_every_rank = True
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -210,8 +208,8 @@ class Declared(FeatureSource):
 
 
 class External(Declared):
-    """An encoder made elsewhere (``+external.<name>.arch=...`` or ``external/<name>.yaml``), run by one process on
-    the converted images."""
+    """An encoder made elsewhere (``+external.<name>.arch=...`` or ``external/<name>.yaml``), run on the converted
+    images (under torchrun by every rank on its shard, as sslfuse's own encoders are)."""
 
     key = "external"
     no_views = "the external encoder '{name}' has no augmented views; {verb} it without cache.views"
