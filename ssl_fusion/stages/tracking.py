@@ -1,0 +1,79 @@
+"""The stages' side of experiment tracking (``ssl_fusion/runtime/tracking.py``, ``docs/tracking.md``): a stage's
+tracker, and what one fuse and one pretraining record in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_original_cwd
+from omegaconf import DictConfig
+
+from ssl_fusion.config import as_plain
+from ssl_fusion.evaluation.result import PREDICTIONS_FILE, FuseResult
+from ssl_fusion.runtime.tracking import Tracker, numeric, open_tracker
+from ssl_fusion.store.files import MANIFEST
+
+# a result's fields a fuse's run records as params: what ran, on what, how it is scored
+RESULT_PARAMS = ("method", "title", "family", "split", "cached_views", "uses_test", "uses_all_labels", "commit")
+CONTEXT_PARAMS = ("dataset", "pretraining_dataset", "encoder", "encoder_seed", "data_fingerprint")
+
+
+def stage_tracker(cfg: DictConfig) -> Tracker:
+    """The tracker ``tracking`` names (checked before any work); in a Hydra sweep its runs nest under the sweep's
+    parent run. Relative store paths are read from the folder the command started in."""
+    hydra = HydraConfig.get()
+    start = Path(get_original_cwd())
+    sweep = (start / hydra.sweep.dir).resolve() if hydra.mode == RunMode.MULTIRUN else None
+    return open_tracker(cfg.tracking, start, sweep)
+
+
+def flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix.key: value}``, a nested dict's keys joined by dots."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= flat(f"{prefix}.{key}", value)
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def track_fuse(tracker: Tracker, fusion: Any, result: FuseResult, folder: Path) -> None:
+    """One fuse's run: the head's options (``fusion.*``), its pretexts, label regime and seeds, what it ran on, its
+    metrics and the settings its selection chose (``selected_l2``, ``selected_steps``, ...: metrics when numbers),
+    with the files ``write_result`` wrote in ``folder`` (``results.json``, the predictions) as artifacts."""
+    chosen = {key: value for key, value in result.selection.items() if numeric(value)}
+    params = {
+        **{key: getattr(result, key) for key in (*RESULT_PARAMS, *CONTEXT_PARAMS)},
+        "pretexts": "+".join(result.pretexts),
+        **result.labels,
+        **{key: value for key, value in result.selection.items() if key not in chosen},
+        **flat("fusion", {key: value for key, value in as_plain(fusion).items() if key != "name"}),
+    }
+    files = [folder / "results.json", *([folder / PREDICTIONS_FILE] if result.predictions is not None else [])]
+    name = f"{result.method} seed {result.labels['seed']}"
+    tracker.log_run(name, "fuse", params, {**result.metrics, **chosen, **result.evaluation}, files)
+
+
+def track_pretraining(tracker: Tracker, folder: Path, manifest: dict[str, Any]) -> None:
+    """One pretraining's run, from the manifest of the encoder it stored in ``folder``: the recipe (``pretext.*``),
+    encoder, seed and data as params; the loss of each epoch (``loss``, step = epoch), the final loss, throughput and
+    probe scores as metrics; the manifest as an artifact."""
+    config, metrics = manifest["config"], manifest["metrics"]
+    params = {
+        **flat("pretext", config["pretext"]),
+        **flat("encoder", config["encoder"]),
+        **{key: config[key] for key in ("seed", "dataset", "max_steps_per_epoch")},
+    }
+    scores = {key: value for key, value in metrics.items() if key not in ("epoch_losses", "probe")}
+    tracker.log_run(
+        f"pretrain {folder.name}",
+        "pretrain",
+        params,
+        {**scores, **manifest["timings"]},
+        [folder / MANIFEST],
+        {"loss": metrics["epoch_losses"]},
+    )
