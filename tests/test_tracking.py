@@ -73,7 +73,7 @@ def test_jobs_of_one_sweep_nest_under_one_parent_and_a_block_under_its_run(store
     first.log_run("fuse a", "fuse", {"seed": 0}, {"test_accuracy": 0.5, "note": "not a number"})
     with second.parent("run b", "run", {"fusions": "concat"}):
         assert second.nesting()["parent"] == second.open[-1]
-        second.log_run("pretrain b", "pretrain", {"seed": 1}, {}, series={"loss": [3.0, 2.0, 1.5]})
+        second.log_run("pretrain b", "pretrain", {"seed": 1}, {}, steps={1: {"loss": 3.0}, 2: {"loss": 2.0}})
     with pytest.raises(RuntimeError), second.parent("run c", "run"):
         raise RuntimeError("the stage failed")
 
@@ -85,7 +85,7 @@ def test_jobs_of_one_sweep_nest_under_one_parent_and_a_block_under_its_run(store
     assert parent_of(by_name["pretrain b"]) == by_name["run b"].info.run_id
     assert by_name["fuse a"].data.metrics == {"test_accuracy": 0.5} and by_name["fuse a"].data.params == {"seed": "0"}
     history = client.get_metric_history(by_name["pretrain b"].info.run_id, "loss")
-    assert sorted((point.step, point.value) for point in history) == [(0, 3.0), (1, 2.0), (2, 1.5)]
+    assert sorted((point.step, point.value) for point in history) == [(1, 3.0), (2, 2.0)]
     assert by_name["run c"].info.status == "FAILED"
 
 
@@ -162,12 +162,18 @@ def test_a_study_is_the_parent_of_its_run_jobs_and_they_of_their_fuses_and_pretr
     pretrainings = of_kind(runs, "pretrain")
     manifests = list((tmp_path / "outputs" / "artifacts" / "encoders").glob("*/manifest.json"))
     assert len(pretrainings) == len(manifests) == 2 * 2  # rotation and random, for each encoder seed
-    for run in pretrainings:
+    for run in pretrainings:  # each holds its encoder's manifest: the history per epoch, the final probes
         (manifest,) = [path for path in manifests if run.info.run_name == f"pretrain {path.parent.name}"]
-        losses = json.loads(manifest.read_text())["metrics"]["epoch_losses"]
-        history = client.get_metric_history(run.info.run_id, "loss")
-        assert [point.value for point in sorted(history, key=lambda point: point.step)] == pytest.approx(losses)
+        stored = json.loads(manifest.read_text())
+        for key in ("loss", "images_per_second", "knn_accuracy"):
+            logged = client.get_metric_history(run.info.run_id, key)
+            expected = [(entry["epoch"], entry[key]) for entry in stored["metrics"]["history"] if key in entry]
+            assert sorted((point.step, point.value) for point in logged) == pytest.approx(expected)
+        if stored["metrics"]["knn_accuracy"] is not None:
+            assert run.data.metrics["knn_accuracy"] == pytest.approx(stored["metrics"]["knn_accuracy"])
+        assert set(stored["files"]) - {"encoder.pt"} | {"manifest.json"} == artifacts(client, run)
         assert parent_of(run) in {job.info.run_id for job in jobs}
+    assert "pretraining_curve.png" in set.union(*(artifacts(client, run) for run in pretrainings))
 
 
 @needs_mlflow

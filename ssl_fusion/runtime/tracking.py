@@ -82,10 +82,10 @@ class Tracker:
         params: dict[str, Any],
         metrics: dict[str, Any],
         artifacts: Iterable[Path] = (),
-        series: Optional[dict[str, list[float]]] = None,
+        steps: Optional[dict[int, dict[str, Any]]] = None,
     ) -> None:
         """One finished run: its params, its numeric metrics (others are left out), each file of ``artifacts``, and
-        each of ``series`` as a metric logged at steps 0, 1, ..."""
+        the numeric metrics of each step of ``steps`` (step -> metrics: an epoch's loss, ...) at that step."""
 
     def log_artifacts(self, paths: Iterable[Path]) -> None:
         """Files onto the innermost open ``parent`` run."""
@@ -201,15 +201,15 @@ class MlflowTracker(Tracker):
         params: dict[str, Any],
         metrics: dict[str, Any],
         artifacts: Iterable[Path] = (),
-        series: Optional[dict[str, list[float]]] = None,
+        steps: Optional[dict[int, dict[str, Any]]] = None,
     ) -> None:
         from mlflow.entities import Metric
 
         run_id = self._start(name, kind, params)
         now = int(time.time() * 1000)
         logged = [Metric(key, float(value), now, 0) for key, value in metrics.items() if numeric(value)]
-        for key, values in (series or {}).items():
-            logged += [Metric(key, float(value), now, step) for step, value in enumerate(values) if numeric(value)]
+        for step, values in (steps or {}).items():
+            logged += [Metric(key, float(value), now, step) for key, value in values.items() if numeric(value)]
         for first in range(0, len(logged), MAX_METRICS):
             self.client.log_batch(run_id, metrics=logged[first : first + MAX_METRICS])
         for path in artifacts:

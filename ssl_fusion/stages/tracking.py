@@ -60,20 +60,17 @@ def track_fuse(tracker: Tracker, fusion: Any, result: FuseResult, folder: Path) 
 
 def track_pretraining(tracker: Tracker, folder: Path, manifest: dict[str, Any]) -> None:
     """One pretraining's run, from the manifest of the encoder it stored in ``folder``: the recipe (``pretext.*``),
-    encoder, seed and data as params; the loss of each epoch (``loss``, step = epoch), the final loss, throughput and
-    probe scores as metrics; the manifest as an artifact."""
+    encoder, seed and data as params; each epoch of its history (loss, throughput, seconds, and the probe scores where
+    measured: the last epoch's are the final probes) as metrics at the epoch's step, its final loss and timings
+    (``timings.*``) as metrics; the manifest and the files stored with the encoder but its weights (the history's
+    plot) as artifacts."""
     config, metrics = manifest["config"], manifest["metrics"]
     params = {
         **flat("pretext", config["pretext"]),
         **flat("encoder", config["encoder"]),
         **{key: config[key] for key in ("seed", "dataset", "max_steps_per_epoch")},
     }
-    scores = {key: value for key, value in metrics.items() if key not in ("epoch_losses", "probe")}
-    tracker.log_run(
-        f"pretrain {folder.name}",
-        "pretrain",
-        params,
-        {**scores, **manifest["timings"]},
-        [folder / MANIFEST],
-        {"loss": metrics["epoch_losses"]},
-    )
+    epochs = {entry["epoch"]: {k: v for k, v in entry.items() if k != "epoch"} for entry in metrics["history"]}
+    files = [folder / MANIFEST, *(folder / name for name in manifest["files"] if Path(name).suffix != ".pt")]
+    scalars = {"final_loss": metrics["final_loss"], **flat("timings", manifest["timings"])}
+    tracker.log_run(f"pretrain {folder.name}", "pretrain", params, scalars, files, epochs)
