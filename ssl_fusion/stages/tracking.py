@@ -18,6 +18,7 @@ from ssl_fusion.store.files import MANIFEST
 
 # a result's fields a fuse's run records as params: what ran, on what, how it is scored
 RESULT_PARAMS = ("method", "title", "family", "split", "cached_views", "uses_test", "uses_all_labels", "commit")
+NOT_PROBES = ("epoch_losses", "final_loss", "history", "probe")  # an encoder manifest's metrics that are no probe
 CONTEXT_PARAMS = ("dataset", "pretraining_dataset", "encoder", "encoder_seed", "data_fingerprint")
 
 
@@ -61,9 +62,9 @@ def track_fuse(tracker: Tracker, fusion: Any, result: FuseResult, folder: Path) 
 def track_pretraining(tracker: Tracker, folder: Path, manifest: dict[str, Any]) -> None:
     """One pretraining's run, from the manifest of the encoder it stored in ``folder``: the recipe (``pretext.*``),
     encoder, seed and data as params; each epoch of its history (loss, throughput, seconds, and the probe scores where
-    measured: the last epoch's are the final probes) as metrics at the epoch's step, its final loss and timings
-    (``timings.*``) as metrics; the manifest and the files stored with the encoder but its weights (the history's
-    plot) as artifacts."""
+    measured) as metrics at the epoch's step, with the final probes at the last epoch's (step 0 for an encoder never
+    trained, such as ``random``); its final loss and timings (``timings.*``) as metrics; the manifest and the files
+    stored with the encoder but its weights (the history's plot) as artifacts."""
     config, metrics = manifest["config"], manifest["metrics"]
     params = {
         **flat("pretext", config["pretext"]),
@@ -71,6 +72,8 @@ def track_pretraining(tracker: Tracker, folder: Path, manifest: dict[str, Any]) 
         **{key: config[key] for key in ("seed", "dataset", "max_steps_per_epoch")},
     }
     epochs = {entry["epoch"]: {k: v for k, v in entry.items() if k != "epoch"} for entry in metrics["history"]}
+    last = max(epochs, default=0)
+    epochs[last] = {**epochs.get(last, {}), **{k: v for k, v in metrics.items() if k not in NOT_PROBES}}
     files = [folder / MANIFEST, *(folder / name for name in manifest["files"] if Path(name).suffix != ".pt")]
     scalars = {"final_loss": metrics["final_loss"], **flat("timings", manifest["timings"])}
     tracker.log_run(f"pretrain {folder.name}", "pretrain", params, scalars, files, epochs)
