@@ -46,6 +46,14 @@ def parent_of(run) -> str | None:
     return run.data.tags.get(PARENT_TAG)
 
 
+def logged_steps(client, run, key: str) -> dict[int, float]:
+    """Each step's value of metric ``key`` of ``run`` (one value per step)."""
+    history = client.get_metric_history(run.info.run_id, key)
+    steps = {point.step: point.value for point in history}
+    assert len(steps) == len(history), f"{key}: a step logged twice"
+    return steps
+
+
 def artifacts(client, run) -> set[str]:
     return {item.path for item in client.list_artifacts(run.info.run_id)}
 
@@ -63,6 +71,13 @@ def test_a_relative_store_is_read_from_the_folder_the_command_started_in(tmp_pat
     assert file_store((tmp_path / "elsewhere").as_uri(), tmp_path / "start") == tmp_path / "elsewhere"
     assert file_store("http://localhost:5000", tmp_path) is None
     assert file_store("sqlite:///mlflow.db", tmp_path) is None
+
+
+@needs_mlflow
+def test_a_store_that_cannot_be_opened_is_refused_in_one_line_naming_the_key(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"^tracking.uri=file://.*a_file/mlruns: the MLflow store cannot be opened"):
+        open_tracker({"name": "mlflow", "uri": "a_file/mlruns"}, tmp_path)
 
 
 @needs_mlflow
@@ -84,8 +99,7 @@ def test_jobs_of_one_sweep_nest_under_one_parent_and_a_block_under_its_run(store
     assert {parent_of(by_name[name]) for name in ("fuse a", "run b", "run c")} == {parent.info.run_id}
     assert parent_of(by_name["pretrain b"]) == by_name["run b"].info.run_id
     assert by_name["fuse a"].data.metrics == {"test_accuracy": 0.5} and by_name["fuse a"].data.params == {"seed": "0"}
-    history = client.get_metric_history(by_name["pretrain b"].info.run_id, "loss")
-    assert sorted((point.step, point.value) for point in history) == [(1, 3.0), (2, 2.0)]
+    assert logged_steps(client, by_name["pretrain b"], "loss") == {1: 3.0, 2: 2.0}
     assert by_name["run c"].info.status == "FAILED"
 
 
@@ -166,9 +180,8 @@ def test_a_study_is_the_parent_of_its_run_jobs_and_they_of_their_fuses_and_pretr
         (manifest,) = [path for path in manifests if run.info.run_name == f"pretrain {path.parent.name}"]
         stored = json.loads(manifest.read_text())
         for key in ("loss", "images_per_second"):
-            logged = client.get_metric_history(run.info.run_id, key)
-            expected = [(entry["epoch"], entry[key]) for entry in stored["metrics"]["history"]]
-            assert sorted((point.step, point.value) for point in logged) == pytest.approx(expected)
+            expected = {entry["epoch"]: entry[key] for entry in stored["metrics"]["history"]}
+            assert logged_steps(client, run, key) == pytest.approx(expected)
         for key in ("knn_accuracy", "linear_accuracy"):  # the latest value: the final probe, trained or not
             assert run.data.metrics[key] == pytest.approx(stored["metrics"][key])
         assert set(stored["files"]) - {"encoder.pt"} | {"manifest.json"} == artifacts(client, run)
@@ -218,3 +231,21 @@ def test_jobs_of_a_joblib_sweep_in_parallel_processes_nest_under_one_parent(smok
     fuses = of_kind(runs, "fuse")
     assert sorted(run.data.params["seed"] for run in fuses) == ["0", "1", "2"]
     assert {parent_of(run) for run in fuses} == {parent.info.run_id}
+
+
+@pytest.mark.slow
+@needs_mlflow
+def test_sslfuse_pretrain_records_each_epoch_and_the_probes_once_and_not_a_reused_encoder(store, tmp_path):
+    arguments = ["preset=smoke", "pretext=rotation", "train.epochs=2", "probe.every_epochs=1", "tracking=mlflow"]
+    for again in range(2):
+        sslfuse("pretrain", *arguments, f"tracking.uri={store}", f"hydra.run.dir=p{again}", cwd=tmp_path)
+    client, runs = read_runs(store)
+    (run,) = of_kind(runs, "pretrain")  # the second pretrain reused the stored encoder
+    (manifest,) = (tmp_path / "outputs" / "artifacts" / "encoders").glob("rotation-*/manifest.json")
+    history = json.loads(manifest.read_text())["metrics"]["history"]
+    expected = {entry["epoch"]: entry["knn_accuracy"] for entry in history}
+    assert logged_steps(client, run, "knn_accuracy") == pytest.approx(expected)
+    assert [entry["epoch"] for entry in history] == [1, 2] and parent_of(run) is None
+    assert run.data.params["pretext.epochs"] == "2" and run.data.metrics["final_loss"] == pytest.approx(
+        history[-1]["loss"]
+    )

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
@@ -126,23 +127,28 @@ class MlflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.config = config
         self.uri = config.uri if folder is None else folder.as_uri()
-        self.client = mlflow.MlflowClient(self.uri)
-        self.experiment_id = self._experiment(config.experiment)
+        self.client, self.experiment_id = self._connect(mlflow, config.experiment)
         self.start, self.sweep_dir = start, sweep_dir
         self.open: list[str] = []  # the parent runs open now, innermost last
         self._base: Optional[str] = None
 
-    def _experiment(self, name: str) -> str:
-        """The id of experiment ``name``, created if the store lacks it (a parallel job may create it first)."""
+    def _connect(self, mlflow: ModuleType, name: str) -> tuple[Any, str]:
+        """A client of the store and the id of its experiment ``name``, created if the store lacks it (a parallel job
+        may create it first); a store that cannot be opened is refused in one line naming ``tracking.uri``."""
         from mlflow.exceptions import MlflowException
 
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
         try:
-            return self.client.create_experiment(name)
-        except MlflowException:
-            return self.client.get_experiment_by_name(name).experiment_id
+            client = mlflow.MlflowClient(self.uri)
+            found = client.get_experiment_by_name(name)
+            if found is not None:
+                return client, found.experiment_id
+            try:
+                return client, client.create_experiment(name)
+            except MlflowException:
+                return client, client.get_experiment_by_name(name).experiment_id
+        except (MlflowException, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"tracking.uri={self.uri}: the MLflow store cannot be opened: {reason}") from None
 
     def base_parent(self) -> Optional[str]:
         """``tracking.parent``, else the sweep's parent run (created by the first job), else None."""
