@@ -3,6 +3,7 @@
 those of an external torchvision ResNet-50 at 224 px (random weights saved to a local checkpoint), a fuse of both,
 each through the `sslfuse` command in a fresh store; then each stage's images/s against a bare PyTorch loop on the
 same model, batch and precision, measured in the same run (before and after sslfuse's pass; the faster counts).
+Then the host syncs per training step of each pretext, counted by torch's sync debug mode.
 Prints one Markdown table and writes it (and JSON) to --out.
 
     .venv/bin/python scripts/gpu_check.py --device cuda --out outputs/gpu_check
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +39,14 @@ from ssl_fusion.config import TrainOverrides, load_option  # noqa: E402
 from ssl_fusion.data.datasets import load_dataset  # noqa: E402
 from ssl_fusion.models.encoders import ENCODERS, build_encoder  # noqa: E402
 from ssl_fusion.pretexts import PRETEXTS  # noqa: E402
-from ssl_fusion.runtime.device import prepare_model, resolve_device, resolve_precision  # noqa: E402
+from ssl_fusion.runtime.device import (  # noqa: E402
+    autocast,
+    grad_scaler,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+)
+from ssl_fusion.runtime.errors import UserError  # noqa: E402
 from ssl_fusion.store.artifacts import pretext_recipe  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -112,6 +121,60 @@ def row(stage: str, ours: float, bare: float) -> dict:
         "bare_img_s": round(bare, 1),
         "ratio": round(ours / bare, 3),
     }
+
+
+def host_syncs_per_step(data, encoder_cfg, device: torch.device, dtype: torch.dtype, steps: int = 3) -> dict:
+    """Synchronising CUDA calls per training step of each pretext that trains on ``data`` (``syncs_per_step``), a
+    ResNet-18 each; empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    counts = {}
+    for name in PRETEXTS.names():
+        pretext_cls = PRETEXTS.get(name).impl
+        if not pretext_cls.trains:
+            continue
+        recipe = pretext_cls.adapt(pretext_recipe(name, TrainOverrides()), data)
+        try:
+            pretext_cls.check(recipe, data)
+        except UserError:  # e.g. colorization on grayscale images
+            continue
+        torch.manual_seed(0)
+        model = prepare_model(pretext_cls(recipe, build_encoder(encoder_cfg, data.channels)), device)
+        counts[name] = syncs_per_step(
+            model, data, min(recipe.batch_size, len(data.train_labels) // (steps + 1)), recipe.lr, device, dtype, steps
+        )
+    return counts
+
+
+def syncs_per_step(model, data, batch: int, lr: float, device: torch.device, dtype: torch.dtype, steps: int) -> float:
+    """Synchronising CUDA calls per training step as the trainer makes it (autocast, loss, backward, loss scaling,
+    AdamW), counted by torch's sync debug mode after a warm-up step; the trainer's own syncs (its loss log every 20
+    steps, checkpoints) are not in it."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scaler = grad_scaler(device, dtype)
+
+    def step(index: int) -> None:
+        rows = slice(index * batch, (index + 1) * batch)
+        images = data.train_images[rows].to(device, non_blocking=True).float().div_(255)
+        with autocast(device, dtype):
+            loss = model.loss(images, data.train_labels[rows].to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    step(0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for index in range(1, steps + 1):
+                step(index)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught) / steps
 
 
 def check(device_name: str, out: Path) -> None:
@@ -200,6 +263,7 @@ def check(device_name: str, out: Path) -> None:
     )
     fuse_seconds = time.perf_counter() - fuse_started
     fused = json.loads((workdir / "fuse/results.json").read_text())
+    syncs = host_syncs_per_step(data, encoder_cfg, device, dtype)
 
     precision = str(dtype).removeprefix("torch.")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -216,6 +280,9 @@ def check(device_name: str, out: Path) -> None:
         "",
         f"fuse {fused['method']} at {fused['regime']} labels: {fuse_seconds:.1f} s for the command, "
         f"test accuracy {100 * fused['test_accuracy']:.2f}% (heads read cached features: no bare image loop)",
+        "",
+        "host syncs per training step: "
+        + (", ".join(f"{name} {count:g}" for name, count in syncs.items()) or "counted on CUDA only"),
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
@@ -229,6 +296,7 @@ def check(device_name: str, out: Path) -> None:
                 "dataset": node,
                 "rows": rows,
                 "fuse": {"seconds": fuse_seconds, **{k: fused[k] for k in ("method", "regime", "test_accuracy")}},
+                "host_syncs_per_step": syncs,
             },
             indent=2,
         )

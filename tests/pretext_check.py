@@ -1,19 +1,22 @@
-"""Shared checks for pretext tests: do a few steps lower the loss, and does a short pretraining on real
-images beat the untrained encoder?"""
+"""Shared checks for pretext tests: do a few steps lower the loss, does a short pretraining on real
+images beat the untrained encoder, does a training step make the host wait for the device?"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_fusion.data.datasets import ImageData, load_dataset
 from ssl_fusion.evaluation.probe import extract_features, knn_accuracy
 from ssl_fusion.models.encoders import Encoder, SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 from ssl_fusion.pretexts.trainer import train_pretext
-from ssl_fusion.runtime.device import resolve_precision
+from ssl_fusion.runtime.device import autocast, prepare_model, resolve_precision
 
 CPU = torch.device("cpu")  # the short real-data pretrainings run in the precision `auto` picks here
 
@@ -123,3 +126,88 @@ def assert_beats_untrained(recipe: PretextConfig, checkpoint_dir: Path, margin: 
     trained, untrained, losses = short_pretraining_knn(recipe, fashion_mnist_subset(4000, 1000), checkpoint_dir)
     assert losses[-1] < losses[0], losses
     assert trained > untrained + margin, (trained, untrained)
+
+
+aten = torch.ops.aten
+# Ops whose result the host must read from the device before going on: a scalar, or an output size that depends on
+# the values (``x[mask]``, ``nonzero``).
+SYNCING_OPS = {
+    aten._local_scalar_dense,  # .item(), float(t), bool(t), ``if t.any():``
+    aten.is_nonzero,
+    aten.equal,
+    aten.nonzero,
+    aten.masked_select,
+    aten._unique2,
+    aten.unique_dim,
+    aten.unique_consecutive,
+}
+INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+# torch.tensor(<numbers>), copied to the device on a GPU; but not a 0-dim one, which is also how a Python number
+# assigned to a slice arrives (a GPU fills the slice with it, no copy).
+HOST_VALUES = {aten.lift_fresh, aten.lift_fresh_copy}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device on a GPU (a copy from the device, an output whose size
+    depends on values) or copy host values to it, as they run on any device (the CPU included): boolean-mask
+    indexing, ``.item()`` and its kin, tensors made from Python numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        masks = packet in INDEX_OPS and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in (args[1] or ())
+        )
+        host_values = packet in HOST_VALUES and args[0].dim() > 0
+        if packet in SYNCING_OPS or host_values or masks:
+            self.found.append(f"{func}{' (boolean mask)' if masks else ''}")
+        return func(*args, **(kwargs or {}))
+
+
+def training_step(
+    model: Pretext, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> Callable[[ContextManager], None]:
+    """One step as the trainer makes it (autocast in the precision ``auto`` picks, loss, backward, AdamW step) on
+    ``device``, to run repeatedly; the pretext's part (loss and backward) inside the context manager it is given."""
+    model = prepare_model(model.train(), device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = images.to(device), labels.to(device)
+    dtype = resolve_precision("auto", device)
+
+    def step(watch: ContextManager) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with watch:
+            with autocast(device, dtype):
+                loss = model.loss(images, labels)
+            loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def host_syncs_of_step(model: Pretext, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """The ops of the pretext's part of a CPU training step that would make the host wait on a GPU (``HostSyncs``),
+    after a first step (which may put constants on the device once). The optimizer's step is left out: it reads
+    its step counts with ``.item()``, from tensors that stay on the CPU beside a GPU's parameters."""
+    step = training_step(model, images, labels, CPU)
+    step(contextlib.nullcontext())
+    syncs = HostSyncs()
+    step(syncs)
+    return syncs.found
+
+
+def assert_cuda_step_makes_no_host_sync(model: Pretext, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """A training step on the GPU after a first one, under ``torch.cuda.set_sync_debug_mode("error")``: torch raises
+    on any call that makes the host wait for the device."""
+    step = training_step(model, images, labels, torch.device("cuda"))
+    step(contextlib.nullcontext())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(contextlib.nullcontext())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -51,12 +51,16 @@ def test_gray_images_are_repeated_resized_and_normalised():
     torch.testing.assert_close(encoder(images), expected)
 
 
-def key_context(store: Path) -> types.SimpleNamespace:
-    """What an external encoder's features key reads of a stage's context: the data's fingerprints, its dataset and
-    the store (which keeps the weights files' hashes)."""
+def key_context(store: Path, dtype: torch.dtype = torch.float32) -> types.SimpleNamespace:
+    """What an external encoder's features key reads of a stage's context: the data's fingerprints, its dataset, the
+    store (which keeps the weights files' hashes), the device and the precision."""
     dataset = types.SimpleNamespace(name="synthetic")
     return types.SimpleNamespace(
-        fingerprints={"train": "t", "test": "s"}, dataset_cfg=dataset, store=ArtifactStore(store)
+        fingerprints={"train": "t", "test": "s"},
+        dataset_cfg=dataset,
+        store=ArtifactStore(store),
+        device=torch.device("cpu"),
+        dtype=dtype,
     )
 
 
@@ -73,6 +77,17 @@ def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
     }
     assert key[first] == key[copy] != key[other]
     assert key[first].startswith("r18-")
+
+
+def test_the_key_follows_the_precision_of_the_features(tmp_path):
+    """Paired: the same checkpoint cached in bf16 and in fp32 (on the CPU too) are two artifacts."""
+    torch.manual_seed(0)
+    path = tmp_path / "a.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    cfg = ExternalEncoderConfig("torchvision:resnet18", str(path))
+    fp32 = external_features_artifact(key_context(tmp_path / "store", torch.float32), "r18", cfg)
+    assert external_features_artifact(key_context(tmp_path / "store", torch.float32), "r18", cfg) == fp32
+    assert external_features_artifact(key_context(tmp_path / "store", torch.bfloat16), "r18", cfg) != fp32
 
 
 @pytest.mark.parametrize(
@@ -227,3 +242,19 @@ def test_a_real_timm_model_takes_its_pretrained_input():
     assert cfg.mean == [0.5] * 3  # not ImageNet's
     encoder, _ = build_external(ExternalEncoderConfig("timm:resnet18", mean=[0.1, 0.2, 0.3]), 1)
     assert encoder.image_size == 224 and encoder.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_random_external_weights_are_the_same_in_every_build_and_leave_the_callers_generator_alone():
+    """The key of an encoder without checkpoint or hub weights holds no weights, so every build must draw the same
+    ones: two builds (with the caller's generator at different states between them) have equal tensors, and the
+    caller's next draw is the one it would have made without the builds."""
+    cfg = external_config("r18", {"arch": "torchvision:resnet18"})
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first, _ = build_external(cfg, 3)
+    assert torch.equal(torch.rand(3), expected_draw)
+    torch.manual_seed(7)
+    second, _ = build_external(cfg, 3)
+    first_state, second_state = first.state_dict(), second.state_dict()
+    assert all(torch.equal(first_state[name], second_state[name]) for name in first_state)

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pretext_check import assert_loss_falls, prototype_images, tiny_encoder
 
 from ssl_fusion.data.augment import color_jitter, random_resized_crop
 from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.pretexts.rotation import RotationConfig, rotation_pseudo_labels
-from ssl_fusion.pretexts.simclr import SimCLRConfig, nt_xent
+from ssl_fusion.pretexts.simclr import SimCLRConfig, nt_xent, similarity_logits
 
 
 def test_rotating_back_by_the_label_restores_the_image():
@@ -39,6 +40,25 @@ def test_nt_xent_is_low_for_matching_views_and_high_for_random_ones():
     matched = nt_xent(z, z + 0.01 * torch.randn_like(z), temperature=0.1)
     unmatched = nt_xent(z, torch.randn(32, 16), temperature=0.1)
     assert matched < 0.1 and unmatched > 3.0
+
+
+def test_simclr_logits_and_loss_stay_float32_under_bf16_autocast():
+    """Paired with an fp32 reference on the same (bf16, as a projector under autocast gives them) embeddings: within
+    1e-5. The same product left to autocast is off by about 1e-2 (steps of 2^-7 near logits of 1 to 5), which
+    shows the check can tell."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(64, 32).bfloat16(), torch.randn(64, 32).bfloat16()
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    reference = (z @ z.t() / 0.2).fill_diagonal_(float("-inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = similarity_logits(z1, z2, 0.2)
+        loss = nt_xent(z1, z2, 0.2)
+        rounded = z @ z.t() / 0.2
+    off_diagonal = ~torch.eye(128, dtype=torch.bool)
+    assert logits.dtype == loss.dtype == torch.float32
+    assert (logits - reference)[off_diagonal].abs().max() < 1e-5
+    assert (rounded.float() - reference)[off_diagonal].abs().max() > 3e-3
+    assert abs(loss.item() - nt_xent(z1.float(), z2.float(), 0.2).item()) < 1e-5
 
 
 def test_augmentations_keep_shape_and_range_and_vary_per_sample():

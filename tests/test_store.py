@@ -175,6 +175,28 @@ def test_features_key_changes_with_the_cache_stage_code(tmp_path, monkeypatch):
     assert encoder_artifact(ctx, pretext_recipe("rotation", TrainOverrides()), None) == encoder
 
 
+def test_encoder_and_features_keys_follow_the_precision_and_device_kind(tmp_path):
+    """Paired: one run's context changed in its precision or device kind only. bf16 and fp32 encoders (on the CPU
+    too) and their features are different artifacts; the same precision on the same kind of device is the same
+    one, whichever GPU it is."""
+    ctx = key_context(tmp_path / "store")
+    recipe = pretext_recipe("rotation", TrainOverrides())
+
+    def keys(device: str, dtype: torch.dtype) -> tuple[str, str]:
+        ctx.device, ctx.dtype = torch.device(device), dtype
+        encoder = encoder_artifact(ctx, recipe, None)
+        return encoder, features_artifact(ctx, encoder)
+
+    fp32 = keys("cpu", torch.float32)
+    assert keys("cpu", torch.float32) == fp32
+    runs = [fp32, keys("cpu", torch.bfloat16), keys("cuda", torch.float32), keys("cuda", torch.bfloat16)]
+    assert len({encoder for encoder, _ in runs}) == len({features for _, features in runs}) == 4
+    assert keys("cuda:1", torch.bfloat16) == keys("cuda", torch.bfloat16)
+    cpu_encoder = fp32[0]
+    ctx.device, ctx.dtype = torch.device("cpu"), torch.bfloat16  # an fp32 encoder's features cached in bf16
+    assert features_artifact(ctx, cpu_encoder) != fp32[1]
+
+
 def test_source_files_are_hashed_once_per_process(tmp_path, monkeypatch):
     ctx = key_context(tmp_path / "store")
     recipe = pretext_recipe("rotation", TrainOverrides())

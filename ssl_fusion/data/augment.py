@@ -12,6 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ssl_fusion.runtime.device import device_constant
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in the gray of an image
+
 
 def random_resized_crop(images: torch.Tensor, scale: tuple[float, float], flip: bool = True) -> torch.Tensor:
     """Crop a random area fraction in ``scale`` (aspect ratio 3/4..4/3), resize back, maybe mirror."""
@@ -71,7 +75,7 @@ def color_jitter(
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * torch.empty(shape, device=device).uniform_(1 - contrast, 1 + contrast) + mean
     if images.shape[1] == 3:
-        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        gray = (out * device_constant(LUMA, device).view(1, 3, 1, 1)).sum(1, keepdim=True)
         out = gray + (out - gray) * torch.empty(shape, device=device).uniform_(1 - saturation, 1 + saturation)
         to_gray = torch.rand(shape, device=device) < grayscale_p
         out = torch.where(to_gray, gray.expand_as(out), out)

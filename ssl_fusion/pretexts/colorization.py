@@ -12,6 +12,7 @@ from ssl_fusion.data.datasets import ImageData
 from ssl_fusion.models.decoders import VectorDecoder
 from ssl_fusion.models.encoders import Encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
+from ssl_fusion.runtime.device import device_constant
 from ssl_fusion.runtime.errors import UserError
 
 
@@ -20,20 +21,22 @@ class ColorizationConfig(PretextConfig):
     decoder_widths: List[int] = field(default_factory=lambda: [128, 64, 32, 16])
 
 
-# Linear sRGB -> CIE XYZ under the D65 white point (IEC 61966-2-1), and that white point.
-RGB_TO_XYZ = torch.tensor(
-    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
-    dtype=torch.float64,
+# Linear sRGB -> CIE XYZ under the D65 white point (IEC 61966-2-1), its inverse, and that white point; as tuples, put
+# on a device once (``device_constant``).
+RGB_TO_XYZ = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
 )
-XYZ_TO_RGB = torch.linalg.inv(RGB_TO_XYZ)
+XYZ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_XYZ, dtype=torch.float64)).tolist()))
 D65_WHITE = (0.95047, 1.0, 1.08883)
 EPSILON = 6 / 29
 AB_SCALE = 110.0  # a and b of sRGB colours lie within about [-110, 110]
 
 
-def mix_channels(matrix: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def mix_channels(matrix: tuple, images: torch.Tensor) -> torch.Tensor:
     """Per-pixel 3x3 colour transform as broadcast multiply-add, which autocast leaves in float32 (unlike matmul)."""
-    weights = matrix.to(images.device, images.dtype).view(1, 3, 3, 1, 1)
+    weights = device_constant(matrix, images.device, images.dtype).view(1, 3, 3, 1, 1)
     return (weights * images.unsqueeze(1)).sum(dim=2)
 
 
@@ -41,7 +44,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) sRGB in [0, 1] -> CIE Lab (L in [0, 100]) under D65, float32."""
     rgb = rgb.float()
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
-    xyz = mix_channels(RGB_TO_XYZ, linear) / torch.tensor(D65_WHITE, device=rgb.device).view(1, 3, 1, 1)
+    xyz = mix_channels(RGB_TO_XYZ, linear) / device_constant(D65_WHITE, rgb.device).view(1, 3, 1, 1)
     f = torch.where(xyz > EPSILON**3, xyz.clamp_min(EPSILON**3).pow(1 / 3), xyz / (3 * EPSILON**2) + 4 / 29)
     fx, fy, fz = f.unbind(dim=1)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
@@ -53,7 +56,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
     xyz = torch.where(f > EPSILON, f.pow(3), 3 * EPSILON**2 * (f - 4 / 29))
-    linear = mix_channels(XYZ_TO_RGB, xyz * torch.tensor(D65_WHITE, device=lab.device).view(1, 3, 1, 1)).clamp(0, 1)
+    linear = mix_channels(XYZ_TO_RGB, xyz * device_constant(D65_WHITE, lab.device).view(1, 3, 1, 1)).clamp(0, 1)
     return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.pow(1 / 2.4) - 0.055)
 
 

@@ -93,7 +93,7 @@ def relative_location_pseudo_labels(
         labels = torch.arange(len(NEIGHBOURS), device=images.device).expand(batch, -1)
     else:
         labels = torch.randint(0, len(NEIGHBOURS), (batch, 1), device=images.device)
-    positions = torch.tensor(NEIGHBOURS, device=images.device)[labels]
+    positions = labels + (labels >= CENTRE)  # NEIGHBOURS[labels], made on the device: the grid less its centre
     neighbours = patches[torch.arange(batch, device=images.device).unsqueeze(1), positions]
     return patches[:, CENTRE], neighbours, labels
 

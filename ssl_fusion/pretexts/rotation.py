@@ -20,21 +20,23 @@ class RotationConfig(PretextConfig):
     head_hidden: int = 256
 
 
+def all_rotations_of(images: torch.Tensor) -> torch.Tensor:
+    """(4, B, C, H, W): the batch turned counter-clockwise by 0, 1, 2 and 3 quarter turns."""
+    return torch.stack([images.rot90(turns, dims=(2, 3)) for turns in range(4)])
+
+
 def rotate_batch(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
-    """Rotate each image counter-clockwise by its number of quarter turns."""
-    out = torch.empty_like(images)
-    for turns in range(4):
-        chosen = quarter_turns == turns
-        if chosen.any():
-            out[chosen] = torch.rot90(images[chosen], turns, dims=(2, 3))
-    return out
+    """Rotate each image counter-clockwise by its number of quarter turns: every rotation is made and each image's
+    own is picked by index, so no data-dependent mask makes the host wait for the device."""
+    return all_rotations_of(images)[quarter_turns, torch.arange(len(images), device=images.device)]
 
 
 def rotation_pseudo_labels(images: torch.Tensor, all_rotations: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated images and the quarter-turn labels: all four per image, or one sampled per image."""
+    """Rotated images and the quarter-turn labels: all four per image (the whole batch turned by 0, then by 1, 2
+    and 3 quarter turns), or one sampled per image."""
     if all_rotations:
         labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
-        return rotate_batch(images.repeat(4, 1, 1, 1), labels), labels
+        return all_rotations_of(images).flatten(0, 1), labels
     labels = torch.randint(0, 4, (images.shape[0],), device=images.device)
     return rotate_batch(images, labels), labels
 

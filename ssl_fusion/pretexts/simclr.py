@@ -42,14 +42,23 @@ def two_views(images: torch.Tensor, cfg: TwoViewConfig) -> torch.Tensor:
     return torch.cat([view(), view()]).contiguous(memory_format=torch.channels_last)
 
 
+def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The (2N, 2N) cosine similarities of all views over the temperature, -inf on the diagonal, in float32.
+
+    Autocast is off here: under bf16 autocast the matmul would round the logits (up to 1/temperature = 5) to steps
+    of about 0.03, whatever ``.float()`` came before it."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        similarity = z @ z.t() / temperature
+    return similarity.fill_diagonal_(float("-inf"))
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Normalised-temperature cross entropy: each view must pick its partner among the 2N-1 others."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    """Normalised-temperature cross entropy: each view must pick its partner among the 2N-1 others.
+    View i's partner is view i + N (mod 2N), labels made on the device: no host-to-device copy in a step."""
     n = z1.shape[0]
-    similarity = z @ z.t() / temperature
-    similarity.fill_diagonal_(float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(similarity, partner)
+    partner = torch.arange(2 * n, device=z1.device).roll(n)
+    return F.cross_entropy(similarity_logits(z1, z2, temperature), partner)
 
 
 @PRETEXTS.register("simclr", SimCLRConfig)

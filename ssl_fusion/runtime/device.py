@@ -5,11 +5,14 @@ runs several times slower than fp32)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from typing import ContextManager
 
 import torch
 from torch import nn
 
+from ssl_fusion.runtime.distributed import launched
 from ssl_fusion.runtime.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -17,13 +20,20 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device this process computes on. Under torchrun it is the GPU of the process's ``LOCAL_RANK``, made the
+    current device here, before anything touches CUDA: otherwise the first CUDA call of every process (a bare
+    ``cuda`` tensor, ``torch.cuda.current_device()``) would open a context on cuda:0."""
     if name not in DEVICES:
         raise UserError(f"device: '{name}' is not one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available here; use device=auto or device=cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not launched():
+        return torch.device("cuda")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -33,7 +43,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype; ``auto`` is bf16 where the hardware computes in it natively (recent GPUs,
-    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on other CPUs."""
+    CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on other CPUs. An explicit ``bf16`` is kept where it is
+    emulated (as on such CPUs), and refused only on a GPU that cannot compute in it at all."""
     if name not in PRECISIONS:
         raise UserError(f"precision: '{name}' is not one of {', '.join(PRECISIONS)}")
     if name == "fp32":
@@ -42,8 +53,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             raise UserError("precision=fp16 needs device=cuda; use bf16 or fp32 on the CPU")
         return torch.float16
+    if device.type == "cuda" and name == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16  # V100, T4: bf16 only emulated, several times slower than fp16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16 if name == "auto" else _refuse_bf16()
+        return _refuse_bf16()
     if device.type == "cpu" and name == "auto" and not cpu_has_native_bf16():
         return torch.float32
     return torch.bfloat16
@@ -51,6 +64,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 def _refuse_bf16() -> torch.dtype:
     raise UserError("precision=bf16 is not supported by this GPU; use precision=fp16 or fp32")
+
+
+@functools.cache
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` (numbers, or nested tuples of them) as a tensor on ``device``, copied there once per process: made
+    in every training step instead, it is a host-to-device copy that the host waits for. Shared: never modify it."""
+    with torch.inference_mode(False):  # usable in autograd even when first asked for under inference mode
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

@@ -2,9 +2,10 @@
 
 Stages only meet here: pretraining publishes ``encoders/<pretext>-<key>``, caching reads it and
 publishes ``features/<pretext>-<key>``, fusion reads that. Each key hashes everything that
-determines the artifact (recipe, encoder, data content, seed) and the source files of the code that
-makes it, so an edit of that code (a pretext's module, the trainer, the encoder, the cache stage...)
-makes a new artifact instead of reusing one made by the old code.
+determines the artifact (recipe, encoder, data content, seed, the device kind and precision that computed it) and
+the source files of the code that makes it, so an edit of that code (a pretext's module, the trainer, the encoder,
+the cache stage...) makes a new artifact instead of reusing one made by the old code, and a store shared by GPU and
+CPU machines keeps a bf16 GPU encoder apart from an fp32 CPU one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class StageData(Protocol):
 
     dataset_cfg: DatasetConfig
     encoder_cfg: EncoderConfig
+    device: torch.device
+    dtype: torch.dtype
     seed: int
     store: ArtifactStore
 
@@ -171,6 +174,12 @@ def pretext_recipe(name: str, overrides: TrainOverrides) -> PretextConfig:
     return with_overrides(load_option(PRETEXTS, name), overrides)
 
 
+def computed_by(ctx: StageData) -> dict[str, str]:
+    """What computes an artifact, as its key holds it: the device kind (``cpu``, ``cuda``: their kernels round
+    differently, not which GPU) and the autocast precision (``float32``, ``bfloat16``, ``float16``)."""
+    return {"device": ctx.device.type, "precision": str(ctx.dtype).removeprefix("torch.")}
+
+
 def encoder_artifact(ctx: StageData, recipe: PretextConfig, max_steps_per_epoch: int | None) -> str:
     key = content_key(
         {
@@ -181,6 +190,7 @@ def encoder_artifact(ctx: StageData, recipe: PretextConfig, max_steps_per_epoch:
             "train_data": ctx.pretraining.fingerprints["train"],
             "seed": ctx.seed,
             "max_steps_per_epoch": max_steps_per_epoch,
+            "compute": computed_by(ctx),
         }
     )
     return f"{recipe.name}-{key}"
@@ -188,20 +198,30 @@ def encoder_artifact(ctx: StageData, recipe: PretextConfig, max_steps_per_epoch:
 
 def features_artifact(ctx: StageData, encoder_name: str) -> str:
     code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
-    key = content_key({"stage": "cache", "code": code, "encoder": encoder_name, "data": ctx.fingerprints})
+    key = content_key(
+        {"stage": "cache", "code": code, "encoder": encoder_name, "data": ctx.fingerprints, "compute": computed_by(ctx)}
+    )
     return f"{encoder_name.split('-')[0]}-{key}"
 
 
 def external_features_artifact(ctx: StageData, name: str, cfg: ExternalEncoderConfig) -> str:
     """The features of an encoder made elsewhere: keyed by its architecture, the content of its weights file (the
-    checkpoint's or the hub's, not its path), the input conversion, the data and the code that builds and runs it."""
+    checkpoint's or the hub's, not its path), the input conversion, the data, the device kind and precision, and the
+    code that builds and runs it."""
     cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config
     source = weights_source(cfg, ctx.store)
     encoder = {**dataclasses.asdict(cfg), "checkpoint": None if source is None else source["sha256"]}
     code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
-    return (
-        f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"
+    key = content_key(
+        {
+            "stage": "cache external",
+            "code": code,
+            "encoder": encoder,
+            "data": ctx.fingerprints,
+            "compute": computed_by(ctx),
+        }
     )
+    return f"{name}-{key}"
 
 
 def views_artifact(
