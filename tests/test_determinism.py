@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from ssl_fusion.config import CONF_DIR, TrainOverrides, load_option
 from ssl_fusion.data.datasets import load_dataset
-from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
+from ssl_fusion.models.encoders import ENCODERS, SmallCNNConfig, build_encoder
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.determinism import refuse_nondeterministic
 from ssl_fusion.runtime.errors import UserError
@@ -87,7 +87,7 @@ def test_only_the_decoding_pretexts_are_refused_on_cuda(name):
 
 def test_pretraining_is_refused_before_anything_moves_to_the_gpu():
     dataset_cfg, data = small_rgb_data()
-    encoder_cfg = load_option(context.ENCODERS, "small_cnn")
+    encoder_cfg = load_option(ENCODERS, "small_cnn")
     ctx = StageContext(dataset_cfg, data, encoder_cfg, CUDA, torch.float32, None, TrainOverrides(), 0)
     torch.use_deterministic_algorithms(True)
     with pytest.raises(UserError, match="pretext inpainting trains through VectorDecoder"):

@@ -133,7 +133,7 @@ def test_the_plain_training_loop_does_not_call_the_pretexts_loss(monkeypatch):
     images = torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8)
     sizes = {"warmup_steps": 1, "bare_steps": 2, "sync_steps": 1}
     measured = gpu_check.plain_training(images, SmallCNNConfig(name="small_cnn"), recipe, sizes, CPU, torch.float32)
-    assert measured["images_per_second"] > 0 and measured["steps_per_second"] > 0
+    assert measured["images_per_second"] > 0
     assert math.isfinite(measured["checksum"]) and measured["checksum"] > 0  # every loss kept (cross-entropies)
 
 
