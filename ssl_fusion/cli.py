@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 
+from ssl_fusion import __version__
 from ssl_fusion.runtime.errors import UserError
 
 STAGES = {
@@ -20,7 +21,8 @@ STAGES = {
 USAGE = (
     "usage: sslfuse <stage> [key=value ...] [--cfg job] [-m]\n\nstages:\n"
     + "\n".join(f"  {name:<9} {text}" for name, text in STAGES.items())
-    + "\n\n`sslfuse <stage> --help` shows a stage's config and options; `-m` runs a Hydra multirun sweep."
+    + "\n\n`sslfuse <stage> --help` shows a stage's config and options; `-m` runs a Hydra multirun sweep; "
+    "`sslfuse --version` prints the version."
 )
 
 
@@ -165,6 +167,9 @@ def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"sslfuse {__version__}")
         return
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:

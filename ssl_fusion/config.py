@@ -69,13 +69,15 @@ class TrainOverrides(Checked):
 
 @dataclass
 class ProbeConfig(Checked):
-    """kNN and linear probes run on every encoder that pretraining stores (written to its manifest)."""
+    """kNN and linear probes run on every encoder that pretraining stores (written to its manifest), and during its
+    pretraining after every ``every_epochs`` epochs (into the manifest's history and curve)."""
 
     section: ClassVar[str] = "probe"
     k: int = 20
     linear_l2: float = 1e-3
     max_train: Optional[int] = 10000  # null: the whole split
     max_test: Optional[int] = 2000
+    every_epochs: int = 0  # 0: only once pretrained
 
     def rules(self) -> dict[str, Rule]:
         return {
@@ -83,6 +85,7 @@ class ProbeConfig(Checked):
             "linear_l2": at_least(0),
             "max_train": optional(above(0)),
             "max_test": optional(above(0)),
+            "every_epochs": at_least(0, " (0: probe only once pretrained)"),
         }
 
 

@@ -60,7 +60,7 @@ def test_smoke_run_writes_results_and_table(smoke_workspace):
         # a pretext the screen left out gets weight exactly 0, a kept one a positive share
         assert {p for p, w in weights.items() if w == 0} == set(r["screened_out"]), r
         # the mean over the test images equals the mean of the four per-class means (the classes are of equal size)
-        assert sorted(per_class) == ["0", "1", "2", "3"]
+        assert sorted(per_class) == ["class0", "class1", "class2", "class3"]  # the synthetic classes' names
         for pretext, weight in weights.items():
             assert weight == pytest.approx(sum(c[pretext] for c in per_class.values()) / 4, abs=1e-6), (pretext, r)
     report = pd.read_csv(run / "report.csv").set_index("method")

@@ -34,6 +34,7 @@ def test_digits_from_scikit_learn():
     _, data = load_dataset({"name": "digits"}, None)
     assert data.train_images.shape[1:] == (1, 8, 8) and len(data.train_labels) + len(data.test_labels) == 1797
     assert data.num_classes == 10 and data.train_images.max() == 255
+    assert data.classes == [str(digit) for digit in range(10)]  # each class is named by its digit
 
 
 @needs_fashion_mnist
@@ -41,7 +42,18 @@ def test_fashion_mnist_from_debian_files():
     _, data = load_dataset({"name": "fashion_mnist", "max_test": 500}, None)
     assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (500, 1, 28, 28)
     assert torch.bincount(data.train_labels).tolist() == [6000] * 10
-    assert "Sneaker" in data.classes
+    assert data.classes == [  # the dataset's own names, in the order of the labels 0-9
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
 
 
 CHUNKS, CHUNK = 40, 64  # the stand-in's file: 40 images of 8x8 pixels, written one a 50 ms

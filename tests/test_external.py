@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from ssl_fusion.models.external import (
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.artifacts import external_features_artifact
+from ssl_fusion.store.files import ArtifactStore
 
 SMALL = ["preset=smoke", "dataset.n_train=64", "dataset.n_test=32", "precision=fp32"]
 
@@ -49,10 +51,13 @@ def test_gray_images_are_repeated_resized_and_normalised():
     torch.testing.assert_close(encoder(images), expected)
 
 
-def key_context() -> types.SimpleNamespace:
-    """What an external encoder's features key reads of a stage's context: the data's fingerprints and its dataset."""
+def key_context(store: Path) -> types.SimpleNamespace:
+    """What an external encoder's features key reads of a stage's context: the data's fingerprints, its dataset and
+    the store (which keeps the weights files' hashes)."""
     dataset = types.SimpleNamespace(name="synthetic")
-    return types.SimpleNamespace(fingerprints={"train": "t", "test": "s"}, dataset_cfg=dataset)
+    return types.SimpleNamespace(
+        fingerprints={"train": "t", "test": "s"}, dataset_cfg=dataset, store=ArtifactStore(store)
+    )
 
 
 def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
@@ -61,7 +66,7 @@ def test_the_key_follows_the_checkpoints_content_not_its_path(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), first)
     shutil.copy(first, copy)
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    ctx = key_context()
+    ctx = key_context(tmp_path / "store")
     key = {
         path: external_features_artifact(ctx, "r18", ExternalEncoderConfig("torchvision:resnet18", str(path)))
         for path in (first, copy, other)
@@ -178,12 +183,12 @@ def test_the_encoder_reads_its_pretrained_size_and_normalisation():
     torch.testing.assert_close(encoder(images), (resized - 0.5) / 0.25)
 
 
-def test_resolved_values_reach_the_manifests_conversion_and_the_features_key(monkeypatch):
+def test_resolved_values_reach_the_manifests_conversion_and_the_features_key(monkeypatch, tmp_path):
     """A timm declaration without size or normalisation takes the pretrained configuration's (timm faked here); the
     conversion records them, and the key changes with them but not when the user gives the same values."""
     pretrained = {"model": FakeTimmModel()}
     monkeypatch.setattr(external_module, "timm_pretrained_cfg", lambda name: pretrained["model"])
-    ctx = key_context()
+    ctx = key_context(tmp_path)
     cfg = external_config("vit", {"arch": "timm:fake"})
     assert conversion(cfg, 1, (28, 28)) == {
         "channels": "1 -> 3 (gray repeated)",

@@ -25,7 +25,8 @@ from ssl_fusion.store.files import ArtifactStore
 
 
 def test_a_result_is_written_as_one_object_and_one_csv_row_and_reads_back(tmp_path):
-    """Keys a label subset or the protocol adds (here ``classes_without_labels``, ``classes``) flow through."""
+    """Keys a label subset or the protocol adds (here ``classes_without_labels``) flow through, and so do the class
+    names."""
     result = FuseResult(
         method="attention[combine=concat](a+b)",
         title="attention[combine=concat]",
@@ -41,7 +42,8 @@ def test_a_result_is_written_as_one_object_and_one_csv_row_and_reads_back(tmp_pa
         encoder_seed=1,
         data_fingerprint="a" * 16 + "/" + "b" * 16,
         pretraining_fingerprint="c" * 16,
-        details={"classes": [2, 5, 9], "fit_seconds": 0.5},
+        classes=["cat", "dog", "owl"],
+        details={"fit_seconds": 0.5},
     )
     write_result(tmp_path, result)
     record = json.loads((tmp_path / "results.json").read_text())
@@ -52,17 +54,18 @@ def test_a_result_is_written_as_one_object_and_one_csv_row_and_reads_back(tmp_pa
         False,
         "test",
     )
-    assert record["classes_without_labels"] == [7] and record["classes"] == [2, 5, 9]
+    assert record["classes_without_labels"] == [7] and record["classes"] == ["cat", "dog", "owl"]
     assert record["pretraining_fingerprint"] == "c" * 16 and record["test_accuracy"] == 0.75
     rows = pd.read_csv(tmp_path / "results.csv")
     assert len(rows) == 1 and rows.loc[0, "pretexts"] == "a+b" and rows.loc[0, "family"] == "attention"
     again = load_result(tmp_path / "results.json")
     assert again.to_record() == record
-    assert (again.family, again.metrics, again.selection, again.labels["seed"]) == (
+    assert (again.family, again.metrics, again.selection, again.labels["seed"], again.classes) == (
         "attention",
         {"test_accuracy": 0.75, "test_nll": 0.6},
         {"selected_l2": 0.01, "folds": 5},
         3,
+        ["cat", "dog", "owl"],
     )
 
 

@@ -219,6 +219,7 @@ class SupervisedScratch(FusionMethod):
             family=self.cfg.name,
             options=options,
             pretexts=[],
+            classes=data.classes,
             labels=labels_cfg.fields(labeled, seed, data.train_labels),
             metrics=split_metrics(evaluation.split, probs, eval_labels),
             selection={

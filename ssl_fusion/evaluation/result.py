@@ -1,11 +1,11 @@
 """The result contract: what one evaluation of a method records, written as ``results.json`` and read by the report.
 
 A ``FuseResult`` keeps apart what the method is (``family``, ``options``, ``pretexts``, ``cached_views``), what it
-ran on (dataset and pretraining data, with their fingerprints, encoder and encoder seed), which labels it used
-(``labels``: the fields of the labeled subset, open to new keys), whether it may be ranked (``uses_test``,
-``uses_all_labels``), its scores on the evaluation ``split`` (``metrics``), how its settings were chosen
-(``selection``), and anything else (``details``). ``method`` and ``title`` are labels for people: the report groups
-and decides on the fields, never on a label.
+ran on (dataset and pretraining data, with their fingerprints, encoder and encoder seed; ``classes``, the names of
+the class indices), which labels it used (``labels``: the fields of the labeled subset, open to new keys), whether it
+may be ranked (``uses_test``, ``uses_all_labels``), its scores on the evaluation ``split`` (``metrics``), how its
+settings were chosen (``selection``), and anything else (``details``). ``method`` and ``title`` are labels for
+people: the report groups and decides on the fields, never on a label.
 
 ``results.json`` is one flat JSON object: the scalar fields, ``options`` as an object, and the keys of ``labels``,
 ``metrics``, ``selection``, ``evaluation`` and ``details`` side by side, so that ``results.csv`` is one row of the
@@ -128,6 +128,7 @@ class FuseResult:
     uses_test: bool = False  # used the evaluation split's labels to choose (an oracle: a reference, never a pick)
     uses_all_labels: bool = False  # reads an encoder trained with every training label
     cached_views: int = 0  # augmented views of the labeled images the head also trained on
+    classes: list[str] = field(default_factory=list)  # the class names, by class index (``class_names``)
     dataset: Optional[str] = None  # None: not run by a stage (``fuse_arrays``)
     pretraining_dataset: Optional[str] = None
     encoder: Optional[str] = None
@@ -194,7 +195,8 @@ class FuseResult:
             raise ValueError("field 'pretexts' must be a list of names")
         taken = scalars | set(metrics) | {"result_version"}
         return cls(
-            **{name: record.get(name) for name in scalars},
+            **{name: record.get(name) for name in scalars - {"classes"}},
+            classes=recorded_classes(record),
             labels={k: record[k] for k in LABEL_KEYS if k in record},
             metrics=metrics,
             selection={k: record[k] for k in SELECTION_KEYS if k in record},
@@ -205,6 +207,22 @@ class FuseResult:
                 if k not in taken | set(LABEL_KEYS) | set(SELECTION_KEYS) | set(EVALUATION_KEYS)
             },
         )
+
+
+def class_names(classes: Optional[list[str]], count: int) -> list[str]:
+    """Names for class indices 0..``count``-1 and any further ones ``classes`` (a dataset's) names: the index as text
+    where ``classes`` has no name for it."""
+    given = list(classes or [])
+    return given + [str(index) for index in range(len(given), count)]
+
+
+def recorded_classes(record: dict[str, Any]) -> list[str]:
+    """The class names of a record; a record written before they were kept lists the class indices (or nothing),
+    which read as names of themselves."""
+    classes = record.get("classes") or []
+    if not isinstance(classes, list):
+        raise ValueError(f"field 'classes' must be a list of names, got {classes!r}")
+    return [str(name) for name in classes]
 
 
 def check_type(record: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

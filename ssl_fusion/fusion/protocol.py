@@ -22,7 +22,7 @@ from sklearn.preprocessing import LabelEncoder
 from ssl_fusion.config import LabelsConfig, as_plain, check_seed, load_option
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import EvaluationConfig, complement, fold_count
-from ssl_fusion.evaluation.result import FuseResult, Predictions, titled
+from ssl_fusion.evaluation.result import FuseResult, Predictions, class_names, titled
 from ssl_fusion.fusion import FUSIONS, Fitted, FusionConfig, FusionMethod
 from ssl_fusion.fusion.screen import screen_pretexts
 from ssl_fusion.fusion.select import SelectConfig, criterion_scores
@@ -71,12 +71,12 @@ def method_label(fusion: FusionConfig, features: dict[str, FeatureSet]) -> str:
 
 
 def weights_by_class(
-    weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], num_classes: int
+    weights: torch.Tensor, labels: torch.Tensor, pretexts: list[str], classes: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Mean pretext weight over the test samples of each true class."""
+    """Mean pretext weight over the test samples of each true class, keyed by the class's name."""
     return {
-        str(c): dict(zip(pretexts, weights[labels == c].mean(0).tolist()))
-        for c in range(num_classes)
+        name: dict(zip(pretexts, weights[labels == c].mean(0).tolist()))
+        for c, name in enumerate(classes)
         if (labels == c).any()
     }
 
@@ -211,10 +211,11 @@ def fuse_once(
     labels_cfg: LabelsConfig,
     seed: int,
     evaluation: Optional[EvaluationConfig] = None,
+    classes: Optional[list[str]] = None,
 ) -> dict[str, Any]:
     """One fusion experiment (``fuse_result``) as the flat record ``sslfuse fuse`` writes, without the stage's
     context."""
-    return fuse_result(features, fusion, labels_cfg, seed, evaluation).to_record()
+    return fuse_result(features, fusion, labels_cfg, seed, evaluation, classes).to_record()
 
 
 def evaluated_features(
@@ -237,14 +238,17 @@ def fuse_result(
     labels_cfg: LabelsConfig,
     seed: int,
     evaluation: Optional[EvaluationConfig] = None,
+    classes: Optional[list[str]] = None,
 ) -> FuseResult:
     """One fusion experiment: pick the labeled subset, select and fit the head on it, score it on the evaluation split
     (``evaluation``; default: the test split). Where the feature sets carry cached augmented views, heads train on them
-    too (selection scores plain features)."""
+    too (selection scores plain features). ``classes``: the names of the class indices (the dataset's; default: the
+    indices as text)."""
     evaluation = evaluation or EvaluationConfig()
     features = head_inputs(fusion, features)
     full = next(iter(features.values()))
     num_classes = class_count(full.train_labels, full.test_labels)
+    classes = class_names(classes, num_classes)
     labeled = evaluation.labeled(labels_cfg, full.train_labels, seed)
     features, rows, evaluated = evaluated_features(features, evaluation, labeled)
     sets = list(features.values())
@@ -267,7 +271,6 @@ def fuse_result(
     fit = fit_and_predict(fitted, train, labels, test, num_classes, seed)
     probs, weights = fit.probs, fit.weights
     details = {
-        "classes": list(range(num_classes)),
         **fit.details,
         "fit_seconds": time.perf_counter() - started,
         "fusion_config": as_plain(fusion),
@@ -277,7 +280,7 @@ def fuse_result(
     if weights is not None:
         weights = with_screened_columns(weights, used, pretexts)
         details["mean_pretext_weights"] = dict(zip(pretexts, weights.mean(0).tolist()))
-        details["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, num_classes)
+        details["pretext_weights_per_class"] = weights_by_class(weights, test_labels, pretexts, classes)
     return FuseResult(
         method=method_label(fusion, features),
         title=method_title(fusion, features),
@@ -290,6 +293,7 @@ def fuse_result(
         uses_test=head_class(fusion).peeks_at_test(fusion),
         uses_all_labels=any(s.uses_labels for s in sets),
         cached_views=len(train[0]) - 1,
+        classes=classes,
         split=evaluation.split,
         evaluation=evaluation.record(evaluated, test_labels),
         details=details,
@@ -315,16 +319,6 @@ def feature_set(name: str, train: Any, test: Any, train_labels: torch.Tensor, te
     if train.shape[1] != test.shape[1]:
         raise UserError(f"test features of '{name}' have {test.shape[1]} columns, train features {train.shape[1]}")
     return FeatureSet(train, test, train_labels, test_labels)
-
-
-def named_classes(result: dict[str, Any], encoder: LabelEncoder) -> dict[str, Any]:
-    """``result`` with its classes as the labels given to ``fuse_arrays`` rather than their indices."""
-    classes = encoder.classes_.tolist()
-    named = {"classes": classes}
-    if "pretext_weights_per_class" in result:
-        per_class = result["pretext_weights_per_class"].items()
-        named["pretext_weights_per_class"] = {str(classes[int(c)]): weights for c, weights in per_class}
-    return {**result, **named}
 
 
 def as_rows(name: str, values: Any, rows: int, split: str) -> torch.Tensor:
@@ -361,7 +355,7 @@ def fuse_arrays(
     Returns the result record ``sslfuse fuse`` writes (``test_accuracy`` or ``dev_accuracy``, ``selected_l2``, ...).
     Features are standardised by the train split's statistics, as cached features are. Labels may be of any kind
     (strings, any integers): they are encoded as scikit-learn encodes them, and ``classes`` lists them in the order
-    of the class indices."""
+    of the class indices (``pretext_weights_per_class`` is keyed by them as text)."""
     if set(train) != set(test) or not train:
         raise UserError(f"train and test must name the same pretexts, got {sorted(train)} and {sorted(test)}")
     check_seed("seed", seed)
@@ -371,4 +365,5 @@ def fuse_arrays(
     sets = {name: feature_set(name, train[name], test[name], y_train, y_test) for name in train}
     config = FUSIONS.typed_config({**as_plain(load_option(FUSIONS, fusion)), **dict(options or {})}, key="fusion")
     labels_cfg = LabelsConfig(fraction=None if per_class is not None else fraction, per_class=per_class)
-    return named_classes(fuse_once(sets, config, labels_cfg, seed, evaluation), encoder)
+    record = fuse_once(sets, config, labels_cfg, seed, evaluation, [str(label) for label in encoder.classes_])
+    return {**record, "classes": encoder.classes_.tolist()}  # the labels as given, not as text

@@ -22,6 +22,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 from torch import nn
 
+from ssl_fusion.models.hub import HubWeights, first_line
 from ssl_fusion.runtime.errors import UserError
 
 Tensor = torch.Tensor
@@ -36,18 +37,20 @@ WRAPPED_BACKBONES = (
 )
 
 
-def build_backbone(arch: str) -> tuple[nn.Module, int]:
-    """A randomly initialised ``torchvision:<name>`` or ``timm:<name>`` model without its classifier, and its feature
-    width (the size of the vector it returns per image)."""
+def build_backbone(arch: str, weights: HubWeights | None = None) -> tuple[nn.Module, int]:
+    """A ``torchvision:<name>`` or ``timm:<name>`` model without its classifier, and its feature width (the size of
+    the vector it returns per image): randomly initialised, or with the hub ``weights`` loaded by the library's own
+    loader from the cached file (``hub.hub_weights``)."""
     source, _, name = arch.partition(":")
     if source == "torchvision" and name:
-        return _torchvision_backbone(name)
+        return _torchvision_backbone(name, weights)
     if source == "timm" and name:
-        return _timm_backbone(name)
+        return _timm_backbone(name, weights)
     raise UserError(f"unknown encoder architecture {arch!r}: {ARCH_HINT}")
 
 
-def _torchvision_backbone(name: str) -> tuple[nn.Module, int]:
+def check_torchvision(name: str) -> None:
+    """Refuse in one line a name that is not one of torchvision's classification models."""
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
@@ -55,7 +58,14 @@ def _torchvision_backbone(name: str) -> tuple[nn.Module, int]:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserError(f"torchvision has no classification model {name!r}{hint}: {ARCH_HINT}")
-    model = torchvision.models.get_model(name, weights=None)
+
+
+def _torchvision_backbone(name: str, weights: HubWeights | None) -> tuple[nn.Module, int]:
+    import torchvision
+
+    check_torchvision(name)
+    # torchvision reads the enum's file from the torch hub cache, where hub_weights found it
+    model = torchvision.models.get_model(name, weights=None if weights is None else weights.id)
     return model, _remove_classifier(model, f"torchvision:{name}")
 
 
@@ -82,21 +92,35 @@ def _timm(name: str) -> Any:
         raise UserError(f"timm:{name} needs timm, which is not installed: pip install timm") from None
     if not timm.is_model(name):
         raise UserError(f"timm has no model {name!r} (timm.list_models() lists them): {ARCH_HINT}")
+    architecture, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name):
+        tags = ", ".join(t.partition(".")[2] for t in timm.list_pretrained(f"{architecture}.*")) or "none"
+        raise UserError(f"timm:{name}: timm has no weights tagged {tag!r} for {architecture}; its tags: {tags}")
     return timm
+
+
+def timm_pretrained(name: str) -> dict[str, Any]:
+    """timm's pretrained configuration of model ``name`` (``<model>.<tag>``: that tag's; else the default one): where
+    its weights are (``hf_hub_id``, ``url``) and what input they take; {} for a model without one."""
+    pretrained = _timm(name).models.get_pretrained_cfg(name)
+    return {} if pretrained is None else pretrained.to_dict()
 
 
 def timm_pretrained_cfg(name: str) -> Any:
     """An object whose ``pretrained_cfg`` is the one timm gives model ``name`` (``input_size``, ``mean``, ``std``...),
     read from timm's registry without building the model where it has one; else the built model itself."""
+    pretrained = timm_pretrained(name)
+    if pretrained:
+        return argparse.Namespace(pretrained_cfg=pretrained)
+    return _timm(name).create_model(name, pretrained=False)
+
+
+def _timm_backbone(name: str, weights: HubWeights | None) -> tuple[nn.Module, int]:
     timm = _timm(name)
-    pretrained = timm.models.get_pretrained_cfg(name)
-    if pretrained is not None:
-        return argparse.Namespace(pretrained_cfg=pretrained.to_dict())
-    return timm.create_model(name, pretrained=False)
-
-
-def _timm_backbone(name: str) -> tuple[nn.Module, int]:
-    model = _timm(name).create_model(name, pretrained=False)
+    if weights is None:
+        model = timm.create_model(name, pretrained=False)
+    else:  # timm's own loader (its key filters and classifier handling) reads exactly the file that was hashed
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights.file)})
     model.reset_classifier(0)
     # With the classifier reset, timm models return their pre-logits features (head_hidden_size where they have one).
     return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
@@ -145,7 +169,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"checkpoint {path} holds {found.group(1)}, which is refused as it could run code; only "
                 "tensors, plain data and argparse/OmegaConf configs are accepted"
             ) from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {first_line(error)})") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
     return checkpoint
@@ -159,12 +183,7 @@ def _read_safetensors(path: Path) -> State:
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # SafetensorError, OSError
-        raise UserError(f"{path} is not a safetensors file ({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise UserError(f"{path} is not a safetensors file ({first_line(error)})") from None
 
 
 def backbone_state(checkpoint: dict[str, Any], prefix: str | None = None, which: str = "teacher") -> tuple[State, str]:
@@ -328,12 +347,17 @@ def _some(keys: list[str], what: str) -> str:
 
 
 def load_external_encoder(
-    arch: str, checkpoint: str | Path | None, prefix: str | None = None, which: str = "teacher"
+    arch: str,
+    checkpoint: str | Path | None,
+    prefix: str | None = None,
+    which: str = "teacher",
+    weights: HubWeights | None = None,
 ) -> tuple[nn.Module, int, str]:
-    """The backbone ``arch`` with the weights of ``checkpoint`` (random weights when None) in eval mode, its feature
-    width and the checkpoint's recognised format."""
-    model, width = build_backbone(arch)
-    found = "random weights"
+    """The backbone ``arch`` with the weights of ``checkpoint``, or the hub ``weights`` (random weights when neither)
+    in eval mode, its feature width and the weights' recognised format."""
+    assert checkpoint is None or weights is None, "a checkpoint or hub weights, not both"
+    model, width = build_backbone(arch, weights)
+    found = "random weights" if weights is None else f"{weights.hub} weights"
     if checkpoint is not None:
         state, found = backbone_state(read_checkpoint(checkpoint), prefix, which)
         try:

@@ -1,18 +1,18 @@
 """Encoders made elsewhere, fed the dataset's images converted to what they take.
 
 A user names one on the command line (``+external.<name>.arch=torchvision:resnet50
-+external.<name>.checkpoint=<file>``) and lists ``<name>`` in ``pretexts=[...]``; the cache stage runs it
-like a stored encoder. Its input is converted per batch: gray images repeated to three channels, resized
-to ``image_size``, normalised by ``mean`` and ``std``. What the user leaves unset comes from the model: a timm
-model's own pretrained configuration (``pretrained_cfg``: ``input_size``, ``mean``, ``std``), else ImageNet's mean
++external.<name>.checkpoint=<file>``, or the hubs' weights: ``pretrained: true`` for timm, ``weights: <enum name>``
+for torchvision) and lists ``<name>`` in ``pretexts=[...]``; the cache stage runs it like a stored encoder. Its input
+is converted per batch: gray images repeated to three channels, resized to ``image_size``, normalised by ``mean`` and
+``std``. What the user leaves unset comes from the model: a timm model's own pretrained configuration
+(``pretrained_cfg``: ``input_size``, ``mean``, ``std``) or torchvision weights' ``transforms()``, else ImageNet's mean
 and std (as torchvision's models were trained) and the dataset's size. ``resolve_input`` fills them in; the resolved
-values are what the features' key and manifest hold.
+values are what the features' key and manifest hold, with the content hash of the weights file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -23,8 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_fusion.models.checkpoints import load_external_encoder, timm_pretrained_cfg
+from ssl_fusion.models.checkpoints import (
+    check_torchvision,
+    load_external_encoder,
+    timm_pretrained,
+    timm_pretrained_cfg,
+)
+from ssl_fusion.models.hub import HubWeights, hub_weights, timm_has_weights, torchvision_input, torchvision_weights
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.store.files import ArtifactStore
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -33,7 +40,9 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 @dataclass
 class ExternalEncoderConfig:
     arch: str = ""  # torchvision:<name> or timm:<name>
-    checkpoint: Optional[str] = None  # None: random weights
+    checkpoint: Optional[str] = None  # None: random weights, or the hub's (pretrained, weights)
+    pretrained: bool = False  # timm: its pretrained weights (the tag as timm:<model>.<tag>), from the hub's cache
+    weights: Optional[str] = None  # torchvision: the name in the model's weights enum (IMAGENET1K_V1, DEFAULT...)
     prefix: Optional[str] = None  # keys of the backbone in the checkpoint, when not recognised
     which: str = "teacher"  # DINO checkpoints: teacher or student
     image_size: Optional[int] = (
@@ -64,6 +73,7 @@ def external_config(name: str, node: Any) -> ExternalEncoderConfig:
             f"external.{name}.{unknown[0]}: not a key of an external encoder; keys: {', '.join(sorted(KEYS))}"
         )
     check_input(name, node)
+    check_weights(name, node)
     cfg = resolve_input(ExternalEncoderConfig(**node), pretrained_source(node["arch"], node))
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
         raise UserError(f"external.{name}: mean and std need three values each, std > 0")
@@ -88,6 +98,33 @@ def check_input(name: str, node: Mapping[str, Any]) -> None:
             raise UserError(f"external.{name}.{key}: one value per channel, as [r, g, b], got {values!r}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise UserError(f"external.{name}.{key}: three finite numbers, got {values!r}")
+
+
+def check_weights(name: str, node: Mapping[str, Any]) -> None:
+    """Refuse in one line hub weights the library does not have, or asked of the other library, or with a
+    checkpoint (whose weights would replace them)."""
+    source, _, model = str(node["arch"]).partition(":")
+    pretrained, weights = node.get("pretrained", False), node.get("weights")
+    if not isinstance(pretrained, bool):
+        raise UserError(f"external.{name}.pretrained: true or false, got {pretrained!r}")
+    if (pretrained or weights is not None) and node.get("checkpoint") is not None:
+        key = "pretrained" if pretrained else "weights"
+        raise UserError(f"external.{name}: give checkpoint or {key}, not both (the checkpoint would replace them)")
+    if pretrained and source != "timm":
+        raise UserError(
+            f"external.{name}.pretrained: timm models only; torchvision's weights are named by "
+            f"external.{name}.weights (e.g. IMAGENET1K_V1)"
+        )
+    if weights is not None and source != "torchvision":
+        raise UserError(
+            f"external.{name}.weights: torchvision models only; timm's are loaded by external.{name}.pretrained=true "
+            "(a tag as timm:<model>.<tag>)"
+        )
+    if weights is not None:
+        check_torchvision(model)
+        torchvision_weights(model, str(weights), f"external.{name}.weights")
+    if pretrained and not timm_has_weights(timm_pretrained(model)):
+        raise UserError(f"external.{name}.pretrained: timm has no pretrained weights for {model}; give a checkpoint")
 
 
 def pretrained_input(model: Any) -> dict[str, Any]:
@@ -132,23 +169,36 @@ def three(values: Optional[Any], default: List[float], arch: str) -> List[float]
 
 
 def pretrained_source(arch: str, node: Optional[Mapping[str, Any]] = None) -> Any:
-    """What ``resolve_input`` reads for ``arch`` without building the model: for ``timm:<name>`` (when the user left
-    a key of the input unset) an object whose ``pretrained_cfg`` is timm's for that name; None otherwise."""
+    """What ``resolve_input`` reads for ``arch`` without building the model, when the user left a key of the input
+    unset: for ``timm:<name>`` an object whose ``pretrained_cfg`` is timm's for that name, for ``torchvision:<name>``
+    with ``weights`` one that holds those weights' input; None otherwise."""
+    if node is not None and all(node.get(k) is not None for k in ("image_size", "mean", "std")):
+        return None
     source, _, name = arch.partition(":")
-    if source != "timm" or (node is not None and all(node.get(k) is not None for k in ("image_size", "mean", "std"))):
-        return None
-    return timm_pretrained_cfg(name)
+    if source == "timm":
+        return timm_pretrained_cfg(name)
+    if source == "torchvision" and node is not None and node.get("weights") is not None:
+        return torchvision_input(name, str(node["weights"]))
+    return None
 
 
-def checkpoint_sha256(cfg: ExternalEncoderConfig) -> Optional[str]:
-    """The content hash of the checkpoint file, which the features' key holds."""
-    if cfg.checkpoint is None:
-        return None
-    digest = hashlib.sha256()
-    with open(cfg.checkpoint, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def external_hub_weights(cfg: ExternalEncoderConfig) -> Optional[HubWeights]:
+    """The cached file of the hub weights ``cfg`` asks for (fetched when reachable); None without hub weights."""
+    if cfg.pretrained:
+        return hub_weights(cfg.arch, timm_pretrained(cfg.arch.partition(":")[2]))
+    if cfg.weights is not None:
+        return hub_weights(cfg.arch, weights=cfg.weights)
+    return None
+
+
+def weights_source(cfg: ExternalEncoderConfig, store: ArtifactStore) -> Optional[dict[str, Any]]:
+    """Where the encoder's weights come from, with the content hash the features' key holds (hashed once per file
+    version, ``ArtifactStore.file_hash``): the checkpoint file, or the hub's (hub, id, tag or enum, file); None for
+    random weights."""
+    if cfg.checkpoint is not None:
+        return {"file": str(cfg.checkpoint), "sha256": store.file_hash(cfg.checkpoint)}
+    hub = external_hub_weights(cfg)
+    return None if hub is None else {**hub.record(), "sha256": store.file_hash(hub.file)}
 
 
 class ExternalEncoder(nn.Module):
@@ -175,10 +225,13 @@ class ExternalEncoder(nn.Module):
 
 
 def build_external(cfg: ExternalEncoderConfig, channels: int) -> tuple[ExternalEncoder, str]:
-    """The encoder with its checkpoint loaded (every backbone weight matched) and the recognised format."""
+    """The encoder with its checkpoint (every backbone weight matched) or hub weights loaded, and their format."""
     if channels not in (1, 3):
         raise UserError(f"external encoders read 1- or 3-channel images; the dataset has {channels}")
-    backbone, width, found = load_external_encoder(cfg.arch, cfg.checkpoint, cfg.prefix, cfg.which)
+    backbone, width, found = load_external_encoder(
+        cfg.arch, cfg.checkpoint, cfg.prefix, cfg.which, external_hub_weights(cfg)
+    )
+    cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # torchvision weights' input
     return ExternalEncoder(backbone, width, cfg).eval(), found
 
 

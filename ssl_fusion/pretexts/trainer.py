@@ -10,6 +10,10 @@ wrote is refused in one line naming the folder to delete.
 Under torchrun (see ``ssl_fusion.runtime.distributed``) the recipe's batch size is the global batch: every
 rank draws the same seeded epoch order, takes every world_size-th sample of it and trains through
 DistributedDataParallel; only rank 0 writes checkpoints and shows progress.
+
+An ``on_epoch`` hook sees each finished epoch (an ``EpochRecord``) on rank 0, for logging or probing the encoder; it
+cannot change the training: it runs with torch's RNG states (CPU, and the training device's) forked, and the model is
+put back in training mode after it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +39,17 @@ from ssl_fusion.runtime.progress import image_progress
 log = logging.getLogger("sslfuse")
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch_losses")  # what every checkpoint version holds
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch as ``train_pretext``'s ``on_epoch`` hook gets it: its number (from 1), its mean loss, and the
+    images per second and seconds of the steps this run trained of it (after a resume mid-epoch: those after it)."""
+
+    epoch: int
+    loss: float
+    images_per_second: float
+    seconds: float
 
 
 @dataclass
@@ -211,9 +226,12 @@ def train_pretext(
     num_workers: int = 0,
     checkpoint_every_minutes: Optional[float] = None,
     checkpoint_every_steps: Optional[int] = None,
+    on_epoch: Optional[Callable[[EpochRecord], None]] = None,
 ) -> TrainResult:
     """Train ``model`` on ``images``: a uint8 tensor in memory, sliced per batch, or images on disk (an image folder)
-    that ``num_workers`` DataLoader workers decode batch by batch, in the same seeded order."""
+    that ``num_workers`` DataLoader workers decode batch by batch, in the same seeded order. ``on_epoch``, if given,
+    is called on rank 0 after each epoch this call trains, once its checkpoint is written (the epochs a resumed run
+    finished before are in ``epoch_losses`` only); the other ranks wait for it at their next step."""
     batch_size = min(recipe.batch_size, len(images))
     local_batch = distributed.local_batch_size(batch_size)
     steps_per_epoch = len(images) // batch_size
@@ -310,13 +328,18 @@ def train_pretext(
             result.images_seen += epoch_images
             save(0, loss_sum)
             first_step, carried_loss = 0, torch.zeros(())
+            record = EpochRecord(epoch + 1, result.epoch_losses[-1], epoch_images / epoch_seconds, epoch_seconds)
             log.info(
                 "%s epoch %d/%d: loss %.4f, %.0f img/s, %.0f s",
                 recipe.name,
-                epoch + 1,
+                record.epoch,
                 recipe.epochs,
-                result.epoch_losses[-1],
-                epoch_images / epoch_seconds,
-                epoch_seconds,
+                record.loss,
+                record.images_per_second,
+                record.seconds,
             )
+            if on_epoch is not None and distributed.is_main():
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    on_epoch(record)
+                model.train()
     return result

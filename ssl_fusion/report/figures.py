@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -12,18 +13,50 @@ from ssl_fusion.report.results import CONTEXT, context_heading, contexts, regime
 from ssl_fusion.store.files import atomic_write_bytes
 
 LINE_STYLES = ("-", "--", ":", "-.")
+LABEL_CHAR_INCHES = 0.07  # about the width of a character of an 8-point tick label
+PLOT_INCHES = 5.0  # the paired-differences plot beside its row labels
 MARKERS = ("o", "s", "^", "D")
 
 
 def save_figure(figure, path: Path) -> None:
-    """Render the PNG in memory and write it atomically: a reader never sees half a plot."""
+    """Lay the figure out with its titles fitted (``fit_titles``), render the PNG in memory and write it atomically:
+    a reader never sees half a plot."""
     import matplotlib.pyplot as plt
 
-    figure.tight_layout()
+    fit_titles(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def fit_titles(figure, rounds: int = 4) -> None:
+    """Lay ``figure`` out (``tight_layout``) with each axes' title wrapped onto as many lines as it needs to lie
+    inside the figure: a title is centred on its axes, and long tick labels leave the axes narrower than the figure.
+    The layout is made without titles first (a title wider than the figure defeats it), then each title is wrapped
+    to the room its axes' centre leaves, measured on the renderer, and laid out again until all fit."""
+    titled = [(axis, axis.title.get_text()) for axis in figure.axes if axis.title.get_text()]
+    for axis, _ in titled:
+        axis.title.set_text("")
+    figure.tight_layout()
+    for axis, text in titled:
+        axis.title.set_text(text)
+    for _ in range(rounds):
+        figure.tight_layout()
+        too_wide = [(axis, text) for axis, text in titled if title_room(figure, axis) < 0]
+        if not too_wide:
+            return
+        for axis, text in too_wide:
+            box, lines = axis.title.get_window_extent(), axis.title.get_text().split("\n")
+            longest = max(len(line) for line in lines)
+            room = box.width + title_room(figure, axis)
+            axis.title.set_text(textwrap.fill(text, max(8, int(longest * room / box.width) - 1)))
+
+
+def title_room(figure, axis) -> float:
+    """Pixels to spare on the tighter side of ``axis``'s title within the figure (negative: it sticks out)."""
+    box, frame = axis.title.get_window_extent(), figure.bbox
+    return 2 * min(box.x0 - frame.x0, frame.x1 - box.x1)
 
 
 def plot_accuracy(stats: pd.DataFrame, path: Path, split: str = "test") -> None:
@@ -97,7 +130,8 @@ def plot_accuracy_vs_labels(stats: pd.DataFrame, path: Path, split: str) -> None
 
 def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     """Heatmap of mean pretext weight per class for the first weighted method (smallest regime) of the first
-    (dataset, encoder, encoder seed) combination. False if none."""
+    (dataset, encoder, encoder seed) combination, a row per class named as the results name it (in the order of their
+    ``classes``). False if none."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,10 +149,12 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
     method = sorted(chosen["method"].unique())[0]
     per_class = [pd.DataFrame(r).T for r in chosen[chosen["method"] == method]["pretext_weights_per_class"]]
     mean = sum(per_class) / len(per_class)
+    named = chosen["classes"].iloc[0]  # the dataset's class names, in class order (the context is one dataset)
+    mean = mean.loc[[c for c in named if c in mean.index] + [c for c in mean.index if c not in named]]
     figure, axes = plt.subplots(figsize=(1.2 * mean.shape[1] + 3, 0.4 * mean.shape[0] + 2))
     image = axes.imshow(mean.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     axes.set_xticks(range(mean.shape[1]), mean.columns)
-    axes.set_yticks(range(mean.shape[0]), [f"class {c}" for c in mean.index])
+    axes.set_yticks(range(mean.shape[0]), mean.index)
     where = f" ({context_heading(context)})" if len(contexts(results)) > 1 else ""
     axes.set_title(f"{method}, {regime} labels{where}: mean weight per class", fontsize=9)
     figure.colorbar(image)
@@ -127,8 +163,14 @@ def plot_pretext_weights(results: pd.DataFrame, path: Path) -> bool:
 
 
 def plot_paired_differences(table: pd.DataFrame, path) -> None:
+    """``paired_figure`` of ``table``, written to ``path``."""
+    save_figure(paired_figure(table), path)
+
+
+def paired_figure(table: pd.DataFrame):
     """One panel per reference: each method's mean paired difference with its 95% interval, sorted, a line at 0;
-    primary comparisons (``role``) drawn with their Holm-adjusted interval, as squares, and named so."""
+    primary comparisons (``role``) drawn with their Holm-adjusted interval, as squares, and named so. The figure is
+    as wide as its longest row label needs, beside a plot of ``PLOT_INCHES``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,24 +185,28 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
         low=table["holm_low"].where(primary, table["low"]) if primary.any() else table["low"],
         high=table["holm_high"].where(primary, table["high"]) if primary.any() else table["high"],
     )
-    sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
-    figure, axes = plt.subplots(
-        len(references),
-        1,
-        figsize=(9, 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
-        squeeze=False,
-        gridspec_kw={"height_ratios": sizes},
-    )
-    for axis, reference in zip(axes[:, 0], references):
-        part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
-        labels = [
+    table = table.assign(
+        label=[
             m
             + (f" @ {r}" if regimes else "")
             + (f", {d}" if several else "")
             + f" (n={n})"
             + (", primary, Holm" if p else "")
-            for m, r, d, n, p in zip(*(part[c] for c in ("method", "regime", "dataset", "pairs", "primary")))
+            for m, r, d, n, p in zip(*(table[c] for c in ("method", "regime", "dataset", "pairs", "primary")))
         ]
+    )
+    sizes = [int((table["reference"].str.split(" \\(").str[0] == r).sum()) for r in references]
+    label_inches = LABEL_CHAR_INCHES * max(len(label) for label in table["label"])
+    figure, axes = plt.subplots(
+        len(references),
+        1,
+        figsize=(max(9.0, label_inches + PLOT_INCHES), 1.2 + 0.32 * sum(sizes) + 0.6 * len(references)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": sizes},
+    )
+    for axis, reference in zip(axes[:, 0], references):
+        part = table[table["reference"].str.split(" \\(").str[0] == reference].sort_values("difference")
+        labels = part["label"].tolist()
         # the difference is rounded, its bounds are not: a zero-width interval may lie a rounding off the dot
         low = (part["difference"] - part["low"]).fillna(0).clip(lower=0)
         high = (part["high"] - part["difference"]).fillna(0).clip(lower=0)
@@ -187,4 +233,4 @@ def plot_paired_differences(table: pd.DataFrame, path) -> None:
             fontsize=9,
         )
         axis.set_xlabel("accuracy points")
-    save_figure(figure, path)
+    return figure

@@ -13,6 +13,8 @@
   Holm-adjusted and the rest marked exploratory, and ``paired_differences.png``;
 - a negative-transfer table: each method with and without an added control pretext
   (``random``, ``noise``) and the difference;
+- a per-class table (``per_class.py``): each method's accuracy on each class, the classes named as the dataset
+  names them, and ``per_class_accuracy.csv``, where results kept their predictions;
 - ``accuracy_vs_labels.png`` (with one label regime: the methods sorted by accuracy) and, where attention-like
   heads ran, ``pretext_weights.png`` (mean weight per class and pretext), drawn by ``figures.py``;
 - ``results_long.csv``: one row per result (``LONG_COLUMNS``), for statistics done elsewhere.
@@ -45,6 +47,7 @@ from ssl_fusion.report.paired import (
     parse_primaries,
     shown,
 )
+from ssl_fusion.report.per_class import per_class_section
 from ssl_fusion.report.results import (
     CONTEXT,
     FLAGS,
@@ -276,6 +279,7 @@ def split_report(
             + "\n"
         )
         atomic_write_text(out_dir / f"{prefix}negative_transfer_paired.csv", costs.to_csv(index=False))
+    markdown += per_class_section(results, out_dir, prefix)
     plot_accuracy(per_encoder_seed if pooled.empty else pooled, out_dir / f"{prefix}accuracy_vs_labels.png", split)
     if plot_pretext_weights(results, out_dir / f"{prefix}pretext_weights.png"):
         markdown += f"\n![pretext weights]({prefix}pretext_weights.png)\n"
@@ -314,8 +318,8 @@ def long_results(results: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
 
 # the files a report writes only when it has something to put in them (each split's, prefixed by its name)
 OPTIONAL_OUTPUTS = re.compile(
-    r"(dev\S*_)?(paired_differences\.(csv|png)|negative_transfer(_paired)?\.csv|pretext_weights\.png"
-    r"|accuracy_vs_labels\.png)"
+    r"(dev\S*_)?(paired_differences\.(csv|png)|negative_transfer(_paired)?\.csv|per_class_accuracy\.csv"
+    r"|pretext_weights\.png|accuracy_vs_labels\.png)"
 )
 
 
@@ -419,13 +423,25 @@ def print_table(table: pd.DataFrame, title: str) -> None:
         Console().print(view)
 
 
+USAGE = (
+    "usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
+    "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json files)"
+)
+HELP = f"""{USAGE}
+
+Aggregates every results.json under <folder> into report.md, report.csv, results_long.csv and the plots, written
+into <folder>.
+
+options:
+  --reference=a,b,...     the methods each method is paired with (default: concat, select[by=val] and best-single,
+                          those that ran)
+  --primary=m:r[,m:r...]  comparisons (method:reference) Holm-adjusted as one family; may repeat; the other rows
+                          are exploratory
+  -h, --help              show this help and exit"""
+
+
 def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Primary]]:
     """``<folder> [--reference=a,b,...] [--primary=method:reference,...]`` (``--primary`` may repeat)."""
-    usage = (
-        "usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
-        "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json "
-        "files)"
-    )
     folders = [arg for arg in argv if not arg.startswith("-")]
     options = [arg for arg in argv if arg.startswith("-")]
     references, primaries = None, []
@@ -437,15 +453,18 @@ def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Prima
             try:
                 primaries += parse_primaries(value)
             except ValueError as err:
-                raise UserError(f"report: --primary: {err}; {usage}") from None
+                raise UserError(f"report: --primary: {err}; {USAGE}") from None
         else:
-            raise UserError(usage)
+            raise UserError(USAGE)
     if len(folders) != 1 or references == []:
-        raise UserError(usage)
+        raise UserError(USAGE)
     return Path(folders[0]), references, primaries
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(HELP)
+        return
     folder, references, primaries = parse_arguments(argv)
     table, md_path, csv_path = write_report(folder, references=references, primaries=primaries)
     split = "" if table.index.names[0] == "split" else "test "

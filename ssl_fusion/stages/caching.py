@@ -19,7 +19,7 @@ from ssl_fusion.config import CacheConfig
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
 from ssl_fusion.data.convert import converter, describe
 from ssl_fusion.evaluation.probe import encode_batches
-from ssl_fusion.models.external import ExternalEncoderConfig, build_external, conversion
+from ssl_fusion.models.external import ExternalEncoderConfig, build_external, conversion, weights_source
 from ssl_fusion.pretexts import PRETEXTS, Pretext
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.device import prepare_model
@@ -273,6 +273,7 @@ def ensure_external_features(
             "external": {
                 **dataclasses.asdict(cfg),
                 "format": found,
+                "source": weights_source(cfg, ctx.store),
                 "conversion": conversion(cfg, ctx.data.channels, ctx.data.image_size),
             }
         }

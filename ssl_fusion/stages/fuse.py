@@ -61,7 +61,8 @@ def evaluate_method(
     if method.needs_images:
         return method(fusion).evaluate(ctx, labels_cfg, seed, evaluation).in_context(run_context(ctx))
     with head_threads(ctx.overrides.num_threads):
-        return fuse_result(features(), fusion, labels_cfg, seed, evaluation).in_context(run_context(ctx))
+        result = fuse_result(features(), fusion, labels_cfg, seed, evaluation, ctx.data.classes)
+        return result.in_context(run_context(ctx))
 
 
 def check_evaluation(node: Any) -> EvaluationConfig:

@@ -1,10 +1,12 @@
-"""``sslfuse pretrain``: train one encoder on a pretext task and store it with a kNN probe in its manifest."""
+"""``sslfuse pretrain``: train one encoder on a pretext task and store it with a kNN probe in its manifest, its
+per-epoch history (loss, throughput, probes every ``probe.every_epochs``) and a plot of that history beside it."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,7 +22,7 @@ from ssl_fusion.evaluation.probe import (
 )
 from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
-from ssl_fusion.pretexts.trainer import TrainResult, train_pretext, write_failure
+from ssl_fusion.pretexts.trainer import EpochRecord, TrainResult, train_pretext, write_failure
 from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.determinism import refuse_nondeterministic
 from ssl_fusion.runtime.device import prepare_model
@@ -30,6 +32,8 @@ from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.store.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
 
 log = logging.getLogger("sslfuse")
+
+CURVE = "pretraining_curve.png"  # beside the encoder's manifest: its loss and probes per epoch
 
 
 def probe_encoder(
@@ -52,7 +56,42 @@ def probe_encoder(
     }
 
 
-def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[Encoder, TrainResult]:
+@dataclass
+class History:
+    """An encoder's per-epoch history, gathered through the trainer's ``on_epoch`` hook: each trained epoch's record
+    and, after every ``probe.every_epochs``-th epoch but the last (probed once trained), the probe scores then."""
+
+    probe: ProbeConfig
+    entries: list[dict] = field(default_factory=list)
+
+    def hook(
+        self, ctx: StageContext, encoder: Encoder, pretext_cls: type[Pretext], epochs: int
+    ) -> Callable[[EpochRecord], None]:
+        every = 0 if pretext_cls.ignores_images else self.probe.every_epochs
+
+        def on_epoch(record: EpochRecord) -> None:
+            entry = asdict(record)
+            if every and record.epoch % every == 0 and record.epoch < epochs:
+                entry.update(probe_encoder(ctx, encoder, self.probe, pretext_cls.encoder_input))
+                log.info("after epoch %d: %s", record.epoch, probe_summary(entry))
+            self.entries.append(entry)
+
+        return on_epoch
+
+    def manifest(self, epoch_losses: list[float], final_probes: dict[str, Optional[float]]) -> list[dict]:
+        """One entry per epoch: the loss, the throughput and time of the epochs trained by this run (not those a
+        resumed run finished before), the probe scores where measured, the final ones on the last epoch."""
+        trained = {entry["epoch"]: entry for entry in self.entries}
+        entries = [trained.get(epoch, {"epoch": epoch, "loss": loss}) for epoch, loss in enumerate(epoch_losses, 1)]
+        if entries and final_probes["knn_accuracy"] is not None:
+            entries[-1] = {**entries[-1], **final_probes}
+        return entries
+
+
+def train_encoder(
+    ctx: StageContext, recipe: PretextConfig, name: str, history: Optional[History] = None
+) -> tuple[Encoder, TrainResult]:
+    """Build and pretrain the encoder of ``recipe``; ``history``, if given, gathers its epochs."""
     pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
     recipe = pretext_cls.adapt(recipe, ctx.data)
     pretext_cls.check(recipe, ctx.data)
@@ -78,6 +117,7 @@ def train_encoder(ctx: StageContext, recipe: PretextConfig, name: str) -> tuple[
         ctx.overrides.num_workers,
         ctx.overrides.checkpoint_every_minutes,
         ctx.overrides.checkpoint_every_steps,
+        None if history is None else history.hook(ctx, encoder, pretext_cls, recipe.epochs),
     )
     return encoder, result
 
@@ -96,9 +136,10 @@ def ensure_encoder(ctx: StageContext, recipe: PretextConfig, probe: ProbeConfig)
             return name, manifest, True
         log.info("pretraining encoder %s", name)
         started = time.perf_counter()
-        encoder, result = train_encoder(ctx, recipe, name)
+        history = History(probe)
+        encoder, result = train_encoder(ctx, recipe, name, history)
         if distributed.is_main():
-            manifest = publish_encoder(ctx, recipe, probe, name, encoder, result, started)
+            manifest = publish_encoder(ctx, recipe, probe, name, encoder, result, history, started)
     return name, distributed.broadcast(manifest), False
 
 
@@ -109,9 +150,11 @@ def publish_encoder(
     name: str,
     encoder: Encoder,
     result: TrainResult,
+    history: History,
     started: float,
 ) -> dict:
-    """Probe the trained encoder, store it with its manifest and drop its checkpoint; returns the manifest."""
+    """Probe the trained encoder, store it with its manifest and the plot of its history, and drop its checkpoint;
+    returns the manifest."""
     pretext_cls: type[Pretext] = PRETEXTS.get(recipe.name).impl
     if pretext_cls.ignores_images:
         probes = {"knn_accuracy": None, "linear_accuracy": None}
@@ -120,8 +163,11 @@ def publish_encoder(
         log.info(
             "encoder %s: kNN probe %.4f, linear probe %.4f", name, probes["knn_accuracy"], probes["linear_accuracy"]
         )
+    epochs = history.manifest(result.epoch_losses, probes)
     with ctx.store.staging(ENCODERS_KIND, name) as scratch:
         save_weights(encoder, scratch / "encoder.pt", ctx.store.root / ENCODERS_KIND)
+        if epochs:
+            save_curve(epochs, name, scratch / CURVE)
         manifest = ctx.store.publish(
             ENCODERS_KIND,
             name,
@@ -145,6 +191,7 @@ def publish_encoder(
                 "metrics": {
                     "epoch_losses": result.epoch_losses,
                     "final_loss": (result.epoch_losses or [None])[-1],
+                    "history": epochs,
                     **probes,
                     "probe": as_plain(probe),
                 },
@@ -175,6 +222,15 @@ def save_weights(encoder: Encoder, path: Path, store: Path) -> None:
             torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, handle)
     except OSError as err:
         raise UserError(write_failure("the encoder", store, err)) from None
+
+
+def save_curve(epochs: list[dict], name: str, path: Path) -> None:
+    """The plot of the history at ``path``. Its module is imported here: plotting shapes no encoder, so the report
+    layer stays out of the code an encoder's key hashes and out of the stages' imports."""
+    from ssl_fusion.report.curves import plot_pretraining
+    from ssl_fusion.report.figures import save_figure
+
+    save_figure(plot_pretraining(epochs, name), path)
 
 
 def probe_summary(metrics: dict) -> str:

@@ -27,9 +27,9 @@ from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.models.encoders import ENCODERS, Encoder, EncoderConfig, build_encoder
 from ssl_fusion.models.external import (
     ExternalEncoderConfig,
-    checkpoint_sha256,
     pretrained_source,
     resolve_input,
+    weights_source,
 )
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
 from ssl_fusion.runtime.errors import UserError
@@ -43,6 +43,7 @@ class StageData(Protocol):
     dataset_cfg: DatasetConfig
     encoder_cfg: EncoderConfig
     seed: int
+    store: ArtifactStore
 
     @property
     def fingerprints(self) -> dict[str, str]: ...
@@ -192,10 +193,11 @@ def features_artifact(ctx: StageData, encoder_name: str) -> str:
 
 
 def external_features_artifact(ctx: StageData, name: str, cfg: ExternalEncoderConfig) -> str:
-    """The features of an encoder made elsewhere: keyed by its architecture, its checkpoint's content (not its
-    path), the input conversion, the data and the code that builds and runs it."""
+    """The features of an encoder made elsewhere: keyed by its architecture, the content of its weights file (the
+    checkpoint's or the hub's, not its path), the input conversion, the data and the code that builds and runs it."""
     cfg = resolve_input(cfg, pretrained_source(cfg.arch, dataclasses.asdict(cfg)))  # a no-op on a checked config
-    encoder = {**dataclasses.asdict(cfg), "checkpoint": checkpoint_sha256(cfg)}
+    source = weights_source(cfg, ctx.store)
+    encoder = {**dataclasses.asdict(cfg), "checkpoint": None if source is None else source["sha256"]}
     code = sources_sha256(cache_sources(ctx.dataset_cfg.name))
     return (
         f"{name}-{content_key({'stage': 'cache external', 'code': code, 'encoder': encoder, 'data': ctx.fingerprints})}"

@@ -26,6 +26,9 @@ from ssl_fusion import __version__
 from ssl_fusion.runtime.errors import UserError
 
 MANIFEST = "manifest.json"
+# Content hashes of files outside the store (checkpoints, hub weights) by resolved path, with the size and mtime of the
+# version hashed: an unchanged file is not read again.
+FILE_HASHES = "file_hashes.json"
 STAGING = ".staging-"
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -93,6 +96,30 @@ class ArtifactStore:
                 "a name is one folder of the store"
             )
         return self.root / kind / name
+
+    def file_hash(self, path: str | Path) -> str:
+        """The sha256 of a file outside the store, read once per version (resolved path, size, mtime_ns) and kept in
+        ``FILE_HASHES``. Concurrent writers may drop each other's new entries: those files are only read again."""
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        version = [stat.st_size, stat.st_mtime_ns]
+        hashes = self._file_hashes()
+        kept = hashes.get(str(resolved))
+        if isinstance(kept, dict) and kept.get("version") == version and isinstance(kept.get("sha256"), str):
+            return kept["sha256"]
+        digest = file_sha256(resolved)
+        hashes[str(resolved)] = {"version": version, "sha256": digest}
+        with contextlib.suppress(OSError, UserError):  # a read-only store or a full disk: the hash is not kept
+            atomic_write_json(self.root / FILE_HASHES, hashes)
+        return digest
+
+    def _file_hashes(self) -> dict[str, Any]:
+        """The kept file hashes; none when the file is absent or not a JSON object (it is rewritten whole)."""
+        try:
+            hashes = json.loads((self.root / FILE_HASHES).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        return hashes if isinstance(hashes, dict) else {}
 
     def manifest(self, kind: str, name: str) -> Optional[dict[str, Any]]:
         """The manifest of a complete artifact after checking that it lists its files and their hashes; else None."""

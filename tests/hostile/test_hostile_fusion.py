@@ -163,10 +163,12 @@ def test_the_stage_path_refuses_label_ids_it_cannot_use_as_class_indices(train_l
         fuse_once(feature_sets(train_labels, test_labels), load_option(FUSIONS, "concat"), LABELS, 0)
 
 
-def test_fuse_once_reports_the_class_ids():
+def test_fuse_once_names_the_classes_by_their_ids_unless_given_names():
     labels = torch.arange(200) % 4
     cfg = dataclasses.replace(load_option(FUSIONS, "concat"), steps=20, eval_every=10)
-    assert fuse_once(feature_sets(labels, labels[:40]), cfg, LABELS, 0)["classes"] == [0, 1, 2, 3]
+    assert fuse_once(feature_sets(labels, labels[:40]), cfg, LABELS, 0)["classes"] == ["0", "1", "2", "3"]
+    named = fuse_once(feature_sets(labels, labels[:40]), cfg, LABELS, 0, classes=["cat", "dog", "owl", "emu"])
+    assert named["classes"] == ["cat", "dog", "owl", "emu"]
 
 
 # Item 12: seeds out of range and option names with path characters.
