@@ -309,8 +309,8 @@ def row(stage: str, batch: int, ours: dict, bare: dict) -> dict:
 
     return {
         "stage": stage,
-        "sslfuse_img_s": round(ours["images_per_second"], 1),
-        "bare_img_s": round(bare["images_per_second"], 1),
+        "sslfuse_img_s": round(ours["images_per_second"], 2),
+        "bare_img_s": round(bare["images_per_second"], 2),
         "ratio": round(ours["images_per_second"] / bare["images_per_second"], 3),
         "sslfuse_steps_s": round(ours["images_per_second"] / batch, 2),
         "bare_steps_s": round(bare["images_per_second"] / batch, 2),
