@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
+import os
 import sys
+from typing import NoReturn, Sequence
 
 from ssl_fusion import __version__
 from ssl_fusion.runtime.errors import UserError
@@ -37,10 +40,13 @@ def one_line(text: str) -> str:
     return folded
 
 
-def allowed_keys(stage: str, full_key: str, choices: list[str], kind: object = None) -> str:
+def allowed_keys(
+    stage: str, full_key: str, choices: list[str], kind: object = None, searched: Sequence[str] = ()
+) -> str:
     """'; allowed keys under X: ...' for an unknown key, from the stage's config with only the user's ``choices`` of
-    config groups (``study=smoke``: a group without a default must be chosen); for a key of an item of a typed list,
-    whose ``full_key`` OmegaConf gives without the list, the fields of the item's type ``kind``."""
+    config groups (``study=smoke``: a group without a default must be chosen; ``searched``: the search path override
+    where they are); for a key of an item of a typed list, whose ``full_key`` OmegaConf gives without the list, the
+    fields of the item's type ``kind``."""
     import dataclasses
 
     from hydra import compose
@@ -52,7 +58,7 @@ def allowed_keys(stage: str, full_key: str, choices: list[str], kind: object = N
     parent = full_key.rpartition(".")[0]
     groups = [o for o in choices if "." not in o.partition("=")[0] and (CONF_DIR / o.partition("=")[0]).is_dir()]
     try:
-        node = compose(config_name=stage, overrides=groups)
+        node = compose(config_name=stage, overrides=[*groups, *searched])
     except HydraException:
         return ""
     node = OmegaConf.select(node, parent) if parent else node
@@ -79,13 +85,15 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 def group_choice_problem(overrides: list[str]) -> str | None:
     """An option of a config group given as a path (``pretext=../preset/smoke``), which Hydra would read as the
-    option, in one line listing the group's options."""
+    option, in one line listing the group's options (a dict or list set on a key of the group's name is no option)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from ssl_fusion.config import CONF_DIR
     from ssl_fusion.runtime.registry import check_plain_name, is_plain_name
 
-    for override in overrides:
-        group, _, name = override.lstrip("+~").partition("=")
-        if is_plain_name(group) and (CONF_DIR / group).is_dir():
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group, name = override.key_or_group, override.value()
+        if isinstance(name, str) and is_plain_name(group) and (CONF_DIR / group).is_dir():
             try:
                 check_plain_name(group, name, sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")))
             except UserError as err:
@@ -93,13 +101,44 @@ def group_choice_problem(overrides: list[str]) -> str | None:
     return None
 
 
+# Hydra's flags that show something instead of running (it composes or answers them itself), and those that choose
+# another primary config: the stage's config is not composed before them
+NOT_COMPOSED = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name", "experimental_rerun")
+
+
+def hydra_flags(args: list[str]) -> argparse.Namespace:
+    """``args`` read by Hydra's own parser of its flags and overrides; what it refuses (a flag among the overrides)
+    in one line."""
+    from hydra._internal.utils import get_args_parser
+
+    def refuse(message: str) -> NoReturn:
+        raise UserError(f"{message} (Hydra's flags, such as --config-dir, go before or after the key=value overrides)")
+
+    parser = get_args_parser()
+    parser.error = refuse
+    return parser.parse_args(args)
+
+
+def search_path(config_dir: str | None, overrides: list[str]) -> list[str]:
+    """What Hydra adds to the stage's search path: ``--config-dir`` (which must exist), then ``hydra.searchpath``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folders = []
+    if config_dir is not None:
+        folder = os.path.abspath(config_dir)
+        if not os.path.isdir(folder):
+            raise UserError(f"--config-dir: no folder '{folder}'")
+        folders.append(f"file://{folder}")
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.get_key_element() == "hydra.searchpath" and isinstance(override.value(), list):
+            folders += override.value()
+    return folders
+
+
 def composition_problem(stage: str, args: list[str]) -> str | None:
-    """Compose the stage's config with the user's overrides the way Hydra will, and describe a failure in
-    one line (a misspelled key, a wrong type, an unknown option); with ``-m``, every swept value is checked.
-    Other flags are left to Hydra."""
-    multirun = {"-m", "--multirun"}
-    if any(arg.startswith("-") and arg not in multirun for arg in args):
-        return None
+    """Compose the stage's config with the user's overrides the way Hydra will (with the folders ``--config-dir`` and
+    ``hydra.searchpath`` add), and describe a failure in one line (a misspelled key, a wrong type, an unknown option);
+    with ``-m``, every swept value is checked. Hydra's flags that show something are left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import (
@@ -109,15 +148,25 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
     )
 
     from ssl_fusion.config import CONF_DIR
+    from ssl_fusion.runtime.search_path import searchpath_override
 
-    overrides = [arg for arg in args if arg not in multirun and not arg.lstrip("+~").startswith("hydra.")]
+    try:
+        flags = hydra_flags(args)
+    except UserError as err:
+        return str(err)
+    if any(getattr(flags, flag) for flag in NOT_COMPOSED):
+        return None
+    overrides = [arg for arg in flags.overrides if not arg.lstrip("+~").startswith("hydra.")]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name=stage):
         try:
-            for job in sweep_jobs(overrides) if multirun & set(args) else [overrides]:
+            searched = searchpath_override(search_path(flags.config_dir, flags.overrides))
+            for job in sweep_jobs(overrides) if flags.multirun else [overrides]:
                 problem = group_choice_problem(job)
                 if problem:
                     return problem
-                compose(config_name=stage, overrides=job)
+                compose(config_name=stage, overrides=[*job, *searched])
+        except UserError as err:
+            return str(err)
         except (HydraException, OmegaConfBaseException) as err:
             cause = err.__cause__
             if cause is None:
@@ -127,7 +176,7 @@ def composition_problem(stage: str, args: list[str]) -> str | None:
                 + f" ({one_line(str(cause).split('full_key')[0])})"
             )
             if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
-                message += allowed_keys(stage, cause.full_key, job, getattr(cause, "object_type", None))
+                message += allowed_keys(stage, cause.full_key, job, getattr(cause, "object_type", None), searched)
             return message
     return None
 

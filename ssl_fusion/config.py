@@ -24,8 +24,10 @@ from ssl_fusion.models.external import ExternalEncoderConfig, external_config
 from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, optional, within
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
+from ssl_fusion.runtime.search_path import group_options, load_group_option
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXTERNAL_GROUP = "external"  # <group>/<name>.yaml on Hydra's search path declares the external encoder <name>
 DEFAULT_PRETEXTS = ["rotation", "simclr", "random"]
 # Seeds are scaled before they seed a generator (e.g. ``seed * 100003 * 4099`` per epoch and rank in pretraining):
 # within this bound every derived seed stays inside torch's 64-bit range.
@@ -308,39 +310,80 @@ def check_replica(key: str, name: str, registry: Registry, also: list[str]) -> N
 
 
 def check_names(
-    key: str, names: list[str], registry: Registry, also: Iterable[str] = (), replicas: bool = False
+    key: str,
+    names: list[str],
+    registry: Registry,
+    also: Iterable[str] = (),
+    replicas: bool = False,
+    files: Iterable[str] = (),
 ) -> list[str]:
     """A non-empty list of distinct names, each an option of ``registry`` or one of ``also`` (names the user gave), or
-    with ``replicas`` a replica ``<option>@<k>`` of an option (``check_replica``)."""
+    with ``replicas`` a replica ``<option>@<k>`` of an option (``check_replica``). An unknown name is refused listing
+    the options, ``also`` and the external encoder ``files`` found (``external_files``)."""
     if not names:
         raise UserError(f"{key} is empty; give at least one of: {', '.join(registry.names())}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"{key} lists {', '.join(repeated)} more than once")
-    also = list(also)
+    also, files = list(also), list(files)
     for name in names:
         if replicas and REPLICA_MARK in name and name not in also:
             check_replica(key, name, registry, also)
         elif name not in also and name not in registry.names():
             imported = f"; imported: {', '.join(also)}" if also else ""
+            found = f"; external files ({EXTERNAL_GROUP}/<name>.yaml): {', '.join(files)}" if files else ""
             raise UserError(
                 f"unknown {registry.kind} '{name}' in {key}; valid {registry.kind}s: "
-                f"{', '.join(registry.names())}{imported}"
+                f"{', '.join(registry.names())}{imported}{found}"
             )
     return list(names)
 
 
-def check_external(node: Any, registry: Registry) -> dict[str, ExternalEncoderConfig]:
-    """The ``external`` encoders (``+external.<name>.arch=... [+external.<name>.checkpoint=...]``) as typed configs,
-    each under a name no built-in pretext has; a one-line UserError naming the key otherwise."""
-    external = {
-        name: external_config(name, OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec)
-        for name, spec in node.items()
+def external_files() -> list[str]:
+    """The names of the external encoders declared by files ``external/<name>.yaml`` on the running stage's config
+    search path: the package's ``conf/external/``, then the user's ``--config-dir`` and ``hydra.searchpath`` folders
+    (Hydra takes a name from the first folder that has it)."""
+    return group_options(EXTERNAL_GROUP)
+
+
+def external_declarations(node: Any, registry: Registry, names: Iterable[str] = ()) -> dict[str, Any]:
+    """The keys of each external encoder, as written (what a study passes to its run jobs), each checked by
+    ``external_config`` with a one-line refusal naming the file and the key: those under ``node``
+    (``+external.<name>.<key>=...``), over the keys of the file ``external/<name>.yaml`` (``external_files``) where
+    there is one, and those of ``names`` (``pretexts`` entries) that only a file declares. A name both a built-in
+    pretext and declared is refused in one line: it would be unclear which encoder it means."""
+    given = {
+        str(name): OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec for name, spec in node.items()
     }
-    clashes = sorted(set(external) & set(registry.names()))
+    clashes = sorted(set(given) & set(registry.names()))
     if clashes:
         raise UserError(f"external.{clashes[0]}: the name of a built-in pretext; give the encoder another name")
-    return external
+    files = external_files()
+    clashes = sorted(set(names) & set(files) & set(registry.names()))
+    if clashes:
+        raise UserError(
+            f"'{clashes[0]}' is a built-in pretext and the name of the file {EXTERNAL_GROUP}/{clashes[0]}.yaml on the "
+            "config search path; rename the file to use the encoder it declares"
+        )
+    declared = {}
+    for name in [*given, *(name for name in names if name in files and name not in given)]:
+        spec, where = given.get(name, {}), ""
+        if name in files and isinstance(spec, dict):
+            spec = {**load_group_option(EXTERNAL_GROUP, name), **spec}
+            where = f"{EXTERNAL_GROUP}/{name}.yaml{f' with the external.{name} keys' if name in given else ''}: "
+        try:
+            external_config(name, spec)
+        except UserError as err:
+            raise UserError(f"{where}{err}") from None
+        declared[name] = spec
+    return declared
+
+
+def check_external(node: Any, registry: Registry, names: Iterable[str] = ()) -> dict[str, ExternalEncoderConfig]:
+    """The external encoders (``external_declarations``: ``+external.<name>.arch=...`` keys, files
+    ``external/<name>.yaml``) as typed configs, each under a name no built-in pretext has; a one-line UserError naming
+    the key, and the file, otherwise."""
+    return {name: external_config(name, spec) for name, spec in external_declarations(node, registry, names).items()}
 
 
 def check_imported(node: Any, registry: Registry) -> dict[str, ImportedFeatures]:

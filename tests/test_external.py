@@ -227,3 +227,19 @@ def test_a_real_timm_model_takes_its_pretrained_input():
     assert cfg.mean == [0.5] * 3  # not ImageNet's
     encoder, _ = build_external(ExternalEncoderConfig("timm:resnet18", mean=[0.1, 0.2, 0.3]), 1)
     assert encoder.image_size == 224 and encoder.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_random_external_weights_are_the_same_in_every_build_and_leave_the_callers_generator_alone():
+    """The key of an encoder without checkpoint or hub weights holds no weights, so every build must draw the same
+    ones: two builds (with the caller's generator at different states between them) have equal tensors, and the
+    caller's next draw is the one it would have made without the builds."""
+    cfg = external_config("r18", {"arch": "torchvision:resnet18"})
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first, _ = build_external(cfg, 3)
+    assert torch.equal(torch.rand(3), expected_draw)
+    torch.manual_seed(7)
+    second, _ = build_external(cfg, 3)
+    first_state, second_state = first.state_dict(), second.state_dict()
+    assert all(torch.equal(first_state[name], second_state[name]) for name in first_state)

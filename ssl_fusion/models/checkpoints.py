@@ -28,6 +28,7 @@ from ssl_fusion.runtime.errors import UserError
 Tensor = torch.Tensor
 State = dict[str, Tensor]
 ARCH_HINT = "name it torchvision:<model> (e.g. torchvision:resnet50) or timm:<model> (e.g. timm:vit_small_patch16_224)"
+RANDOM_WEIGHTS_SEED = 0  # an external encoder without checkpoint or hub weights: torch's seed for its initialisation
 CLASSIFIERS = ("fc", "classifier", "heads", "head", "last_linear")  # where models keep their classification layer
 # (marker of the backbone's keys, format, projector/classifier of that project to drop after stripping the marker)
 WRAPPED_BACKBONES = (
@@ -354,9 +355,13 @@ def load_external_encoder(
     weights: HubWeights | None = None,
 ) -> tuple[nn.Module, int, str]:
     """The backbone ``arch`` with the weights of ``checkpoint``, or the hub ``weights`` (random weights when neither)
-    in eval mode, its feature width and the weights' recognised format."""
+    in eval mode, its feature width and the weights' recognised format. Random weights are drawn from torch's
+    generator seeded with ``RANDOM_WEIGHTS_SEED`` (the caller's stream untouched), so the features' key, which holds
+    no weights then, names the same weights in every store."""
     assert checkpoint is None or weights is None, "a checkpoint or hub weights, not both"
-    model, width = build_backbone(arch, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model, width = build_backbone(arch, weights)
     found = "random weights" if weights is None else f"{weights.hub} weights"
     if checkpoint is not None:
         state, found = backbone_state(read_checkpoint(checkpoint), prefix, which)

@@ -42,9 +42,22 @@ def run_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
+def search_path_arguments() -> list[str]:
+    """This run's own config folders as arguments of another command, to go last: its ``hydra.searchpath`` and
+    ``--config-dir`` (where files such as ``external/<name>.yaml`` are found)."""
+    hydra_config = HydraConfig.get()
+    folders = [
+        f"--config-dir={source.path}"
+        for source in hydra_config.runtime.config_sources
+        if source.provider == "command-line"
+    ]
+    return [*(o for o in hydra_config.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath=")), *folders]
+
+
 def user_overrides(drop: tuple[str, ...], rename: dict[str, str] | None = None) -> list[str]:
     """This run's command-line overrides without the keys in ``drop`` and with keys renamed as in
-    ``rename``: the arguments for a suggested command of another stage."""
+    ``rename``, then its config folders (``search_path_arguments``): the arguments for a suggested command of another
+    stage."""
     kept = []
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.partition("=")
@@ -52,4 +65,4 @@ def user_overrides(drop: tuple[str, ...], rename: dict[str, str] | None = None) 
         if bare.startswith(("hydra.", *drop)):
             continue
         kept.append(f"{key[: len(key) - len(bare)]}{(rename or {}).get(bare, bare)}={value}")
-    return kept
+    return [*kept, *search_path_arguments()]

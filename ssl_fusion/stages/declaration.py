@@ -22,10 +22,11 @@ from omegaconf import MISSING, OmegaConf
 from ssl_fusion.config import (
     LabelsConfig,
     check_entries,
-    check_external,
     check_imported,
     check_names,
     check_seed,
+    external_declarations,
+    external_files,
     split_entry,
 )
 from ssl_fusion.data.datasets import DATASETS
@@ -77,7 +78,8 @@ class StudyConfig(Checked):
     encoder: str = "small_cnn"  # an option of conf/encoder
     pretexts: List[str] = MISSING  # pretexts, or names of the ``external`` encoders or ``imported`` features
     controls: List[str] = field(default_factory=list)  # control pretexts (random, noise) every head fuses as well
-    external: Dict[str, Any] = field(default_factory=dict)  # <name>: {arch: ..., checkpoint: ...}, as in run
+    # <name>: {arch: ..., checkpoint: ...}, as in run; a name in pretexts that external/<name>.yaml declares needs none
+    external: Dict[str, Any] = field(default_factory=dict)
     imported: Dict[str, Any] = field(default_factory=dict)  # <name>: {train: <file>, test: <file>}, as in run
     encoder_seeds: List[int] = MISSING  # pretraining runs
     label_seeds: List[int] = MISSING  # labeled subsets, the same for every encoder seed (crossed)
@@ -296,16 +298,22 @@ def check_claims(
 
 
 def check_input_set(
-    name: str, config: InputSetConfig, study: StudyConfig, sources: list[str], taken: list[Inputs]
+    name: str,
+    config: InputSetConfig,
+    study: StudyConfig,
+    sources: list[str],
+    taken: list[Inputs],
+    files: list[str],
 ) -> Inputs:
-    """An input set besides main, checked: a plain name, known pretexts that are not controls, heads that each fuse
+    """An input set besides main, checked: a plain name, known pretexts (``sources``: the declared ones; ``files``: the
+    external encoder files, listed when a name is unknown) that are not controls, heads that each fuse
     the set's pretexts in one head (not once per pretext, not over the images), and inputs no other set has."""
     key = f"study.input_sets.{name}"
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name == MAIN:
         raise UserError(
             f"{key}: a set is named by a word of letters, digits, _ and - that is not '{MAIN}' (the study's pretexts)"
         )
-    check_names(f"{key}.pretexts", config.pretexts, PRETEXTS, sources, replicas=True)
+    check_names(f"{key}.pretexts", config.pretexts, PRETEXTS, sources, replicas=True, files=files)
     both = sorted(set(config.pretexts) & set(study.controls))
     if both:
         raise UserError(f"{key}.pretexts: {both[0]} is a control, which every set fuses already; list it once")
@@ -337,8 +345,14 @@ def check_study(node: Any) -> Plan:
         if getattr(study, key):
             check_names(f"study.{key}", getattr(study, key), DATASETS)
     check_names("study.encoder", [study.encoder], ENCODERS)
-    imported, external = check_imported(node.imported, PRETEXTS), check_external(node.external, PRETEXTS)
-    pretexts = check_names("study.pretexts", study.pretexts, PRETEXTS, [*imported, *external], replicas=True)
+    imported = check_imported(node.imported, PRETEXTS)
+    listed = [*study.pretexts, *(name for config in study.input_sets.values() for name in config.pretexts)]
+    external = external_declarations(node.external, PRETEXTS, [name for name in listed if name not in imported])
+    study = dataclasses.replace(study, external=external)  # the run jobs get each file's keys: they need no search path
+    files = external_files()
+    pretexts = check_names(
+        "study.pretexts", study.pretexts, PRETEXTS, [*imported, *external], replicas=True, files=files
+    )
     if study.controls:
         check_names("study.controls", study.controls, PRETEXTS, replicas=True)
         both = sorted(set(study.controls) & set(pretexts))
@@ -364,7 +378,7 @@ def check_study(node: Any) -> Plan:
     fused = [*pretexts, *study.controls]
     inputs = [Inputs(MAIN, fused, fusions, expected_results(fusions, fused, study.head_overrides))]
     for name, config in study.input_sets.items():
-        inputs.append(check_input_set(name, config, study, [*imported, *external], inputs))
+        inputs.append(check_input_set(name, config, study, [*imported, *external], inputs, files))
     regimes = [regime_of(regime) for regime in study.regimes]
     if len(set(regimes)) != len(regimes):
         raise UserError(f"study.regimes: {', '.join(regimes)} names a regime twice")

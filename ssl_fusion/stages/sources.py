@@ -1,5 +1,5 @@
 """Where the features a head reads come from: sslfuse's own pretext encoders, encoders made elsewhere
-(``+external.<name>``) and arrays made elsewhere (``+imported.<name>``).
+(``+external.<name>`` keys or a file ``external/<name>.yaml``) and arrays made elsewhere (``+imported.<name>``).
 
 Each kind of source says what it supports and how its features are checked, made and loaded; the stages loop over
 the sources and never ask which kind one is. A new kind is a ``FeatureSource`` subclass here; one the config
@@ -22,6 +22,7 @@ from ssl_fusion.config import (
     check_imported,
     check_names,
     check_seed,
+    external_files,
     replica_of,
     replica_seed,
 )
@@ -201,9 +202,16 @@ class Declared(FeatureSource):
     def declared(cls, node: Any) -> dict[str, FeatureSource]:
         """The sources of this kind under ``node`` (the config's ``key``), each checked."""
 
+    @classmethod
+    def listed(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+        """The sources of this kind for a stage whose ``pretexts`` has the undeclared entries ``names``: those
+        ``declared`` under ``node``; a kind that files may declare also those of ``names`` it finds a file of."""
+        return cls.declared(node)
+
 
 class External(Declared):
-    """An encoder made elsewhere (``+external.<name>.arch=...``), run by one process on the converted images."""
+    """An encoder made elsewhere (``+external.<name>.arch=...`` or ``external/<name>.yaml``), run by one process on
+    the converted images."""
 
     key = "external"
     no_views = "the external encoder '{name}' has no augmented views; {verb} it without cache.views"
@@ -214,7 +222,12 @@ class External(Declared):
 
     @classmethod
     def declared(cls, node: Any) -> dict[str, FeatureSource]:
-        return {name: cls(name, cfg) for name, cfg in check_external(node, PRETEXTS).items()}
+        return cls.listed(node, [])
+
+    @classmethod
+    def listed(cls, node: Any, names: list[str]) -> dict[str, FeatureSource]:
+        """Those under ``node`` and those of ``names`` that a file ``external/<name>.yaml`` declares."""
+        return {name: cls(name, cfg) for name, cfg in check_external(node, PRETEXTS, names).items()}
 
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
         _, _, cached = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size)
@@ -264,10 +277,12 @@ DECLARED: tuple[type[Declared], ...] = (Imported, External)
 
 
 def declared_sources(cfg: DictConfig) -> dict[str, FeatureSource]:
-    """The sources declared under the config's keys of ``DECLARED`` (a stage without a key declares none of it)."""
+    """The sources declared under the config's keys of ``DECLARED`` (a stage without a key declares none of it), and
+    the entries of its ``pretexts`` that a file declares."""
     declared: dict[str, FeatureSource] = {}
     for kind in DECLARED:
-        for name, source in kind.declared(cfg.get(kind.key) or {}).items():
+        names = [name for name in cfg.pretexts if name not in declared]
+        for name, source in kind.listed(cfg.get(kind.key) or {}, names).items():
             declared.setdefault(name, source)
     return declared
 
@@ -279,7 +294,7 @@ def sources_named(
 ) -> list[FeatureSource]:
     """The sources of ``names``, checked (``check_names`` under ``key``): a declared one, else sslfuse's own pretext
     or a replica of it."""
-    checked = check_names(key, list(names), PRETEXTS, declared, replicas=True)
+    checked = check_names(key, list(names), PRETEXTS, declared, replicas=True, files=external_files())
     return [declared.get(name) or OwnPretext(name) for name in checked]
 
 

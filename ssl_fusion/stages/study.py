@@ -72,7 +72,8 @@ def hydra_value(value: Any) -> str:
 
 def cell_overrides(plan: Plan, cell: Cell, inputs: Inputs) -> list[str]:
     """The overrides of every run job of ``cell`` over ``inputs``, as the study declares them (the settings its
-    results depend on)."""
+    results depend on): the keys of its external encoders too, those a file declares among them, so that a changed
+    file gets a folder of its own. ``++`` sets the dicts, which are empty in the run's config."""
     study, regime = plan.study, cell.regime
     return [
         f"dataset={cell.dataset}",
@@ -82,8 +83,8 @@ def cell_overrides(plan: Plan, cell: Cell, inputs: Inputs) -> list[str]:
         f"labels.fraction={hydra_value(regime.fraction)}",
         f"labels.per_class={hydra_value(regime.per_class)}",
         f"labels.indices_file={hydra_value(regime.indices_file)}",
-        *([f"external={hydra_value(study.external)}"] if study.external else []),
-        *([f"imported={hydra_value(study.imported)}"] if study.imported else []),
+        *([f"++external={hydra_value(study.external)}"] if study.external else []),
+        *([f"++imported={hydra_value(study.imported)}"] if study.imported else []),
         *([f"head_overrides={hydra_value(study.head_overrides)}"] if study.head_overrides else []),
         *study.overrides,
     ]
