@@ -23,6 +23,7 @@ from ssl_fusion.data.datasets import (
 )
 from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
+from ssl_fusion.runtime.determinism import set_deterministic
 from ssl_fusion.runtime.device import resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.tracking import Tracker
@@ -94,8 +95,7 @@ def open_context(
     OmegaConf.to_object(cfg.probe)  # refuses a probe option out of range before any work
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")

@@ -24,6 +24,7 @@ from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 from ssl_fusion.pretexts.trainer import EpochRecord, TrainResult, train_pretext, write_failure
 from ssl_fusion.runtime import distributed
+from ssl_fusion.runtime.determinism import refuse_nondeterministic
 from ssl_fusion.runtime.device import prepare_model
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import stage_app
@@ -98,7 +99,9 @@ def train_encoder(
     torch.manual_seed(ctx.seed)
     encoder = build_encoder(ctx.encoder_cfg, ctx.data.channels)
     encoder.set_statistics(ctx.data.train_images, pretext_cls.encoder_input)
-    model = prepare_model(pretext_cls(recipe, encoder), ctx.device)
+    pretext = pretext_cls(recipe, encoder)
+    refuse_nondeterministic(pretext, ctx.device, f"pretext {recipe.name}")
+    model = prepare_model(pretext, ctx.device)
     if not pretext_cls.trains:
         return encoder, TrainResult()
     checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
