@@ -257,7 +257,7 @@ def train_pretext(
             result.resumed_at_epoch,
             result.resumed_at_step,
         )
-    distributed.prepare_training(model, device, type(model).sync_batchnorm)
+    loss_of = distributed.prepare_training(model, device, type(model).sync_batchnorm)
     model.train()
     clock = CheckpointClock(checkpoint_every_minutes, checkpoint_every_steps)
 
@@ -300,10 +300,9 @@ def train_pretext(
                 index = order[step * local_batch : (step + 1) * local_batch]
                 batch = batch.to(device, non_blocking=True).float().div_(255)
                 with autocast(device, dtype):
-                    loss = model.loss(batch, labels[index].to(device, non_blocking=True))
+                    loss = loss_of(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                distributed.average_gradients(model)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
