@@ -46,6 +46,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def processes() -> int:
+    """How many processes run this stage: the process group's size, or before it exists (when a stage reads its
+    config) the number torchrun started; 1 without torchrun."""
+    return world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -149,7 +155,7 @@ def local_batch_size(batch_size: int) -> int:
     if batch_size % world_size():
         raise UserError(
             f"batch size {batch_size} does not split evenly over {world_size()} processes; "
-            f"set train.batch_size to a multiple of {world_size()}"
+            f"set train.batch_size to a multiple of {world_size()}, or train.batch_size_per_device instead"
         )
     return batch_size // world_size()
 
