@@ -24,12 +24,13 @@ def encode_batches(
     transform: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     num_workers: int = 0,
+    keep_on_device: bool = False,
 ) -> None:
-    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result, on
-    ``device`` in the dtype the encoder gave (the caller copies it off the device as it needs).
+    """Run the frozen encoder over uint8 images in batches; ``on_batch(start, features)`` gets each result.
     ``transform(start, batch)``, if given, changes each batch (floats in [0, 1], on ``device``) before encoding;
     ``encoder_input(batch)``, if given, then turns it into what the encoder was trained on (a pretext's
-    ``encoder_input``). Images on disk (a dataset) are decoded by ``num_workers`` DataLoader workers."""
+    ``encoder_input``). Images on disk (a dataset) are decoded by ``num_workers`` DataLoader workers. The features
+    are fp32, in host memory unless ``keep_on_device``."""
     encoder.eval()
     start = 0
     for batch in uint8_batches(images, batch_size, device.type == "cuda", num_workers):
@@ -42,7 +43,7 @@ def encode_batches(
         batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             features = encoder(batch)
-        on_batch(start, features)
+        on_batch(start, features.float() if keep_on_device else features.float().cpu())
         start += size
 
 
@@ -57,7 +58,7 @@ def extract_features(
     out = torch.empty(len(images), encoder.out_dim)
 
     def keep(start: int, features: torch.Tensor) -> None:
-        out[start : start + len(features)] = features  # to the host, in float32
+        out[start : start + len(features)] = features
 
     encode_batches(encoder, images, batch_size, device, dtype, keep, encoder_input=encoder_input)
     return out

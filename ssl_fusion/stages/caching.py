@@ -161,6 +161,7 @@ def write_split(
                 None if convert is None else lambda _, batch: convert(batch),
                 pretext_cls.encoder_input,
                 num_workers,
+                keep_on_device=True,
             )
     out.flush()
     if distributed.is_main():
@@ -354,6 +355,7 @@ def write_views(
                     augment,
                     pretext_cls.encoder_input,
                     cache.num_workers,
+                    keep_on_device=True,
                 )
     out.flush()
 
