@@ -71,14 +71,14 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "torch"
 
 
-def write_torchvision_weights(torch_home: Path, seed: int) -> Path:
+def write_torchvision_weights(torch_home: Path, seed: int, model: str = TORCHVISION) -> Path:
     """Random weights of the torchvision model under the name its ``IMAGENET1K_V1`` URL gives, in the torch hub cache.
     The name carries a hash prefix: torch checks it only on a download, not on a cached file."""
-    weights = torchvision.models.get_model_weights(TORCHVISION).IMAGENET1K_V1
+    weights = torchvision.models.get_model_weights(model).IMAGENET1K_V1
     path = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    torch.save(torchvision.models.get_model(TORCHVISION, weights=None).state_dict(), path)
+    torch.save(torchvision.models.get_model(model, weights=None).state_dict(), path)
     return path
 
 
