@@ -7,6 +7,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from omegaconf import MISSING, OmegaConf
 from ssl_fusion.data.imported import ImportedFeatures
 from ssl_fusion.data.splits import EvaluationConfig, labeled_subset, subset_fields
 from ssl_fusion.models.external import ExternalEncoderConfig, external_config
-from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, optional, within
+from ssl_fusion.runtime.checks import Checked, Rule, above, at_least, one_of, optional, within
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
 from ssl_fusion.runtime.search_path import group_options, load_group_option
@@ -37,6 +38,10 @@ SEED_KEYS = ("seed", "encoder_seed", "seeds", "encoder_seeds")
 # encoder_seed + REPLICA_SEED_STRIDE * k (a stride above any seed list's length, so replicas and encoder_seeds differ)
 REPLICA_SEED_STRIDE = 1000
 REPLICA_MARK = "@"
+# How a recipe's learning rate follows a global batch B other than its own batch b: x sqrt(B / b), the rule for Adam
+# (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient algorithms"; the trainer's AdamW), x B / b
+# (Goyal et al. 2017, for SGD), or unchanged
+LR_SCALING = {"sqrt": math.sqrt, "linear": lambda ratio: ratio, "none": lambda ratio: 1.0}
 
 
 @dataclass
@@ -46,7 +51,11 @@ class TrainOverrides(Checked):
     section: ClassVar[str] = "train"
     epochs: Optional[int] = None
     epochs_scale: Optional[float] = None  # multiplies each recipe's epochs (preset=full uses it)
-    batch_size: Optional[int] = None
+    batch_size: Optional[int] = None  # the global batch: split over torchrun's processes
+    # the batch of each torchrun process (null: none; the global batch is train.batch_size or the recipe's): the
+    # global batch is this times the number of processes, so more processes train an epoch in fewer steps
+    batch_size_per_device: Optional[int] = None
+    lr_scaling: str = "sqrt"  # how pretext.lr follows a global batch other than pretext.batch_size (LR_SCALING)
     max_steps_per_epoch: Optional[int] = None
     num_threads: Optional[int] = None
     num_workers: int = 2  # DataLoader processes that decode an image folder's batches while pretraining
@@ -64,9 +73,26 @@ class TrainOverrides(Checked):
         )
         return {
             **{key: optional(above(0)) for key in positive},
+            "batch_size_per_device": Rule(
+                lambda value: value is None or (self.batch_size is None and value > 0),
+                "> 0 with train.batch_size null (give one of the two), or null",
+                0,
+            ),
+            "lr_scaling": one_of(LR_SCALING),
             "num_workers": at_least(0),
             "checkpoint_every_minutes": optional(at_least(0, " (0 or null: at epoch ends only)")),
         }
+
+    def global_batch(self, recipe_batch: int, processes: int) -> int:
+        """The batch of one optimiser step over all ``processes``: ``batch_size_per_device`` times their number where
+        set, else ``batch_size``, else the recipe's."""
+        if self.batch_size_per_device is not None:
+            return self.batch_size_per_device * processes
+        return recipe_batch if self.batch_size is None else self.batch_size
+
+    def scaled_lr(self, recipe_lr: float, recipe_batch: int, global_batch: int) -> float:
+        """The recipe's learning rate (meant for its own batch) for ``global_batch``, by the rule ``lr_scaling``."""
+        return recipe_lr * LR_SCALING[self.lr_scaling](global_batch / recipe_batch)
 
 
 @dataclass

@@ -44,17 +44,17 @@ def build_model(name: str) -> torch.nn.Module:
 
 def first_step(name: str) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and parameter gradients of the first training step on the global batch, as the trainer
-    computes them: the seeded epoch order, this rank's share of it, synced BatchNorm, averaged gradients."""
+    computes them: the seeded epoch order, this rank's share of it, synced BatchNorm and, under a process
+    group, the loss through DistributedDataParallel, which averages the gradients over ranks."""
     torch.set_num_threads(1)
     images = torch.rand(N_IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     model = build_model(name)
     local = distributed.local_order(epoch_order(N_IMAGES, seed=0, epoch=0))[
         : distributed.local_batch_size(GLOBAL_BATCH)
     ]
-    distributed.prepare_training(model, torch.device("cpu"), type(model).sync_batchnorm)
-    loss = model.loss(images[local], torch.zeros(len(local)))
+    loss_of = distributed.prepare_training(model, torch.device("cpu"), type(model).sync_batchnorm)
+    loss = loss_of(images[local], torch.zeros(len(local)))
     loss.backward()
-    distributed.average_gradients(model)
     return float(loss.detach()), {key: p.grad.clone() for key, p in model.named_parameters()}
 
 

@@ -7,9 +7,10 @@ written atomically after every epoch and, within an epoch, every ``checkpoint_ev
 seeded order, to exactly the weights of an uninterrupted run. A checkpoint that cannot be read or that another run
 wrote is refused in one line naming the folder to delete.
 
-Under torchrun (see ``ssl_fusion.runtime.distributed``) the recipe's batch size is the global batch: every
-rank draws the same seeded epoch order, takes every world_size-th sample of it and trains through
-DistributedDataParallel; only rank 0 writes checkpoints and shows progress.
+Under torchrun (see ``ssl_fusion.runtime.distributed``) the recipe's batch size is the global batch (which
+``train.batch_size_per_device`` makes grow with the number of processes, see ``TrainOverrides``): every rank draws
+the same seeded epoch order, takes every world_size-th sample of it and trains through DistributedDataParallel; only
+rank 0 writes checkpoints and shows progress.
 
 An ``on_epoch`` hook sees each finished epoch (an ``EpochRecord``) on rank 0, for logging or probing the encoder; it
 cannot change the training: it runs with torch's RNG states (CPU, and the training device's) forked, and the model is
@@ -59,6 +60,7 @@ class TrainResult:
     images_seen: int = 0
     resumed_at_epoch: int = 0
     resumed_at_step: int = 0  # steps of epoch ``resumed_at_epoch`` done before the resume
+    batch_per_process: int = 0  # each process's share of the global batch (the whole batch in one process)
 
     @property
     def images_per_second(self) -> float:
@@ -243,7 +245,7 @@ def train_pretext(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = grad_scaler(device, dtype)
     run = {"pretext": recipe.name, "seed": seed, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
-    result = TrainResult()
+    result = TrainResult(batch_per_process=local_batch)
     first_step, carried_loss = 0, torch.zeros(())
     if checkpoint.is_file():
         resumed = load_checkpoint(checkpoint, run, model, optimizer, scheduler, scaler)
@@ -257,7 +259,7 @@ def train_pretext(
             result.resumed_at_epoch,
             result.resumed_at_step,
         )
-    distributed.prepare_training(model, device, type(model).sync_batchnorm)
+    loss_of = distributed.prepare_training(model, device, type(model).sync_batchnorm)
     model.train()
     clock = CheckpointClock(checkpoint_every_minutes, checkpoint_every_steps)
 
@@ -300,10 +302,9 @@ def train_pretext(
                 index = order[step * local_batch : (step + 1) * local_batch]
                 batch = batch.to(device, non_blocking=True).float().div_(255)
                 with autocast(device, dtype):
-                    loss = model.loss(batch, labels[index].to(device, non_blocking=True))
+                    loss = loss_of(batch, labels[index].to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                distributed.average_gradients(model)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from datetime import timedelta
 from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
@@ -22,6 +23,10 @@ from ssl_fusion.runtime.errors import UserError
 
 T = TypeVar("T")
 STAGES = ("pretrain", "cache")  # the stages that split their work across torchrun's processes
+# How long a rank waits at a collective for the others: rank 0 alone probes an encoder (kNN and linear probes after
+# pretraining, on the whole labeled set under preset=full) while the other ranks wait at their next step or barrier;
+# torch's default (10 minutes for NCCL) would end a run whose probe takes longer.
+GROUP_TIMEOUT = timedelta(minutes=60)
 
 
 def launched() -> bool:
@@ -39,6 +44,12 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def processes() -> int:
+    """How many processes run this stage: the process group's size, or before it exists (when a stage reads its
+    config) the number torchrun started; 1 without torchrun."""
+    return world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -66,9 +77,9 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=GROUP_TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
     if not is_main():
         logging.getLogger("sslfuse").setLevel(logging.WARNING)
     try:
@@ -144,7 +155,7 @@ def local_batch_size(batch_size: int) -> int:
     if batch_size % world_size():
         raise UserError(
             f"batch size {batch_size} does not split evenly over {world_size()} processes; "
-            f"set train.batch_size to a multiple of {world_size()}"
+            f"set train.batch_size to a multiple of {world_size()}, or train.batch_size_per_device instead"
         )
     return batch_size // world_size()
 
@@ -213,29 +224,33 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def average_gradients(model: nn.Module) -> None:
-    """Replace every parameter's gradient by its mean over ranks, in one flat all-reduce.
+class LossOf(nn.Module):
+    """A pretext's ``loss`` as a module's ``forward``: DistributedDataParallel readies its gradient hooks in the
+    wrapped module's forward, so the loss must be computed through it."""
 
-    This is the data-parallel step (what DistributedDataParallel's hooks do). It runs after the
-    backward pass rather than inside it: with the loss's own cross-rank collectives (the gathered
-    embeddings, the synced BatchNorm on gloo), DDP's in-backward reduction did not reproduce the
-    single-process gradients in tests/test_distributed.py, while this does."""
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(images, labels)
+
+
+def prepare_training(model: nn.Module, device: torch.device, sync_bn: bool) -> Callable[..., torch.Tensor]:
+    """The loss function to train ``model`` with: its own ``loss`` in one process. Under torchrun: BatchNorm synced
+    over the global batch when ``sync_bn`` (converted in place, so the state dict keeps its keys), and the loss
+    computed through DistributedDataParallel, which starts every rank from rank 0's parameters and buffers and
+    averages the gradients over ranks in buckets, each all-reduced as soon as the backward pass has filled it (on
+    GPUs this overlaps the backward pass). The optimizer and checkpoints keep using ``model`` itself.
+
+    Buffers are not broadcast at every step: synced BatchNorm keeps them equal, and otherwise rank 0's are those
+    saved, as in one process."""
     if not is_distributed():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(mean.view_as(grad))
-
-
-def prepare_training(model: nn.Module, device: torch.device, sync_bn: bool) -> None:
-    """Under torchrun: BatchNorm synced over the global batch when ``sync_bn`` (converted in place, so
-    the state dict keeps its keys) and every rank starting from rank 0's parameters and buffers."""
-    if not is_distributed():
-        return
+        return model.loss
     if sync_bn:
         sync_batchnorm(model, device)
-    for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+    return nn.parallel.DistributedDataParallel(
+        LossOf(model),
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+    )

@@ -180,6 +180,8 @@ def publish_encoder(
                     "seed": ctx.seed,
                     "dataset": ctx.dataset_cfg.name,
                     "max_steps_per_epoch": ctx.overrides.max_steps_per_epoch,
+                    "batch_size_per_device": ctx.overrides.batch_size_per_device,
+                    "lr_scaling": ctx.overrides.lr_scaling,
                     "uses_labels": pretext_cls.uses_labels,
                     "input": pretext_cls.encoder_input_kind,
                 },
@@ -208,6 +210,7 @@ def publish_encoder(
                     "precision": str(ctx.dtype).removeprefix("torch."),
                     "torch": torch.__version__,
                     "processes": distributed.world_size(),
+                    "batch_per_process": result.batch_per_process,
                 },
             },
         )

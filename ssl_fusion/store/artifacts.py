@@ -33,6 +33,7 @@ from ssl_fusion.models.external import (
     weights_source,
 )
 from ssl_fusion.pretexts import PRETEXTS, PretextConfig
+from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import MANIFEST, ArtifactStore, content_key
 
@@ -162,8 +163,13 @@ def sources_sha256(paths: tuple[Path, ...]) -> str:
 
 
 def with_overrides(recipe: PretextConfig, overrides: TrainOverrides) -> PretextConfig:
-    """Apply the stage-wide ``train.*`` overrides to a pretext's own recipe."""
-    changes = {key: getattr(overrides, key) for key in ("epochs", "batch_size") if getattr(overrides, key) is not None}
+    """Apply the stage-wide ``train.*`` overrides to a pretext's own recipe: its batch becomes the global batch over
+    this stage's processes, and its learning rate follows it by ``train.lr_scaling``. An encoder's key and manifest
+    hold the recipe so made."""
+    batch = overrides.global_batch(recipe.batch_size, distributed.processes())
+    changes = {"batch_size": batch, "lr": overrides.scaled_lr(recipe.lr, recipe.batch_size, batch)}
+    if overrides.epochs is not None:
+        changes["epochs"] = overrides.epochs
     if overrides.epochs_scale is not None and "epochs" not in changes:
         changes["epochs"] = round(recipe.epochs * overrides.epochs_scale)
     return dataclasses.replace(recipe, **changes)
