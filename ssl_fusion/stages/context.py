@@ -23,7 +23,7 @@ from ssl_fusion.data.datasets import (
 )
 from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
-from ssl_fusion.runtime.device import resolve_device, resolve_precision
+from ssl_fusion.runtime.device import configure_backends, resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.store.files import ArtifactStore
 
@@ -42,6 +42,7 @@ class StageContext:
     seed: int  # the pretraining seed of the encoders this stage makes or reads
     pretrain_dataset_cfg: Optional[DatasetConfig] = None  # None: encoders are pretrained on ``data``
     pretrain_data: Optional[ImageData] = None
+    backends: dict[str, bool] = dataclasses.field(default_factory=dict)  # ``configure_backends``'s flags
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -93,6 +94,7 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
+    backends = configure_backends(device, cfg.deterministic)
     encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")
     dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir, stream)
     log.info(
@@ -118,6 +120,7 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
         encoder_seed,
         pretrain_cfg,
         pretrain_data,
+        backends,
     )
 
 
