@@ -54,9 +54,8 @@ class TrainOverrides(Checked):
     num_workers: Optional[int] = None
     checkpoint_every_minutes: Optional[float] = 5.0  # also checkpoint within an epoch (0 or null: at epoch ends only)
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every this many steps (null: by time only)
-    compile: bool = (
-        False  # torch.compile the encoder for pretraining (in the encoder's key: its kernels round otherwise)
-    )
+    # torch.compile the encoder's forward for pretraining; in the encoder's key, since compiled kernels round otherwise
+    compile: bool = False
 
     def rules(self) -> dict[str, Rule]:
         positive = (

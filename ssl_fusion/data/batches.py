@@ -54,7 +54,8 @@ def auto_workers() -> int:
     """The default number of DataLoader workers: the CPUs this process may use shared among the processes torchrun
     started on this machine, at most ``MAX_AUTO_WORKERS``."""
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) // local_ranks)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux, others
+    return min(MAX_AUTO_WORKERS, cpus // local_ranks)
 
 
 class EpochBatches:

@@ -96,7 +96,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> dict[str, b
     key holds the device kind, which implies them): cuDNN autotuning (``cudnn.benchmark``: pretraining and caching
     run a few fixed shapes, so the fastest kernel found for each is reused; off under ``deterministic``, whose runs
     must pick the same kernels) and TF32 for fp32 matmuls and convolutions (Ampere and newer: fp32's range with a
-    10-bit mantissa, what bf16 autocast already accepts less of). The CPU is left as it is."""
+    10-bit mantissa, more than the 7 bits bf16 autocast already trains with). The CPU is left as it is."""
     if device.type != "cuda":
         return {"cudnn_benchmark": False, "tf32": False}
     torch.backends.cudnn.benchmark = not deterministic
