@@ -1,10 +1,18 @@
 #!/usr/bin/env python
-"""The CUDA check (run by scripts/gpu_check.sh): one SimCLR epoch of a ResNet-18 in bf16, caching its features and
+"""The CUDA check (run by scripts/gpu_check.sh): one rotation epoch of a ResNet-18 in bf16, caching its features and
 those of an external torchvision ResNet-50 at 224 px (random weights saved to a local checkpoint), a fuse of both,
-each through the `sslfuse` command in a fresh store; then each stage's images/s against a bare PyTorch loop on the
+each through the `sslfuse` command in a fresh store; then each stage's images/s against a plain PyTorch loop on the
 same model, batch and precision, measured in the same run (before and after sslfuse's pass; the faster counts).
 Then the host syncs per training step of each pretext, counted by torch's sync debug mode.
 Prints one Markdown table and writes it (and JSON) to --out.
+
+The plain loops are what a user would write: the training one is its own forward, cross-entropy, backward and
+optimiser step over the whole training set held on the GPU (the rotation recipe written out, not sslfuse's pretext),
+so the ratio shows sslfuse's overheads. Every timed region is closed by ``torch.cuda.synchronize`` (CUDA runs
+kernels asynchronously: an unsynchronised timer measures their launches), the loops keep their outputs (a checksum
+of every loss and feature), and they warm up on full batches first. Host syncs per step are counted with torch's
+sync debug mode, as the difference between 2n and n steps (what a run does once cancels out); peak memory is
+``torch.cuda.max_memory_allocated`` of the loop, or of the whole `sslfuse` command.
 
     .venv/bin/python scripts/gpu_check.py --device cuda --out outputs/gpu_check
     .venv/bin/python scripts/gpu_check.py --device cpu --out /tmp/gpu_check     # tiny sizes: a dry run of the code
@@ -22,23 +30,23 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py and external_throughput.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # external_throughput.py beside this file
 
-from bench import bare_inference, bare_training  # noqa: E402
-from external_throughput import (  # noqa: E402
-    bare_images_per_second,
-    cached_images_per_second,
-    external_overrides,
-)
+from external_throughput import external_overrides  # noqa: E402
 
 from ssl_fusion.config import TrainOverrides, load_option  # noqa: E402
-from ssl_fusion.data.datasets import load_dataset  # noqa: E402
-from ssl_fusion.models.encoders import ENCODERS, build_encoder  # noqa: E402
+from ssl_fusion.data.datasets import ImageData, load_dataset  # noqa: E402
+from ssl_fusion.models.encoders import ENCODERS, EncoderConfig, build_encoder  # noqa: E402
+from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig  # noqa: E402
 from ssl_fusion.pretexts import PRETEXTS  # noqa: E402
+from ssl_fusion.pretexts.trainer import train_pretext  # noqa: E402
 from ssl_fusion.runtime.device import (  # noqa: E402
     autocast,
     grad_scaler,
@@ -50,15 +58,20 @@ from ssl_fusion.runtime.errors import UserError  # noqa: E402
 from ssl_fusion.store.artifacts import pretext_recipe  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PRETEXT = "rotation"  # the pretext the check pretrains: its recipe is a few lines of plain PyTorch
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync debug mode warns at each host sync
+PEAK = "gpu_check: peak bytes"  # the line the wrapped `sslfuse` command ends with on stderr
 SIZES = {
-    # GPU: the whole of Fashion-MNIST (or 20,000 synthetic images), one full SimCLR epoch, ResNet-50 at 224 px
+    # GPU: the whole of Fashion-MNIST (or 20,000 synthetic images), one full rotation epoch, ResNet-50 at 224 px
     "cuda": {
         "train": 60000,
         "test": 10000,
         "synthetic": {"n_train": 20000, "n_test": 4000},
         "precision": "bf16",
         "train_overrides": {},
+        "warmup_steps": 5,
         "bare_steps": 40,
+        "sync_steps": 20,
         "size": 224,
         "external_batch": 256,
         "external_bare_images": 2048,
@@ -70,14 +83,193 @@ SIZES = {
         "test": 128,
         "synthetic": {"n_train": 256, "n_test": 128},
         "precision": "fp32",
-        "train_overrides": {"batch_size": 32, "max_steps_per_epoch": 2},
+        "train_overrides": {"batch_size": 16, "max_steps_per_epoch": 2},
+        "warmup_steps": 1,
         "bare_steps": 2,
+        "sync_steps": 1,
         "size": 32,
         "external_batch": 32,
         "external_bare_images": 64,
         "per_class": 10,
     },
 }
+
+# `python -m ssl_fusion.cli <args>` that reports, when it ends, the peak of the GPU memory its tensors took
+CLI_WITH_PEAK = "\n".join(
+    [
+        "import atexit, runpy, sys, torch",
+        "def peak():",
+        "    if torch.cuda.is_initialized():",
+        f"        print('{PEAK}', torch.cuda.max_memory_allocated(), file=sys.stderr)",
+        "atexit.register(peak)",
+        "runpy.run_module('ssl_fusion.cli', run_name='__main__', alter_sys=True)",
+    ]
+)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device``; the CPU's work is done when its call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Seconds of a block, the device's work in it included: synchronised when it starts and when it ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.started
+
+
+class SyncCount:
+    """The host syncs in a block on CUDA (``count``; None on the CPU, which has none to count): torch's sync debug
+    mode warns at each one, and the warnings are caught and counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled, self.count = device.type == "cuda", None
+
+    def __enter__(self) -> SyncCount:
+        if self.enabled:
+            self.catching = warnings.catch_warnings(record=True)
+            self.caught = self.catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+            self.catching.__exit__(*exc)
+            self.count = sum(SYNC_WARNING in str(warning.message) for warning in self.caught)
+
+
+def syncs_per_step(run: Callable[[int], None], steps: int, device: torch.device) -> Optional[float]:
+    """Host syncs of one step of ``run(n)`` (n steps): those of 2 ``steps`` less those of ``steps``, over ``steps``,
+    so that what a run does once (setting up, a checkpoint at the end) cancels out. None on the CPU."""
+    counts = []
+    for n in (steps, 2 * steps):
+        with SyncCount(device) as syncs:
+            run(n)
+        counts.append(syncs.count)
+    return None if counts[0] is None else (counts[1] - counts[0]) / steps
+
+
+def peak_bytes(device: torch.device) -> Optional[int]:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class PlainRotation(nn.Module):
+    """The rotation recipe as a user would write it: the encoder and a two-layer head, one sslfuse does not wrap."""
+
+    def __init__(self, encoder: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(encoder.out_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+
+    def loss(self, images: torch.Tensor, max_shift: float) -> torch.Tensor:
+        """Cross-entropy of the quarter turns of every image (floats in [0, 1]), shifted and mirrored first."""
+        n, device = images.shape[0], images.device
+        mirror = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        shift = (torch.rand(n, 2, device=device) * 2 - 1) * (2 * max_shift)  # affine_grid's [-1, 1] spans the size
+        zero, one = torch.zeros(n, device=device), torch.ones(n, device=device)
+        theta = torch.stack([torch.stack([mirror, zero, shift[:, 0]], 1), torch.stack([zero, one, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        x = F.grid_sample(images, grid, align_corners=False)
+        rotated = torch.cat([x.rot90(k, (2, 3)) for k in range(4)]).contiguous(memory_format=torch.channels_last)
+        turns = torch.arange(4, device=device).repeat_interleave(n)
+        return F.cross_entropy(self.head(self.encoder(rotated)).float(), turns)
+
+
+def plain_training(
+    images: torch.Tensor, encoder_cfg: EncoderConfig, recipe, sizes: dict, device: torch.device, dtype: torch.dtype
+) -> dict:
+    """images/s of a plain training loop (``PlainRotation``, AdamW) over ``images`` (uint8) held on the
+    device, after full-batch warm-up steps; its host syncs per step, peak memory, and the checksum of its losses."""
+    batch = min(recipe.batch_size, len(images))
+    torch.manual_seed(0)
+    model = PlainRotation(build_encoder(encoder_cfg, images.shape[1]), recipe.head_hidden)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    on_device = images.to(device)
+    batches = torch.randperm(len(images), device=device)[: len(images) // batch * batch].view(-1, batch)
+    checksum = torch.zeros((), device=device)
+
+    def run(steps: int) -> None:
+        nonlocal checksum
+        for step in range(steps):
+            x = on_device[batches[step % len(batches)]].float().div_(255)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model.loss(x, recipe.max_shift)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            checksum += loss.detach()
+
+    run(sizes["warmup_steps"])
+    reset_peak(device)
+    with Stopwatch(device) as timer:
+        run(sizes["bare_steps"])
+    measured = {
+        "images_per_second": sizes["bare_steps"] * batch / timer.seconds,
+        "peak_bytes": peak_bytes(device),
+    }
+    measured["syncs_per_step"] = syncs_per_step(run, sizes["sync_steps"], device)
+    return {**measured, "checksum": float(checksum)}
+
+
+def sslfuse_syncs_per_step(
+    data: ImageData, encoder_cfg: EncoderConfig, recipe, sizes: dict, device, dtype, workdir: Path
+) -> Optional[float]:
+    """Host syncs per step of sslfuse's pretraining loop and pretext (``train_pretext``), run in this process."""
+
+    def run(steps: int) -> None:
+        torch.manual_seed(0)
+        encoder = build_encoder(encoder_cfg, data.channels)
+        model = prepare_model(PRETEXTS.get(PRETEXT).impl(recipe, encoder), device)
+        checkpoint = workdir / f"syncs{steps}" / "last.pt"  # a fresh one: not resumed
+        train_pretext(model, data.train_images, data.train_labels, recipe, device, dtype, 0, checkpoint, steps)
+
+    return syncs_per_step(run, sizes["sync_steps"], device)
+
+
+def plain_inference(model: nn.Module, batches: list[torch.Tensor], device, dtype) -> dict:
+    """images/s of model(x) over input batches already on the device, after a full-batch warm-up; its peak memory
+    and the checksum of its features."""
+    model.eval()
+    checksum = torch.zeros((), device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        model(batches[0])
+        reset_peak(device)
+        with Stopwatch(device) as timer:
+            for batch in batches:
+                checksum += model(batch).float().sum()
+    images = sum(len(batch) for batch in batches)
+    return {
+        "images_per_second": images / timer.seconds,
+        "peak_bytes": peak_bytes(device),
+        "syncs_per_step": None,
+        "checksum": float(checksum),
+    }
+
+
+def faster(before: dict, after: dict) -> dict:
+    """The faster of the reference's two passes (before and after sslfuse's): drifting load cannot favour sslfuse."""
+    return max(before, after, key=lambda measured: measured["images_per_second"])
 
 
 def dataset_overrides(sizes: dict) -> tuple[list[str], dict]:
@@ -99,14 +291,16 @@ def dataset_overrides(sizes: dict) -> tuple[list[str], dict]:
     return overrides, node
 
 
-def sslfuse(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """`sslfuse <args>` in ``workdir`` (its store under outputs/artifacts there); its output shown if it fails."""
-    proc = subprocess.run([sys.executable, "-m", "ssl_fusion.cli", *args], cwd=workdir, capture_output=True, text=True)
+def sslfuse(workdir: Path, *args: str) -> Optional[int]:
+    """`sslfuse <args>` in ``workdir`` (its store under outputs/artifacts there); its output shown if it fails.
+    Returns the peak of the GPU memory its tensors took (None when it used no GPU)."""
+    proc = subprocess.run([sys.executable, "-c", CLI_WITH_PEAK, *args], cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(
             f"sslfuse {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    return proc
+    peaks = [line.split()[-1] for line in proc.stderr.splitlines() if line.startswith(PEAK)]
+    return int(peaks[-1]) if peaks else None
 
 
 def manifest(workdir: Path, kind: str, prefix: str) -> dict:
@@ -114,18 +308,31 @@ def manifest(workdir: Path, kind: str, prefix: str) -> dict:
     return json.loads(path.read_text())
 
 
-def row(stage: str, ours: float, bare: float) -> dict:
+def row(stage: str, batch: int, ours: dict, bare: dict) -> dict:
+    """One stage's figures: sslfuse's (``ours``: images/s, peak bytes, syncs per step) and the plain loop's; steps
+    of ``batch`` images a second for both."""
+
+    def rounded(value: Optional[float], digits: int = 1) -> Optional[float]:
+        return None if value is None else round(value, digits)
+
     return {
         "stage": stage,
-        "sslfuse_img_s": round(ours, 1),
-        "bare_img_s": round(bare, 1),
-        "ratio": round(ours / bare, 3),
+        "sslfuse_img_s": round(ours["images_per_second"], 2),
+        "bare_img_s": round(bare["images_per_second"], 2),
+        "ratio": round(ours["images_per_second"] / bare["images_per_second"], 3),
+        "sslfuse_steps_s": round(ours["images_per_second"] / batch, 2),
+        "bare_steps_s": round(bare["images_per_second"] / batch, 2),
+        "sslfuse_syncs_per_step": rounded(ours.get("syncs_per_step"), 2),
+        "bare_syncs_per_step": rounded(bare["syncs_per_step"], 2),
+        "sslfuse_peak_gib": rounded(ours["peak_bytes"] and ours["peak_bytes"] / 2**30, 2),
+        "bare_peak_gib": rounded(bare["peak_bytes"] and bare["peak_bytes"] / 2**30, 2),
+        "bare_checksum": bare["checksum"],
     }
 
 
 def host_syncs_per_step(data, encoder_cfg, device: torch.device, dtype: torch.dtype, steps: int = 3) -> dict:
-    """Synchronising CUDA calls per training step of each pretext that trains on ``data`` (``syncs_per_step``), a
-    ResNet-18 each; empty off CUDA."""
+    """Host syncs per training step (autocast, loss, backward, loss scaling, AdamW) of each pretext that trains on
+    ``data``, a ResNet-18 each, counted as ``syncs_per_step`` counts them; empty off CUDA."""
     if device.type != "cuda":
         return {}
     counts = {}
@@ -139,18 +346,14 @@ def host_syncs_per_step(data, encoder_cfg, device: torch.device, dtype: torch.dt
         except UserError:  # e.g. colorization on grayscale images
             continue
         torch.manual_seed(0)
-        model = prepare_model(pretext_cls(recipe, build_encoder(encoder_cfg, data.channels)), device)
-        counts[name] = syncs_per_step(
-            model, data, min(recipe.batch_size, len(data.train_labels) // (steps + 1)), recipe.lr, device, dtype, steps
-        )
+        model = prepare_model(pretext_cls(recipe, build_encoder(encoder_cfg, data.channels)), device).train()
+        batch = min(recipe.batch_size, len(data.train_labels) // (2 * steps + 1))
+        counts[name] = syncs_per_step(pretext_steps(model, data, batch, recipe.lr, device, dtype), steps, device)
     return counts
 
 
-def syncs_per_step(model, data, batch: int, lr: float, device: torch.device, dtype: torch.dtype, steps: int) -> float:
-    """Synchronising CUDA calls per training step as the trainer makes it (autocast, loss, backward, loss scaling,
-    AdamW), counted by torch's sync debug mode after a warm-up step; the trainer's own syncs (its loss log every 20
-    steps, checkpoints) are not in it."""
-    model.train()
+def pretext_steps(model, data, batch: int, lr: float, device: torch.device, dtype: torch.dtype):
+    """``run(n)``: n training steps of ``model`` as the trainer makes them, after one warm-up step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scaler = grad_scaler(device, dtype)
 
@@ -166,15 +369,19 @@ def syncs_per_step(model, data, batch: int, lr: float, device: torch.device, dty
 
     step(0)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for index in range(1, steps + 1):
-                step(index)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught) / steps
+    return lambda n: [step(1 + index) for index in range(n)]
+
+
+def table_line(r: dict) -> str:
+    def shown(value) -> str:
+        return "–" if value is None else f"{value:g}"
+
+    return (
+        f"| {r['stage']} | {r['sslfuse_img_s']:.1f} | {r['bare_img_s']:.1f} | {r['ratio']:.2f} "
+        f"| {r['sslfuse_steps_s']:g} / {r['bare_steps_s']:g} "
+        f"| {shown(r['sslfuse_syncs_per_step'])} / {shown(r['bare_syncs_per_step'])} "
+        f"| {shown(r['sslfuse_peak_gib'])} / {shown(r['bare_peak_gib'])} |"
+    )
 
 
 def check(device_name: str, out: Path) -> None:
@@ -191,74 +398,84 @@ def check(device_name: str, out: Path) -> None:
     ]
     _, data = load_dataset(node, None)
     encoder_cfg = load_option(ENCODERS, "resnet18")
-    recipe = pretext_recipe("simclr", TrainOverrides(**sizes["train_overrides"]))
+    recipe = pretext_recipe(PRETEXT, TrainOverrides(**sizes["train_overrides"]))
     rows, started = [], time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="sslfuse-gpu-check-"))
 
-    # (a) one SimCLR epoch of a ResNet-18, against forward + backward + step of the same model on the same batches
-    images, labels = data.train_images, data.train_labels
+    # (a) one rotation epoch of a ResNet-18, against a plain loop of the same model, recipe and batch
+    images = data.train_images
     batch = min(recipe.batch_size, len(images))
-    steps = min(sizes["bare_steps"], len(images) // batch)
-    torch.manual_seed(0)
-    reference = prepare_model(PRETEXTS.get("simclr").impl(recipe, build_encoder(encoder_cfg, data.channels)), device)
-    bare_training(reference, images, labels, batch, 2, recipe.lr, device, dtype)  # warm-up
-    before = bare_training(reference, images, labels, batch, steps, recipe.lr, device, dtype)
-    sslfuse(workdir, "pretrain", "pretext=simclr", *common, "hydra.run.dir=pretrain")
-    after = bare_training(reference, images, labels, batch, steps, recipe.lr, device, dtype)
-    rows.append(
-        row(
-            f"pretrain simclr (resnet18, batch {batch})",
-            manifest(workdir, "encoders", "simclr")["timings"]["images_per_second"],
-            max(before, after),
-        )
-    )
-    del reference
+    before = plain_training(images, encoder_cfg, recipe, sizes, device, dtype)
+    peak = sslfuse(workdir, "pretrain", f"pretext={PRETEXT}", *common, "hydra.run.dir=pretrain")
+    after = plain_training(images, encoder_cfg, recipe, sizes, device, dtype)
+    ours = {
+        "images_per_second": manifest(workdir, "encoders", PRETEXT)["timings"]["images_per_second"],
+        "peak_bytes": peak,
+        "syncs_per_step": sslfuse_syncs_per_step(data, encoder_cfg, recipe, sizes, device, dtype, workdir),
+    }
+    rows.append(row(f"pretrain {PRETEXT} (resnet18, batch {batch})", batch, ours, faster(before, after)))
 
-    # cache the ResNet-18's features, against model(x) over the same images in memory
+    # cache the ResNet-18's features, against model(x) over the same images on the device
     encoder = prepare_model(build_encoder(encoder_cfg, data.channels), device)
     every = torch.cat([data.train_images, data.test_images])
-    before = bare_inference(encoder, every, 1024, device, dtype)
-    sslfuse(workdir, "cache", "pretexts=[simclr]", *common, "cache.batch_size=1024", "hydra.run.dir=cache")
-    after = bare_inference(encoder, every, 1024, device, dtype)
+    batches = [
+        (every[i : i + 1024].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
+        for i in range(0, len(every), 1024)
+    ]
+    before = plain_inference(encoder, batches, device, dtype)
+    peak = sslfuse(workdir, "cache", f"pretexts=[{PRETEXT}]", *common, "cache.batch_size=1024", "hydra.run.dir=cache")
+    after = plain_inference(encoder, batches, device, dtype)
+    ours = {"images_per_second": manifest(workdir, "features", PRETEXT)["timings"]["images_per_second"]}
     rows.append(
-        row(
-            "cache simclr (resnet18, batch 1024)",
-            manifest(workdir, "features", "simclr")["timings"]["images_per_second"],
-            max(before, after),
-        )
+        row(f"cache {PRETEXT} (resnet18, batch 1024)", 1024, {**ours, "peak_bytes": peak}, faster(before, after))
     )
-    del encoder
+    del encoder, batches
 
     # (b) cache an external torchvision ResNet-50 at 224 px, against model(x) over images converted up front
     torch.manual_seed(0)
     resnet50 = torchvision.models.resnet50()
     torch.save(resnet50.state_dict(), workdir / "r50.pth")
-    resnet50.fc = torch.nn.Identity()
+    resnet50.fc = nn.Identity()
+    resnet50 = resnet50.to(device, memory_format=torch.channels_last)
+    size, batch = sizes["size"], sizes["external_batch"]
+    convert = ExternalEncoder(nn.Identity(), 0, ExternalEncoderConfig(arch="", image_size=size))
     subset = every[: sizes["external_bare_images"]]
-    batch = sizes["external_batch"]
-    before = bare_images_per_second(resnet50, subset, sizes["size"], batch, device, dtype)
-    ours = cached_images_per_second(
+    batches = [
+        convert(subset[i : i + batch].float() / 255).contiguous(memory_format=torch.channels_last).to(device)
+        for i in range(0, len(subset), batch)
+    ]
+    before = plain_inference(resnet50, batches, device, dtype)
+    peak = sslfuse(
         workdir,
-        workdir / "r50.pth",
-        sizes["train"],
-        sizes["test"],
-        sizes["size"],
-        [*common, f"cache.batch_size={batch}"],
+        "cache",
+        "pretexts=[r50]",
+        *external_overrides(workdir / "r50.pth", size),
+        *common,
+        f"cache.batch_size={batch}",
+        "hydra.run.dir=cache_r50",
     )
-    after = bare_images_per_second(resnet50, subset, sizes["size"], batch, device, dtype)
-    rows.append(row(f"cache external resnet50 at {sizes['size']} px (batch {batch})", ours, max(before, after)))
-    del resnet50
+    after = plain_inference(resnet50, batches, device, dtype)
+    ours = {"images_per_second": manifest(workdir, "features", "r50")["timings"]["images_per_second"]}
+    rows.append(
+        row(
+            f"cache external resnet50 at {size} px (batch {batch})",
+            batch,
+            {**ours, "peak_bytes": peak},
+            faster(before, after),
+        )
+    )
+    del resnet50, batches
 
     # (c) fuse both
     fuse_started = time.perf_counter()
     sslfuse(
         workdir,
         "fuse",
-        "pretexts=[simclr,r50]",
+        f"pretexts=[{PRETEXT},r50]",
         "fusion=concat",
         f"labels.per_class={sizes['per_class']}",
         *common,
-        *external_overrides(workdir / "r50.pth", sizes["size"]),
+        *external_overrides(workdir / "r50.pth", size),
         "hydra.run.dir=fuse",
     )
     fuse_seconds = time.perf_counter() - fuse_started
@@ -272,14 +489,13 @@ def check(device_name: str, out: Path) -> None:
         f"{len(data.train_labels)} train + {len(data.test_labels)} test images; {time.perf_counter() - started:.0f} "
         "s in all)",
         "",
-        "| stage | sslfuse img/s | bare loop img/s | ratio |",
-        "|---|--:|--:|--:|",
-    ]
-    lines += [f"| {r['stage']} | {r['sslfuse_img_s']:.1f} | {r['bare_img_s']:.1f} | {r['ratio']:.2f} |" for r in rows]
-    lines += [
+        "| stage | sslfuse img/s | plain loop img/s | ratio | steps/s (sslfuse / plain) "
+        "| host syncs per step (sslfuse / plain) | peak GiB (sslfuse command / plain) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+        *(table_line(r) for r in rows),
         "",
         f"fuse {fused['method']} at {fused['regime']} labels: {fuse_seconds:.1f} s for the command, "
-        f"test accuracy {100 * fused['test_accuracy']:.2f}% (heads read cached features: no bare image loop)",
+        f"test accuracy {100 * fused['test_accuracy']:.2f}% (heads read cached features: no plain image loop)",
         "",
         "host syncs per training step: "
         + (", ".join(f"{name} {count:g}" for name, count in syncs.items()) or "counted on CUDA only"),

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The check of one CUDA machine, offline, in under 5 minutes: one SimCLR epoch of a ResNet-18 in bf16 on Fashion-MNIST
+# The check of one CUDA machine, offline, in under 5 minutes: one rotation epoch of a ResNet-18 in bf16 on Fashion-MNIST
 # (Debian's files in /usr/share/datasets/fashion-mnist, else the synthetic dataset), caching its features and those
 # of an external torchvision ResNet-50 at 224 px (random weights saved to a local checkpoint), a fuse of both; then
-# each stage's images/s against a bare PyTorch loop on the same model and batch, measured in the same run. Prints one
-# Markdown table and writes it to $OUT (else outputs/gpu_check/) as gpu_check.md (and gpu_check.json).
+# each stage's images/s against a plain PyTorch loop on the same model and batch (synchronised timers, outputs kept,
+# full-batch warm-up), measured in the same run, with steps/s, host syncs per training step and peak GPU memory.
+# Prints one Markdown table and writes it to $OUT (else outputs/gpu_check/) as gpu_check.md (and gpu_check.json).
 #
 # Usage: scripts/gpu_check.sh
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh   # a dry run of the same code on tiny sizes, on the CPU

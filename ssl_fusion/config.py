@@ -1,6 +1,6 @@
 """Typed schemas of the stage configs, registered in Hydra's ConfigStore.
 
-The option groups (``dataset``, ``encoder``, ``pretext``, ``fusion``) are typed ``Any`` here because
+The option groups (``dataset``, ``encoder``, ``pretext``, ``fusion``, ``tracking``) are typed ``Any`` here because
 each option has a dataclass of its own; the stages check them with ``Registry.typed_config``
 before any work starts.
 """
@@ -140,6 +140,7 @@ class LabelsConfig(Checked):
 class CommonConfig:
     dataset: Any = MISSING
     encoder: Any = MISSING
+    tracking: Any = MISSING  # conf/tracking: none, or mlflow (ssl_fusion/runtime/tracking.py)
     artifacts_dir: str = "outputs/artifacts"
     data_dir: Optional[str] = None  # the downstream dataset's folder when dataset.data_dir is unset; only read
     device: str = "auto"

@@ -12,10 +12,11 @@ from ssl_fusion.data.datasets import DATASETS
 from ssl_fusion.models.encoders import ENCODERS
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.tracking import TRACKERS
 from ssl_fusion.stages import register_schemas  # noqa: F401  (registers the stage schemas)
 from ssl_fusion.stages.methods import METHODS
 
-REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": METHODS}
+REGISTRIES = {"dataset": DATASETS, "encoder": ENCODERS, "pretext": PRETEXTS, "fusion": METHODS, "tracking": TRACKERS}
 STAGES = ["pretrain", "cache", "fuse", "run"]
 
 

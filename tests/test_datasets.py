@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import needs_fashion_mnist
 from PIL import Image
 
 from ssl_fusion.config import ProbeConfig
-from ssl_fusion.data.datasets import load_dataset, sample_indices
+from ssl_fusion.data.datasets import DEFAULT_DATA_ROOT, load_dataset, sample_indices
+from ssl_fusion.data.datasets import torchvision_sets as tv_sets
 from ssl_fusion.models.encoders import SmallCNNConfig, build_encoder
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages.context import StageContext
@@ -47,6 +54,83 @@ def test_fashion_mnist_from_debian_files():
         "Bag",
         "Ankle boot",
     ]
+
+
+CHUNKS, CHUNK = 40, 64  # the stand-in's file: 40 images of 8x8 pixels, written one a 50 ms
+
+
+class SlowDownload:
+    """A torchvision dataset's stand-in: its download writes the file in 40 chunks over 2 s, as a network would, and
+    logs each download and each read of a part-written file to ``events.log`` beside it; without the file, or with
+    part of it, and no download, it raises torchvision's RuntimeError."""
+
+    def __init__(self, root: Path, train: bool, download: bool) -> None:
+        path, events = Path(root) / "stand_in.bin", Path(root) / "events.log"
+        if download and not self.complete(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(events, "a") as log:
+                log.write(f"download {os.getpid()}\n")
+            with open(path, "wb") as handle:
+                for chunk in range(CHUNKS):
+                    handle.write(bytes([chunk]) * CHUNK)
+                    handle.flush()
+                    time.sleep(0.05)
+        content = path.read_bytes() if path.is_file() else b""
+        if len(content) != CHUNKS * CHUNK:
+            if content:
+                with open(events, "a") as log:
+                    log.write(f"partial {os.getpid()}\n")
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        self.data = np.frombuffer(bytearray(content), dtype=np.uint8).reshape(CHUNKS, 1, 8, 8)
+        self.targets = [chunk % 2 for chunk in range(CHUNKS)]
+
+    @staticmethod
+    def complete(path: Path) -> bool:
+        return path.is_file() and path.stat().st_size == CHUNKS * CHUNK
+
+
+def download_worker(rank: int, folder: Path, start: object, locked: bool) -> None:
+    """One of two processes loading the stand-in at once into ``outputs/data`` under ``folder``, as torchrun's ranks
+    do before their process group exists; ``locked=False``: torchvision called directly, as before the lock."""
+    os.chdir(folder)
+    if not locked:
+        tv_sets.fetch = lambda factory, root, train, download: factory(root, train, download)
+    cfg = tv_sets.TorchvisionConfig(name="stand_in")
+    start.wait()
+    data = tv_sets.load_torchvision("stand_in", SlowDownload, cfg, DEFAULT_DATA_ROOT)
+    torch.save(data.train_images, folder / f"rank{rank}.pt")
+
+
+def load_in_two_processes(folder: Path, locked: bool) -> list[str]:
+    """The events of two processes loading the stand-in at once (a failed load leaves its rank's file out)."""
+    context = mp.get_context("spawn")
+    start = context.Barrier(2)
+    workers = [context.Process(target=download_worker, args=(r, folder, start, locked)) for r in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    events = folder / DEFAULT_DATA_ROOT / "events.log"
+    return events.read_text().split() if events.is_file() else []
+
+
+@pytest.mark.slow
+def test_processes_that_start_at_once_download_once_and_read_the_whole_file(tmp_path):
+    """Known truth: the file holds chunk k's index in its k-th 64 bytes. Two processes that load the dataset at once
+    (as torchrun's ranks do) download it once: one downloads, the other waits on the lock, then reads the complete
+    file without downloading. Paired control: the same two processes calling torchvision directly, as before the
+    lock, both download or read a part-written file."""
+    expected = torch.arange(CHUNKS, dtype=torch.uint8).repeat_interleave(CHUNK).view(CHUNKS, 1, 8, 8)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    events = load_in_two_processes(locked, locked=True)
+    assert events.count("download") == 1 and "partial" not in events
+    for rank in range(2):
+        assert torch.equal(torch.load(locked / f"rank{rank}.pt"), expected)
+    unlocked = tmp_path / "unlocked"
+    unlocked.mkdir()
+    events = load_in_two_processes(unlocked, locked=False)
+    assert events.count("download") == 2 or "partial" in events
 
 
 def write_images(folder, classes, per_class, size=(20, 12)):

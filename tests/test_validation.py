@@ -20,10 +20,11 @@ from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.checks import Checked, Rule
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry
+from ssl_fusion.runtime.tracking import TRACKERS
 from ssl_fusion.stages.methods import METHODS
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ssl_fusion"
-REGISTRIES: list[Registry] = [DATASETS, ENCODERS, PRETEXTS, METHODS]
+REGISTRIES: list[Registry] = [DATASETS, ENCODERS, PRETEXTS, METHODS, TRACKERS]
 SECTIONS: list[type[Checked]] = [CacheConfig, TrainOverrides, LabelsConfig, ProbeConfig, EvaluationConfig]
 BELOW_THE_STAGES = ["fusion", "evaluation", "data", "models", "store", "runtime", "pretexts", "report", "config.py"]
 

@@ -8,7 +8,7 @@ serves 8, 16, 28 and 32 px images alike.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ class VectorDecoder(nn.Module):
 
     ``widths`` are the channels at 4x4, 8x8, 16x16, ...: ``len(widths) - 1`` upsamplings.
     """
+
+    deterministic_on_cuda: ClassVar[bool] = False  # the bilinear resize's CUDA backward adds atomically
 
     def __init__(self, in_dim: int, out_channels: int, widths: Sequence[int]) -> None:
         super().__init__()

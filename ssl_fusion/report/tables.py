@@ -64,9 +64,12 @@ from ssl_fusion.report.results import (
     splits_of,
 )
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.tracking import open_tracker
 from ssl_fusion.store.files import atomic_write_text
 
 CONTROLS = ("random", "noise")
+# sslfuse report's options of the tracker it logs its files to, and the ``tracking`` key each sets
+TRACKING_FLAGS = {"--tracking": "name", "--tracking-uri": "uri", "--tracking-experiment": "experiment"}
 # results_long.csv: its columns, each from a field of the results frame (``accuracy`` etc.: of the row's split)
 LONG_COLUMNS = {
     "dataset": "dataset",
@@ -425,7 +428,8 @@ def print_table(table: pd.DataFrame, title: str) -> None:
 
 USAGE = (
     "usage: sslfuse report <folder> [--reference=concat,select[by=val],best-single] "
-    "[--primary=method:reference[,method:reference...]]  (a run or multirun folder holding results.json files)"
+    "[--primary=method:reference[,method:reference...]] [--tracking=mlflow [--tracking-uri=<uri>] "
+    "[--tracking-experiment=<name>]]  (a run or multirun folder holding results.json files)"
 )
 HELP = f"""{USAGE}
 
@@ -437,6 +441,10 @@ options:
                           those that ran)
   --primary=m:r[,m:r...]  comparisons (method:reference) Holm-adjusted as one family; may repeat; the other rows
                           are exploratory
+  --tracking=mlflow       also record the report's files in MLflow (pip install 'sslfuse[tracking]'; docs/tracking.md)
+  --tracking-uri=<uri>    its store (default: outputs/mlruns, a local file store)
+  --tracking-experiment=<name>
+                          its experiment (default: sslfuse)
   -h, --help              show this help and exit"""
 
 
@@ -461,12 +469,38 @@ def parse_arguments(argv: list[str]) -> tuple[Path, list[str] | None, list[Prima
     return Path(folders[0]), references, primaries
 
 
+def tracking_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--tracking=<tracker> [--tracking-uri=<uri>] [--tracking-experiment=<name>]`` as the ``tracking`` options
+    (``conf/tracking``; none given: no tracking), and the other arguments."""
+    options, rest = {"name": "none"}, []
+    for arg in argv:
+        flag, _, value = arg.partition("=")
+        if flag in TRACKING_FLAGS:
+            options[TRACKING_FLAGS[flag]] = value
+        else:
+            rest.append(arg)
+    return options, rest
+
+
+def report_files(out_dir: Path) -> list[Path]:
+    """The files a report wrote in ``out_dir``: its tables, CSVs and plots."""
+    return sorted(
+        path
+        for path in out_dir.iterdir()
+        if path.name in ("report.md", "report.csv", "results_long.csv") or OPTIONAL_OUTPUTS.fullmatch(path.name)
+    )
+
+
 def main(argv: list[str]) -> None:
     if {"-h", "--help"} & set(argv):
         print(HELP)
         return
+    options, argv = tracking_options(argv)
+    tracker = open_tracker(options, Path.cwd())
     folder, references, primaries = parse_arguments(argv)
     table, md_path, csv_path = write_report(folder, references=references, primaries=primaries)
     split = "" if table.index.names[0] == "split" else "test "
     print_table(table, f"{split}accuracy (%) under {folder}")
     print(f"wrote {md_path}, {csv_path}, results_long.csv and the plots beside them")
+    params = {"folder": folder.resolve(), "references": references, "primaries": primaries}
+    tracker.log_run(f"report {folder}", "report", params, {}, report_files(md_path.parent))

@@ -23,8 +23,10 @@ from ssl_fusion.data.datasets import (
 )
 from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
+from ssl_fusion.runtime.determinism import set_deterministic
 from ssl_fusion.runtime.device import configure_backends, resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.tracking import Tracker
 from ssl_fusion.store.files import ArtifactStore
 
 log = logging.getLogger("sslfuse")
@@ -42,6 +44,7 @@ class StageContext:
     seed: int  # the pretraining seed of the encoders this stage makes or reads
     pretrain_dataset_cfg: Optional[DatasetConfig] = None  # None: encoders are pretrained on ``data``
     pretrain_data: Optional[ImageData] = None
+    tracker: Tracker = dataclasses.field(default_factory=Tracker)  # where pretraining is recorded (default: nowhere)
     backends: dict[str, bool] = dataclasses.field(default_factory=dict)  # ``configure_backends``'s flags
 
     @property
@@ -82,16 +85,18 @@ def open_dataset(node, data_dir: str | None, stream: bool, key: str = "dataset")
     return cfg, folder if stream else folder.materialise()
 
 
-def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> StageContext:
+def open_context(
+    cfg: DictConfig, encoder_seed: int, stream: bool = False, tracker: Optional[Tracker] = None
+) -> StageContext:
     """Check the shared keys, load the dataset, pick device and precision; ``encoder_seed`` picks the encoders.
-    ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images."""
+    ``stream``: leave an image folder on disk (``open_dataset``), for a stage that only encodes its images;
+    ``tracker``: where the encoders it pretrains are recorded (None: nowhere)."""
     check_seeds(cfg)
     overrides: TrainOverrides = OmegaConf.to_object(cfg.train)
     OmegaConf.to_object(cfg.probe)  # refuses a probe option out of range before any work
     if overrides.num_threads:
         torch.set_num_threads(overrides.num_threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     backends = configure_backends(device, cfg.deterministic)
@@ -120,6 +125,7 @@ def open_context(cfg: DictConfig, encoder_seed: int, stream: bool = False) -> St
         encoder_seed,
         pretrain_cfg,
         pretrain_data,
+        tracker or Tracker(),
         backends,
     )
 

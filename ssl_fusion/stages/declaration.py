@@ -103,6 +103,7 @@ class StudyStage:
     """``sslfuse study study=<name>``: run what the study lacks, then judge its claims."""
 
     study: StudyConfig = MISSING
+    tracking: Any = MISSING  # conf/tracking: the study is a parent run of its run jobs' runs
     amend: Optional[str] = None  # the reason for changing the claims after results exist
     studies_dir: str = "outputs/studies"  # each study's results and claims live in <studies_dir>/<name>/
     run: List[str] = field(default_factory=list)  # overrides of every run job that do not change results (device=...)

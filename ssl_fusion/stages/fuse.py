@@ -21,6 +21,7 @@ from ssl_fusion.stages import run_dir, stage_app, user_overrides
 from ssl_fusion.stages.context import StageContext, open_context
 from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.sources import FeatureSource, declared_sources, sources_named
+from ssl_fusion.stages.tracking import stage_tracker, track_fuse
 from ssl_fusion.store.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sslfuse")
@@ -121,6 +122,7 @@ def cache_command(pretexts: list[str]) -> str:
 
 @stage_app("fuse")
 def main(cfg: DictConfig) -> None:
+    tracker = stage_tracker(cfg)
     declared = declared_sources(cfg)
     pretexts = [source.name for source in sources_named(cfg.pretexts, declared)]
     fusion = METHODS.typed_config(cfg.fusion, key="fusion")
@@ -138,6 +140,7 @@ def main(cfg: DictConfig) -> None:
 
     result = evaluate_method(ctx, fusion, labels_cfg, cfg.seed, features, evaluation)
     write_result(Path(run_dir()), result)
+    track_fuse(tracker, fusion, result, Path(run_dir()))
     print(
         f"{result.method} with {result.labels['regime']} labels ({result.labels['n_labeled']}), seed {cfg.seed}: "
         f"{result.split} accuracy {result.accuracy:.4f}; results in {run_dir()}"

@@ -25,10 +25,12 @@ from ssl_fusion.models.encoders import Encoder, build_encoder
 from ssl_fusion.pretexts import PRETEXTS, Pretext, PretextConfig
 from ssl_fusion.pretexts.trainer import EpochRecord, TrainResult, train_pretext, write_failure
 from ssl_fusion.runtime import distributed
+from ssl_fusion.runtime.determinism import refuse_nondeterministic
 from ssl_fusion.runtime.device import prepare_model
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import stage_app
 from ssl_fusion.stages.context import StageContext, open_context
+from ssl_fusion.stages.tracking import stage_tracker, track_pretraining
 from ssl_fusion.store.artifacts import ENCODERS_KIND, encoder_artifact, with_overrides
 
 log = logging.getLogger("sslfuse")
@@ -98,7 +100,9 @@ def train_encoder(
     torch.manual_seed(ctx.seed)
     encoder = build_encoder(ctx.encoder_cfg, ctx.data.channels)
     encoder.set_statistics(ctx.data.train_images, pretext_cls.encoder_input)
-    model = prepare_model(pretext_cls(recipe, encoder), ctx.device)
+    pretext = pretext_cls(recipe, encoder)
+    refuse_nondeterministic(pretext, ctx.device, f"pretext {recipe.name}")
+    model = prepare_model(pretext, ctx.device)
     if not pretext_cls.trains:
         return encoder, TrainResult()
     if ctx.overrides.compile:
@@ -243,13 +247,15 @@ def probe_summary(metrics: dict) -> str:
 
 @stage_app("pretrain")
 def main(cfg: DictConfig) -> None:
-    ctx = open_context(cfg, cfg.seed, stream=True).for_pretraining()
+    ctx = open_context(cfg, cfg.seed, stream=True, tracker=stage_tracker(cfg)).for_pretraining()
     recipe = with_overrides(PRETEXTS.typed_config(cfg.pretext, key="pretext"), ctx.overrides)
     with distributed.process_group(ctx.device) as device:
         ctx.device = device
         name, manifest, reused = ensure_encoder(ctx, recipe, cfg.probe)
         if not distributed.is_main():
             return
+    if not reused:
+        track_pretraining(ctx.tracker, ctx.store.folder(ENCODERS_KIND, name), manifest)
     metrics = manifest["metrics"]
     print(
         f"encoder {name} ({'reused' if reused else 'trained'}): {probe_summary(metrics)}, "

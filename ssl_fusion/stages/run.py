@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_fusion.config import (
@@ -35,6 +36,7 @@ from ssl_fusion.stages.fuse import (
 )
 from ssl_fusion.stages.methods import METHODS, lookup_method
 from ssl_fusion.stages.sources import FeatureSource, feature_sources
+from ssl_fusion.stages.tracking import stage_tracker, track_fuse
 
 log = logging.getLogger("sslfuse")
 
@@ -93,6 +95,7 @@ def encoder_seeds(cfg: DictConfig) -> list[int]:
 @stage_app("run")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
+    tracker = stage_tracker(cfg)
     sources = feature_sources(cfg)
     pretexts = [source.name for source in sources]
     check_entries("fusions", list(cfg.fusions), METHODS)
@@ -108,32 +111,47 @@ def main(cfg: DictConfig) -> None:
     evaluation = check_evaluation(cfg.evaluation)
     pretraining_seeds = encoder_seeds(cfg)
     out = Path(run_dir())
-    for encoder_seed in pretraining_seeds:
-        ctx = open_context(cfg, encoder_seed)
-        check_run(ctx, cfg, heads, labels_cfg, sources, evaluation)
-        if len(pretraining_seeds) > 1:
-            print(f"encoder seed {encoder_seed}:")
-        features = prepare_features(ctx, cfg.probe, cache, sources)
-        where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
-        for fusion, used in heads:
-            for seed in cfg.seeds:
-                result = evaluate_method(
-                    ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used}, evaluation
-                )
-                write_result(where / result.method / f"seed{seed}", result)
-                log.info(
-                    "%s encoder seed %d seed %d: %s accuracy %.4f",
-                    result.method,
-                    encoder_seed,
-                    seed,
-                    result.split,
-                    result.accuracy,
-                )
-    table, md_path, _ = write_report(out)
+    with tracker.parent(f"run {out.parent.name}/{out.name}", "run", run_params(cfg, pretexts)):
+        for encoder_seed in pretraining_seeds:
+            ctx = open_context(cfg, encoder_seed, tracker=tracker)
+            check_run(ctx, cfg, heads, labels_cfg, sources, evaluation)
+            if len(pretraining_seeds) > 1:
+                print(f"encoder seed {encoder_seed}:")
+            features = prepare_features(ctx, cfg.probe, cache, sources)
+            where = out / "fuse" if len(pretraining_seeds) == 1 else out / "fuse" / f"encoder_seed{encoder_seed}"
+            for fusion, used in heads:
+                for seed in cfg.seeds:
+                    result = evaluate_method(
+                        ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used}, evaluation
+                    )
+                    write_result(where / result.method / f"seed{seed}", result)
+                    track_fuse(tracker, fusion, result, where / result.method / f"seed{seed}")
+                    log.info(
+                        "%s encoder seed %d seed %d: %s accuracy %.4f",
+                        result.method,
+                        encoder_seed,
+                        seed,
+                        result.split,
+                        result.accuracy,
+                    )
+        table, md_path, csv_path = write_report(out)
+        tracker.log_artifacts([md_path, csv_path])
     print_table(
         table, f"{ctx.dataset_cfg.name}: {evaluation.split} accuracy (%) of fusion heads on frozen pretext features"
     )
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
+
+
+def run_params(cfg: DictConfig, pretexts: list[str]) -> dict[str, Any]:
+    """What a run's parent run records as params: the command line's overrides, and what it fuses."""
+    return {
+        "overrides": " ".join(HydraConfig.get().overrides.task),
+        "dataset": cfg.dataset.name,
+        "pretexts": "+".join(pretexts),
+        "fusions": ",".join(cfg.fusions),
+        "seeds": list(cfg.seeds),
+        "encoder_seeds": encoder_seeds(cfg),
+    }
 
 
 def check_run(

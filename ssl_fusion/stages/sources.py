@@ -42,7 +42,9 @@ from ssl_fusion.stages.caching import (
 )
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.pretrain import ensure_encoder, probe_summary
+from ssl_fusion.stages.tracking import track_pretraining
 from ssl_fusion.store.artifacts import (
+    ENCODERS_KIND,
     FEATURES_KIND,
     VIEWS_KIND,
     artifact_exists,
@@ -143,6 +145,8 @@ class OwnPretext(FeatureSource):
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
         own = self.context(ctx)
         encoder_name, manifest, reused = ensure_encoder(own.for_pretraining(), self.recipe(ctx), probe)
+        if not reused:
+            track_pretraining(ctx.tracker, ctx.store.folder(ENCODERS_KIND, encoder_name), manifest)
         _, _, cached = ensure_features(own, encoder_name, cache.batch_size)
         views = ""
         if cache.views:

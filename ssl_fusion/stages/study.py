@@ -37,6 +37,7 @@ from ssl_fusion.evaluation.result import FuseResult
 from ssl_fusion.report.results import load_result, results_frame
 from ssl_fusion.report.verdicts import judge, shown, write_verdicts
 from ssl_fusion.runtime.errors import UserError
+from ssl_fusion.runtime.tracking import Tracker
 from ssl_fusion.stages import run_dir, stage_app
 from ssl_fusion.stages.declaration import (
     Cell,
@@ -48,6 +49,7 @@ from ssl_fusion.stages.declaration import (
     declare,
     regime_of,
 )
+from ssl_fusion.stages.tracking import stage_tracker
 from ssl_fusion.store.files import content_key
 
 log = logging.getLogger("sslfuse")
@@ -214,6 +216,17 @@ def launcher_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.hydra if o.lstrip("+~").startswith(LAUNCHER_KEYS)]
 
 
+def tracking_overrides(cfg: DictConfig, tracker: Tracker) -> list[str]:
+    """The ``tracking`` overrides that make a run job's runs nest under the study's run (none: no tracking)."""
+    nesting = tracker.nesting()
+    if not nesting:
+        return []
+    return [
+        f"tracking={cfg.tracking.name}",
+        *(f"tracking.{key}={hydra_value(value)}" for key, value in nesting.items()),
+    ]
+
+
 def launch(arguments: list[str]) -> None:
     """``sslfuse run`` with ``arguments`` in a process of its own (its output goes to this one's)."""
     sys.stdout.flush()
@@ -279,6 +292,7 @@ def print_verdicts(lines: Iterable[dict[str, Any]]) -> None:
 @stage_app("study")
 def main(cfg: DictConfig) -> None:
     name = HydraConfig.get().runtime.choices["study"]
+    tracker = stage_tracker(cfg)
     plan = check_study(cfg.study)
     extra = [*cfg.run, *launcher_overrides()]
     check_jobs(plan, extra)
@@ -291,18 +305,22 @@ def main(cfg: DictConfig) -> None:
     jobs = planned_jobs(root, plan)
     if not jobs:
         print(f"study {name}: every result exists in {root / 'results'}; nothing to run")
-    for number, job in enumerate(jobs, start=1):
-        print(
-            f"study {name}: job {number} of {len(jobs)}: {job.cell.dataset}, {job.cell.regime_name}, input set "
-            f"{job.inputs.name}, encoder seeds {list(job.encoder_seeds)}, label seeds {list(job.label_seeds)}, "
-            f"{', '.join(job.fusions)}"
-        )
-        launch(job_arguments(root, plan, job, extra))
-    results = study_results(root, plan)
-    if results.empty:
-        raise UserError(f"study {name}: no results in {root / 'results'} after its runs")
-    verdicts = judge(results, plan.claims)
-    md_path, csv_path = write_verdicts(Path(run_dir()), name, verdicts, record["versions"], describe(plan))
+    version = record["versions"][-1]
+    with tracker.parent(f"study {name}", "study", {"study": name, "claims_sha256": version["sha256"]}):
+        nested = tracking_overrides(cfg, tracker)
+        for number, job in enumerate(jobs, start=1):
+            print(
+                f"study {name}: job {number} of {len(jobs)}: {job.cell.dataset}, {job.cell.regime_name}, input set "
+                f"{job.inputs.name}, encoder seeds {list(job.encoder_seeds)}, label seeds {list(job.label_seeds)}, "
+                f"{', '.join(job.fusions)}"
+            )
+            launch(job_arguments(root, plan, job, [*extra, *nested]))
+        results = study_results(root, plan)
+        if results.empty:
+            raise UserError(f"study {name}: no results in {root / 'results'} after its runs")
+        verdicts = judge(results, plan.claims)
+        md_path, csv_path = write_verdicts(Path(run_dir()), name, verdicts, record["versions"], describe(plan))
+        tracker.log_artifacts([md_path, csv_path])
     print(f"study {name}: verdicts ({len(results)} results; claims Holm-adjusted as one family):")
     print_verdicts(shown(verdicts).to_dict("records"))
     print(f"verdicts written to {md_path} and {csv_path}; all results: sslfuse report {root / 'results'}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 from omegaconf import MISSING
@@ -18,6 +20,7 @@ from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.registry import Registry, import_submodules
 
 DEFAULT_DATA_ROOT = Path("outputs/data")
+LOCK_FILE = ".lock"  # in a folder sslfuse writes data to: held while it writes there (``data_lock``)
 
 
 @dataclass
@@ -90,6 +93,23 @@ def data_root(data_dir: Optional[str], key: str = "data_dir") -> Path:
     if not root.is_dir():
         raise UserError(f"{key}: '{data_dir}' does not exist or is not a folder")
     return root
+
+
+@contextlib.contextmanager
+def data_lock(root: Path, exclusive: bool) -> Iterator[None]:
+    """Hold ``root/.lock`` (an ``flock``): exclusively to download or unpack into ``root``, shared to read it. The
+    processes that load a dataset at once (torchrun's ranks, which load it before their process group exists;
+    parallel jobs) then read together, one of them writes while the others wait, and none reads a file being
+    written. A folder where no lock file can be made is not written to either: read without a lock."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_FILE, "a")
+    except OSError:
+        yield
+        return
+    with handle:  # closing it releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def with_location(cfg: DatasetConfig, data_dir: Optional[str]) -> DatasetConfig:

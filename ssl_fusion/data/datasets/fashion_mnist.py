@@ -11,7 +11,7 @@ from pathlib import Path
 import torchvision.datasets as tvd
 from torchvision.datasets.utils import extract_archive
 
-from ssl_fusion.data.datasets import DATASETS, DEFAULT_DATA_ROOT, ImageData
+from ssl_fusion.data.datasets import DATASETS, DEFAULT_DATA_ROOT, ImageData, data_lock
 from ssl_fusion.data.datasets.torchvision_sets import (
     TorchvisionConfig,
     load_torchvision,
@@ -31,17 +31,19 @@ def holds_gzipped_idx(folder: Path) -> bool:
 
 
 def unpack_idx(source: Path, root: Path) -> None:
-    """Unpack the gzipped IDX files into torchvision's layout ``root/FashionMNIST/raw`` (once, atomically)."""
+    """Unpack the gzipped IDX files into torchvision's layout ``root/FashionMNIST/raw``: once, atomically, by one of
+    the processes that start at once (the others wait on the lock, then find the files)."""
     raw = root / "FashionMNIST" / "raw"
-    if all((raw / name.removesuffix(".gz")).is_file() for name in IDX_FILES):
-        return
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=raw.parent, prefix=".raw-"))
-    for name in IDX_FILES:
-        extract_archive(str(source / name), str(staging))
-    if raw.exists():
-        shutil.rmtree(raw)
-    staging.rename(raw)
+    with data_lock(root, exclusive=True):
+        if all((raw / name.removesuffix(".gz")).is_file() for name in IDX_FILES):
+            return
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=raw.parent, prefix=".raw-"))
+        for name in IDX_FILES:
+            extract_archive(str(source / name), str(staging))
+        if raw.exists():
+            shutil.rmtree(raw)
+        staging.rename(raw)
 
 
 def unpacked_root(source: Path) -> Path:

@@ -14,6 +14,7 @@ from ssl_fusion.data.datasets import (
     DEFAULT_DATA_ROOT,
     DatasetConfig,
     ImageData,
+    data_lock,
     to_nchw_uint8,
 )
 from ssl_fusion.runtime.errors import UserError
@@ -36,9 +37,25 @@ def owned(root: Path) -> bool:
     return root == DEFAULT_DATA_ROOT or DEFAULT_DATA_ROOT in root.parents
 
 
+def fetch(factory, root: Path, train: bool, download: bool):
+    """One split from ``root``. In sslfuse's own folder it is read under a shared ``data_lock``; when it is absent
+    and ``download``, it is downloaded under the exclusive lock (torchvision skips the download when the files are
+    there), so of the processes that start at once one downloads and the others wait, then read its files."""
+    if not owned(root):
+        return factory(root, train, False)
+    with data_lock(root, exclusive=False):
+        try:
+            return factory(root, train, False)
+        except RuntimeError:  # torchvision's word for files absent or corrupted
+            if not download:
+                raise
+    with data_lock(root, exclusive=True):
+        return factory(root, train, True)
+
+
 def _open(name: str, factory, root: Path, train: bool, download: bool):
     try:
-        return factory(root, train, download)
+        return fetch(factory, root, train, download)
     except RuntimeError as err:
         if not owned(root):
             raise UserError(
