@@ -58,9 +58,13 @@ class TrainOverrides(Checked):
     lr_scaling: str = "sqrt"  # how pretext.lr follows a global batch other than pretext.batch_size (LR_SCALING)
     max_steps_per_epoch: Optional[int] = None
     num_threads: Optional[int] = None
-    num_workers: int = 2  # DataLoader processes that decode an image folder's batches while pretraining
+    # DataLoader processes that decode an image folder's batches while pretraining, kept across epochs (0: the stage's
+    # own process; null: the CPUs shared among torchrun's processes on the machine, at most 8)
+    num_workers: Optional[int] = None
     checkpoint_every_minutes: Optional[float] = 5.0  # also checkpoint within an epoch (0 or null: at epoch ends only)
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every this many steps (null: by time only)
+    # torch.compile the encoder's forward for pretraining; in the encoder's key, since compiled kernels round otherwise
+    compile: bool = False
 
     def rules(self) -> dict[str, Rule]:
         positive = (
@@ -79,7 +83,7 @@ class TrainOverrides(Checked):
                 0,
             ),
             "lr_scaling": one_of(LR_SCALING),
-            "num_workers": at_least(0),
+            "num_workers": optional(at_least(0, " (0: no worker processes; null: one per CPU, at most 8)")),
             "checkpoint_every_minutes": optional(at_least(0, " (0 or null: at epoch ends only)")),
         }
 
@@ -123,14 +127,16 @@ class CacheConfig(Checked):
     batch_size: int = 1024
     views: int = 0  # > 0: also cache features of this many augmented copies of every train image (heads train on them)
     views_max_shift: float = 0.1  # each view: a random shift by up to this fraction of the size; half of them mirrored
-    num_workers: int = 2  # DataLoader processes that decode an image folder's batches (0: the stage's own process)
+    # DataLoader processes that decode an image folder's batches (0: the stage's own process; null: the CPUs shared
+    # among torchrun's processes on the machine, at most 8)
+    num_workers: Optional[int] = None
 
     def rules(self) -> dict[str, Rule]:
         return {
             "batch_size": above(0),
             "views": at_least(0, " (0: no augmented views)"),
             "views_max_shift": within(0, 0.5, "[)"),
-            "num_workers": at_least(0, " (0: no worker processes)"),
+            "num_workers": optional(at_least(0, " (0: no worker processes; null: one per CPU, at most 8)")),
         }
 
 

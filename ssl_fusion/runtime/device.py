@@ -89,3 +89,17 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move to the device in channels_last layout (faster convolutions on CPU and GPU)."""
     return model.to(device=device, memory_format=torch.channels_last)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> dict[str, bool]:
+    """Set, on CUDA only, the global backend flags the stages want, and return them for the manifests (an artifact's
+    key holds the device kind, which implies them): cuDNN autotuning (``cudnn.benchmark``: pretraining and caching
+    run a few fixed shapes, so the fastest kernel found for each is reused; off under ``deterministic``, whose runs
+    must pick the same kernels) and TF32 for fp32 matmuls and convolutions (Ampere and newer: fp32's range with a
+    10-bit mantissa, more than the 7 bits bf16 autocast already trains with). The CPU is left as it is."""
+    if device.type != "cuda":
+        return {"cudnn_benchmark": False, "tf32": False}
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    return {"cudnn_benchmark": not deterministic, "tf32": True}

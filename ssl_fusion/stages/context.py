@@ -24,7 +24,7 @@ from ssl_fusion.data.datasets import (
 from ssl_fusion.data.datasets.image_folder import ImageFolderConfig, stream_image_folder
 from ssl_fusion.models.encoders import ENCODERS, EncoderConfig
 from ssl_fusion.runtime.determinism import set_deterministic
-from ssl_fusion.runtime.device import resolve_device, resolve_precision
+from ssl_fusion.runtime.device import configure_backends, resolve_device, resolve_precision
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.tracking import Tracker
 from ssl_fusion.store.files import ArtifactStore
@@ -45,6 +45,7 @@ class StageContext:
     pretrain_dataset_cfg: Optional[DatasetConfig] = None  # None: encoders are pretrained on ``data``
     pretrain_data: Optional[ImageData] = None
     tracker: Tracker = dataclasses.field(default_factory=Tracker)  # where pretraining is recorded (default: nowhere)
+    backends: dict[str, bool] = dataclasses.field(default_factory=dict)  # ``configure_backends``'s flags
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -98,6 +99,7 @@ def open_context(
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
+    backends = configure_backends(device, cfg.deterministic)
     encoder_cfg = ENCODERS.typed_config(cfg.encoder, key="encoder")
     dataset_cfg, data = _load_dataset_cached(OmegaConf.to_yaml(cfg.dataset), cfg.data_dir, stream)
     log.info(
@@ -124,6 +126,7 @@ def open_context(
         pretrain_cfg,
         pretrain_data,
         tracker or Tracker(),
+        backends,
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_fusion.config import ProbeConfig, as_plain
+from ssl_fusion.data.batches import resident
 from ssl_fusion.evaluation.probe import (
     extract_features,
     knn_accuracy,
@@ -44,13 +45,13 @@ def probe_encoder(
     encoder_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, float]:
     """The standard frozen-feature protocols on (seeded random subsets of) the labeled training and test sets:
-    kNN (weighted cosine vote) and a linear probe (L2 logistic regression). ``encoder_input`` (the pretext's) turns
-    the images into what the encoder was trained on."""
+    kNN (weighted cosine vote) and a linear probe (L2 logistic regression), both on the stage's device where the
+    features stay. ``encoder_input`` (the pretext's) turns the images into what the encoder was trained on."""
     data = ctx.data
     train_images, train_labels = probe_subset(data.train_images, data.train_labels, probe.max_train)
     test_images, test_labels = probe_subset(data.test_images, data.test_labels, probe.max_test)
-    bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype, encoder_input)
-    queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype, encoder_input)
+    bank = extract_features(encoder, train_images, 1024, ctx.device, ctx.dtype, encoder_input, keep_on_device=True)
+    queries = extract_features(encoder, test_images, 1024, ctx.device, ctx.dtype, encoder_input, keep_on_device=True)
     return {
         "knn_accuracy": knn_accuracy(bank, train_labels, queries, test_labels, k=probe.k, num_classes=data.num_classes),
         "linear_accuracy": linear_probe_accuracy(bank, train_labels, queries, test_labels, l2=probe.linear_l2),
@@ -104,10 +105,12 @@ def train_encoder(
     model = prepare_model(pretext, ctx.device)
     if not pretext_cls.trains:
         return encoder, TrainResult()
+    if ctx.overrides.compile:
+        encoder.compile()  # in place: the pretext's calls run the compiled forward, the state dict keeps its keys
     checkpoint = ctx.store.root / "checkpoints" / name / "last.pt"
     result = train_pretext(
         model,
-        ctx.data.train_images,
+        resident(ctx.data.train_images, ctx.device),
         ctx.data.train_labels,
         recipe,
         ctx.device,
@@ -211,6 +214,8 @@ def publish_encoder(
                     "torch": torch.__version__,
                     "processes": distributed.world_size(),
                     "batch_per_process": result.batch_per_process,
+                    "compile": ctx.overrides.compile,
+                    **ctx.backends,
                 },
             },
         )

@@ -48,6 +48,7 @@ class StageData(Protocol):
     dtype: torch.dtype
     seed: int
     store: ArtifactStore
+    overrides: TrainOverrides
 
     @property
     def fingerprints(self) -> dict[str, str]: ...
@@ -197,6 +198,7 @@ def encoder_artifact(ctx: StageData, recipe: PretextConfig, max_steps_per_epoch:
             "seed": ctx.seed,
             "max_steps_per_epoch": max_steps_per_epoch,
             "compute": computed_by(ctx),
+            "compile": ctx.overrides.compile,
         }
     )
     return f"{recipe.name}-{key}"

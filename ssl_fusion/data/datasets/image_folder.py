@@ -28,6 +28,7 @@ from ssl_fusion.data.datasets import (
     ImageData,
     _subset,
 )
+from ssl_fusion.runtime import distributed
 from ssl_fusion.runtime.checks import Rule, above, one_of, within
 from ssl_fusion.runtime.errors import UserError
 
@@ -155,7 +156,11 @@ class FolderData(ImageData):
 
     @functools.cached_property
     def fingerprints(self) -> dict[str, str]:
-        return {split: folder_fingerprint(*self.split(split)) for split in ("train", "test")}
+        """Read under torchrun by every rank at the same point (the artifact keys): rank 0 alone reads the files,
+        and sends the result to the others."""
+        return distributed.on_main(
+            lambda: {split: folder_fingerprint(*self.split(split)) for split in ("train", "test")}
+        )
 
     def decoded(self) -> ImageData:
         return ImageData(
