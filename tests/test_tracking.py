@@ -101,6 +101,8 @@ def test_jobs_of_one_sweep_nest_under_one_parent_and_a_block_under_its_run(store
     assert by_name["fuse a"].data.metrics == {"test_accuracy": 0.5} and by_name["fuse a"].data.params == {"seed": "0"}
     assert logged_steps(client, by_name["pretrain b"], "loss") == {1: 3.0, 2: 2.0}
     assert by_name["run c"].info.status == "FAILED"
+    experiment = client.get_experiment_by_name("sslfuse")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
 
 
 @needs_mlflow

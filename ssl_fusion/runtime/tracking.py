@@ -45,6 +45,10 @@ class TrackingConfig(Checked):
     name: str = MISSING
 
 
+# The MLflow UI opens an experiment of this kind on its training runs, not on its GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 @dataclass
 class MlflowConfig(TrackingConfig):
     """``tracking=mlflow``: runs in an MLflow tracking store."""
@@ -143,7 +147,7 @@ class MlflowTracker(Tracker):
             if found is not None:
                 return client, found.experiment_id
             try:
-                return client, client.create_experiment(name)
+                return client, client.create_experiment(name, tags=EXPERIMENT_TAGS)
             except MlflowException:
                 return client, client.get_experiment_by_name(name).experiment_id
         except (MlflowException, OSError) as err:
