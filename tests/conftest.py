@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_fusion.config import TrainOverrides
+from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.models.encoders import SmallCNNConfig
+from ssl_fusion.stages.context import StageContext
+from ssl_fusion.store.files import ArtifactStore
+
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -104,3 +110,19 @@ def stored_encoder_state(folder: Path, pretext: str = "rotation") -> dict[str, t
     """The weights of the one ``pretext`` encoder stored under ``folder``'s ``outputs/artifacts``."""
     (path,) = (folder / "outputs" / "artifacts" / "encoders").glob(f"{pretext}-*/encoder.pt")
     return torch.load(path, weights_only=True)
+
+
+def synthetic_context(store: Path, n_train: int, n_test: int) -> StageContext:
+    """A CPU float32 stage context over ``n_train``/``n_test`` synthetic 16 px images, the small CNN and a store
+    at ``store``."""
+    cfg = SyntheticConfig(name="synthetic", n_train=n_train, n_test=n_test)
+    return StageContext(
+        cfg,
+        make_synthetic(cfg, root=None),
+        SmallCNNConfig(name="small_cnn"),
+        torch.device("cpu"),
+        torch.float32,
+        ArtifactStore(store),
+        TrainOverrides(),
+        0,
+    )

@@ -11,21 +11,18 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_context
 
-from ssl_fusion.config import CacheConfig, TrainOverrides
+from ssl_fusion.config import CacheConfig
 from ssl_fusion.data.augment import shift_flip, shift_flip_params
-from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
 from ssl_fusion.evaluation.probe import encode_batches, extract_features
-from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import ExternalEncoderConfig
 from ssl_fusion.pretexts import Pretext
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.runtime.progress import image_progress
 from ssl_fusion.stages import caching
 from ssl_fusion.stages.caching import ensure_external_features, write_split, write_views
-from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.feature_writer import FeatureWriter
-from ssl_fusion.store.files import ArtifactStore
 
 
 def hard_values() -> torch.Tensor:
@@ -96,21 +93,6 @@ def test_a_failed_write_is_raised_in_the_caller():
     assert not writer.thread.is_alive()
 
 
-def synthetic_context(store) -> StageContext:
-    """45 train and 20 test images of 16 px: batches of 8 leave a short last one."""
-    cfg = SyntheticConfig(name="synthetic", n_train=45, n_test=20, image_size=16)
-    return StageContext(
-        cfg,
-        make_synthetic(cfg, root=None),
-        SmallCNNConfig(name="small_cnn"),
-        torch.device("cpu"),
-        torch.float32,
-        ArtifactStore(store),
-        TrainOverrides(),
-        0,
-    )
-
-
 def tiny_encoder(channels: int) -> torch.nn.Module:
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Conv2d(channels, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
@@ -120,7 +102,7 @@ def tiny_encoder(channels: int) -> torch.nn.Module:
 
 def test_write_split_stores_the_bytes_of_the_synchronous_path(tmp_path):
     """The cached split and views: byte for byte the float32 features of the same batches, cast by numpy."""
-    ctx = synthetic_context(tmp_path / "store")
+    ctx = synthetic_context(tmp_path / "store", 45, 20)  # batches of 8 leave a short last one
     encoder = tiny_encoder(ctx.data.channels)
     cache = CacheConfig(batch_size=8, views=2)
     with image_progress(enabled=False) as progress:
@@ -147,7 +129,7 @@ def test_a_full_disk_while_caching_is_one_line_and_leaves_nothing_in_the_store(t
     neither an artifact nor a staging folder is left."""
     opened = caching.open_features
     monkeypatch.setattr(caching, "open_features", lambda path, shape: SlowArray(opened(path, shape), fail_at=3))
-    ctx = synthetic_context(tmp_path / "store")
+    ctx = synthetic_context(tmp_path / "store", 45, 20)  # batches of 8 leave a short last one
     external = ExternalEncoderConfig(arch="torchvision:resnet18", image_size=16)
     with pytest.raises(UserError, match="no space left on the device") as caught:
         ensure_external_features(ctx, "r18", external, batch_size=8)

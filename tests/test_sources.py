@@ -8,37 +8,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import sslfuse
+from conftest import sslfuse, synthetic_context
 from omegaconf import OmegaConf
 
-from ssl_fusion.config import CacheConfig, ProbeConfig, TrainOverrides
-from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.config import CacheConfig, ProbeConfig
 from ssl_fusion.data.features import FeatureSet
 from ssl_fusion.data.splits import EvaluationConfig
 from ssl_fusion.fusion.single import SingleConfig
-from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.runtime.errors import UserError
 from ssl_fusion.stages import sources
 from ssl_fusion.stages.context import StageContext
 from ssl_fusion.stages.fuse import cached_features, fused_sources
 from ssl_fusion.stages.run import check_run, prepare_features
-from ssl_fusion.store.files import ArtifactStore
 
 PROBE = ProbeConfig(max_train=32, max_test=16)
 
 
 def small_context(store) -> StageContext:
-    cfg = SyntheticConfig(name="synthetic", n_train=48, n_test=16)
-    return StageContext(
-        cfg,
-        make_synthetic(cfg, root=None),
-        SmallCNNConfig(name="small_cnn"),
-        torch.device("cpu"),
-        torch.float32,
-        ArtifactStore(store),
-        TrainOverrides(),
-        0,
-    )
+    return synthetic_context(store, 48, 16)
 
 
 def config(tmp_path, **extra: Any):

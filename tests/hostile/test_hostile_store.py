@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import synthetic_context
 from torch import nn
 
 import ssl_fusion.store.files as files
-from ssl_fusion.config import TrainOverrides, check_external
-from ssl_fusion.data.datasets.synthetic import SyntheticConfig, make_synthetic
+from ssl_fusion.config import check_external
 from ssl_fusion.data.imported import checked_split
 from ssl_fusion.models.checkpoints import load_external_encoder
-from ssl_fusion.models.encoders import SmallCNNConfig
 from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig
 from ssl_fusion.pretexts import PRETEXTS
 from ssl_fusion.runtime.errors import UserError
@@ -48,17 +47,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 def tiny_context(root: Path) -> StageContext:
-    data = SyntheticConfig(name="synthetic", n_train=24, n_test=12)
-    return StageContext(
-        data,
-        make_synthetic(data, root=None),
-        SmallCNNConfig(name="small_cnn"),
-        torch.device("cpu"),
-        torch.float32,
-        ArtifactStore(root),
-        TrainOverrides(),
-        0,
-    )
+    return synthetic_context(root, 24, 12)
 
 
 class Constant(nn.Module):
