@@ -111,7 +111,7 @@ def main(cfg: DictConfig) -> None:
     evaluation = check_evaluation(cfg.evaluation)
     pretraining_seeds = encoder_seeds(cfg)
     out = Path(run_dir())
-    with tracker.parent(f"run {out.parent.name}/{out.name}", "run", run_params(cfg, pretexts)):
+    with tracker.parent(f"run {out.parent.name}/{out.name}", "run", run_params(cfg, pretexts, pretraining_seeds)):
         for encoder_seed in pretraining_seeds:
             ctx = open_context(cfg, encoder_seed, tracker=tracker)
             check_run(ctx, cfg, heads, labels_cfg, sources, evaluation)
@@ -124,8 +124,9 @@ def main(cfg: DictConfig) -> None:
                     result = evaluate_method(
                         ctx, fusion, labels_cfg, seed, lambda: {p: features[p] for p in used}, evaluation
                     )
-                    write_result(where / result.method / f"seed{seed}", result)
-                    track_fuse(tracker, fusion, result, where / result.method / f"seed{seed}")
+                    folder = where / result.method / f"seed{seed}"
+                    write_result(folder, result)
+                    track_fuse(tracker, fusion, result, folder)
                     log.info(
                         "%s encoder seed %d seed %d: %s accuracy %.4f",
                         result.method,
@@ -142,7 +143,7 @@ def main(cfg: DictConfig) -> None:
     print(f"table written to {md_path}; whole run took {time.perf_counter() - started:.0f} s")
 
 
-def run_params(cfg: DictConfig, pretexts: list[str]) -> dict[str, Any]:
+def run_params(cfg: DictConfig, pretexts: list[str], pretraining_seeds: list[int]) -> dict[str, Any]:
     """What a run's parent run records as params: the command line's overrides, and what it fuses."""
     return {
         "overrides": " ".join(HydraConfig.get().overrides.task),
@@ -150,7 +151,7 @@ def run_params(cfg: DictConfig, pretexts: list[str]) -> dict[str, Any]:
         "pretexts": "+".join(pretexts),
         "fusions": ",".join(cfg.fusions),
         "seeds": list(cfg.seeds),
-        "encoder_seeds": encoder_seeds(cfg),
+        "encoder_seeds": pretraining_seeds,
     }
 
 
