@@ -48,8 +48,6 @@ from ssl_fusion.models.external import ExternalEncoder, ExternalEncoderConfig  #
 from ssl_fusion.pretexts import PRETEXTS  # noqa: E402
 from ssl_fusion.pretexts.trainer import train_pretext  # noqa: E402
 from ssl_fusion.runtime.device import (  # noqa: E402
-    autocast,
-    grad_scaler,
     prepare_model,
     resolve_device,
     resolve_precision,
@@ -233,18 +231,19 @@ def plain_training(
 
 
 def sslfuse_syncs_per_step(
-    data: ImageData, encoder_cfg: EncoderConfig, recipe, sizes: dict, device, dtype, workdir: Path
+    name: str, data: ImageData, encoder_cfg: EncoderConfig, recipe, steps: int, device, dtype, workdir: Path
 ) -> Optional[float]:
-    """Host syncs per step of sslfuse's pretraining loop and pretext (``train_pretext``), run in this process."""
+    """Host syncs per step of sslfuse's pretraining loop and pretext ``name`` (``train_pretext``), run in this
+    process."""
 
-    def run(steps: int) -> None:
+    def run(n: int) -> None:
         torch.manual_seed(0)
         encoder = build_encoder(encoder_cfg, data.channels)
-        model = prepare_model(PRETEXTS.get(PRETEXT).impl(recipe, encoder), device)
-        checkpoint = workdir / f"syncs{steps}" / "last.pt"  # a fresh one: not resumed
-        train_pretext(model, data.train_images, data.train_labels, recipe, device, dtype, 0, checkpoint, steps)
+        model = prepare_model(PRETEXTS.get(name).impl(recipe, encoder), device)
+        checkpoint = workdir / f"syncs-{name}-{n}" / "last.pt"  # a fresh one: not resumed
+        train_pretext(model, data.train_images, data.train_labels, recipe, device, dtype, 0, checkpoint, n)
 
-    return syncs_per_step(run, sizes["sync_steps"], device)
+    return syncs_per_step(run, steps, device)
 
 
 def plain_inference(model: nn.Module, batches: list[torch.Tensor], device, dtype) -> dict:
@@ -330,9 +329,11 @@ def row(stage: str, batch: int, ours: dict, bare: dict) -> dict:
     }
 
 
-def host_syncs_per_step(data, encoder_cfg, device: torch.device, dtype: torch.dtype, steps: int = 3) -> dict:
-    """Host syncs per training step (autocast, loss, backward, loss scaling, AdamW) of each pretext that trains on
-    ``data``, a ResNet-18 each, counted as ``syncs_per_step`` counts them; empty off CUDA."""
+def host_syncs_per_step(
+    data, encoder_cfg, sizes: dict, device: torch.device, dtype: torch.dtype, workdir: Path
+) -> dict:
+    """Host syncs per step of sslfuse's pretraining of each pretext that trains on ``data`` (its default recipe), a
+    ResNet-18 each, over one epoch, counted as ``sslfuse_syncs_per_step`` counts them; empty off CUDA."""
     if device.type != "cuda":
         return {}
     counts = {}
@@ -340,36 +341,15 @@ def host_syncs_per_step(data, encoder_cfg, device: torch.device, dtype: torch.dt
         pretext_cls = PRETEXTS.get(name).impl
         if not pretext_cls.trains:
             continue
-        recipe = pretext_cls.adapt(pretext_recipe(name, TrainOverrides()), data)
+        recipe = pretext_cls.adapt(pretext_recipe(name, TrainOverrides(epochs=1)), data)
         try:
             pretext_cls.check(recipe, data)
         except UserError:  # e.g. colorization on grayscale images
             continue
-        torch.manual_seed(0)
-        model = prepare_model(pretext_cls(recipe, build_encoder(encoder_cfg, data.channels)), device).train()
-        batch = min(recipe.batch_size, len(data.train_labels) // (2 * steps + 1))
-        counts[name] = syncs_per_step(pretext_steps(model, data, batch, recipe.lr, device, dtype), steps, device)
+        counts[name] = sslfuse_syncs_per_step(
+            name, data, encoder_cfg, recipe, sizes["sync_steps"], device, dtype, workdir
+        )
     return counts
-
-
-def pretext_steps(model, data, batch: int, lr: float, device: torch.device, dtype: torch.dtype):
-    """``run(n)``: n training steps of ``model`` as the trainer makes them, after one warm-up step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scaler = grad_scaler(device, dtype)
-
-    def step(index: int) -> None:
-        rows = slice(index * batch, (index + 1) * batch)
-        images = data.train_images[rows].to(device, non_blocking=True).float().div_(255)
-        with autocast(device, dtype):
-            loss = model.loss(images, data.train_labels[rows].to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    step(0)
-    torch.cuda.synchronize()
-    return lambda n: [step(1 + index) for index in range(n)]
 
 
 def table_line(r: dict) -> str:
@@ -411,7 +391,9 @@ def check(device_name: str, out: Path) -> None:
     ours = {
         "images_per_second": manifest(workdir, "encoders", PRETEXT)["timings"]["images_per_second"],
         "peak_bytes": peak,
-        "syncs_per_step": sslfuse_syncs_per_step(data, encoder_cfg, recipe, sizes, device, dtype, workdir),
+        "syncs_per_step": sslfuse_syncs_per_step(
+            PRETEXT, data, encoder_cfg, recipe, sizes["sync_steps"], device, dtype, workdir
+        ),
     }
     rows.append(row(f"pretrain {PRETEXT} (resnet18, batch {batch})", batch, ours, faster(before, after)))
 
@@ -480,7 +462,7 @@ def check(device_name: str, out: Path) -> None:
     )
     fuse_seconds = time.perf_counter() - fuse_started
     fused = json.loads((workdir / "fuse/results.json").read_text())
-    syncs = host_syncs_per_step(data, encoder_cfg, device, dtype)
+    syncs = host_syncs_per_step(data, encoder_cfg, sizes, device, dtype, workdir)
 
     precision = str(dtype).removeprefix("torch.")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
