@@ -380,11 +380,19 @@ def external_files() -> list[str]:
 
 
 def external_declarations(node: Any, registry: Registry, names: Iterable[str] = ()) -> dict[str, Any]:
-    """The keys of each external encoder, as written (what a study passes to its run jobs), each checked by
-    ``external_config`` with a one-line refusal naming the file and the key: those under ``node``
-    (``+external.<name>.<key>=...``), over the keys of the file ``external/<name>.yaml`` (``external_files``) where
-    there is one, and those of ``names`` (``pretexts`` entries) that only a file declares. A name both a built-in
-    pretext and declared is refused in one line: it would be unclear which encoder it means."""
+    """The keys of each external encoder, as written (what a study passes to its run jobs), checked
+    (``checked_externals``)."""
+    return {name: spec for name, (spec, _) in checked_externals(node, registry, names).items()}
+
+
+def checked_externals(
+    node: Any, registry: Registry, names: Iterable[str] = ()
+) -> dict[str, tuple[Any, ExternalEncoderConfig]]:
+    """The keys of each external encoder as written, with its typed config from ``external_config`` (a one-line
+    refusal naming the file and the key): those under ``node`` (``+external.<name>.<key>=...``), over the keys of the
+    file ``external/<name>.yaml`` (``external_files``) where there is one, and those of ``names`` (``pretexts``
+    entries) that only a file declares. A name both a built-in pretext and declared is refused in one line: it would
+    be unclear which encoder it means."""
     given = {
         str(name): OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec for name, spec in node.items()
     }
@@ -405,18 +413,17 @@ def external_declarations(node: Any, registry: Registry, names: Iterable[str] = 
             spec = {**load_group_option(EXTERNAL_GROUP, name), **spec}
             where = f"{EXTERNAL_GROUP}/{name}.yaml{f' with the external.{name} keys' if name in given else ''}: "
         try:
-            external_config(name, spec)
+            declared[name] = spec, external_config(name, spec)
         except UserError as err:
             raise UserError(f"{where}{err}") from None
-        declared[name] = spec
     return declared
 
 
 def check_external(node: Any, registry: Registry, names: Iterable[str] = ()) -> dict[str, ExternalEncoderConfig]:
-    """The external encoders (``external_declarations``: ``+external.<name>.arch=...`` keys, files
+    """The external encoders (``checked_externals``: ``+external.<name>.arch=...`` keys, files
     ``external/<name>.yaml``) as typed configs, each under a name no built-in pretext has; a one-line UserError naming
     the key, and the file, otherwise."""
-    return {name: external_config(name, spec) for name, spec in external_declarations(node, registry, names).items()}
+    return {name: cfg for name, (_, cfg) in checked_externals(node, registry, names).items()}
 
 
 def check_imported(node: Any, registry: Registry) -> dict[str, ImportedFeatures]:

@@ -97,23 +97,22 @@ def hugging_face_file(repo: str, files: tuple[str, ...], arch: str) -> Path:
         cached = try_to_load_from_cache(repo_id, file, revision=revision or None)
         if isinstance(cached, str):
             return Path(cached)
-    cache = constants.HF_HUB_CACHE
+
+    def unreachable(reason: str) -> UserError:
+        return UserError(
+            f"{arch}: its pretrained weights (Hugging Face {repo}) are not in the cache '{constants.HF_HUB_CACHE}' and "
+            f"cannot be fetched ({reason}); {FETCH_HINT}"
+        )
+
     for file in files:
         try:
             return Path(hf_hub_download(repo_id, file, revision=revision or None))
         except LocalEntryNotFoundError as error:  # offline, or the hub not reachable
-            reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else first_line(error)
-            raise UserError(
-                f"{arch}: its pretrained weights (Hugging Face {repo}) are not in the cache '{cache}' and cannot be "
-                f"fetched ({reason}); {FETCH_HINT}"
-            ) from None
+            raise unreachable("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else first_line(error)) from None
         except EntryNotFoundError:  # not in the repo: the next name
             continue
         except (HfHubHTTPError, OSError) as error:
-            raise UserError(
-                f"{arch}: its pretrained weights (Hugging Face {repo}) are not in the cache '{cache}' and cannot be "
-                f"fetched ({first_line(error)}); {FETCH_HINT}"
-            ) from None
+            raise unreachable(first_line(error)) from None
     raise UserError(f"{arch}: the Hugging Face repo {repo} has none of {', '.join(files)}; give a checkpoint")
 
 

@@ -232,8 +232,8 @@ class External(Declared):
         return {name: cls(name, cfg) for name, cfg in check_external(node, PRETEXTS, names).items()}
 
     def ensure(self, ctx: StageContext, cache: CacheConfig, probe: ProbeConfig) -> tuple[FeatureSet, str]:
-        _, _, cached = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size)
-        return self.load(ctx, cache, ""), f"external encoder, features {'reused' if cached else 'cached'}"
+        artifact, _, cached = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size)
+        return load_features(ctx.store, artifact), f"external encoder, features {'reused' if cached else 'cached'}"
 
     def cache(self, ctx: StageContext, cache: CacheConfig) -> Iterator[str]:
         name, _, reused = ensure_external_features(ctx, self.name, self.cfg, cache.batch_size, cache.num_workers)
